@@ -1,0 +1,493 @@
+"""The Megatron actor: a megatron-core ``GPTModel`` (TP/PP/VPP/DP) with Megatron's DDP and optimizer.
+
+One instance lives in every trainer process (SPMD). All ranks call every public method in the same
+order with the same arguments (the batch is identical on all ranks; each DP rank picks its share).
+
+Loss scaling (exact token-mean across micro-batches and DP): megatron-core divides each micro-batch's
+loss by the number of micro-batches ``M`` (``schedules.forward_step``) and DDP averages gradients over
+the ``D`` data-parallel ranks. Each micro-batch therefore returns
+``agg(loss over its tokens, denominator = global count) × M × D``, so the accumulated gradient equals the
+gradient of the single-process aggregate over the whole mini-batch (DAPO eq. 8 for ``token-mean``).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import types
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..cpu_shims import apply_cpu_shims, cuda_available, device_remap
+from ..models import mapping
+from ..models.hf_config import ModelSpec, gpt_model_kwargs, spec_from_hf_config, transformer_config_kwargs
+from .batching import ActorBatch, balance_across_ranks, make_micro_batches
+from .logprobs import vocab_parallel_logprobs_entropy
+
+
+@dataclass
+class LossSettings:
+    """What the training loss needs from the resolved algorithm config."""
+
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.28
+    clip_ratio_c: Optional[float] = None
+    loss_agg_mode: str = "token-mean"
+    entropy_coeff: float = 0.0
+    kl_loss_coef: float = 0.0
+    kl_loss_type: str = "k3"
+    tis_cap: Optional[float] = None
+    temperature: float = 1.0
+
+
+def _unwrap(module):
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+class MegatronActor:
+    """Policy model on megatron-core.
+
+    Args:
+        hf_path: HF model directory (config.json + safetensors) the weights come from.
+        actor_cfg: :class:`megatron_dapo.config.ActorConfig`.
+        total_train_steps: optimizer steps of the whole run (for the LR schedule).
+        seed: RNG seed.
+    """
+
+    def __init__(self, hf_path: str | Path, actor_cfg, *, total_train_steps: int = 1, seed: int = 1234,
+                 load_weights: bool = True):
+        apply_cpu_shims()
+        from megatron.core import parallel_state as ps
+
+        from .parallel import init_parallel
+
+        self.cfg = actor_cfg
+        self.hf_path = Path(hf_path)
+        self.spec: ModelSpec = spec_from_hf_config(self.hf_path)
+        tp, pp = actor_cfg.tensor_model_parallel_size, actor_cfg.pipeline_model_parallel_size
+        vpp = actor_cfg.virtual_pipeline_model_parallel_size
+        init_parallel(tp=tp, pp=pp, vpp=vpp, cp=actor_cfg.context_parallel_size, seed=seed)
+        self.ps = ps
+        self.tp, self.pp, self.vpp = tp, pp, vpp
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.pp_rank = ps.get_pipeline_model_parallel_rank()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.rank = dist.get_rank()
+        self.padded_vocab = self.spec.padded_vocab_size(tp, actor_cfg.make_vocab_size_divisible_by)
+        self._remap = contextlib.ExitStack()
+        self._remap.enter_context(device_remap())
+        self.chunks = self._build_model()
+        if load_weights:
+            self.load_hf_weights(self.hf_path)
+        self._wrap_ddp_and_optimizer(total_train_steps)
+        self._owners: Optional[dict[str, tuple[int, int, str]]] = None
+
+    # ------------------------------------------------------------------ construction
+    def _build_model(self):
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.transformer import TransformerConfig
+
+        c = self.cfg
+        on_cpu = not cuda_available()
+        kw = transformer_config_kwargs(
+            self.spec, tp=self.tp, pp=self.pp, vpp=self.vpp, params_dtype=c.params_dtype,
+            sequence_parallel=c.sequence_parallel, context_parallel=c.context_parallel_size,
+            recompute=c.recompute, fp8=c.fp8, fp8_recipe=c.fp8_recipe, on_cpu=on_cpu)
+        self.tconfig = TransformerConfig(**kw)
+        if on_cpu or c.fp8 is None and not _has_te():
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+            layer_spec = get_gpt_layer_local_spec(qk_layernorm=self.spec.qk_layernorm, normalization="RMSNorm")
+        else:
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+            layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=self.spec.qk_layernorm)
+        chunks = []
+        for vp in range(self.vpp or 1):
+            vp_stage = vp if self.vpp else None
+            model = GPTModel(
+                config=self.tconfig, transformer_layer_spec=layer_spec,
+                pre_process=self.ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=self.ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                vp_stage=vp_stage, **gpt_model_kwargs(self.spec, self.padded_vocab))
+            if model.post_process:
+                # The LM head is applied by the memory-lean chunked logprob kernel, not by GPTModel.
+                model.output_layer.forward = types.MethodType(_hidden_passthrough, model.output_layer)
+            if cuda_available():
+                model.cuda(torch.cuda.current_device())
+            chunks.append(model)
+        return chunks
+
+    def _wrap_ddp_and_optimizer(self, total_train_steps: int) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        c = self.cfg
+        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                use_distributed_optimizer=c.use_distributed_optimizer)
+        self.chunks = [DistributedDataParallel(config=self.tconfig, ddp_config=ddp_cfg, module=m,
+                                               disable_bucketing=(i > 0))
+                       for i, m in enumerate(self.chunks)]
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        no_sync = [m.no_sync for m in self.chunks]
+        self.tconfig.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
+        ocfg = OptimizerConfig(optimizer=c.optimizer, lr=c.lr, min_lr=c.min_lr, weight_decay=c.weight_decay,
+                               adam_beta1=c.adam_beta1, adam_beta2=c.adam_beta2, adam_eps=c.adam_eps,
+                               clip_grad=c.clip_grad, bf16=c.params_dtype == "bf16",
+                               params_dtype=torch.bfloat16 if c.params_dtype == "bf16" else torch.float32,
+                               use_distributed_optimizer=c.use_distributed_optimizer)
+        self.optimizer = get_megatron_optimizer(ocfg, self.chunks)
+        decay = max(1, total_train_steps)
+        warm = min(c.lr_warmup_steps, decay - 1) if decay > 1 else 0
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if warm else c.lr, max_lr=c.lr, min_lr=min(c.min_lr, c.lr),
+            lr_warmup_steps=warm, lr_decay_steps=decay, lr_decay_style=c.lr_decay_style,
+            start_wd=c.weight_decay, end_wd=c.weight_decay, wd_incr_steps=decay, wd_incr_style="constant")
+
+    # ------------------------------------------------------------------ names
+    def _local_params(self) -> Iterator[tuple[str, int, str, torch.nn.Parameter]]:
+        """(canonical global name, chunk index, local name, param) for this rank's parameters."""
+        for ci, chunk in enumerate(self.chunks):
+            gpt = _unwrap(chunk)
+            layer_num = {i: layer.layer_number - 1 for i, layer in enumerate(gpt.decoder.layers)} \
+                if hasattr(gpt, "decoder") else {}
+            for lname, p in gpt.named_parameters():
+                cname = mapping.canonical_name(lname)
+                if cname.startswith("decoder.layers."):
+                    parts = cname.split(".")
+                    parts[2] = str(layer_num[int(parts[2])])
+                    cname = ".".join(parts)
+                if cname == "output_layer.weight" and self.spec.tie_word_embeddings:
+                    cname = "output_layer.weight(tied)"
+                yield cname, ci, lname, p
+
+    # ------------------------------------------------------------------ weights in
+    @torch.no_grad()
+    def load_hf_weights(self, hf_path: str | Path) -> None:
+        """Copy HF safetensors weights into this rank's shards (TP slice, PP stage, vocab padding)."""
+        from safetensors import safe_open
+
+        files = sorted(Path(hf_path).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files in {hf_path}")
+        handles = [safe_open(str(f), framework="pt") for f in files]
+        where = {k: h for h in handles for k in h.keys()}
+
+        def get(name: str) -> torch.Tensor:
+            return where[name].get_tensor(name)
+
+        for cname, _, lname, p in self._local_params():
+            src = "output_layer.weight" if cname == "output_layer.weight(tied)" else cname
+            full = mapping.hf_to_mcore(self.spec, src, get, self.padded_vocab)
+            shard = mapping.tp_shard(src, full, self.tp_rank, self.tp)
+            if tuple(shard.shape) != tuple(p.shape):
+                raise mapping.MappingError(f"{lname}: expected shape {tuple(p.shape)}, found {tuple(shard.shape)}")
+            p.data.copy_(shard.to(p.dtype))
+        for chunk in self.chunks if hasattr(self, "optimizer") else []:
+            chunk.broadcast_params()
+        if hasattr(self, "optimizer"):
+            self.optimizer.reload_model_params()
+
+    # ------------------------------------------------------------------ weights out
+    def _owner_map(self) -> dict[str, tuple[int, int, str]]:
+        if self._owners is None:
+            mine = {c: (self.pp_rank, ci, ln) for c, ci, ln, _ in self._local_params() if not c.endswith("(tied)")}
+            gathered: list[Any] = [None] * self.pp
+            dist.all_gather_object(gathered, mine, group=self.ps.get_pipeline_model_parallel_group())
+            owners: dict[str, tuple[int, int, str]] = {}
+            for d in gathered:
+                for k, v in d.items():
+                    owners.setdefault(k, v)
+            missing = [n for n in mapping.mcore_names(self.spec) if n not in owners]
+            if missing:
+                raise mapping.MappingError(f"parameters not found on any pipeline stage: {missing[:5]}")
+            self._owners = owners
+        return self._owners
+
+    @torch.no_grad()
+    def iter_full_params(self, dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(canonical_name, full tensor)`` for every parameter, on data-parallel rank 0 ranks.
+
+        Moves only what is needed: TP all-gather inside the owning stage, then one broadcast across the
+        pipeline group. Memory peak: one full tensor plus one shard. Collective: every rank must call it.
+        """
+        owners = self._owner_map()
+        params = {c: p for c, _, _, p in self._local_params()}
+        tp_group = self.ps.get_tensor_model_parallel_group()
+        pp_group = self.ps.get_pipeline_model_parallel_group()
+        pp_ranks = dist.get_process_group_ranks(pp_group)
+        dev = torch.cuda.current_device() if cuda_available() else torch.device("cpu")
+        if self.dp_rank != 0:
+            return
+        for name in mapping.mcore_names(self.spec):
+            owner_pp = owners[name][0]
+            shape = mapping.full_shape(self.spec, name, self.padded_vocab)
+            p_dtype = torch.bfloat16 if self.cfg.params_dtype == "bf16" and not getattr(self, "_read_grads", False) \
+                else torch.float32
+            if self.pp_rank == owner_pp:
+                shard = self._master_or_param(params[name])
+                if self.tp > 1 and mapping.partition_dim(name) is not None:
+                    parts = [torch.empty_like(shard) for _ in range(self.tp)]
+                    dist.all_gather(parts, shard.contiguous(), group=tp_group)
+                    full = mapping.tp_unshard(name, parts)
+                else:
+                    full = shard
+                full = full.to(p_dtype).contiguous()
+            else:
+                full = torch.empty(shape, dtype=p_dtype, device=dev)
+            if self.pp > 1:
+                dist.broadcast(full, src=pp_ranks[owner_pp], group=pp_group)
+            yield name, (full if dtype is None else full.to(dtype))
+
+    def _master_or_param(self, p: torch.nn.Parameter) -> torch.Tensor:
+        if getattr(self, "_read_grads", False):
+            return p.main_grad.detach()
+        return p.detach()
+
+    def iter_full_grads(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Like :meth:`iter_full_params` but for the DP-reduced gradients (``main_grad``, fp32) left by
+        ``train_step(apply_update=False)``. Not available with the distributed optimizer (its gradients
+        are reduce-scattered)."""
+        if self.cfg.use_distributed_optimizer:
+            raise RuntimeError("iter_full_grads needs use_distributed_optimizer=false (grads are sharded otherwise)")
+        self._read_grads = True
+        try:
+            yield from self.iter_full_params(torch.float32)
+        finally:
+            self._read_grads = False
+
+    def iter_hf_tensors(self, dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(hf_name, tensor)`` (HF layout, vocab padding dropped). Collective; see iter_full_params."""
+        for name, full in self.iter_full_params(dtype):
+            yield from mapping.mcore_to_hf(self.spec, name, full)
+
+    # ------------------------------------------------------------------ forward / loss
+    def _output_weight(self, gpt) -> torch.Tensor:
+        if self.spec.tie_word_embeddings:
+            return gpt.shared_embedding_or_output_weight()
+        return gpt.output_layer.weight
+
+    def _token_logprobs(self, gpt, hidden: torch.Tensor, mb: ActorBatch, temperature: float):
+        """Logprobs/entropy ``[b, l]`` of tokens 1..l-1 at positions where the response mask is set."""
+        b, l, h = hidden.shape
+        sel = torch.zeros(b, l, dtype=torch.bool)
+        sel[:, 1:] = mb.response_mask[:, 1:] > 0
+        flat = sel.reshape(-1).nonzero().squeeze(1).to(hidden.device)
+        src = (sel.reshape(b, l).roll(-1, dims=1)).reshape(-1).nonzero().squeeze(1).to(hidden.device)
+        hid = hidden.reshape(b * l, h).index_select(0, src)
+        tgt = mb.input_ids.reshape(-1).to(hidden.device).index_select(0, flat)
+        w = self._output_weight(gpt)
+        vl = w.shape[0]
+        lp, ent = vocab_parallel_logprobs_entropy(
+            hid, w, tgt, vocab_start=self.tp_rank * vl, true_vocab_size=self.spec.vocab_size,
+            temperature=temperature, chunk_size=self.cfg.logprob_chunk_size,
+            tp_group=self.ps.get_tensor_model_parallel_group() if self.tp > 1 else None)
+        out_lp = torch.zeros(b * l, dtype=torch.float32, device=hidden.device).index_put((flat,), lp)
+        out_ent = torch.zeros(b * l, dtype=torch.float32, device=hidden.device).index_put((flat,), ent)
+        return out_lp.reshape(b, l), out_ent.reshape(b, l)
+
+    def _forward_step(self, loss_fn, data_iterator, model):
+        mb: ActorBatch = next(data_iterator)
+        dev = torch.cuda.current_device() if cuda_available() else torch.device("cpu")
+        tokens = mb.input_ids.to(dev)
+        b, l = tokens.shape
+        pos = torch.arange(l, device=dev).unsqueeze(0).expand(b, l)
+        causal = torch.ones(l, l, dtype=torch.bool, device=dev).triu(1).view(1, 1, l, l)
+        out = model(tokens, pos, causal)
+        return out, partial(loss_fn, model, mb)
+
+    def _run(self, batch: ActorBatch, loss_fn, forward_only: bool):
+        """Split ``batch`` over DP, into micro-batches, and run Megatron's schedule. Returns the loss dicts
+        (last stage only) and the local row indices in micro-batch order."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        lengths = batch.seq_lengths.tolist()
+        mine = balance_across_ranks(lengths, self.dp_size)[self.dp_rank]
+        groups = make_micro_batches([lengths[i] for i in mine], self.cfg.max_tokens_per_gpu, self.cfg.micro_batch_size)
+        if self.vpp and len(groups) < self.pp:
+            # the interleaved schedule needs at least PP micro-batches
+            if len(mine) < self.pp:
+                raise ValueError(f"interleaved pipeline (PP={self.pp}) needs >= {self.pp} sequences per "
+                                 f"data-parallel rank, got {len(mine)}")
+            order = sorted(range(len(mine)), key=lambda j: -lengths[mine[j]])
+            groups = [sorted(order[k::self.pp]) for k in range(self.pp)]
+        rows = [[mine[j] for j in g] for g in groups]
+        mbs = [batch.select(r) for r in rows]
+        self._num_mb = len(mbs)
+        iters = [iter(list(mbs)) for _ in self.chunks] if len(self.chunks) > 1 else iter(list(mbs))
+        fwd_bwd = get_forward_backward_func()
+        with torch.set_grad_enabled(not forward_only):
+            out = fwd_bwd(forward_step_func=partial(self._forward_step, loss_fn), data_iterator=iters,
+                          model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+                          num_microbatches=len(mbs), seq_length=int(batch.input_ids.shape[1]),
+                          micro_batch_size=max(len(r) for r in rows), forward_only=forward_only)
+        return out, rows
+
+    def compute_logprobs(self, batch: ActorBatch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs and entropies ``[N, L]`` (fp32, zero outside the response mask), on every rank."""
+        for m in self.chunks:
+            m.eval()
+
+        def loss_fn(model, mb, hidden):
+            lp, ent = self._token_logprobs(_unwrap(model), hidden, mb, temperature)
+            return torch.zeros((), device=hidden.device), {"logprobs": lp.detach().cpu(), "entropy": ent.detach().cpu()}
+
+        with torch.no_grad():
+            outs, rows = self._run(batch, loss_fn, forward_only=True)
+        N, L = batch.input_ids.shape
+        res = torch.zeros(2, N, L, dtype=torch.float32)
+        if self.ps.is_pipeline_last_stage(ignore_virtual=True) and self.tp_rank == 0:
+            for o, r in zip(outs, rows):
+                l = o["logprobs"].shape[1]
+                res[0, r, :l] = o["logprobs"]
+                res[1, r, :l] = o["entropy"]
+        res = res.to(torch.cuda.current_device()) if cuda_available() else res
+        dist.all_reduce(res)  # exactly one contributor per row (last stage, TP rank 0, owning DP rank)
+        res = res.cpu()
+        return res[0], res[1]
+
+    def train_step(self, batch: ActorBatch, loss: LossSettings, *, global_num_tokens: Optional[int] = None,
+                   global_num_seqs: Optional[int] = None, apply_update: bool = True) -> dict[str, float]:
+        """One optimizer step on ``batch`` (a mini-batch; identical on all ranks).
+
+        With ``apply_update=False`` the reduced gradients stay in the grad buffers (see
+        :meth:`iter_full_grads`) and no optimizer step is taken.
+
+        Returns metrics (identical on all ranks): ``pg_loss``, clip fractions, ``approx_kl``,
+        ``entropy``, ``grad_norm``, ``lr``, ``num_microbatches``.
+        """
+        from ..algorithm import agg_loss, compute_policy_loss, kl_penalty
+
+        for m in self.chunks:
+            m.train()
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        n_tok = int(batch.response_mask.sum().item()) if global_num_tokens is None else global_num_tokens
+        n_seq = int((batch.response_mask.sum(1) > 0).sum().item()) if global_num_seqs is None else global_num_seqs
+        n_tok, n_seq = max(n_tok, 1), max(n_seq, 1)
+        dp = self.dp_size
+        seq_mode = loss.loss_agg_mode.startswith("seq-mean")
+        norm = dict(global_num_tokens=None if seq_mode else n_tok, global_num_seqs=n_seq if seq_mode else None)
+
+        def loss_fn(model, mb, hidden):
+            lp, ent = self._token_logprobs(_unwrap(model), hidden, mb, loss.temperature)
+            mask = mb.response_mask.to(lp.device)
+            is_w = None
+            if loss.tis_cap is not None and mb.rollout_logprobs is not None:
+                is_w = torch.exp(mb.old_logprobs - mb.rollout_logprobs).clamp(max=loss.tis_cap).to(lp.device) * mask
+            pg, metrics = compute_policy_loss(
+                lp, mb.old_logprobs.to(lp.device), mb.advantages.to(lp.device), mask,
+                clip_ratio_low=loss.clip_ratio_low, clip_ratio_high=loss.clip_ratio_high,
+                clip_ratio_c=loss.clip_ratio_c, loss_agg_mode=loss.loss_agg_mode, rollout_is_weights=is_w, **norm)
+            total = pg
+            ent_term = agg_loss(ent, mask, loss.loss_agg_mode, **norm)
+            if loss.entropy_coeff:
+                total = total - loss.entropy_coeff * ent_term
+            out = {k: float(v) for k, v in metrics.items()}
+            out["pg_loss"] = float(pg.detach())
+            out["entropy"] = float(ent_term.detach())
+            if loss.kl_loss_coef and mb.ref_logprobs is not None:
+                kl = agg_loss(kl_penalty(lp, mb.ref_logprobs.to(lp.device), loss.kl_loss_type), mask,
+                              loss.loss_agg_mode, **norm)
+                total = total + loss.kl_loss_coef * kl
+                out["kl_loss"] = float(kl.detach())
+            out["_tokens"] = float(mask.sum())
+            return total * self._num_mb * dp, out
+
+        outs, _ = self._run(batch, loss_fn, forward_only=False)
+        if not apply_update:
+            return self._reduce_metrics(outs, extra={"lr": float(self.optimizer.param_groups[0]["lr"])})
+        ok, grad_norm, _ = self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if ok:
+            self.scheduler.step(increment=1)
+        return self._reduce_metrics(outs, extra={"grad_norm": float(grad_norm or 0.0), "lr": float(lr),
+                                                 "update_skipped": 0.0 if ok else 1.0})
+
+    def _reduce_metrics(self, outs: list[dict], extra: dict[str, float]) -> dict[str, float]:
+        """Sum additive terms (pg_loss, entropy, kl: already global-normalised contributions), token-weight
+        the fractions, over micro-batches and DP ranks; share with every rank."""
+        keys = ["pg_loss", "entropy", "kl_loss", "pg_clipfrac", "pg_clipfrac_high", "pg_clipfrac_low",
+                "pg_clipfrac_dual", "approx_kl", "ratio_mean", "_tokens"]
+        additive = {"pg_loss", "entropy", "kl_loss", "_tokens"}
+        vec = torch.zeros(len(keys), dtype=torch.float64)
+        if self.ps.is_pipeline_last_stage(ignore_virtual=True) and self.tp_rank == 0:
+            for o in outs:
+                for i, k in enumerate(keys):
+                    v = o.get(k, 0.0)
+                    vec[i] += v if k in additive else v * o["_tokens"]
+        vec = vec.to(torch.cuda.current_device()) if cuda_available() else vec
+        dist.all_reduce(vec)
+        vec = vec.cpu()
+        tokens = max(float(vec[keys.index("_tokens")]), 1.0)
+        res = {k: float(vec[i]) if k in additive else float(vec[i]) / tokens for i, k in enumerate(keys)}
+        res.pop("_tokens")
+        res.update(extra)
+        return res
+
+    # ------------------------------------------------------------------ memory alternation
+    def offload(self) -> None:
+        """Move parameters, gradients and optimizer state to pinned CPU memory (GPU colocation).
+
+        On CPU this is a no-op with the same contract (call :meth:`onload` before the next use).
+        """
+        self._offloaded = True
+        if not cuda_available():
+            return
+        for m in self.chunks:
+            for buf in getattr(m, "buffers", []) + getattr(m, "expert_parallel_buffers", []):
+                for attr in ("param_data", "grad_data"):
+                    t = getattr(buf, attr, None)
+                    if t is not None and t.is_cuda:
+                        setattr(buf, "_cpu_" + attr, t.detach().to("cpu", non_blocking=True).pin_memory())
+                        t.storage().resize_(0)
+        torch.cuda.empty_cache()
+
+    def onload(self) -> None:
+        """Inverse of :meth:`offload`."""
+        if not getattr(self, "_offloaded", False):
+            return
+        self._offloaded = False
+        if not cuda_available():
+            return
+        for m in self.chunks:
+            for buf in getattr(m, "buffers", []) + getattr(m, "expert_parallel_buffers", []):
+                for attr in ("param_data", "grad_data"):
+                    cpu = getattr(buf, "_cpu_" + attr, None)
+                    if cpu is not None:
+                        t = getattr(buf, attr)
+                        t.storage().resize_(cpu.numel() * cpu.element_size() // t.element_size())
+                        t.copy_(cpu, non_blocking=True)
+                        delattr(buf, "_cpu_" + attr)
+        torch.cuda.synchronize()
+
+    # ------------------------------------------------------------------ checkpoints
+    def sharded_state_dict(self, with_optimizer: bool = True) -> dict[str, Any]:
+        model_sd: dict[str, Any] = {}
+        for i, m in enumerate(self.chunks):
+            model_sd[f"model{i}" if len(self.chunks) > 1 else "model"] = _unwrap(m).sharded_state_dict()
+        if with_optimizer:
+            model_sd["optimizer"] = self.optimizer.sharded_state_dict(model_sd)
+        return model_sd
+
+    def close(self) -> None:
+        self._remap.close()
+
+
+def _hidden_passthrough(self, input_, weight=None, runtime_gather_output=None):
+    """Replaces ``output_layer.forward``: GPTModel then returns final hidden states ``[b, s, h]``."""
+    return input_, None
+
+
+def _has_te() -> bool:
+    from ..backend import has_transformer_engine
+
+    return has_transformer_engine()

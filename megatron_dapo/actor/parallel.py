@@ -1,0 +1,80 @@
+"""Process-group setup for the Megatron actor (gloo on CPU, NCCL on GPU)."""
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..cpu_shims import apply_cpu_shims, cuda_available
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dist_env():
+    """(rank, world_size, local_rank, master_addr, master_port) from torchrun, Slurm or defaults."""
+    try:
+        from ..launch.dist_env import resolve_dist_env
+
+        env = resolve_dist_env()
+        return env.rank, env.world_size, env.local_rank, env.master_addr, int(env.master_port)
+    except ImportError:
+        rank = int(os.environ.get("RANK", 0))
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        return rank, world, local, os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 0))
+
+
+def init_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int = 1, seed: int = 1234,
+                  timeout_s: float = 1800.0) -> None:
+    """Initialise ``torch.distributed`` (if needed) and megatron-core's model-parallel groups.
+
+    Reads rank / world size / master address from torchrun or Slurm (``launch.dist_env``); a single
+    process without any of them gets a private free port.
+
+    Raises:
+        ValueError: TP × PP × CP does not divide the world size.
+    """
+    apply_cpu_shims()
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if not dist.is_initialized():
+        rank, world, local, addr, port = _dist_env()
+        if world == 1 and not port:
+            port = free_port()
+        backend = "nccl" if cuda_available() else "gloo"
+        if cuda_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend, init_method=f"tcp://{addr}:{port}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=timeout_s))
+    world = dist.get_world_size()
+    if world % (tp * pp * cp):
+        raise ValueError(f"TP({tp}) x PP({pp}) x CP({cp}) must divide the world size {world}")
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron-core groups and the default process group (safe to call twice)."""
+    try:
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+    except ImportError:
+        pass
+    if dist.is_initialized():
+        dist.destroy_process_group()

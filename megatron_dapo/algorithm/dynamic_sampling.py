@@ -1,0 +1,391 @@
+"""DAPO dynamic sampling (arXiv 2503.14476, Sec. 3.2 and Algorithm 1, lines 4-6), pure Python.
+
+DAPO over-samples prompts and keeps only groups whose accuracy is neither 0 nor 1 (eq. 11:
+``0 < |{o_i : is_equivalent(a, o_i)}| < G``), generating more rounds until ``rollout_batch_size``
+such groups are collected.  :class:`DynamicSampler` holds that per-step bookkeeping; the rollout
+driver owns the generation loop::
+
+    sampler.start_step()
+    while not sampler.is_full:
+        prompts = next_prompts(sampler.num_prompts_to_request())
+        for group in generate_and_score(prompts):     # groups can be added as they complete
+            sampler.add_group(group)
+            if sampler.is_full:
+                break                                  # abort the in-flight rest ...
+        sampler.record_aborted(num_cancelled)          # ... and count it
+        sampler.record_round()                         # raises DynamicSamplingExhausted at the cap
+    batch = sampler.take_batch()                       # exactly rollout_batch_size groups
+    log(sampler.metrics())
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+__all__ = ["Group", "DynamicSampler", "DynamicSamplingExhausted"]
+
+
+class DynamicSamplingExhausted(RuntimeError):
+    """Raised when ``max_num_gen_batches`` rounds did not yield ``rollout_batch_size`` kept groups."""
+
+
+@dataclass
+class Group:
+    """The ``G`` sampled responses of one prompt, with their scores.
+
+    Attributes:
+        prompt_index: index of the prompt in the dataset (for logging/dedup).
+        prompt_ids: prompt token ids.
+        responses: ``G`` lists of response token ids.
+        rewards: ``G`` scalar rewards (after any shaping).
+        correct: ``G`` bools -- the answer-equivalence verdict used by dynamic sampling (eq. 11).
+        finish_reasons: ``G`` strings (``"stop"``, ``"length"`` = truncated, ``"abort"``, ...).
+        rollout_logprobs: ``G`` lists of per-token log-probs from the rollout engine (lengths equal
+            to the responses'), or None.
+        meta: anything else (ground truth, data source, ...); copied with the group.
+
+    Raises:
+        ValueError: the per-response lists differ in length (the field is named), or a
+            ``rollout_logprobs`` entry does not match its response's length.
+    """
+
+    prompt_index: int
+    prompt_ids: list[int]
+    responses: list[list[int]]
+    rewards: list[float]
+    correct: list[bool]
+    finish_reasons: list[str]
+    rollout_logprobs: Optional[list[list[float]]] = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.responses)
+        for name in ("rewards", "correct", "finish_reasons"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(
+                    f"Group(prompt_index={self.prompt_index}): {name} has {len(getattr(self, name))} "
+                    f"entries but responses has {n}"
+                )
+        for i, c in enumerate(self.correct):
+            if not isinstance(c, bool):
+                raise ValueError(
+                    f"Group(prompt_index={self.prompt_index}): correct[{i}] must be a bool, got {c!r}"
+                )
+        if self.rollout_logprobs is not None:
+            if len(self.rollout_logprobs) != n:
+                raise ValueError(
+                    f"Group(prompt_index={self.prompt_index}): rollout_logprobs has "
+                    f"{len(self.rollout_logprobs)} entries but responses has {n}"
+                )
+            for i, (resp, lp) in enumerate(zip(self.responses, self.rollout_logprobs)):
+                if len(resp) != len(lp):
+                    raise ValueError(
+                        f"Group(prompt_index={self.prompt_index}): rollout_logprobs[{i}] has {len(lp)} "
+                        f"values for a response of {len(resp)} tokens"
+                    )
+
+    @property
+    def num_samples(self) -> int:
+        """Number of responses ``G`` in the group."""
+        return len(self.responses)
+
+    @property
+    def num_correct(self) -> int:
+        """Number of responses judged correct."""
+        return sum(1 for c in self.correct if c)
+
+    @property
+    def num_response_tokens(self) -> int:
+        """Total response tokens over the group's ``G`` responses."""
+        return sum(len(r) for r in self.responses)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Deep-copied plain-dict form (used by :meth:`DynamicSampler.state_dict`)."""
+        return copy.deepcopy(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Group":
+        """Inverse of :meth:`to_dict`."""
+        return cls(**copy.deepcopy(data))
+
+
+_COUNTERS = (
+    "prompts_tried",
+    "kept_groups",
+    "all_correct",
+    "all_wrong",
+    "num_gen_batches",
+    "aborted_requests",
+    "surplus_dropped",
+    "surplus_carried",
+    "carried_in",
+    "generated_response_tokens",
+    "aborted_response_tokens",
+    "batch_response_tokens",
+)
+
+
+class DynamicSampler:
+    """Collect ``rollout_batch_size`` informative groups per training step (DAPO dynamic sampling).
+
+    Args:
+        rollout_batch_size: groups (prompts) per training step; must be >= 1.
+        n_samples_per_prompt: ``G``, responses per group; must be >= 1.  Every added group must
+            have exactly ``G`` responses.
+        enabled: False keeps every group (plain GRPO); counters are still maintained.
+        oversample_factor: prompts requested per missing group (> 0); e.g. 1.5 with a ~65 % keep
+            rate usually fills a step in one round.
+        max_num_gen_batches: cap on generation rounds per step; 0 = unlimited.
+        carry_over_surplus: keep complete surplus groups for the next step instead of dropping them.
+
+    Raises:
+        ValueError: invalid arguments (named).
+    """
+
+    def __init__(
+        self,
+        rollout_batch_size: int,
+        n_samples_per_prompt: int,
+        *,
+        enabled: bool = True,
+        oversample_factor: float = 1.0,
+        max_num_gen_batches: int = 0,
+        carry_over_surplus: bool = False,
+    ) -> None:
+        for name, val in (("rollout_batch_size", rollout_batch_size), ("n_samples_per_prompt", n_samples_per_prompt)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {val!r}")
+        if isinstance(max_num_gen_batches, bool) or not isinstance(max_num_gen_batches, int) or max_num_gen_batches < 0:
+            raise ValueError(f"max_num_gen_batches must be an int >= 0 (0 = unlimited), got {max_num_gen_batches!r}")
+        if not (isinstance(oversample_factor, (int, float)) and math.isfinite(oversample_factor) and oversample_factor > 0):
+            raise ValueError(f"oversample_factor must be a finite number > 0, got {oversample_factor!r}")
+        self.rollout_batch_size = rollout_batch_size
+        self.n_samples_per_prompt = n_samples_per_prompt
+        self.enabled = bool(enabled)
+        self.oversample_factor = float(oversample_factor)
+        self.max_num_gen_batches = max_num_gen_batches
+        self.carry_over_surplus = bool(carry_over_surplus)
+        self._kept: list[Group] = []
+        self._carry: list[Group] = []
+        self._taken = False
+        self._counts: dict[str, int] = {k: 0 for k in _COUNTERS}
+
+    # ------------------------------------------------------------------ step protocol
+    def start_step(self) -> None:
+        """Reset the per-step counters and move carried-over groups into the kept pool."""
+        self._counts = {k: 0 for k in _COUNTERS}
+        self._kept = self._carry
+        self._carry = []
+        self._counts["carried_in"] = len(self._kept)
+        self._taken = False
+
+    @property
+    def num_kept(self) -> int:
+        """Groups currently in the kept pool (carried-in ones included)."""
+        return len(self._kept)
+
+    @property
+    def is_full(self) -> bool:
+        """True once the kept pool holds at least ``rollout_batch_size`` groups."""
+        return len(self._kept) >= self.rollout_batch_size
+
+    def num_prompts_to_request(self) -> int:
+        """Prompts to generate next: ``ceil(oversample_factor * missing)``, at least 1.
+
+        ``missing = rollout_batch_size - num_kept``; returns 0 when the pool is already full.
+        With ``enabled=False`` every group is kept, so exactly ``missing`` is returned.
+        """
+        missing = self.rollout_batch_size - len(self._kept)
+        if missing <= 0:
+            return 0
+        if not self.enabled:
+            return missing
+        # subtract a tiny slack so that e.g. 1.1 * 10 = 11.000000000000002 requests 11, not 12
+        return max(1, math.ceil(self.oversample_factor * missing - 1e-9))
+
+    def add_group(self, group: Group) -> bool:
+        """Score one completed group; return True if it is kept.
+
+        Kept when ``0 < num_correct < G`` (or always, with ``enabled=False``).  Groups added after
+        the pool is full are kept as surplus (dropped or carried by :meth:`take_batch`).
+
+        Raises:
+            TypeError: not a :class:`Group`.
+            ValueError: the group does not have ``n_samples_per_prompt`` responses.
+        """
+        if not isinstance(group, Group):
+            raise TypeError(f"add_group expects a Group, got {type(group).__name__}")
+        if group.num_samples != self.n_samples_per_prompt:
+            raise ValueError(
+                f"Group(prompt_index={group.prompt_index}) has {group.num_samples} responses, "
+                f"expected n_samples_per_prompt={self.n_samples_per_prompt}"
+            )
+        c = self._counts
+        c["prompts_tried"] += 1
+        c["generated_response_tokens"] += group.num_response_tokens
+        n_correct = group.num_correct
+        if n_correct == group.num_samples:
+            c["all_correct"] += 1
+        elif n_correct == 0:
+            c["all_wrong"] += 1
+        keep = (not self.enabled) or (0 < n_correct < group.num_samples)
+        if keep:
+            c["kept_groups"] += 1
+            self._kept.append(group)
+        return keep
+
+    def record_aborted(self, n: int, num_tokens: int = 0) -> None:
+        """Count ``n`` generation requests aborted (e.g. cancelled once the pool filled).
+
+        ``num_tokens`` (optional) are tokens generated by those requests before the abort; they
+        are added to the generated-token count of ``waste_ratio``.
+
+        Raises:
+            ValueError: negative ``n`` or ``num_tokens``.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"record_aborted: n must be an int >= 0, got {n!r}")
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+            raise ValueError(f"record_aborted: num_tokens must be an int >= 0, got {num_tokens!r}")
+        self._counts["aborted_requests"] += n
+        self._counts["aborted_response_tokens"] += num_tokens
+
+    def record_round(self) -> None:
+        """Mark the end of one generation round (one generation batch).
+
+        Raises:
+            DynamicSamplingExhausted: ``max_num_gen_batches > 0`` rounds are done and the pool is
+                still not full.  The message gives the observed keep rate, the round count and the
+                settings to change.
+        """
+        self._counts["num_gen_batches"] += 1
+        rounds = self._counts["num_gen_batches"]
+        if self.max_num_gen_batches > 0 and rounds >= self.max_num_gen_batches and not self.is_full:
+            raise DynamicSamplingExhausted(self._exhausted_message())
+
+    def _exhausted_message(self) -> str:
+        c = self._counts
+        tried, kept = c["prompts_tried"], c["kept_groups"]
+        rate = kept / tried if tried else 0.0
+        need = self.rollout_batch_size
+        have = len(self._kept)
+        if kept > 0:
+            est = math.ceil((need - c["carried_in"]) / rate)
+            estimate = f" At this rate about {est} prompts are needed per step."
+        else:
+            estimate = " No group has been kept so far."
+        if c["all_wrong"] >= c["all_correct"]:
+            skew = f"most filtered groups were all-wrong ({c['all_wrong']} vs {c['all_correct']} all-correct)"
+        else:
+            skew = f"most filtered groups were all-correct ({c['all_correct']} vs {c['all_wrong']} all-wrong)"
+        return (
+            f"dynamic sampling exhausted: after {c['num_gen_batches']} generation rounds "
+            f"(max_num_gen_batches={self.max_num_gen_batches}) only {have}/{need} groups with mixed "
+            f"correctness were collected; observed keep rate {kept}/{tried} = {rate:.1%}; {skew}.{estimate} "
+            "To fix: raise max_num_gen_batches or set it to 0 (unlimited), lower rollout_batch_size, "
+            "raise n_samples_per_prompt (more chances of a mixed group), raise oversample_factor, "
+            "or use an easier dataset / a stronger model (if groups are mostly all-wrong) -- a harder "
+            "dataset if they are mostly all-correct."
+        )
+
+    def take_batch(self) -> list[Group]:
+        """Return exactly ``rollout_batch_size`` kept groups, in the order they were kept.
+
+        Surplus groups are dropped (``surplus_dropped``) or, with ``carry_over_surplus``, kept for
+        the next :meth:`start_step` (``surplus_carried``).
+
+        Raises:
+            RuntimeError: the pool is not full yet (or the batch of this step was already taken).
+        """
+        if self._taken:
+            raise RuntimeError("take_batch was already called this step; call start_step() first")
+        if not self.is_full:
+            raise RuntimeError(
+                f"take_batch called with {len(self._kept)}/{self.rollout_batch_size} kept groups; "
+                "keep generating (num_prompts_to_request) until is_full"
+            )
+        batch = self._kept[: self.rollout_batch_size]
+        surplus = self._kept[self.rollout_batch_size :]
+        if self.carry_over_surplus:
+            self._carry.extend(surplus)
+            self._counts["surplus_carried"] += len(surplus)
+        else:
+            self._counts["surplus_dropped"] += len(surplus)
+        self._kept = []
+        self._taken = True
+        self._counts["batch_response_tokens"] = sum(g.num_response_tokens for g in batch)
+        return batch
+
+    # ------------------------------------------------------------------ reporting / state
+    def metrics(self) -> dict[str, float]:
+        """Per-step metrics (floats).
+
+        Keys: ``prompts_tried``, ``kept_groups`` (kept among the freshly generated groups),
+        ``all_correct``, ``all_wrong``, ``num_gen_batches`` (rounds), ``aborted_requests``,
+        ``surplus_dropped``, ``surplus_carried``, ``carried_in`` (groups carried in from the previous
+        step), ``keep_rate`` (``kept_groups / prompts_tried``; 0 if none tried), ``waste_ratio``
+        (response tokens generated this step -- filtered, surplus and aborted included -- divided by
+        the response tokens of the taken batch; 0 before :meth:`take_batch`.  Carried-in groups
+        were generated in an earlier step, so it can fall below 1 with carry-over), plus the raw
+        ``generated_response_tokens`` and ``batch_response_tokens``.
+        """
+        c = self._counts
+        out = {k: float(c[k]) for k in (
+            "prompts_tried", "kept_groups", "all_correct", "all_wrong", "num_gen_batches",
+            "aborted_requests", "surplus_dropped", "surplus_carried", "carried_in",
+        )}
+        generated = c["generated_response_tokens"] + c["aborted_response_tokens"]
+        batch_tokens = c["batch_response_tokens"]
+        out["generated_response_tokens"] = float(generated)
+        out["batch_response_tokens"] = float(batch_tokens)
+        out["keep_rate"] = c["kept_groups"] / c["prompts_tried"] if c["prompts_tried"] else 0.0
+        out["waste_ratio"] = generated / batch_tokens if (self._taken and batch_tokens > 0) else 0.0
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python (JSON-serialisable if ``meta`` is) snapshot for exact resume.
+
+        Includes the configuration (checked on load), the counters, the kept pool of the current
+        step and the groups carried over to the next step.
+        """
+        return {
+            "config": {
+                "rollout_batch_size": self.rollout_batch_size,
+                "n_samples_per_prompt": self.n_samples_per_prompt,
+                "enabled": self.enabled,
+                "oversample_factor": self.oversample_factor,
+                "max_num_gen_batches": self.max_num_gen_batches,
+                "carry_over_surplus": self.carry_over_surplus,
+            },
+            "counts": dict(self._counts),
+            "taken": self._taken,
+            "kept": [g.to_dict() for g in self._kept],
+            "carry": [g.to_dict() for g in self._carry],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` snapshot.
+
+        Raises:
+            ValueError: missing keys, or the snapshot's ``rollout_batch_size`` /
+                ``n_samples_per_prompt`` differ from this sampler's (groups would not fit).
+        """
+        missing = [k for k in ("config", "counts", "taken", "kept", "carry") if k not in state]
+        if missing:
+            raise ValueError(f"DynamicSampler state_dict is missing keys {missing}")
+        cfg = state["config"]
+        for key in ("rollout_batch_size", "n_samples_per_prompt"):
+            if cfg.get(key) != getattr(self, key):
+                raise ValueError(
+                    f"DynamicSampler state_dict has {key}={cfg.get(key)!r} but this sampler has "
+                    f"{key}={getattr(self, key)!r}"
+                )
+        unknown = [k for k in state["counts"] if k not in _COUNTERS]
+        if unknown:
+            raise ValueError(f"DynamicSampler state_dict has unknown counters {unknown}")
+        self._counts = {k: int(state["counts"].get(k, 0)) for k in _COUNTERS}
+        self._taken = bool(state["taken"])
+        self._kept = [Group.from_dict(g) for g in state["kept"]]
+        self._carry = [Group.from_dict(g) for g in state["carry"]]

@@ -1,0 +1,474 @@
+"""Typed configuration for a DAPO run.
+
+A run is described by :class:`DAPOConfig`, a tree of dataclasses loaded from YAML with dotted
+``key=value`` overrides (``actor.lr=1e-6``, ``rollout.n_samples_per_prompt=16``). Everything is
+validated by :meth:`DAPOConfig.validate` before any model, process or file is created; errors are
+:class:`ConfigError` and name the offending key.
+
+Defaults follow the DAPO paper (arXiv 2503.14476, section 4 "Experiments" / Table 1) where it gives a
+value, otherwise verl's DAPO recipe conventions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, mistyped or inconsistent; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    hf_path: str = ""
+    """HF model directory (config.json, safetensors, tokenizer). Created with ``tiny`` when missing."""
+    tokenizer_path: Optional[str] = None
+    """Tokenizer directory; defaults to ``hf_path``."""
+    megatron_ckpt: Optional[str] = None
+    """Optional Megatron ``torch_dist`` checkpoint to start from (else weights come from ``hf_path``)."""
+    make_tiny: bool = False
+    """Create a random tiny checkpoint at ``hf_path`` when it does not exist (CPU demo)."""
+    tiny_family: str = "qwen2"
+    tiny_hidden_size: int = 64
+    tiny_num_layers: int = 2
+    tiny_num_attention_heads: int = 4
+    tiny_num_key_value_heads: int = 2
+    tiny_intermediate_size: int = 128
+    tiny_tokenizer_dir: Optional[str] = None
+    """Tokenizer to copy into the tiny checkpoint; ``None`` trains the demo BPE tokenizer."""
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """Parquet/JSONL files in the DAPO-Math-17k schema. Empty: generate the demo arithmetic task."""
+    val_files: list[str] = field(default_factory=list)
+    demo_num_rows: int = 2048
+    max_prompt_length: int = 256
+    shuffle: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "cpu"
+    """``cpu`` (the project's CPU engine, started by the trainer), ``sglang`` or ``vllm``."""
+    engine_urls: list[str] = field(default_factory=list)
+    """Already-running engines (e.g. started by the sbatch script). Empty: launch locally."""
+    num_engines: int = 1
+    engine_tp_size: int = 1
+    mem_fraction_static: float = 0.6
+    colocated: bool = True
+    host: str = "127.0.0.1"
+    base_port: int = 0
+    """0 picks free ports."""
+    api_key: Optional[str] = None
+    rollout_batch_size: int = 8
+    """Prompts (groups) per training step after dynamic-sampling filtering."""
+    n_samples_per_prompt: int = 8
+    """G, responses per prompt."""
+    max_response_length: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    request_timeout_s: float = 600.0
+    max_retries: int = 2
+    health_timeout_s: float = 300.0
+
+
+@dataclass
+class AlgorithmConfig:
+    preset: str = "dapo"
+    """``dapo`` or ``grpo``; explicit keys below override the preset."""
+    clip_ratio_low: Optional[float] = None
+    clip_ratio_high: Optional[float] = None
+    clip_ratio_c: Optional[float] = None
+    loss_agg_mode: Optional[str] = None
+    norm_adv_by_std: Optional[bool] = None
+    soft_overlong_punishment: Optional[bool] = None
+    overlong_buffer_length: int = 8
+    overlong_penalty_factor: float = 1.0
+    overlong_filtering: Optional[bool] = None
+    dynamic_sampling: Optional[bool] = None
+    max_num_gen_batches: int = 10
+    oversample_factor: float = 1.0
+    carry_over_surplus: bool = False
+    kl_loss: Optional[bool] = None
+    kl_loss_coef: Optional[float] = None
+    kl_loss_type: str = "k3"
+    entropy_coeff: float = 0.0
+    tis_cap: Optional[float] = None
+    """Truncated importance sampling cap on pi_old / pi_rollout; ``None`` = off."""
+    clip_higher: Optional[bool] = None
+    token_level_loss: Optional[bool] = None
+
+
+@dataclass
+class ActorConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    recompute: Optional[str] = None
+    """``None``, ``full`` or ``selective``."""
+    params_dtype: str = "fp32"
+    """``fp32`` or ``bf16`` (bf16 keeps fp32 master weights in the optimizer)."""
+    fp8: Optional[str] = None
+    """``None``, ``e4m3`` or ``hybrid`` (Transformer Engine on GPU)."""
+    fp8_recipe: str = "delayed"
+    make_vocab_size_divisible_by: int = 128
+    ppo_mini_batch_size: int = 64
+    """Responses per optimizer step (the paper: 512)."""
+    ppo_epochs: int = 1
+    max_tokens_per_gpu: int = 4096
+    """Token budget of one micro-batch on one GPU (sequences are packed/padded up to it)."""
+    micro_batch_size: Optional[int] = None
+    """Fixed sequences per micro-batch; overrides ``max_tokens_per_gpu`` when set."""
+    logprob_chunk_size: int = 1024
+    """Sequence positions per chunk for vocab-parallel logprob/entropy (bounds [T, V] memory)."""
+    optimizer: str = "adam"
+    """``adam`` (AdamW, decoupled weight decay) or ``sgd`` (used by the gradient-equivalence tests)."""
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 20
+    lr_decay_style: str = "constant"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    offload: bool = False
+    """Offload params/grads/optimizer state to pinned CPU memory during rollout (GPU colocation)."""
+
+
+@dataclass
+class WeightSyncConfig:
+    transport: str = "disk"
+    """``disk`` (safetensors + /update_weights_from_disk), ``distributed`` (broadcast group),
+    ``tensor`` (CUDA IPC, colocated GPU only)."""
+    bucket_mb: int = 512
+    dtype: Optional[str] = None
+    """Engine dtype (``fp32``/``bf16``); ``None`` = the actor's ``params_dtype``."""
+    check_logprobs: bool = False
+    """After each sync, score a fixed sequence on the engine and compare with the actor (debug)."""
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 10
+    save_interval: int = 0
+    """Save every N steps (0: only at the end)."""
+    eval_interval: int = 0
+    eval_n_samples: int = 32
+    eval_temperature: float = 1.0
+    eval_top_p: float = 0.7
+    eval_max_prompts: int = 0
+    log_interval: int = 1
+    keep_last_checkpoints: int = 2
+    export_hf: bool = True
+
+
+@dataclass
+class DAPOConfig:
+    run_name: str = "dapo"
+    output_dir: str = "outputs"
+    seed: int = 1234
+    resume: str = "auto"
+    """``auto`` (latest checkpoint if any), ``none``, or a checkpoint directory."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    # ---------------------------------------------------------------- paths
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    @property
+    def tb_dir(self) -> Path:
+        return self.run_dir / "tb"
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def hf_export_dir(self) -> Path:
+        return self.run_dir / "hf"
+
+    # ---------------------------------------------------------------- validation
+    def validate(self, world_size: Optional[int] = None) -> "DAPOConfig":
+        """Check every field; raise :class:`ConfigError` naming the key. Returns ``self``.
+
+        ``world_size`` (number of trainer processes) enables the parallel-layout divisibility checks.
+        """
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"{key}: {msg}")
+
+        need(bool(self.run_name) and "/" not in self.run_name, "run_name", "must be a non-empty name without '/'")
+        need(self.resume in ("auto", "none") or Path(self.resume).exists(), "resume",
+             f"must be 'auto', 'none' or an existing checkpoint directory (got {self.resume!r})")
+        m = self.model
+        need(bool(m.hf_path), "model.hf_path", "is required (HF model directory)")
+        need(m.make_tiny or Path(m.hf_path, "config.json").exists(), "model.hf_path",
+             f"{m.hf_path!r} has no config.json (set model.make_tiny=true to create a tiny random model)")
+        need(m.tiny_family in ("qwen2", "llama", "qwen3"), "model.tiny_family", "must be qwen2, llama or qwen3")
+        d = self.data
+        for i, f in enumerate(d.train_files):
+            need(Path(f).exists(), f"data.train_files[{i}]", f"file not found: {f}")
+            need(str(f).endswith((".parquet", ".jsonl", ".json")), f"data.train_files[{i}]",
+                 "must be .parquet or .jsonl")
+        need(d.max_prompt_length > 0, "data.max_prompt_length", "must be > 0")
+        need(d.demo_num_rows > 0, "data.demo_num_rows", "must be > 0")
+        r = self.rollout
+        need(r.backend in ("cpu", "sglang", "vllm"), "rollout.backend", f"must be cpu, sglang or vllm (got {r.backend!r})")
+        need(r.rollout_batch_size > 0, "rollout.rollout_batch_size", "must be > 0")
+        need(r.n_samples_per_prompt >= 2, "rollout.n_samples_per_prompt",
+             "must be >= 2 (group-normalised advantages need G >= 2)")
+        need(r.max_response_length > 0, "rollout.max_response_length", "must be > 0")
+        need(r.temperature > 0, "rollout.temperature", "must be > 0")
+        need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        need(r.num_engines >= 1, "rollout.num_engines", "must be >= 1")
+        need(0 < r.mem_fraction_static < 1, "rollout.mem_fraction_static", "must be in (0, 1)")
+        a = self.algorithm
+        need(a.preset in ("dapo", "grpo"), "algorithm.preset", f"must be dapo or grpo (got {a.preset!r})")
+        alg = self.resolved_algorithm()
+        need(alg["loss_agg_mode"] in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
+             "algorithm.loss_agg_mode", f"unknown mode {alg['loss_agg_mode']!r}")
+        need(0 <= alg["clip_ratio_low"] < 1, "algorithm.clip_ratio_low", "must be in [0, 1)")
+        need(alg["clip_ratio_high"] >= 0, "algorithm.clip_ratio_high", "must be >= 0")
+        need(a.clip_ratio_c is None or a.clip_ratio_c > 1, "algorithm.clip_ratio_c", "must be > 1 (e.g. 10) or null")
+        need(0 < a.overlong_buffer_length <= r.max_response_length, "algorithm.overlong_buffer_length",
+             f"must be in (0, rollout.max_response_length={r.max_response_length}]")
+        need(a.max_num_gen_batches >= 0, "algorithm.max_num_gen_batches", "must be >= 0 (0 = no limit)")
+        need(a.oversample_factor >= 1.0, "algorithm.oversample_factor", "must be >= 1")
+        need(a.kl_loss_type in ("k1", "k2", "k3"), "algorithm.kl_loss_type", "must be k1, k2 or k3")
+        need(a.tis_cap is None or a.tis_cap > 0, "algorithm.tis_cap", "must be > 0 or null")
+        act = self.actor
+        tp, pp, vpp, cp = (act.tensor_model_parallel_size, act.pipeline_model_parallel_size,
+                           act.virtual_pipeline_model_parallel_size, act.context_parallel_size)
+        need(tp >= 1, "actor.tensor_model_parallel_size", "must be >= 1")
+        need(pp >= 1, "actor.pipeline_model_parallel_size", "must be >= 1")
+        need(vpp is None or (vpp >= 2 and pp >= 2), "actor.virtual_pipeline_model_parallel_size",
+             "needs pipeline_model_parallel_size >= 2 and a value >= 2 (or null)")
+        need(cp >= 1, "actor.context_parallel_size", "must be >= 1")
+        if world_size is not None:
+            need(world_size % (tp * pp * cp) == 0, "actor.tensor_model_parallel_size",
+                 f"TP({tp}) x PP({pp}) x CP({cp}) = {tp * pp * cp} must divide the world size {world_size}")
+        need(act.params_dtype in ("fp32", "bf16"), "actor.params_dtype", "must be fp32 or bf16")
+        need(act.recompute in (None, "full", "selective"), "actor.recompute", "must be null, full or selective")
+        need(act.fp8 in (None, "e4m3", "hybrid"), "actor.fp8", "must be null, e4m3 or hybrid")
+        need(act.fp8_recipe in ("delayed", "tensorwise", "blockwise"), "actor.fp8_recipe",
+             "must be delayed, tensorwise or blockwise")
+        if act.fp8 is not None:
+            from .backend import has_transformer_engine, has_cuda
+            need(has_transformer_engine() and has_cuda(), "actor.fp8",
+                 "FP8 needs transformer-engine on a GPU (pip install megatron_dapo[gpu] on an H100 node); "
+                 "set actor.fp8=null on CPU")
+        if act.sequence_parallel or cp > 1:
+            from .backend import has_transformer_engine, has_cuda
+            key = "actor.sequence_parallel" if act.sequence_parallel else "actor.context_parallel_size"
+            need(has_transformer_engine() and has_cuda(), key,
+                 "sequence/context parallelism needs the Transformer Engine layer spec on a GPU; "
+                 "it is not supported by the local (CPU) layer spec")
+        need(act.sequence_parallel is False or tp > 1, "actor.sequence_parallel", "needs tensor_model_parallel_size > 1")
+        need(act.ppo_mini_batch_size >= 1, "actor.ppo_mini_batch_size", "must be >= 1")
+        total_responses = r.rollout_batch_size * r.n_samples_per_prompt
+        need(total_responses % act.ppo_mini_batch_size == 0, "actor.ppo_mini_batch_size",
+             f"must divide rollout_batch_size x n_samples_per_prompt = {total_responses}")
+        need(act.ppo_epochs >= 1, "actor.ppo_epochs", "must be >= 1")
+        need(act.max_tokens_per_gpu >= d.max_prompt_length + r.max_response_length, "actor.max_tokens_per_gpu",
+             f"must hold one full sequence (max_prompt_length + max_response_length = "
+             f"{d.max_prompt_length + r.max_response_length})")
+        need(act.micro_batch_size is None or act.micro_batch_size >= 1, "actor.micro_batch_size", "must be >= 1")
+        need(act.logprob_chunk_size >= 1, "actor.logprob_chunk_size", "must be >= 1")
+        need(act.optimizer in ("adam", "sgd"), "actor.optimizer", "must be adam or sgd")
+        need(act.lr >= 0, "actor.lr", "must be >= 0")
+        need(act.lr_decay_style in ("constant", "linear", "cosine"), "actor.lr_decay_style",
+             "must be constant, linear or cosine")
+        need(act.lr_warmup_steps >= 0, "actor.lr_warmup_steps", "must be >= 0")
+        w = self.weight_sync
+        need(w.transport in ("disk", "distributed", "tensor"), "weight_sync.transport",
+             "must be disk, distributed or tensor")
+        if w.transport == "tensor":
+            from .backend import has_cuda
+            need(has_cuda() and r.colocated, "weight_sync.transport",
+                 "'tensor' (CUDA IPC) needs a GPU and rollout.colocated=true; use 'distributed' or 'disk'")
+        need(w.bucket_mb >= 0, "weight_sync.bucket_mb", "must be >= 0 (0 = unbounded)")
+        need(w.dtype in (None, "fp32", "bf16"), "weight_sync.dtype", "must be null, fp32 or bf16")
+        t = self.trainer
+        need(t.total_steps >= 0, "trainer.total_steps", "must be >= 0")
+        need(t.save_interval >= 0, "trainer.save_interval", "must be >= 0")
+        need(t.keep_last_checkpoints >= 1, "trainer.keep_last_checkpoints", "must be >= 1")
+        need(t.eval_n_samples >= 1, "trainer.eval_n_samples", "must be >= 1")
+        return self
+
+    def resolved_algorithm(self) -> dict[str, Any]:
+        """The preset's switches with every explicitly set ``algorithm.*`` key applied on top."""
+        from .algorithm.presets import resolve_preset
+
+        explicit = {k: v for k, v in dataclasses.asdict(self.algorithm).items() if v is not None and k != "preset"}
+        return resolve_preset(self.algorithm.preset, explicit)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# -------------------------------------------------------------------- loading
+
+
+def _type_hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from YAML or a ``key=value`` string) to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                value = yaml.safe_load(text)
+            elif text == "":
+                value = []
+            else:
+                value = [v for v in text.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+            if f.is_integer():
+                return int(f)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls, data: dict[str, Any], prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: expected a mapping, got {data!r}")
+    hints = _type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        if k not in names:
+            close = [n for n in names if n.startswith(k[:4])]
+            hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
+            raise ConfigError(f"{prefix}{k}: unknown key{hint}")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v or {}, f"{prefix}{k}.")
+        else:
+            kwargs[k] = _coerce(v, tp, f"{prefix}{k}")
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=x"]`` into a nested dict of strings; malformed items raise ConfigError."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. actor.lr=1e-6)")
+        key, value = item.split("=", 1)
+        key = key.strip().lstrip("+")
+        parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: malformed key {key!r}")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None,
+                *, validate: bool = True, world_size: Optional[int] = None) -> DAPOConfig:
+    """Load a YAML config, apply dotted ``key=value`` overrides and validate.
+
+    Relative paths inside the YAML (``model.hf_path``, ``data.train_files``) are kept as written
+    (relative to the working directory), matching how users run ``megatron-dapo train``.
+
+    Raises:
+        ConfigError: unknown key, wrong type, or a failed validation rule (the message names the key).
+        FileNotFoundError: ``path`` does not exist.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+        data = loaded
+    data = _merge(data, parse_overrides(list(overrides or [])))
+    cfg = _build(DAPOConfig, data, "")
+    if validate:
+        cfg.validate(world_size=world_size)
+    return cfg
+
+
+def dump_config(cfg: DAPOConfig, path: str | os.PathLike) -> None:
+    """Write ``cfg`` as YAML (the resolved config saved next to each run)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
