@@ -208,26 +208,29 @@ class DAPOConfig:
         return self.run_dir / "hf"
 
     # ---------------------------------------------------------------- validation
-    def validate(self, world_size: Optional[int] = None) -> "DAPOConfig":
+    def validate(self, world_size: Optional[int] = None, target: str = "local") -> "DAPOConfig":
         """Check every field; raise :class:`ConfigError` naming the key. Returns ``self``.
 
         ``world_size`` (number of trainer processes) enables the parallel-layout divisibility checks.
+        ``target="cluster"`` (dry runs) skips what only the target machine can tell: file existence and
+        GPU-only features (FP8, sequence/context parallelism, the CUDA-IPC transport).
         """
+        local = target == "local"
         def need(cond: bool, key: str, msg: str) -> None:
             if not cond:
                 raise ConfigError(f"{key}: {msg}")
 
         need(bool(self.run_name) and "/" not in self.run_name, "run_name", "must be a non-empty name without '/'")
-        need(self.resume in ("auto", "none") or Path(self.resume).exists(), "resume",
+        need(self.resume in ("auto", "none") or not local or Path(self.resume).exists(), "resume",
              f"must be 'auto', 'none' or an existing checkpoint directory (got {self.resume!r})")
         m = self.model
         need(bool(m.hf_path), "model.hf_path", "is required (HF model directory)")
-        need(m.make_tiny or Path(m.hf_path, "config.json").exists(), "model.hf_path",
+        need(not local or m.make_tiny or Path(m.hf_path, "config.json").exists(), "model.hf_path",
              f"{m.hf_path!r} has no config.json (set model.make_tiny=true to create a tiny random model)")
         need(m.tiny_family in ("qwen2", "llama", "qwen3"), "model.tiny_family", "must be qwen2, llama or qwen3")
         d = self.data
         for i, f in enumerate(d.train_files):
-            need(Path(f).exists(), f"data.train_files[{i}]", f"file not found: {f}")
+            need(not local or Path(f).exists(), f"data.train_files[{i}]", f"file not found: {f}")
             need(str(f).endswith((".parquet", ".jsonl", ".json")), f"data.train_files[{i}]",
                  "must be .parquet or .jsonl")
         need(d.max_prompt_length > 0, "data.max_prompt_length", "must be > 0")
@@ -272,12 +275,12 @@ class DAPOConfig:
         need(act.fp8 in (None, "e4m3", "hybrid"), "actor.fp8", "must be null, e4m3 or hybrid")
         need(act.fp8_recipe in ("delayed", "tensorwise", "blockwise"), "actor.fp8_recipe",
              "must be delayed, tensorwise or blockwise")
-        if act.fp8 is not None:
+        if act.fp8 is not None and local:
             from .backend import has_transformer_engine, has_cuda
             need(has_transformer_engine() and has_cuda(), "actor.fp8",
                  "FP8 needs transformer-engine on a GPU (pip install megatron_dapo[gpu] on an H100 node); "
                  "set actor.fp8=null on CPU")
-        if act.sequence_parallel or cp > 1:
+        if (act.sequence_parallel or cp > 1) and local:
             from .backend import has_transformer_engine, has_cuda
             key = "actor.sequence_parallel" if act.sequence_parallel else "actor.context_parallel_size"
             need(has_transformer_engine() and has_cuda(), key,
@@ -302,7 +305,7 @@ class DAPOConfig:
         w = self.weight_sync
         need(w.transport in ("disk", "distributed", "tensor"), "weight_sync.transport",
              "must be disk, distributed or tensor")
-        if w.transport == "tensor":
+        if w.transport == "tensor" and local:
             from .backend import has_cuda
             need(has_cuda() and r.colocated, "weight_sync.transport",
                  "'tensor' (CUDA IPC) needs a GPU and rollout.colocated=true; use 'distributed' or 'disk'")
@@ -317,10 +320,15 @@ class DAPOConfig:
 
     def resolved_algorithm(self) -> dict[str, Any]:
         """The preset's switches with every explicitly set ``algorithm.*`` key applied on top."""
-        from .algorithm.presets import resolve_preset
+        from .algorithm.presets import ABLATION_SWITCHES, SWITCH_KEYS, resolve_preset
 
-        explicit = {k: v for k, v in dataclasses.asdict(self.algorithm).items() if v is not None and k != "preset"}
-        return resolve_preset(self.algorithm.preset, explicit)
+        known = set(SWITCH_KEYS) | set(ABLATION_SWITCHES)
+        explicit = {k: v for k, v in dataclasses.asdict(self.algorithm).items() if v is not None and k in known}
+        explicit["max_response_length"] = self.rollout.max_response_length
+        try:
+            return resolve_preset(self.algorithm.preset, explicit)
+        except ValueError as e:
+            raise ConfigError(f"algorithm: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

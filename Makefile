@@ -1,0 +1,28 @@
+# Two commands (README.md):  make demo   |   make test
+# Both create .venv on first use and install the CPU dependencies (never transformer-engine, never PyPI's apex).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-0.1.0
+
+.PHONY: demo test venv clean
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: the local CPU build; nothing later may replace it.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q "megatron-core<=0.16.1" -e ".[test]"
+	$(PY) -c "import torch, megatron.core; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/megatron-dapo train examples/tiny-cpu/dapo.yaml $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+
+clean:
+	rm -rf outputs logs .pytest_cache

@@ -1,0 +1,333 @@
+"""Atomic, resharding-capable training checkpoints for :class:`~megatron_dapo.actor.megatron_actor.MegatronActor`.
+
+Layout of one checkpoint (``root`` is e.g. ``outputs/<run>/checkpoints``)::
+
+    root/
+      latest                      text file: the name of the newest complete checkpoint ("iter_0000005")
+      iter_0000005/
+        metadata.json, common.pt, __*.distcp   megatron-core ``dist_checkpointing`` (torch_dist) save of
+                                               the model, optimizer and LR scheduler
+        rng/rank_00000.pt ...     per-rank RNG states (python, numpy, torch CPU, CUDA, Megatron tracker)
+        layout.json               TP / PP / VPP / DP / distributed-optimizer layout it was saved with
+        trainer_state.json        whatever the trainer passed (step, data position, sampler state, ...)
+
+Atomicity: every rank writes into ``root/iter_0000005.tmp-<nonce>/``; after a barrier rank 0 renames
+it to ``iter_0000005`` and then replaces ``root/latest`` with ``os.replace`` (atomic on POSIX). A
+process killed at any point leaves the previous checkpoint complete and ``latest`` pointing at it;
+leftover ``*.tmp-*`` directories are ignored by :func:`latest_checkpoint` and removed by the next save.
+
+Resharding: model tensors are saved by megatron-core as *global* tensors (keys carry global layer
+indices; vocabulary-padded embeddings are marked ``allow_shape_mismatch``), so a checkpoint saved at
+one TP/PP/VPP layout loads at another. The optimizer state is resharded too with the regular
+(non-distributed) optimizer; the distributed optimizer's ``fully_sharded_model_space`` state must be
+loaded at the layout it was saved with (:class:`CheckpointLayoutError` otherwise; use
+``load_optimizer=False`` to load only the weights).
+
+API reference: megatron-core ``dist_checkpointing.save/load`` (megatron/core/dist_checkpointing/
+serialization.py) and ``MegatronOptimizer.sharded_state_dict``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+ITER_RE = re.compile(r"^iter_(\d{7,})$")
+LATEST_FILE = "latest"
+TRAINER_STATE_FILE = "trainer_state.json"
+LAYOUT_FILE = "layout.json"
+_KILL_ENV = "MEGATRON_DAPO_CKPT_KILL_AT"
+"""Test hook: ``before_rename`` / ``before_latest`` makes rank 0 exit (``os._exit(17)``) at that point."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is missing, incomplete or unreadable (the message names the path)."""
+
+
+class CheckpointLayoutError(CheckpointError):
+    """The requested optimizer-state load needs the parallel layout the checkpoint was saved with."""
+
+
+def iter_dir_name(step: int) -> str:
+    """``iter_0000005`` for ``step=5`` (zero-padded to 7 digits)."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return f"iter_{step:07d}"
+
+
+def _is_complete(d: Path) -> bool:
+    return d.is_dir() and (d / "metadata.json").is_file() and (d / TRAINER_STATE_FILE).is_file()
+
+
+def latest_checkpoint(root: str | Path) -> Optional[Path]:
+    """The newest complete checkpoint under ``root`` or ``None``.
+
+    Reads ``root/latest``; when it is missing or names a directory that is not a complete checkpoint,
+    falls back to the highest-numbered complete ``iter_*`` directory. ``*.tmp-*`` directories (an
+    interrupted save) are never returned.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    lf = root / LATEST_FILE
+    if lf.is_file():
+        name = lf.read_text().strip()
+        if ITER_RE.match(name) and _is_complete(root / name):
+            return root / name
+    done = sorted((p for p in root.iterdir() if ITER_RE.match(p.name) and _is_complete(p)),
+                  key=lambda p: int(ITER_RE.match(p.name).group(1)))
+    return done[-1] if done else None
+
+
+def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the ``keep_last`` newest complete checkpoints (never the one ``latest`` names)
+    and every leftover ``*.tmp-*`` directory. Call on one rank only. Returns the removed paths.
+
+    Raises:
+        ValueError: ``keep_last < 1``.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    latest = latest_checkpoint(root)
+    ckpts = sorted((p for p in root.iterdir() if ITER_RE.match(p.name)),
+                   key=lambda p: int(ITER_RE.match(p.name).group(1)))
+    removed = []
+    for p in ckpts[:-keep_last]:
+        if latest is not None and p.resolve() == latest.resolve():
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    for p in root.glob("iter_*.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------- RNG
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch_cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": {k: v.clone() if torch.is_tensor(v) else v
+                    for k, v in get_cuda_rng_tracker().get_states().items()},
+    }
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch_cpu"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if state.get("tracker"):
+        get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+# ---------------------------------------------------------------------------------------------- layout
+def _layout(actor) -> dict[str, Any]:
+    return {"tp": actor.tp, "pp": actor.pp, "vpp": actor.vpp, "dp": actor.dp_size,
+            "world_size": dist.get_world_size(),
+            "use_distributed_optimizer": bool(actor.cfg.use_distributed_optimizer),
+            "params_dtype": actor.cfg.params_dtype, "family": actor.spec.family,
+            "num_layers": actor.spec.num_layers, "vocab_size": actor.spec.vocab_size}
+
+
+def _sharded_state_dict(actor, with_optimizer: bool, is_loading: bool) -> dict[str, Any]:
+    """Model (+ optimizer + scheduler) sharded state dict of this rank."""
+    sd: dict[str, Any] = {}
+    for i, m in enumerate(actor.chunks):
+        gpt = m.module if hasattr(m, "module") else m
+        while hasattr(gpt, "module"):
+            gpt = gpt.module
+        sd[f"model{i}" if len(actor.chunks) > 1 else "model"] = gpt.sharded_state_dict()
+    if with_optimizer:
+        kw: dict[str, Any] = {"is_loading": is_loading}
+        if actor.cfg.use_distributed_optimizer:
+            kw["metadata"] = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+        sd["optimizer"] = actor.optimizer.sharded_state_dict(sd, **kw)
+        sd["opt_param_scheduler"] = actor.scheduler.state_dict()
+    return sd
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast_str(s: Optional[str]) -> str:
+    obj = [s]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(obj, src=0)
+    return obj[0]
+
+
+def _maybe_kill(point: str) -> None:
+    if os.environ.get(_KILL_ENV) == point and (not dist.is_initialized() or dist.get_rank() == 0):
+        os._exit(17)
+
+
+# ---------------------------------------------------------------------------------------------- save
+def save_checkpoint(actor, root: str | Path, step: int, trainer_state: dict) -> Path:
+    """Save model, optimizer, LR scheduler, RNG states and ``trainer_state`` as ``root/iter_<step>``.
+
+    Collective: every rank of the actor must call it with the same arguments. Atomic (see the module
+    docstring); an existing checkpoint of the same step is replaced.
+
+    Args:
+        actor: a :class:`MegatronActor`.
+        root: checkpoint root directory (created).
+        step: training step (the directory name's number).
+        trainer_state: JSON-serialisable dict written to ``trainer_state.json`` (rank 0's copy).
+
+    Returns:
+        The final checkpoint directory.
+
+    Raises:
+        TypeError: ``trainer_state`` is not JSON-serialisable (raised before anything is written).
+    """
+    from megatron.core import dist_checkpointing
+
+    from ..cpu_shims import device_remap
+
+    root = Path(root)
+    name = iter_dir_name(step)
+    state_text = json.dumps(trainer_state, indent=2, sort_keys=True)  # fail early, before any I/O
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tmp_name = _broadcast_str(f"{name}.tmp-{uuid.uuid4().hex[:10]}" if rank == 0 else None)
+    tmp = root / tmp_name
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("iter_*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    with device_remap():
+        sd = _sharded_state_dict(actor, with_optimizer=True, is_loading=False)
+        dist_checkpointing.save(sd, str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        (tmp / TRAINER_STATE_FILE).write_text(state_text + "\n")
+        (tmp / LAYOUT_FILE).write_text(json.dumps(_layout(actor), indent=2) + "\n")
+    _barrier()
+    final = root / name
+    if rank == 0:
+        _maybe_kill("before_rename")
+        if final.exists():
+            old = root / f"{name}.tmp-old-{uuid.uuid4().hex[:6]}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        _maybe_kill("before_latest")
+        lf_tmp = root / f"{LATEST_FILE}.tmp-{uuid.uuid4().hex[:6]}"
+        lf_tmp.write_text(name + "\n")
+        with open(lf_tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(lf_tmp, root / LATEST_FILE)
+    _barrier()
+    return final
+
+
+# ---------------------------------------------------------------------------------------------- load
+def _resolve(ckpt_dir_or_root: str | Path) -> Path:
+    p = Path(ckpt_dir_or_root)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path not found: {p}")
+    if _is_complete(p):
+        return p
+    found = latest_checkpoint(p)
+    if found is None:
+        raise CheckpointError(f"no complete checkpoint in {p} (expected iter_XXXXXXX/ with metadata.json "
+                              f"and {TRAINER_STATE_FILE}, or a 'latest' file)")
+    return found
+
+
+def read_layout(ckpt_dir: str | Path) -> dict[str, Any]:
+    """The layout dict a checkpoint was saved with (``tp``, ``pp``, ``vpp``, ``dp``, ...)."""
+    p = Path(ckpt_dir) / LAYOUT_FILE
+    if not p.is_file():
+        raise CheckpointError(f"{p} not found")
+    return json.loads(p.read_text())
+
+
+def load_checkpoint(actor, ckpt_dir_or_root: str | Path, *, load_optimizer: bool = True,
+                    load_rng: bool = True) -> dict:
+    """Load a checkpoint into ``actor`` (collective); returns the saved ``trainer_state`` dict.
+
+    ``ckpt_dir_or_root`` is either one ``iter_*`` directory or a root (its :func:`latest_checkpoint`).
+    Model weights load at any TP/PP/VPP layout. Optimizer and scheduler state load when
+    ``load_optimizer`` (at a different layout only with the regular optimizer). RNG states are restored
+    when ``load_rng`` and the world size equals the saved one.
+
+    Raises:
+        CheckpointError: no complete checkpoint there.
+        CheckpointLayoutError: ``load_optimizer=True`` with the distributed optimizer at another layout,
+            or a saved/current optimizer mismatch (distributed vs regular).
+    """
+    from megatron.core import dist_checkpointing
+
+    from ..cpu_shims import device_remap
+
+    ckpt = _resolve(ckpt_dir_or_root)
+    saved = read_layout(ckpt)
+    now = _layout(actor)
+    for k in ("family", "num_layers", "vocab_size"):
+        if saved.get(k) != now[k]:
+            raise CheckpointError(f"{ckpt}: saved model {k}={saved.get(k)!r} but the actor has {now[k]!r}")
+    if load_optimizer:
+        if saved["use_distributed_optimizer"] != now["use_distributed_optimizer"]:
+            raise CheckpointLayoutError(
+                f"{ckpt}: saved with use_distributed_optimizer={saved['use_distributed_optimizer']}, actor has "
+                f"{now['use_distributed_optimizer']}; optimizer state cannot be converted (load_optimizer=False "
+                f"loads only the weights)")
+        if now["use_distributed_optimizer"] and any(saved[k] != now[k] for k in ("tp", "pp", "vpp", "dp")):
+            raise CheckpointLayoutError(
+                f"{ckpt}: distributed-optimizer state was saved at TP={saved['tp']} PP={saved['pp']} "
+                f"VPP={saved['vpp']} DP={saved['dp']} and can only be loaded there (actor: TP={now['tp']} "
+                f"PP={now['pp']} VPP={now['vpp']} DP={now['dp']}); pass load_optimizer=False to load the weights")
+    with device_remap():
+        sd = _sharded_state_dict(actor, with_optimizer=load_optimizer, is_loading=True)
+        loaded = dist_checkpointing.load(sd, str(ckpt))
+        for i, m in enumerate(actor.chunks):
+            gpt = m
+            while hasattr(gpt, "module"):
+                gpt = gpt.module
+            key = f"model{i}" if len(actor.chunks) > 1 else "model"
+            res = gpt.load_state_dict(loaded[key], strict=False)
+            missing = [k for k in res.missing_keys if not k.endswith("_extra_state")]
+            if missing:
+                raise CheckpointError(f"{ckpt}: parameters missing from the checkpoint: {missing[:5]}")
+        if load_optimizer:
+            actor.optimizer.load_state_dict(loaded["optimizer"])
+            actor.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        else:
+            actor.optimizer.reload_model_params()
+    actor._owners = None
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = ckpt / "rng" / f"rank_{rank:05d}.pt"
+    if load_rng and saved["world_size"] == now["world_size"] and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    _barrier()
+    return json.loads((ckpt / TRAINER_STATE_FILE).read_text())

@@ -1,0 +1,182 @@
+"""Generate, score and filter groups until the dynamic sampler is full (DAPO Algorithm 1, lines 3-6).
+
+One round requests ``sampler.num_prompts_to_request()`` prompts; each prompt's ``G`` samples form one
+request. Groups are scored as they complete (rule-based reward, then overlong shaping) and handed to the
+:class:`~megatron_dapo.algorithm.DynamicSampler`; once it is full the requests still in flight are aborted
+so little is generated for nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..algorithm import DynamicSampler, Group, soft_overlong_penalty
+from ..reward import score_batch
+
+
+@dataclass
+class RolloutSettings:
+    """What the generation loop needs. ``stop_token_ids`` end a response (EOS / ``<|im_end|>``)."""
+
+    n_samples_per_prompt: int
+    max_response_length: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop_token_ids: Sequence[int] = ()
+    soft_overlong_punishment: bool = True
+    overlong_buffer_length: int = 4096
+    overlong_penalty_factor: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class RoundStats:
+    """Everything generated in one step (all rounds), before filtering: for the rollout/* scalars."""
+
+    scores: list[float] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    correct: list[bool] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    truncated: list[bool] = field(default_factory=list)
+    token_logprob_sum: float = 0.0
+    token_count: int = 0
+    reward_seconds: float = 0.0
+    no_answer: int = 0
+    per_source_correct: dict = field(default_factory=dict)
+
+    def add(self, group: Group, scores: list[float], statuses: list[str], source: str) -> None:
+        self.scores += scores
+        self.rewards += group.rewards
+        self.correct += group.correct
+        self.lengths += [len(r) for r in group.responses]
+        self.truncated += [f == "length" for f in group.finish_reasons]
+        self.no_answer += sum(s == "no_answer" for s in statuses)
+        c, n = self.per_source_correct.get(source, (0, 0))
+        self.per_source_correct[source] = (c + sum(group.correct), n + len(group.correct))
+        if group.rollout_logprobs:
+            for lp in group.rollout_logprobs:
+                self.token_logprob_sum += float(torch.tensor(lp, dtype=torch.float64).exp().sum()) if lp else 0.0
+                self.token_count += len(lp)
+
+    def metrics(self) -> dict[str, float]:
+        n = max(len(self.rewards), 1)
+        out = {
+            "rollout/reward_mean": sum(self.rewards) / n,
+            "rollout/score_mean": sum(self.scores) / n,
+            "rollout/acc": sum(self.correct) / n,
+            "rollout/response_length_mean": sum(self.lengths) / n,
+            "rollout/response_length_max": float(max(self.lengths, default=0)),
+            "rollout/response_length_clip_ratio": sum(self.truncated) / n,
+            "rollout/no_answer_frac": self.no_answer / n,
+            "rollout/num_responses": float(len(self.rewards)),
+        }
+        if self.token_count:
+            out["rollout/mean_token_prob"] = self.token_logprob_sum / self.token_count
+        for src, (c, k) in self.per_source_correct.items():
+            out[f"rollout/acc/{src}"] = c / max(k, 1)
+        return out
+
+
+def shape_rewards(scores: Sequence[float], lengths: Sequence[int], s: RolloutSettings) -> list[float]:
+    """Rule reward (+1/-1) plus the soft overlong punishment (DAPO eq. 13) when enabled."""
+    if not s.soft_overlong_punishment:
+        return [float(x) for x in scores]
+    pen = soft_overlong_penalty(torch.tensor(list(lengths)), s.max_response_length, s.overlong_buffer_length,
+                                s.overlong_penalty_factor)
+    return [float(a) + float(b) for a, b in zip(scores, pen.tolist())]
+
+
+async def _fill(client, sampler: DynamicSampler, next_prompts: Callable[[int], list[tuple[int, dict, list[int]]]],
+                tokenizer, s: RolloutSettings, stats: RoundStats, round_index: int) -> None:
+    want = sampler.num_prompts_to_request()
+    prompts = next_prompts(want)
+    if not prompts:
+        return
+    sp = {"max_new_tokens": s.max_response_length, "temperature": s.temperature, "top_p": s.top_p,
+          "top_k": s.top_k, "n": s.n_samples_per_prompt, "stop_token_ids": list(s.stop_token_ids),
+          "sampling_seed": s.seed * 1_000_003 + round_index * 10_007}
+    rid_base = uuid.uuid4().hex[:12]
+
+    async def one(i: int, item):
+        idx, row, ids = item
+        sp_i = dict(sp, sampling_seed=sp["sampling_seed"] + i * s.n_samples_per_prompt)
+        outs = await client.generate([ids], sp_i, return_logprob=True, rid=f"{rid_base}-{i}")
+        return item, outs
+
+    tasks = {asyncio.ensure_future(one(i, it)): i for i, it in enumerate(prompts)}
+    pending = set(tasks)
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                (idx, row, ids), outs = t.result()
+                if any(o.finish_reason == "abort" for o in outs):
+                    sampler.record_aborted(1, sum(len(o.output_ids) for o in outs))
+                    continue
+                texts = [tokenizer.decode(o.output_ids, skip_special_tokens=True) for o in outs]
+                gt = str(row["reward_model"]["ground_truth"])
+                src = str(row.get("data_source", "math_dapo"))
+                t0 = time.perf_counter()
+                results = score_batch(texts, [gt] * len(texts), src)
+                stats.reward_seconds += time.perf_counter() - t0
+                scores = [r.score for r in results]
+                lengths = [len(o.output_ids) for o in outs]
+                group = Group(prompt_index=idx, prompt_ids=list(ids), responses=[list(o.output_ids) for o in outs],
+                              rewards=shape_rewards(scores, lengths, s), correct=[bool(r.acc) for r in results],
+                              finish_reasons=[o.finish_reason for o in outs],
+                              rollout_logprobs=[list(o.output_logprobs or []) for o in outs],
+                              meta={"ground_truth": gt, "data_source": src})
+                if group.rollout_logprobs and any(len(a) != len(b) for a, b in zip(group.rollout_logprobs, group.responses)):
+                    group.rollout_logprobs = None
+                stats.add(group, scores, [r.status for r in results], src)
+                sampler.add_group(group)
+            if sampler.is_full and pending:
+                for t in pending:
+                    await client.abort(rid=f"{rid_base}-{tasks[t]}")
+                aborted = await asyncio.gather(*pending, return_exceptions=True)
+                for res in aborted:
+                    if isinstance(res, BaseException):
+                        sampler.record_aborted(1)
+                    else:
+                        sampler.record_aborted(1, sum(len(o.output_ids) for o in res[1]))
+                pending = set()
+    finally:
+        for t in pending:
+            t.cancel()
+
+
+def collect_batch(sync_client, sampler: DynamicSampler, next_prompts, tokenizer,
+                  s: RolloutSettings, step: int) -> tuple[list[Group], RoundStats]:
+    """Run rounds until ``sampler`` is full; return the step's batch and the pre-filter statistics.
+
+    Raises:
+        DynamicSamplingExhausted: ``max_num_gen_batches`` rounds did not fill the batch.
+        EngineError: the engines failed after retries.
+    """
+    stats = RoundStats()
+    sampler.start_step()
+    rnd = 0
+    while not sampler.is_full:
+        sync_client.run(_fill(sync_client.client, sampler, next_prompts, tokenizer, s, stats, step * 1000 + rnd))
+        rnd += 1
+        sampler.record_round()
+    return sampler.take_batch(), stats
+
+
+def stop_ids_for(tokenizer, generation_config: Optional[dict] = None) -> list[int]:
+    """EOS ids that end a response: the tokenizer's eos plus generation_config's ``eos_token_id``."""
+    ids = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    eos = (generation_config or {}).get("eos_token_id")
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, list):
+        ids.update(int(e) for e in eos)
+    return sorted(ids)

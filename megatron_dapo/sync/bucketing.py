@@ -1,0 +1,151 @@
+"""Export side of the weight sync: dtype resolution and bucketing of ``(hf_name, tensor)`` streams.
+
+The actor's :meth:`~megatron_dapo.actor.megatron_actor.MegatronActor.iter_hf_tensors` yields one full
+(TP-gathered, PP-broadcast) tensor at a time. :func:`iter_buckets` packs that stream, in order, into
+buckets of at most ``bucket_bytes`` without ever materialising more than the current bucket plus the
+one tensor that did not fit, so the export memory peak is ``bucket_bytes`` + one layer's largest tensor.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Optional, Sequence
+
+import torch
+
+_DTYPE_ALIASES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+}
+
+MB = 1 << 20
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, actor=None) -> torch.dtype:
+    """The dtype weights are sent to the engines in.
+
+    Args:
+        dtype: a ``torch.dtype``, one of ``fp32|bf16|fp16`` (or their torch names, optionally with the
+            ``torch.`` prefix), or ``None`` = the actor's ``cfg.params_dtype`` (``fp32`` when unknown).
+        actor: the actor (only read when ``dtype`` is ``None``).
+
+    Returns:
+        A floating ``torch.dtype``.
+
+    Raises:
+        ValueError: unknown name or a non-floating dtype (names the ``weight_sync.dtype`` flag).
+    """
+    if dtype is None:
+        cfg = getattr(actor, "cfg", None)
+        dtype = getattr(cfg, "params_dtype", None) or "fp32"
+    if isinstance(dtype, str):
+        key = dtype.strip().lower()
+        key = key[len("torch."):] if key.startswith("torch.") else key
+        if key not in _DTYPE_ALIASES:
+            raise ValueError(f"weight_sync.dtype={dtype!r} is not one of fp32, bf16, fp16")
+        dtype = _DTYPE_ALIASES[key]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"weight_sync.dtype={dtype!r} must be a floating torch dtype")
+    return dtype
+
+
+def bucket_bytes_from_mb(bucket_mb: float) -> int:
+    """``bucket_mb`` (MiB, may be fractional; ``0`` = unbounded) to bytes.
+
+    Raises:
+        ValueError: negative or non-finite ``bucket_mb`` (names ``weight_sync.bucket_mb``).
+    """
+    try:
+        value = float(bucket_mb)
+    except (TypeError, ValueError):
+        raise ValueError(f"weight_sync.bucket_mb={bucket_mb!r} is not a number") from None
+    if not (value >= 0.0 and value != float("inf")):
+        raise ValueError(f"weight_sync.bucket_mb must be a finite number >= 0 (0 = unbounded), got {bucket_mb!r}")
+    return int(value * MB)
+
+
+def tensor_nbytes(t: torch.Tensor) -> int:
+    """Payload size of ``t`` in bytes (``numel * element_size``)."""
+    return t.numel() * t.element_size()
+
+
+def _compact(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """Cast to ``dtype`` and make ``t`` own exactly its bytes (contiguous, no larger backing storage).
+
+    Views (the q/k/v split of ``linear_qkv``, the vocab rows of a padded embedding) are copied so that
+    a bucket never keeps a whole full tensor alive and so that serialisers see plain tensors.
+    """
+    t = t.detach()
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.storage_offset() != 0 or t.untyped_storage().nbytes() != tensor_nbytes(t):
+        t = t.clone()
+    return t
+
+
+def iter_buckets_with_last(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, *,
+                           dtype: Optional[torch.dtype] = None,
+                           ) -> Iterator[tuple[list[tuple[str, torch.Tensor]], bool]]:
+    """:func:`iter_buckets`, also telling whether each bucket is the final one.
+
+    The flag costs nothing extra: a bucket is closed only when the next tensor (already in hand)
+    does not fit, or when the stream ends.
+
+    Yields:
+        ``(bucket, is_last)``.
+    """
+    if bucket_bytes < 0:
+        raise ValueError(f"bucket_bytes must be >= 0 (0 = unbounded), got {bucket_bytes}")
+    seen: set[str] = set()
+    cur: list[tuple[str, torch.Tensor]] = []
+    cur_bytes = 0
+    for item in named_tensors:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], torch.Tensor)):
+            raise TypeError(f"expected (name, tensor) pairs, got {type(item).__name__} after {len(seen)} tensors")
+        name, t = item
+        if name in seen:
+            raise ValueError(f"tensor {name!r} was exported twice")
+        seen.add(name)
+        if not t.is_floating_point():
+            raise ValueError(f"tensor {name!r} has non-floating dtype {t.dtype}")
+        t = _compact(t, dtype)
+        nb = tensor_nbytes(t)
+        if cur and bucket_bytes and cur_bytes + nb > bucket_bytes:
+            yield cur, False
+            cur, cur_bytes = [], 0
+        cur.append((name, t))
+        cur_bytes += nb
+    if cur:
+        yield cur, True
+
+
+def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, *,
+                 dtype: Optional[torch.dtype] = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Pack a ``(hf_name, tensor)`` stream, in order, into buckets of at most ``bucket_bytes`` bytes.
+
+    The input is consumed lazily: at any time only the current bucket and the next tensor are held.
+    A tensor larger than ``bucket_bytes`` gets a bucket of its own; ``bucket_bytes = 0`` means one
+    unbounded bucket. Every tensor is cast to ``dtype`` (when given) and made contiguous and compact
+    (it owns exactly its bytes), so buckets can be written, broadcast or IPC-shared as they are.
+
+    Args:
+        named_tensors: iterable of ``(name, tensor)``; tensors of any shape, floating dtypes.
+        bucket_bytes: bucket capacity in bytes (``0`` = unbounded), measured after the cast.
+        dtype: target dtype or ``None`` to keep each tensor's dtype.
+
+    Yields:
+        Lists of ``(name, tensor)`` in input order; their concatenation is the whole input.
+
+    Raises:
+        ValueError: negative ``bucket_bytes``, a duplicate name, or a non-floating tensor (named).
+        TypeError: an item that is not a ``(str, Tensor)`` pair.
+    """
+    for bucket, _ in iter_buckets_with_last(named_tensors, bucket_bytes, dtype=dtype):
+        yield bucket
+
+
+def bucket_nbytes(bucket: Sequence[tuple[str, torch.Tensor]]) -> int:
+    """Total payload bytes of a bucket."""
+    return sum(tensor_nbytes(t) for _, t in bucket)

@@ -1,0 +1,441 @@
+"""The DAPO training loop (arXiv 2503.14476, Algorithm 1) — one readable file.
+
+Every trainer process (one per GPU; gloo processes on CPU) runs this loop in lockstep. Rank 0 alone talks
+to the rollout engines and writes TensorBoard; it broadcasts each step's batch to the other ranks.
+
+Per step::
+
+    rollout   sample prompts × G responses on the engines (SGLang HTTP API)
+    reward    DAPO rule (+1 / -1 from the last "Answer:" line) + soft overlong punishment (eq. 13)
+    filter    dynamic sampling: keep groups with 0 < #correct < G, generate more until full (eq. 11)
+    advantage group-normalised rewards (eq. 9), broadcast per token
+    old logp  log π_old of the response tokens from the actor
+    update    mini-batches of the token-level decoupled-clip loss (eq. 8, ε_low / ε_high)
+    sync      reshard the actor's weights into the engines
+    log       TensorBoard scalars; periodic checkpoint; SIGUSR1/SIGTERM → checkpoint → exit 3 (requeue)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from .config import DAPOConfig, dump_config
+
+log = logging.getLogger("megatron_dapo")
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot continue; the message says why and what to change (no traceback needed)."""
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+
+def _local_rank0() -> bool:
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0
+
+
+def demo_rows(cfg: DAPOConfig) -> list[dict]:
+    """The embedded default task: the project's own arithmetic problems (deterministic in ``seed``)."""
+    from .data import generate_tasks
+
+    return generate_tasks(cfg.data.demo_num_rows, seed=cfg.seed)
+
+
+def prepare_model(cfg: DAPOConfig, wait_s: float = 600.0) -> Path:
+    """Make sure ``model.hf_path`` exists; create the tiny random checkpoint when ``model.make_tiny``.
+
+    Creation is atomic (temporary directory, then rename) and done by one process per node; the others
+    wait for it. Returns the model directory.
+    """
+    path = Path(cfg.model.hf_path)
+    if (path / "config.json").exists():
+        return path
+    if not cfg.model.make_tiny:
+        raise TrainingStopped(f"model.hf_path={path} has no config.json (set model.make_tiny=true for a demo model)")
+    if _local_rank0():
+        from .data import make_tiny_checkpoint
+
+        m = cfg.model
+        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        make_tiny_checkpoint(tmp, family=m.tiny_family, tokenizer_dir=m.tiny_tokenizer_dir,
+                             demo_rows=None if m.tiny_tokenizer_dir else demo_rows(cfg),
+                             hidden_size=m.tiny_hidden_size, num_layers=m.tiny_num_layers,
+                             num_attention_heads=m.tiny_num_attention_heads,
+                             num_key_value_heads=m.tiny_num_key_value_heads,
+                             intermediate_size=m.tiny_intermediate_size, seed=cfg.seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("created tiny %s checkpoint at %s", m.tiny_family, path)
+    deadline = time.time() + wait_s
+    while not (path / "config.json").exists():
+        if time.time() > deadline:
+            raise TrainingStopped(f"timed out waiting for {path} to be created")
+        time.sleep(0.5)
+    return path
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_flag(flag: bool) -> bool:
+    """True on every rank when any rank saw ``flag``."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    if torch.cuda.is_available():
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+class _Preemption:
+    """SIGUSR1 / SIGTERM set a flag; the loop checkpoints at the next step boundary and exits 3."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, _frame):
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s received: will checkpoint and exit after the current step", self.signal_name)
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Builds every component from a validated :class:`DAPOConfig` and runs the loop (:meth:`fit`)."""
+
+    def __init__(self, cfg: DAPOConfig):
+        self.cfg = cfg
+        self._stack = ExitStack()
+        self.preempt = _Preemption()
+        self.alg = cfg.resolved_algorithm()
+        self.hf_path = prepare_model(cfg)
+
+        from .actor.megatron_actor import LossSettings, MegatronActor
+        from .algorithm import DynamicSampler
+        from .data import PromptDataset, load_rows, load_tokenizer
+
+        updates_per_step = cfg.actor.ppo_epochs * (cfg.rollout.rollout_batch_size * cfg.rollout.n_samples_per_prompt
+                                                   // cfg.actor.ppo_mini_batch_size)
+        self.actor = MegatronActor(self.hf_path, cfg.actor, total_train_steps=max(1, cfg.trainer.total_steps * updates_per_step),
+                                   seed=cfg.seed)
+        self._stack.callback(self.actor.close)
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        cfg.validate(world_size=self.world)
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer_path or self.hf_path)
+        rows = load_rows(cfg.data.train_files) if cfg.data.train_files else demo_rows(cfg)
+        self.dataset = PromptDataset(rows, seed=cfg.seed, shuffle=cfg.data.shuffle)
+        self.sampler = DynamicSampler(cfg.rollout.rollout_batch_size, cfg.rollout.n_samples_per_prompt,
+                                      enabled=bool(self.alg["dynamic_sampling"]),
+                                      oversample_factor=cfg.algorithm.oversample_factor,
+                                      max_num_gen_batches=cfg.algorithm.max_num_gen_batches,
+                                      carry_over_surplus=cfg.algorithm.carry_over_surplus)
+        self.loss = LossSettings(clip_ratio_low=self.alg["clip_ratio_low"], clip_ratio_high=self.alg["clip_ratio_high"],
+                                 clip_ratio_c=cfg.algorithm.clip_ratio_c, loss_agg_mode=self.alg["loss_agg_mode"],
+                                 entropy_coeff=cfg.algorithm.entropy_coeff,
+                                 kl_loss_coef=float(self.alg.get("kl_loss_coef") or 0.0) if self.alg.get("kl_loss") else 0.0,
+                                 kl_loss_type=cfg.algorithm.kl_loss_type, tis_cap=cfg.algorithm.tis_cap,
+                                 temperature=cfg.rollout.temperature)
+        if self.loss.kl_loss_coef:
+            raise TrainingStopped("algorithm.kl_loss=true needs a reference model, which this recipe does not run "
+                                  "(DAPO removes the KL term); set algorithm.kl_loss=false")
+        self.step = 0
+        self.prompt_skips = 0
+        self.client = None
+        self.writer = None
+        if self.rank == 0:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, cfg.run_dir / "config.yaml")
+            if not cfg.data.train_files:
+                from .data import write_rows
+
+                write_rows(rows, cfg.run_dir / "demo_train.jsonl")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = self._stack.enter_context(SummaryWriter(log_dir=str(cfg.tb_dir)))
+            self.client = self._start_engines()
+        gen_cfg = {}
+        if (self.hf_path / "generation_config.json").exists():
+            gen_cfg = json.loads((self.hf_path / "generation_config.json").read_text())
+        from .rollout.generation import RolloutSettings, stop_ids_for
+
+        r = cfg.rollout
+        self.rollout_settings = RolloutSettings(
+            n_samples_per_prompt=r.n_samples_per_prompt, max_response_length=r.max_response_length,
+            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, stop_token_ids=stop_ids_for(self.tokenizer, gen_cfg),
+            soft_overlong_punishment=bool(self.alg["soft_overlong_punishment"]),
+            overlong_buffer_length=cfg.algorithm.overlong_buffer_length,
+            overlong_penalty_factor=cfg.algorithm.overlong_penalty_factor, seed=cfg.seed)
+        from .sync import WeightSync
+
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.weight_sync.dtype or cfg.actor.params_dtype]
+        self.weight_sync = WeightSync(self.actor, self.client, transport=cfg.weight_sync.transport,
+                                      bucket_mb=cfg.weight_sync.bucket_mb, dtype=dtype,
+                                      work_dir=cfg.run_dir / "weight_sync",
+                                      engine_world_size=r.num_engines * r.engine_tp_size)
+        self._stack.callback(self.weight_sync.close)
+        self._resume()
+
+    # ------------------------------------------------------------------ engines
+    def _start_engines(self):
+        from .rollout.client import SyncEngineClient
+
+        r = self.cfg.rollout
+        urls = list(r.engine_urls)
+        if not urls:
+            logs = self.cfg.run_dir / "engine_logs"
+            if r.backend == "cpu":
+                from .rollout.launch import launch_cpu_engines
+
+                procs = launch_cpu_engines(str(self.hf_path), r.num_engines, host=r.host,
+                                           base_port=r.base_port or None, api_key=r.api_key, seed=self.cfg.seed,
+                                           log_dir=logs, health_timeout_s=r.health_timeout_s)
+            elif r.backend == "sglang":
+                from .rollout.launch import launch_sglang_servers
+
+                procs = launch_sglang_servers(str(self.hf_path), num_engines=r.num_engines, tp_size=r.engine_tp_size,
+                                              mem_fraction_static=r.mem_fraction_static, colocated=r.colocated,
+                                              host=r.host, base_port=r.base_port or 30000, api_key=r.api_key,
+                                              log_dir=logs, health_timeout_s=r.health_timeout_s)
+            else:
+                raise TrainingStopped("rollout.backend=vllm needs running servers: set rollout.engine_urls")
+            self._stack.enter_context(procs)
+            urls = procs.urls
+            log.info("rollout engines: %s (logs in %s)", ", ".join(urls), logs)
+        client = SyncEngineClient(urls, api_key=r.api_key, request_timeout_s=r.request_timeout_s,
+                                  max_retries=r.max_retries)
+        self._stack.callback(client.close)
+        return client
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "dataset": self.dataset.state_dict(), "sampler": self.sampler.state_dict(),
+                "prompt_skips": self.prompt_skips, "python_random": repr(random.getstate())}
+
+    def _resume(self) -> None:
+        from .actor.checkpoint import latest_checkpoint, load_checkpoint
+
+        c = self.cfg
+        if c.resume == "none":
+            return
+        path = latest_checkpoint(c.ckpt_dir) if c.resume == "auto" else Path(c.resume)
+        if path is None:
+            return
+        state = load_checkpoint(self.actor, path)
+        self.step = int(state["step"])
+        self.dataset.load_state_dict(state["dataset"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.prompt_skips = int(state.get("prompt_skips", 0))
+        if self.rank == 0:
+            log.info("resumed from %s at step %d", path, self.step)
+        self._sync_weights()  # the engines started from the HF weights, not the checkpoint's
+
+    def save(self) -> Path:
+        from .actor.checkpoint import prune_checkpoints, save_checkpoint
+
+        path = save_checkpoint(self.actor, self.cfg.ckpt_dir, self.step, self._trainer_state())
+        if self.rank == 0:
+            prune_checkpoints(self.cfg.ckpt_dir, self.cfg.trainer.keep_last_checkpoints)
+            log.info("checkpoint saved: %s", path)
+        return path
+
+    # ------------------------------------------------------------------ one step
+    def _rollout(self) -> tuple[Optional[list], dict[str, float], Optional[str]]:
+        """Rank 0: generate and filter. Returns (groups, metrics, error message)."""
+        from .algorithm import DynamicSamplingExhausted
+        from .data import render_batch
+
+        def next_prompts(n: int):
+            kept, skipped = render_batch(self.tokenizer, self.dataset.next_batch(n), self.cfg.data.max_prompt_length)
+            self.prompt_skips += len(skipped)
+            return kept
+
+        from .rollout.generation import collect_batch
+
+        t0 = time.perf_counter()
+        try:
+            groups, stats = collect_batch(self.client, self.sampler, next_prompts, self.tokenizer,
+                                          self.rollout_settings, self.step)
+        except DynamicSamplingExhausted as e:
+            msg = str(e)
+            if self.prompt_skips:
+                msg += (f" Note: {self.prompt_skips} prompts were skipped as longer than data.max_prompt_length="
+                        f"{self.cfg.data.max_prompt_length}; raise it if that is most of them.")
+            return None, {}, msg
+        m = stats.metrics()
+        m.update({f"dynamic_sampling/{k}": float(v) for k, v in self.sampler.metrics().items()})
+        m["timing/reward_s"] = stats.reward_seconds
+        m["timing/rollout_s"] = time.perf_counter() - t0 - stats.reward_seconds
+        m["data/prompts_skipped_too_long"] = float(self.prompt_skips)
+        return groups, m, None
+
+    def _build_batch(self, groups):
+        """Groups → ActorBatch with advantages, loss mask (overlong filtering) and rollout logprobs."""
+        from .actor.batching import build_actor_batch
+        from .algorithm import compute_group_advantages
+
+        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+        adv = compute_group_advantages(rewards, norm_by_std=bool(self.alg["norm_adv_by_std"]))
+        prompts, responses, seq_adv, loss_mask, rollout_lp = [], [], [], [], []
+        for gi, g in enumerate(groups):
+            for j, resp in enumerate(g.responses):
+                prompts.append(g.prompt_ids)
+                responses.append(resp)
+                seq_adv.append(float(adv[gi, j]))
+                truncated = g.finish_reasons[j] == "length"
+                loss_mask.append(0.0 if (self.alg["overlong_filtering"] and truncated) or not resp else 1.0)
+                rollout_lp.append(g.rollout_logprobs[j] if g.rollout_logprobs else None)
+        batch = build_actor_batch(prompts, responses, loss_mask=loss_mask)
+        batch.advantages = torch.tensor(seq_adv).unsqueeze(1) * batch.response_mask
+        if all(lp is not None for lp in rollout_lp):
+            rl = torch.zeros_like(batch.response_mask)
+            for i, (p, lp) in enumerate(zip(prompts, rollout_lp)):
+                rl[i, len(p): len(p) + len(lp)] = torch.tensor(lp, dtype=torch.float32)
+            batch.rollout_logprobs = rl
+        return batch
+
+    def _sync_weights(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        m = self.weight_sync.sync(weight_version=str(self.step))
+        m["timing/weight_sync_s"] = time.perf_counter() - t0
+        return m
+
+    def train_one_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        t_step = time.perf_counter()
+        groups, metrics, error = self._rollout() if self.rank == 0 else (None, {}, None)
+        groups, metrics, error = _broadcast((groups, metrics, error))
+        if error is not None:
+            raise TrainingStopped(error)
+        batch = self._build_batch(groups)
+
+        t0 = time.perf_counter()
+        old_lp, old_ent = self.actor.compute_logprobs(batch, temperature=cfg.rollout.temperature)
+        batch.old_logprobs = old_lp
+        metrics["timing/old_logprob_s"] = time.perf_counter() - t0
+        mask = batch.response_mask
+        denom = max(float(mask.sum()), 1.0)
+        metrics["actor/old_entropy"] = float((old_ent * mask).sum()) / denom
+        if batch.rollout_logprobs is not None:
+            diff = ((old_lp - batch.rollout_logprobs).abs() * mask)
+            metrics["rollout/train_rollout_logprob_abs_diff"] = float(diff.sum()) / denom
+            metrics["rollout/train_rollout_logprob_abs_diff_max"] = float(diff.max())
+
+        t0 = time.perf_counter()
+        n = len(batch)
+        mb_size = cfg.actor.ppo_mini_batch_size
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.step)
+        sums: dict[str, float] = {}
+        updates = 0
+        for _epoch in range(cfg.actor.ppo_epochs):
+            perm = torch.randperm(n, generator=gen)
+            for s in range(0, n, mb_size):
+                mb = batch.select(perm[s: s + mb_size])
+                m = self.actor.train_step(mb, self.loss)
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                updates += 1
+        for k, v in sums.items():
+            metrics[f"actor/{k}"] = v / max(updates, 1)
+        metrics["actor/num_updates"] = float(updates)
+        metrics["timing/train_s"] = time.perf_counter() - t0
+
+        metrics.update(self._sync_weights())
+        self.step += 1
+        metrics["timing/step_s"] = time.perf_counter() - t_step
+        return metrics
+
+    # ------------------------------------------------------------------ loop
+    def _log(self, metrics: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, self.step)
+        self.writer.flush()
+        keys = ["rollout/reward_mean", "rollout/acc", "rollout/response_length_mean", "dynamic_sampling/num_gen_batches",
+                "actor/pg_loss", "actor/pg_clipfrac", "actor/grad_norm", "timing/step_s"]
+        short = "  ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in keys if k in metrics)
+        print(f"[step {self.step}/{self.cfg.trainer.total_steps}] {short}", flush=True)
+
+    def fit(self) -> int:
+        """Run until ``trainer.total_steps``. Returns the process exit code (0, or 3 after preemption)."""
+        from .launch import REQUEUE_EXIT_CODE
+
+        cfg = self.cfg
+        t = cfg.trainer
+        while self.step < t.total_steps:
+            metrics = self.train_one_step()
+            self._log(metrics)
+            if _all_flag(self.preempt.requested):
+                self.save()
+                dist.barrier()
+                if self.rank == 0:
+                    print(f"preempted ({self.preempt.signal_name or 'signal on another rank'}): checkpoint at step "
+                          f"{self.step}; exiting with {REQUEUE_EXIT_CODE} so Slurm requeues", flush=True)
+                return REQUEUE_EXIT_CODE
+            if t.save_interval and self.step % t.save_interval == 0 and self.step < t.total_steps:
+                self.save()
+        final = self.save()
+        if t.export_hf:
+            self.export_hf(cfg.hf_export_dir)
+        if self.rank == 0:
+            print("\nrun finished:", flush=True)
+            print(f"  TensorBoard : tensorboard --logdir {cfg.tb_dir}")
+            print(f"  checkpoint  : {final}")
+            if t.export_hf:
+                print(f"  HF export   : {cfg.hf_export_dir}")
+        return 0
+
+    def export_hf(self, out_dir: Path) -> None:
+        """Write the current policy as a HF checkpoint (collective; rank 0 writes)."""
+        from .models.export import save_hf_checkpoint
+
+        save_hf_checkpoint(self.actor, out_dir, src_hf_dir=self.hf_path)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def run_training(cfg: DAPOConfig) -> int:
+    """Build a :class:`Trainer` and run it; turn known stop conditions into a clear message + exit code 2."""
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        return trainer.fit()
+    except TrainingStopped as e:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if rank == 0:
+            print(f"\nmegatron-dapo: training stopped: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
+        from .actor.parallel import destroy_parallel
+
+        destroy_parallel()
