@@ -200,6 +200,7 @@ class Trainer:
                                       work_dir=cfg.run_dir / "weight_sync",
                                       engine_world_size=r.num_engines * r.engine_tp_size)
         self._stack.callback(self.weight_sync.close)
+        self.val_rows = load_rows(cfg.data.val_files) if cfg.data.val_files else []
         self._resume()
 
     # ------------------------------------------------------------------ engines
@@ -324,7 +325,42 @@ class Trainer:
         t0 = time.perf_counter()
         m = self.weight_sync.sync(weight_version=str(self.step))
         m["timing/weight_sync_s"] = time.perf_counter() - t0
+        if self.cfg.weight_sync.check_logprobs:
+            m.update(self.check_engine_logprobs())
         return m
+
+    def check_engine_logprobs(self, tolerance: float = 1e-4) -> dict[str, float]:
+        """Score a fixed sequence on every engine and with the actor; they must agree (fp32: <= 1e-4).
+
+        Collective. Raises :class:`TrainingStopped` naming the difference when they do not.
+        """
+        from .actor.batching import build_actor_batch
+
+        g = torch.Generator().manual_seed(12345)
+        vocab = self.actor.spec.vocab_size
+        seq = torch.randint(0, vocab, (24,), generator=g).tolist()
+        prompt, resp = seq[:8], seq[8:]
+        batch = build_actor_batch([prompt], [resp])
+        temp = self.cfg.rollout.temperature
+        actor_lp, _ = self.actor.compute_logprobs(batch, temperature=temp)
+        actor_lp = actor_lp[0, len(prompt): len(seq)]
+        diff = 0.0
+        if self.rank == 0:
+            urls = self.client.control_urls
+            for url in urls:
+                from .rollout.client import SyncEngineClient
+
+                one = SyncEngineClient([url], api_key=self.cfg.rollout.api_key)
+                try:
+                    eng = one.score([seq], start_lens=len(prompt), temperature=temp)[0]
+                finally:
+                    one.close()
+                diff = max(diff, float((torch.tensor(eng, dtype=torch.float32) - actor_lp).abs().max()))
+        diff = _broadcast(diff)
+        if diff > tolerance:
+            raise TrainingStopped(f"after weight sync the engines' logprobs differ from the actor's by {diff:.3g} "
+                                  f"(> {tolerance}); the weight transport or the parameter mapping is wrong")
+        return {"weight_sync/engine_actor_logprob_max_abs_diff": diff}
 
     def train_one_step(self) -> dict[str, float]:
         cfg = self.cfg
@@ -334,6 +370,7 @@ class Trainer:
         if error is not None:
             raise TrainingStopped(error)
         batch = self._build_batch(groups)
+        self._batch_ids = [g.prompt_index for g in groups]
 
         t0 = time.perf_counter()
         old_lp, old_ent = self.actor.compute_logprobs(batch, temperature=cfg.rollout.temperature)
@@ -371,6 +408,24 @@ class Trainer:
         metrics["timing/step_s"] = time.perf_counter() - t_step
         return metrics
 
+    def evaluate(self) -> dict[str, float]:
+        """avg@k / pass@k on ``data.val_files`` with the current engine weights (rank 0; others wait)."""
+        metrics: dict[str, float] = {}
+        if self.rank == 0 and self.val_rows:
+            from .evaluation import evaluate, log_eval_to_tensorboard
+
+            t, r = self.cfg.trainer, self.cfg.rollout
+            res = evaluate(self.client, self.tokenizer, self.val_rows, n_samples=t.eval_n_samples,
+                           temperature=t.eval_temperature, top_p=t.eval_top_p, max_prompts=t.eval_max_prompts,
+                           max_response_length=r.max_response_length, max_prompt_length=self.cfg.data.max_prompt_length,
+                           stop_token_ids=self.rollout_settings.stop_token_ids, seed=self.cfg.seed, progress=False)
+            log_eval_to_tensorboard(self.writer, res, self.step)
+            metrics = dict(res.metrics)
+            print(f"[eval step {self.step}] " + "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                                        if "avg@" in k or "pass@1" in k), flush=True)
+        dist.barrier()
+        return metrics
+
     # ------------------------------------------------------------------ loop
     def _log(self, metrics: dict[str, float]) -> None:
         if self.rank != 0:
@@ -378,6 +433,11 @@ class Trainer:
         for k, v in metrics.items():
             self.writer.add_scalar(k, v, self.step)
         self.writer.flush()
+        # one JSON line per step: which prompts were trained on and the headline numbers (resume checks)
+        with open(self.cfg.run_dir / "steps.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, "prompt_indices": getattr(self, "_batch_ids", []),
+                                **{k: metrics[k] for k in ("rollout/reward_mean", "actor/pg_loss", "actor/grad_norm")
+                                   if k in metrics}}) + "\n")
         keys = ["rollout/reward_mean", "rollout/acc", "rollout/response_length_mean", "dynamic_sampling/num_gen_batches",
                 "actor/pg_loss", "actor/pg_clipfrac", "actor/grad_norm", "timing/step_s"]
         short = "  ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in keys if k in metrics)
@@ -401,6 +461,8 @@ class Trainer:
                 return REQUEUE_EXIT_CODE
             if t.save_interval and self.step % t.save_interval == 0 and self.step < t.total_steps:
                 self.save()
+            if t.eval_interval and self.step % t.eval_interval == 0:
+                self.evaluate()
         final = self.save()
         if t.export_hf:
             self.export_hf(cfg.hf_export_dir)

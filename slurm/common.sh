@@ -13,6 +13,9 @@
 #   DAPO_ENGINE_TIMEOUT    seconds to wait for engines' /health (default 1800)
 #   DAPO_ENGINE_EXTRA_ARGS extra arguments for sglang.launch_server
 #   DAPO_MAX_REQUEUES      stop requeueing after this many restarts (default 50)
+#   DAPO_LOG_DIR           where per-job logs go: DAPO_LOG_DIR/<jobid>/ (default: $DAPO_ROOT/logs)
+#   DAPO_TASK_EXIT_WAIT    seconds the trainer step waits for its other ranks once one rank has exited
+#                          before Slurm terminates them (srun --wait; default 120)
 
 dapo_log() { echo "[dapo $(date '+%F %T')] $*"; }
 dapo_die() { echo "[dapo $(date '+%F %T')] ERROR: $*" >&2; exit 1; }
@@ -40,8 +43,11 @@ dapo_init() {
   else PY=python3; fi
   if [ -z "${DAPO_CONTAINER_IMAGE:-}" ] && [ -x "$(dirname "$PY")/megatron-dapo" ]; then CLI=("$(dirname "$PY")/megatron-dapo")
   else CLI=("$PY" -m megatron_dapo.cli); fi
-  LOG_DIR=$REPO/logs/${SLURM_JOB_ID:-local}
+  LOG_DIR=${DAPO_LOG_DIR:-$REPO/logs}/${SLURM_JOB_ID:-local}
   mkdir -p "$LOG_DIR"
+  # preemption requests for this run of the job (see _dapo_forward); must be visible on every node
+  export DAPO_PREEMPT_FILE=$LOG_DIR/preempt-r${SLURM_RESTART_COUNT:-0}
+  rm -f "$DAPO_PREEMPT_FILE"
   export PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
   dapo_log "job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}; config $CONFIG; overrides: ${OVERRIDES[*]:-none}"
   dapo_log "python $PY; logs in $LOG_DIR${DAPO_CONTAINER_IMAGE:+; container $DAPO_CONTAINER_IMAGE}"
@@ -144,29 +150,39 @@ dapo_stop_engines() {
 }
 
 # Signal handling. Slurm sends SIGUSR1 to this batch shell (#SBATCH --signal=B:USR1@SECONDS) before
-# the time limit; we forward it to the trainer step, which checkpoints and exits with 3, and then
-# requeue. SIGUSR2 (scancel --batch --signal=USR2 JOB) does the same without requeueing: a clean stop.
-# SIGTERM (plain scancel, or preemption that cancels) also stops without requeueing.
+# the time limit; we pass it on to the trainer, which checkpoints at the next step boundary and exits
+# with 3, and then requeue. SIGUSR2 (scancel --batch --signal=USR2 JOB) does the same without
+# requeueing: a clean stop. SIGTERM (plain scancel, or preemption that cancels) also stops without
+# requeueing. The request reaches the trainer processes through a file, DAPO_PREEMPT_FILE, that
+# slurm/trainer_task.sh (one per rank) polls: see there for why the step is not signalled directly.
 TRAINER_PID=""
 DAPO_NO_REQUEUE=0
 _dapo_forward() {
   dapo_log "received $1; asking the trainer to checkpoint and exit"
   [ "$2" = stop ] && DAPO_NO_REQUEUE=1
-  [ -n "$TRAINER_PID" ] && kill -USR1 "$TRAINER_PID" 2>/dev/null
+  # kept until the trainer runs when it comes early (the trainer then stops after its first step)
+  [ -n "${DAPO_PREEMPT_FILE:-}" ] && echo "$1" > "$DAPO_PREEMPT_FILE"
   return 0
 }
 trap '_dapo_forward SIGUSR1 requeue' USR1
 trap '_dapo_forward SIGUSR2 stop' USR2
 trap '_dapo_forward SIGTERM stop' TERM
 
-# dapo_run_trainer SRUN_ARGS... -- PROGRAM ARGS...: runs the trainer step in the background (so traps
-# fire while it runs), waits for it and sets TRAINER_RC.
+# dapo_run_trainer SRUN_ARGS... -- PROGRAM ARGS...: runs the trainer step (every task through
+# slurm/trainer_task.sh) in the background, so that traps fire while it runs; waits for it and sets
+# TRAINER_RC.
+# After a preemption request every rank writes its part of the checkpoint, meets the others at a
+# barrier and exits with 3, but the ranks leave at slightly different times. With --kill-on-bad-exit=1
+# the first exit 3 would make Slurm SIGTERM the ranks still tearing down, and the step would report
+# 143, not 3; so the step runs with --kill-on-bad-exit=0 and --wait=DAPO_TASK_EXIT_WAIT: once one rank
+# has exited the others get that long to follow (a crashed rank still ends the step, after the wait).
 dapo_run_trainer() {
   local srun_args=()
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do srun_args+=("$1"); shift; done
   shift
   dapo_log "trainer: srun ${srun_args[*]} $*"
-  srun --overlap --kill-on-bad-exit=1 "${srun_args[@]}" "${CONTAINER_ARGS[@]}" "$@" &
+  srun --overlap --kill-on-bad-exit=0 --wait="${DAPO_TASK_EXIT_WAIT:-120}" "${srun_args[@]}" "${CONTAINER_ARGS[@]}" \
+    bash "$REPO/slurm/trainer_task.sh" "$@" &
   TRAINER_PID=$!
   while :; do
     wait "$TRAINER_PID"; TRAINER_RC=$?

@@ -35,10 +35,10 @@ for ((i = 0; i < per_node; i++)); do
     echo "engines_on_node[$node]: sglang port $port GPUs $devices -> $log"
     CUDA_VISIBLE_DEVICES=$devices "$py" -m sglang.launch_server --model-path "$model" --tp-size "$tp" \
       --mem-fraction-static "${DAPO_MEM_FRACTION:-0.6}" "${saver[@]}" --host 0.0.0.0 --port "$port" \
-      "${extra[@]}" > "$log" 2>&1 &
+      "${extra[@]}" >> "$log" 2>&1 &
   elif [ "$kind" = cpu ]; then
     echo "engines_on_node[$node]: cpu engine port $port -> $log"
-    "$py" -m megatron_dapo.rollout.cpu_engine --model-path "$model" --host 0.0.0.0 --port "$port" > "$log" 2>&1 &
+    "$py" -m megatron_dapo.rollout.cpu_engine --model-path "$model" --host 0.0.0.0 --port "$port" >> "$log" 2>&1 &
   else
     echo "engines_on_node[$node]: unknown engine kind '$kind' (sglang or cpu)" >&2
     exit 1
