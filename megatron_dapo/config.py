@@ -76,6 +76,9 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
+    deterministic: bool = False
+    """Reproducible rollouts: each round is one ordered request, groups scored in prompt order, no
+    mid-round abort (CPU demo and exact-resume tests). Cluster runs keep it off for throughput."""
     request_timeout_s: float = 600.0
     max_retries: int = 2
     health_timeout_s: float = 300.0

@@ -191,7 +191,8 @@ class Trainer:
             temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, stop_token_ids=stop_ids_for(self.tokenizer, gen_cfg),
             soft_overlong_punishment=bool(self.alg["soft_overlong_punishment"]),
             overlong_buffer_length=cfg.algorithm.overlong_buffer_length,
-            overlong_penalty_factor=cfg.algorithm.overlong_penalty_factor, seed=cfg.seed)
+            overlong_penalty_factor=cfg.algorithm.overlong_penalty_factor, seed=cfg.seed,
+            deterministic=r.deterministic)
         from .sync import WeightSync
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.weight_sync.dtype or cfg.actor.params_dtype]

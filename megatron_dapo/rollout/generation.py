@@ -33,6 +33,9 @@ class RolloutSettings:
     overlong_buffer_length: int = 4096
     overlong_penalty_factor: float = 1.0
     seed: int = 0
+    deterministic: bool = False
+    """Send each round as one ordered request and score groups in prompt order (no mid-round abort):
+    reproducible rollouts for exact resume and tests. ``False``: score as groups complete, abort on full."""
 
 
 @dataclass
@@ -119,23 +122,7 @@ async def _fill(client, sampler: DynamicSampler, next_prompts: Callable[[int], l
                 if any(o.finish_reason == "abort" for o in outs):
                     sampler.record_aborted(1, sum(len(o.output_ids) for o in outs))
                     continue
-                texts = [tokenizer.decode(o.output_ids, skip_special_tokens=True) for o in outs]
-                gt = str(row["reward_model"]["ground_truth"])
-                src = str(row.get("data_source", "math_dapo"))
-                t0 = time.perf_counter()
-                results = score_batch(texts, [gt] * len(texts), src)
-                stats.reward_seconds += time.perf_counter() - t0
-                scores = [r.score for r in results]
-                lengths = [len(o.output_ids) for o in outs]
-                group = Group(prompt_index=idx, prompt_ids=list(ids), responses=[list(o.output_ids) for o in outs],
-                              rewards=shape_rewards(scores, lengths, s), correct=[bool(r.acc) for r in results],
-                              finish_reasons=[o.finish_reason for o in outs],
-                              rollout_logprobs=[list(o.output_logprobs or []) for o in outs],
-                              meta={"ground_truth": gt, "data_source": src})
-                if group.rollout_logprobs and any(len(a) != len(b) for a, b in zip(group.rollout_logprobs, group.responses)):
-                    group.rollout_logprobs = None
-                stats.add(group, scores, [r.status for r in results], src)
-                sampler.add_group(group)
+                sampler.add_group(_make_group(idx, row, ids, outs, tokenizer, s, stats))
             if sampler.is_full and pending:
                 for t in pending:
                     await client.abort(rid=f"{rid_base}-{tasks[t]}")
@@ -151,6 +138,46 @@ async def _fill(client, sampler: DynamicSampler, next_prompts: Callable[[int], l
             t.cancel()
 
 
+def _make_group(idx: int, row: dict, ids: list[int], outs, tokenizer, s: RolloutSettings,
+                stats: RoundStats) -> Group:
+    texts = [tokenizer.decode(o.output_ids, skip_special_tokens=True) for o in outs]
+    gt = str(row["reward_model"]["ground_truth"])
+    src = str(row.get("data_source", "math_dapo"))
+    t0 = time.perf_counter()
+    results = score_batch(texts, [gt] * len(texts), src)
+    stats.reward_seconds += time.perf_counter() - t0
+    scores = [r.score for r in results]
+    lengths = [len(o.output_ids) for o in outs]
+    rollout_lp = [list(o.output_logprobs or []) for o in outs]
+    if any(len(a) != len(o.output_ids) for a, o in zip(rollout_lp, outs)):
+        rollout_lp = None
+    group = Group(prompt_index=idx, prompt_ids=list(ids), responses=[list(o.output_ids) for o in outs],
+                  rewards=shape_rewards(scores, lengths, s), correct=[bool(r.acc) for r in results],
+                  finish_reasons=[o.finish_reason for o in outs], rollout_logprobs=rollout_lp,
+                  meta={"ground_truth": gt, "data_source": src})
+    stats.add(group, scores, [r.status for r in results], src)
+    return group
+
+
+async def _fill_ordered(client, sampler: DynamicSampler, next_prompts, tokenizer, s: RolloutSettings,
+                        stats: RoundStats, round_index: int) -> None:
+    prompts = next_prompts(sampler.num_prompts_to_request())
+    if not prompts:
+        return
+    sp = {"max_new_tokens": s.max_response_length, "temperature": s.temperature, "top_p": s.top_p,
+          "top_k": s.top_k, "n": s.n_samples_per_prompt, "stop_token_ids": list(s.stop_token_ids),
+          "sampling_seed": s.seed * 1_000_003 + round_index * 10_007}
+    saved = client.prompts_per_request
+    client.prompts_per_request = len(prompts)  # one request: a fixed engine batch composition
+    try:
+        outs = await client.generate([ids for _, _, ids in prompts], sp, return_logprob=True)
+    finally:
+        client.prompts_per_request = saved
+    g = s.n_samples_per_prompt
+    for i, (idx, row, ids) in enumerate(prompts):
+        sampler.add_group(_make_group(idx, row, ids, outs[i * g:(i + 1) * g], tokenizer, s, stats))
+
+
 def collect_batch(sync_client, sampler: DynamicSampler, next_prompts, tokenizer,
                   s: RolloutSettings, step: int) -> tuple[list[Group], RoundStats]:
     """Run rounds until ``sampler`` is full; return the step's batch and the pre-filter statistics.
@@ -163,7 +190,8 @@ def collect_batch(sync_client, sampler: DynamicSampler, next_prompts, tokenizer,
     sampler.start_step()
     rnd = 0
     while not sampler.is_full:
-        sync_client.run(_fill(sync_client.client, sampler, next_prompts, tokenizer, s, stats, step * 1000 + rnd))
+        fill = _fill_ordered if s.deterministic else _fill
+        sync_client.run(fill(sync_client.client, sampler, next_prompts, tokenizer, s, stats, step * 1000 + rnd))
         rnd += 1
         sampler.record_round()
     return sampler.take_batch(), stats
