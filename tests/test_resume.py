@@ -51,3 +51,24 @@ def test_sigterm_checkpoint_exit3_then_exact_resume(tmp_path, tiny_model):  # no
         assert a["rollout/reward_mean"] == b["rollout/reward_mean"], (a, b)
         assert abs(a["actor/pg_loss"] - b["actor/pg_loss"]) <= 1e-6 * max(1.0, abs(b["actor/pg_loss"])), (a, b)
         assert abs(a["actor/grad_norm"] - b["actor/grad_norm"]) <= 1e-6 * max(1.0, b["actor/grad_norm"]), (a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_no_orphan_engines_after_ctrl_c_or_kill(tmp_path, tiny_model, sig):  # noqa: F811
+    import psutil
+
+    log = tmp_path / "o" / "steps.jsonl"
+    proc = subprocess.Popen([PY, "-m", "megatron_dapo.train", CONFIG, "run_name=o", f"output_dir={tmp_path}",
+                             f"model.hf_path={tiny_model}", "trainer.total_steps=50"], cwd=REPO_ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (log.exists() and log.read_text().strip()) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    engines = [c for c in children if "cpu_engine" in " ".join(c.cmdline())]
+    assert engines, "the trainer should have started a CPU engine"
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    gone, alive = psutil.wait_procs(engines, timeout=30)
+    assert not alive, f"engine processes left behind after {sig!r}: {[p.pid for p in alive]}"

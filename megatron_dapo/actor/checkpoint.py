@@ -163,7 +163,7 @@ def _sharded_state_dict(actor, with_optimizer: bool, is_loading: bool) -> dict[s
     if with_optimizer:
         kw: dict[str, Any] = {"is_loading": is_loading}
         if actor.cfg.use_distributed_optimizer:
-            kw["metadata"] = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+            kw["metadata"] = {"distrib_optim_sharding_type": "fully_reshardable"}
         sd["optimizer"] = actor.optimizer.sharded_state_dict(sd, **kw)
         sd["opt_param_scheduler"] = actor.scheduler.state_dict()
     return sd
