@@ -50,6 +50,8 @@ class DataConfig:
     """Parquet/JSONL files in the DAPO-Math-17k schema. Empty: generate the demo arithmetic task."""
     val_files: list[str] = field(default_factory=list)
     demo_num_rows: int = 2048
+    demo_num_val_rows: int = 64
+    """Held-out demo problems (another seed) used for evaluation when no val_files are given."""
     max_prompt_length: int = 256
     shuffle: bool = True
 

@@ -493,7 +493,7 @@ def _eval_settings(cfg, args) -> dict:
             raise ConfigError(f"{key}: {msg}")
 
     t, d, r = cfg.trainer, cfg.data, cfg.rollout
-    need(bool(d.val_files), "data.val_files", "is empty; set it to the evaluation parquet/jsonl file(s), e.g. "
+    need(bool(d.val_files) or not d.train_files, "data.val_files", "is empty; set it to the evaluation parquet/jsonl file(s), e.g. "
          "data.val_files=[../shared/data/aime-2024/aime-2024.parquet]")
     for f in d.val_files:
         need(Path(f).is_file(), "data.val_files", f"file not found: {f}")
@@ -547,7 +547,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides, validate=False)
         settings = _eval_settings(cfg, args)
-        rows = load_rows(cfg.data.val_files)
+        from megatron_dapo.trainer import val_rows
+
+        rows = val_rows(cfg)  # data.val_files, or held-out demo problems for the demo task
         tokenizer = load_tokenizer(settings["tokenizer"])
     except (ConfigError, RowValidationError, FileNotFoundError, ValueError) as exc:
         print(f"megatron-dapo eval: error: {exc}", file=sys.stderr)

@@ -54,6 +54,17 @@ def demo_rows(cfg: DAPOConfig) -> list[dict]:
     return generate_tasks(cfg.data.demo_num_rows, seed=cfg.seed)
 
 
+def val_rows(cfg: DAPOConfig) -> list[dict]:
+    """Evaluation rows: ``data.val_files``, else (demo task only) held-out generated problems, else none."""
+    from .data import generate_tasks, load_rows
+
+    if cfg.data.val_files:
+        return load_rows(cfg.data.val_files)
+    if not cfg.data.train_files:
+        return generate_tasks(cfg.data.demo_num_val_rows, seed=cfg.seed + 1)
+    return []
+
+
 def prepare_model(cfg: DAPOConfig, wait_s: float = 600.0) -> Path:
     """Make sure ``model.hf_path`` exists; create the tiny random checkpoint when ``model.make_tiny``.
 
@@ -201,7 +212,7 @@ class Trainer:
                                       work_dir=cfg.run_dir / "weight_sync",
                                       engine_world_size=r.num_engines * r.engine_tp_size)
         self._stack.callback(self.weight_sync.close)
-        self.val_rows = load_rows(cfg.data.val_files) if cfg.data.val_files else []
+        self.val_rows = val_rows(cfg)
         self._resume()
 
     # ------------------------------------------------------------------ engines

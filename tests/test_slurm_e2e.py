@@ -16,6 +16,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -109,6 +110,13 @@ def wait_job_done(env: dict, job: str, timeout: float) -> dict[str, str]:
         time.sleep(0.5)
     _run(["scancel", job], env)
     raise TimeoutError(f"job {job} still {last.get('JobState')} after {timeout:.0f} s (cancelled)")
+
+
+def _requeue_hold_s(env: dict) -> int:
+    """Seconds Slurm holds a requeued job: ``cred_expire`` from AuthInfo (default 120) + 1."""
+    r = _run(["scontrol", "show", "config"], env)
+    m = re.search(r"cred_expire=(\d+)", r.stdout)
+    return (int(m.group(1)) if m else 120) + 1
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -293,8 +301,7 @@ def test_sigusr1_checkpoints_requeues_and_resumes_with_the_next_batch(tmp_path, 
             time.sleep(0.3)
         _run(["scancel", "--batch", "--signal=USR1", run.job], env).check_returncode()
 
-        # 2) wait for the requeue; Slurm then holds the job for about 2 minutes (requeued jobs get
-        #    BeginTime = now + cred_expire + 1 s); release it now instead of waiting
+        # 2) wait for the requeue
         deadline = time.time() + 120
         while True:
             f = job_fields(env, run.job)
@@ -305,10 +312,11 @@ def test_sigusr1_checkpoints_requeues_and_resumes_with_the_next_batch(tmp_path, 
                             + run.diagnose())
             time.sleep(0.3)
         before = run.steps()  # the first run has ended: these are its steps
-        _run(["scontrol", "update", f"JobId={run.job}", "StartTime=now"], env)
 
-        # 3) the requeued run finishes the remaining steps
-        final = wait_job_done(env, run.job, timeout=240)
+        # 3) the requeued run finishes the remaining steps. Slurm holds a requeued job until its old
+        #    job credential has expired (BeginTime = requeue time + cred_expire + 1 s, 121 s by default;
+        #    starting it earlier fails with "Job credential revoked"), so this includes that wait.
+        final = wait_job_done(env, run.job, timeout=_requeue_hold_s(env) + 240)
     finally:
         run.cancel(env)
     log = run.job_log.read_text(errors="replace")
