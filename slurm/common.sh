@@ -41,8 +41,9 @@ dapo_init() {
   elif [ -n "${DAPO_PYTHON:-}" ]; then PY=$DAPO_PYTHON
   elif [ -x "$REPO/.venv/bin/python" ]; then PY=$REPO/.venv/bin/python
   else PY=python3; fi
-  if [ -z "${DAPO_CONTAINER_IMAGE:-}" ] && [ -x "$(dirname "$PY")/megatron-dapo" ]; then CLI=("$(dirname "$PY")/megatron-dapo")
-  else CLI=("$PY" -m megatron_dapo.cli); fi
+  # the CLI through the interpreter: the code under $REPO (PYTHONPATH below) is what runs, whichever
+  # copy of the package that interpreter's console script would import
+  CLI=("$PY" -m megatron_dapo.cli)
   LOG_DIR=${DAPO_LOG_DIR:-$REPO/logs}/${SLURM_JOB_ID:-local}
   mkdir -p "$LOG_DIR"
   # preemption requests for this run of the job (see _dapo_forward); must be visible on every node

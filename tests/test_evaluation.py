@@ -381,7 +381,8 @@ def test_eval_main_cli_against_running_engine(tiny_engine, tmp_path, capsys):
 def test_eval_main_config_errors(tmp_path, capsys):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({"model": {"hf_path": str(tmp_path / "nope")}}))
-    assert eval_main([str(cfg)]) == 2
+    # with real training data, evaluation needs data.val_files (the demo task falls back to held-out problems)
+    assert eval_main([str(cfg), f"data.train_files=[{tmp_path / 'train.jsonl'}]"]) == 2
     assert "data.val_files" in capsys.readouterr().err
     val = tmp_path / "v.jsonl"
     val.write_text("")

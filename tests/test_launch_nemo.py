@@ -1,12 +1,15 @@
-"""megatron_dapo.launch.nemo: the launch plan, its sbatch rendering, and the nemo-run dry run."""
+"""megatron_dapo.launch.nemo: the launch plan, its sbatch rendering, the nemo-run dry run, and a real
+nemo-run submission of the CPU smoke job to the local Slurm cluster (skipped without one)."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -121,3 +124,65 @@ def test_nemo_run_dry_run_is_equivalent(tmp_path):
     path.write_text(script)
     r = subprocess.run(["sbatch", "--test-only", str(path)], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "to start at" in r.stderr, r.stderr
+
+
+NEMO_DRIVER = """
+import json, sys
+from megatron_dapo.launch.nemo import build_launch_plan, launch
+a = json.loads(sys.argv[1])
+plan = build_launch_plan("examples/tiny-cpu/dapo.yaml", a["overrides"], nodes=2, mode="cpu-smoke", time="00:20:00",
+                         job_name=a["name"], signal_seconds=60, extra_env={"DAPO_LOG_DIR": a["log_dir"]})
+print("EXPERIMENT", launch(plan, "nemo"), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_nemo_run_submits_cpu_smoke_job(tmp_path):
+    """`launch(plan, backend="nemo")` for the CPU smoke job: nemo-run's SlurmExecutor (LocalTunnel, job dir
+    under $NEMORUN_HOME/experiments, plain Packager) submits it to the cluster; the job runs
+    slurm/cpu_smoke.sbatch (engine + TP=2 trainer on 2 nodes) for one step and completes."""
+    pytest.importorskip("nemo_run")
+    from test_slurm_e2e import diagnose, sacct_history, slurm_env, wait_job_done
+
+    env = slurm_env()
+    name = f"dapo-nemo-{uuid.uuid4().hex[:8]}"  # unique: the test finds its job by name
+    home = tmp_path / "nemo_home"
+    args = {"name": name, "log_dir": str(tmp_path / "logs"),
+            "overrides": ["trainer.total_steps=1", "run_name=nemo", f"output_dir={tmp_path / 'out'}",
+                          f"model.hf_path={tmp_path / 'model'}"]}
+    # separate process: nemo-run's local tunnel (invoke) reads stdin, which pytest captures
+    r = subprocess.run([sys.executable, "-c", NEMO_DRIVER, json.dumps(args)], cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=120,
+                       env={**env, "NEMORUN_HOME": str(home), "PYTHONPATH": str(REPO_ROOT)})
+    assert r.returncode == 0 and "EXPERIMENT" in r.stdout, r.stderr[-3000:] + r.stdout[-3000:]
+    exp_id = r.stdout.split("EXPERIMENT", 1)[1].split()[0]
+    exp_dir = home / "experiments" / name / exp_id
+    q = subprocess.run(["squeue", "-h", "-t", "all", f"--name={name}", "-o", "%i"], capture_output=True, text=True,
+                       env=env, timeout=30)
+    jobs = q.stdout.split()
+    assert len(jobs) == 1, (q.stdout, q.stderr)
+    job = jobs[0]
+    try:
+        final = wait_job_done(env, job, timeout=240)
+    finally:
+        subprocess.run(["scancel", job], env=env, capture_output=True, timeout=30)
+    log_file = exp_dir / name / f"sbatch_{name}_{job}.out"
+    report = diagnose(log_file, tmp_path / "logs" / job)
+    assert final.get("JobState") == "COMPLETED" and final.get("ExitCode") == "0:0", (final, report)
+
+    # nemo-run's batch script: our resources, requeue and signal, and a body that is slurm/cpu_smoke.sbatch
+    script = (exp_dir / f"{name}_sbatch.sh").read_text()
+    directives = dict(re.findall(r"^#SBATCH --([a-z-]+)(?:=(.*))?$", script, flags=re.M))
+    assert directives["nodes"] == "2" and directives["ntasks-per-node"] == "1" and "gpus-per-node" not in directives
+    assert directives["signal"] == "B:USR1@60" and "requeue" in directives
+    assert f"exec bash {REPO_ROOT}/slurm/cpu_smoke.sbatch examples/tiny-cpu/dapo.yaml trainer.total_steps=1" in script
+    # and that body ran: engine, 2-rank trainer, one step, checkpoint
+    log = log_file.read_text(errors="replace")
+    for needle in ("trainer TP=2 on 2 node(s) x 1 task(s)", "[step 1/1]", "trainer exited with 0"):
+        assert needle in log, f"{needle!r} missing\n{report}"
+    steps = [json.loads(line) for line in (tmp_path / "out" / "nemo" / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1]
+    assert (tmp_path / "out" / "nemo" / "checkpoints" / "iter_0000001" / "trainer_state.json").exists()
+    history = sacct_history(env, job)
+    if history is not None:
+        assert history == [("COMPLETED", "0:0")], history

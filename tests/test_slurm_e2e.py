@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -117,6 +118,24 @@ def _requeue_hold_s(env: dict) -> int:
     r = _run(["scontrol", "show", "config"], env)
     m = re.search(r"cred_expire=(\d+)", r.stdout)
     return (int(m.group(1)) if m else 120) + 1
+
+
+def release_after_hold(env: dict, job: str, timeout: float) -> None:
+    """Wait until a requeued ``job``'s EligibleTime has passed, then ``scontrol update StartTime=now``
+    so the scheduler considers it at once (it would otherwise wait for its next periodic pass)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        f = job_fields(env, job)
+        if f.get("JobState") != "PENDING":
+            return
+        try:
+            eligible = time.mktime(time.strptime(f.get("EligibleTime", ""), "%Y-%m-%dT%H:%M:%S"))
+        except ValueError:
+            eligible = time.time()
+        if time.time() >= eligible + 1:
+            _run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env)
+            return
+        time.sleep(min(2.0, max(0.2, eligible + 1 - time.time())))
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -270,11 +289,77 @@ def test_cpu_smoke_job_trains_and_writes_tensorboard_and_checkpoint(tmp_path, mo
         assert history == [("COMPLETED", "0:0")], history
 
 
-def test_sigusr1_checkpoints_requeues_and_resumes_with_the_next_batch(tmp_path, model_dir):
+PREEMPT_TEST = "test_sigusr1_checkpoints_requeues_and_resumes_with_the_next_batch"
+PREEMPT_TOTAL_STEPS = 4
+
+
+def drive_preemption(env: dict, run: SmokeRun) -> dict:
+    """Submit ``run``; once step 1 is logged send SIGUSR1 to the batch shell (`scancel --batch`); wait
+    for the requeue and for the requeued run to finish. Returns ``{"before": steps logged by the first
+    run, "final": last scontrol fields}``. Raises AssertionError (with the job's log tail) when a stage
+    does not happen; cancels the job on any error."""
+    r = run.submit(env, wait=False)
+    assert r.returncode == 0, r.stderr
+    try:
+        # 1) wait for the first step (the trainer's signal handler is installed by then)
+        deadline = time.time() + 240
+        while not run.steps():
+            f = job_fields(env, run.job)
+            if time.time() > deadline or f.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
+                raise AssertionError(f"no step finished (job state {f.get('JobState')})\n{run.diagnose()}")
+            time.sleep(0.3)
+        _run(["scancel", "--batch", "--signal=USR1", run.job], env).check_returncode()
+
+        # 2) wait for the requeue
+        deadline = time.time() + 120
+        while True:
+            f = job_fields(env, run.job)
+            if int(f.get("Restarts", "0")) >= 1:
+                break
+            if time.time() > deadline or f.get("JobState") not in ("RUNNING", "COMPLETING", "PENDING"):
+                raise AssertionError(f"job was not requeued (state {f.get('JobState')}, restarts "
+                                     f"{f.get('Restarts')})\n{run.diagnose()}")
+            time.sleep(0.3)
+        before = run.steps()  # the first run has ended: these are its steps
+
+        # 3) the requeued run finishes the remaining steps. Slurm holds a requeued job until its old
+        #    job credential has expired (EligibleTime = requeue time + cred_expire + 1 s, 121 s by
+        #    default; starting it earlier fails with "Job credential revoked"). Once that time has
+        #    passed, nudge the scheduler instead of waiting for its next pass.
+        release_after_hold(env, run.job, timeout=_requeue_hold_s(env) + 60)
+        final = wait_job_done(env, run.job, timeout=240)
+        return {"before": before, "final": final}
+    finally:
+        run.cancel(env)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def preemption(request, tmp_path_factory, model_dir):
+    """The preemption scenario of :func:`test_sigusr1_checkpoints_requeues_and_resumes_with_the_next_batch`,
+    started in a background thread when this module starts, so that the two minutes Slurm holds the
+    requeued job overlap the other test's job. Yields (SmokeRun, Future of :func:`drive_preemption`),
+    or None when that test is not selected or there is no cluster."""
+    probe = _probe()
+    if isinstance(probe, str) or not any(i.name == PREEMPT_TEST for i in request.session.items):
+        yield None
+        return
+    run = SmokeRun(tmp_path_factory.mktemp("preempt"), model_dir, "preempt",
+                   [f"trainer.total_steps={PREEMPT_TOTAL_STEPS}", "algorithm.dynamic_sampling=false"])
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preemption")
+    future = pool.submit(drive_preemption, dict(probe), run)
+    try:
+        yield run, future
+    finally:
+        if not future.done():
+            run.cancel(dict(probe))
+        pool.shutdown(wait=True)
+
+
+def test_sigusr1_checkpoints_requeues_and_resumes_with_the_next_batch(preemption):
     """SIGUSR1 to the batch shell mid-run (`scancel --batch --signal=USR1`, what Slurm itself sends
     --signal=B:USR1@S before the time limit): the trainer checkpoints at the end of its current step k
     and exits 3, the script requeues the job, and the second run resumes from that checkpoint and
-    trains steps k+1..N.
+    trains steps k+1..N (:func:`drive_preemption` runs the job, see the ``preemption`` fixture).
 
     What "the same batch it would have had" can honestly mean: with dynamic sampling on, *which* of the
     generated groups fill a batch depends on rollouts, and the CPU engine's outputs depend on how its
@@ -287,38 +372,12 @@ def test_sigusr1_checkpoints_requeues_and_resumes_with_the_next_batch(tmp_path, 
     smoke test above runs dynamic sampling.)
     """
     env = slurm_env()
-    total = 4
-    run = SmokeRun(tmp_path, model_dir, "preempt", [f"trainer.total_steps={total}", "algorithm.dynamic_sampling=false"])
-    r = run.submit(env, wait=False)
-    assert r.returncode == 0, r.stderr
-    try:
-        # 1) wait for the first step (the trainer's signal handler is installed by then)
-        deadline = time.time() + 240
-        while not run.steps():
-            f = job_fields(env, run.job)
-            if time.time() > deadline or f.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
-                pytest.fail(f"no step finished (job state {f.get('JobState')})\n{run.diagnose()}")
-            time.sleep(0.3)
-        _run(["scancel", "--batch", "--signal=USR1", run.job], env).check_returncode()
-
-        # 2) wait for the requeue
-        deadline = time.time() + 120
-        while True:
-            f = job_fields(env, run.job)
-            if int(f.get("Restarts", "0")) >= 1:
-                break
-            if time.time() > deadline or f.get("JobState") not in ("RUNNING", "COMPLETING", "PENDING"):
-                pytest.fail(f"job was not requeued (state {f.get('JobState')}, restarts {f.get('Restarts')})\n"
-                            + run.diagnose())
-            time.sleep(0.3)
-        before = run.steps()  # the first run has ended: these are its steps
-
-        # 3) the requeued run finishes the remaining steps. Slurm holds a requeued job until its old
-        #    job credential has expired (BeginTime = requeue time + cred_expire + 1 s, 121 s by default;
-        #    starting it earlier fails with "Job credential revoked"), so this includes that wait.
-        final = wait_job_done(env, run.job, timeout=_requeue_hold_s(env) + 240)
-    finally:
-        run.cancel(env)
+    if preemption is None:
+        pytest.skip("preemption scenario not started")
+    run, future = preemption
+    out = future.result(timeout=900)
+    before, final = out["before"], out["final"]
+    total = PREEMPT_TOTAL_STEPS
     log = run.job_log.read_text(errors="replace")
     assert final.get("JobState") == "COMPLETED" and final.get("ExitCode") == "0:0", (final, run.diagnose())
     assert final.get("Restarts") == "1", final

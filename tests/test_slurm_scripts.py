@@ -54,7 +54,8 @@ def test_colocated_script_structure():
     common = (SLURM / "common.sh").read_text()
     engines = (SLURM / "engines_on_node.sh").read_text()
     assert "--gpus-per-node=8" in " ".join(_directives(SLURM / "dapo.sbatch"))
-    assert "srun --overlap" in common and "scontrol requeue" in common and "kill -USR1" in common
+    assert "srun --overlap" in common and "scontrol requeue" in common and "DAPO_PREEMPT_FILE" in common
+    assert "kill -USR1" in (SLURM / "trainer_task.sh").read_text()  # the preemption request reaches the trainer
     assert "--ntasks-per-node=\"$GPUS_PER_NODE\"" in text and "megatron_dapo.train" in text
     assert "sglang.launch_server" in engines and "--enable-memory-saver" in engines
     for var in ("CUDA_DEVICE_MAX_CONNECTIONS", "NCCL_SOCKET_IFNAME", "NCCL_IB_HCA"):

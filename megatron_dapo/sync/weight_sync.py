@@ -16,7 +16,7 @@ Transports (SGLang native HTTP API, ``python/sglang/srt/entrypoints/http_server.
   to ``work_dir/weights-<version>`` and calls ``/update_weights_from_disk`` (``model_path``,
   ``weight_version``). ``work_dir`` must be visible to every engine (shared file system).
 * ``distributed`` — once, rank 0 creates a weight-update group with ``/init_weights_update_group``
-  (engine ``e`` gets ``rank_offset = 1 + e * engine_world_size``; gloo on CPU, NCCL on GPU); then per
+  (engine ``e`` gets ``rank_offset = 1 + e * tp_size``; gloo on CPU, NCCL on GPU); then per
   bucket ``/update_weights_from_distributed`` (names / dtypes / shapes) while rank 0 broadcasts each
   tensor in the same order.
 * ``tensor`` — colocated GPU engines only: ``/update_weights_from_tensor`` with SGLang's serialised
@@ -109,6 +109,37 @@ def address_towards(urls: list[str]) -> str:
             return s.getsockname()[0]
     except OSError as exc:
         raise WeightSyncError(f"cannot find a local address that reaches engine {target.geturl()}: {exc}") from exc
+
+
+def ranks_per_engine(client, engine_world_size: Optional[int]) -> int:
+    """Ranks of ONE engine in the update group (SGLang ``tp_size``).
+
+    ``engine_world_size`` is the total over all engines (``num_engines * tp_size``; the update group has
+    ``1 + engine_world_size`` ranks). ``None``: read ``tp_size`` from each engine's ``/get_server_info``
+    (1 when an engine does not report it, like the CPU engine).
+
+    Raises:
+        ValueError: ``engine_world_size`` not a positive multiple of the number of engines.
+        WeightSyncError: engines report different ``tp_size`` values.
+    """
+    urls = list(client.control_urls)
+    if engine_world_size is not None:
+        ews = int(engine_world_size)
+        if ews < len(urls) or ews % len(urls):
+            raise ValueError(f"engine_world_size={ews} must be a positive multiple of the number of engines "
+                             f"({len(urls)}): it counts all engine ranks (num_engines x tp_size)")
+        return ews // len(urls)
+    sizes = set()
+    for url in urls:
+        try:
+            info = client._control("GET", "/get_server_info", None, urls=[url], check_success=False)[url]
+        except Exception:
+            info = None
+        tp = info.get("tp_size", 1) if isinstance(info, dict) else 1
+        sizes.add(int(tp or 1))
+    if len(sizes) != 1:
+        raise WeightSyncError(f"engines report different tp_size values {sorted(sizes)}; pass engine_world_size")
+    return sizes.pop()
 
 
 class _Stats:
@@ -249,28 +280,14 @@ class DistributedTransport:
         self.backend = "nccl" if torch.cuda.is_available() else "gloo"
         self.group = None
 
-    def _resolve_engine_world_size(self) -> int:
-        if self.engine_world_size is not None:
-            return int(self.engine_world_size)
-        sizes = set()
-        for url in self.client.control_urls:
-            try:
-                info = self.client._control("GET", "/get_server_info", None, urls=[url], check_success=False)[url]
-            except Exception:
-                info = None
-            tp = info.get("tp_size", 1) if isinstance(info, dict) else 1
-            sizes.add(int(tp or 1))
-        if len(sizes) != 1:
-            raise WeightSyncError(f"engines report different tp_size values {sorted(sizes)}; pass engine_world_size")
-        return sizes.pop()
+    def _resolve_engine_tp(self) -> int:
+        return ranks_per_engine(self.client, self.engine_world_size)
 
     def connect(self) -> None:
         """Create the group once (rank 0 = this process; engine ranks offset per engine)."""
         from ..rollout.launch import find_free_ports
 
-        ews = self._resolve_engine_world_size()
-        if ews < 1:
-            raise ValueError(f"engine_world_size must be >= 1, got {ews}")
+        ews = self._resolve_engine_tp()
         addr = self.master_address or address_towards(list(self.client.control_urls))
         port = find_free_ports(1, "0.0.0.0")[0]
         try:
@@ -280,7 +297,6 @@ class DistributedTransport:
         except Exception as exc:
             raise WeightSyncError(f"creating weight update group {self.group_name!r} on {addr}:{port} "
                                   f"with engines {list(self.client.control_urls)} failed: {exc}") from exc
-        self.engine_world_size = ews
         logger.info("weight update group %s ready (%s, %d engine rank(s) per engine)", self.group_name,
                     self.backend, ews)
 
@@ -320,16 +336,19 @@ class TensorTransport:
 
     def __init__(self, client, *, engine_world_size: Optional[int]) -> None:
         self.client = client
-        self.engine_world_size = int(engine_world_size or 1)
+        self.engine_world_size = engine_world_size
+        self.tp_per_engine: Optional[int] = None
 
     def send(self, buckets: Iterator, weight_version: str) -> None:
         from ..rollout.client import serialize_named_tensors_for_sglang
 
+        if self.tp_per_engine is None:
+            self.tp_per_engine = ranks_per_engine(self.client, self.engine_world_size)
         dev = torch.device("cuda", torch.cuda.current_device())
         for bucket, last in buckets:
             tensors = [(n, t if t.device == dev else t.to(dev)) for n, t in bucket]
             torch.cuda.synchronize()
-            payload = serialize_named_tensors_for_sglang(tensors, tp_size=self.engine_world_size)
+            payload = serialize_named_tensors_for_sglang(tensors, tp_size=self.tp_per_engine)
             try:
                 self.client.update_weights_from_tensor(payload, flush_cache=last,
                                                        weight_version=weight_version if last else None)
@@ -372,8 +391,9 @@ class WeightSync:
         dtype: engine dtype (``torch.dtype`` or ``fp32``/``bf16``/``fp16``); ``None`` = the actor's
             ``params_dtype``.
         work_dir: directory for ``disk`` checkpoints (must be on a file system the engines see).
-        engine_world_size: ranks per engine in the update group (SGLang ``tp_size``); ``None`` = read
-            ``tp_size`` from each engine's ``/get_server_info`` (1 when absent).
+        engine_world_size: engine ranks in the update group over ALL engines (``num_engines * tp_size``;
+            the group has ``1 + engine_world_size`` ranks, engine ``e`` starts at ``1 + e * tp_size``);
+            ``None`` = read ``tp_size`` from each engine's ``/get_server_info`` (1 when absent).
         timeout_s: rendezvous / collective timeout of the update group and bound on cache-flush retries.
         master_address: address engines use to reach rank 0 (``distributed``); default: detected.
         group_name: update-group name (default: unique per instance).

@@ -1,10 +1,11 @@
 """torchrun worker for tests/test_weight_sync.py: every CPU transport × bucket size after a train step.
 
-Environment: TP, PP, VPP (optional), CKPT (HF dir the actor and the engines started from), ENGINE_URLS
+Environment: TP, PP, VPP (optional), EQUAL_LENGTHS (1 = same-length sequences), MAXTOK, CKPT (HF dir the actor and the engines started from), ENGINE_URLS
 (comma-separated), WORK_DIR, TRANSPORTS (comma list), BUCKETS_MB (comma list; 0 = unbounded).
 Rank 0 prints one ``RESULT {json}`` line per sync and ``SYNC_WORKER_OK`` at the end; any failed check
 raises (non-zero exit).
 """
+import faulthandler
 import json
 import os
 import sys
@@ -30,17 +31,22 @@ def engine_tensor(client, name):
 
 def main():
     t_start = time.time()
+    # a hang (e.g. a mismatched collective) dumps every thread's stack and exits instead of blocking CI
+    faulthandler.dump_traceback_later(float(os.environ.get("WORKER_TIMEOUT_S", 200)), exit=True)
     ckpt = os.environ["CKPT"]
     vpp = int(os.environ["VPP"]) if os.environ.get("VPP") else None
     cfg = ActorConfig(tensor_model_parallel_size=int(os.environ.get("TP", 1)),
                       pipeline_model_parallel_size=int(os.environ.get("PP", 1)),
                       virtual_pipeline_model_parallel_size=vpp, lr=3e-2, lr_warmup_steps=0, weight_decay=0.0,
-                      clip_grad=0.0, max_tokens_per_gpu=64)
+                      clip_grad=0.0, max_tokens_per_gpu=int(os.environ.get("MAXTOK", 64)))
     actor = MegatronActor(ckpt, cfg)
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(0)
     vocab = actor.spec.vocab_size
     prompt_lens, resp_lens = (5, 7, 3, 9), (6, 2, 8, 4)
+    if os.environ.get("EQUAL_LENGTHS") == "1":
+        # interleaved (VPP) training on CPU/gloo is only reliable with equal micro-batch shapes
+        prompt_lens, resp_lens = (6, 6, 6, 6), (5, 5, 5, 5)
     prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in prompt_lens]
     resps = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in resp_lens]
     batch = build_actor_batch(prompts, resps)

@@ -1,0 +1,386 @@
+"""Weight sync (megatron_dapo.sync): bucketing, metrics, WeightSync protocol, CPU transports end to end.
+
+Fast tests use a fake actor (HF tensors of a tiny checkpoint) and either a recording fake client or a
+real CPU engine; the two ``slow`` tests launch the Megatron actor under torchrun (TP=2×PP=2 and
+PP=2×VPP=2) against two CPU engines (tests/sync_scripts/sync_worker.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megatron_dapo.backend import MissingBackendError, has_cuda, has_package
+from megatron_dapo.models import mapping
+from megatron_dapo.models.hf_config import spec_from_hf_config
+from megatron_dapo.sync import (WeightSync, WeightSyncError, bucket_bytes_from_mb, iter_buckets, resolve_dtype,
+                                rollout_logprob_mismatch)
+from megatron_dapo.sync.bucketing import iter_buckets_with_last
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "sync_scripts" / "sync_worker.py"
+
+
+# ------------------------------------------------------------------------------------------ bucketing
+def _named(sizes, dtype=torch.float32):
+    return [(f"t{i}", torch.full((n,), float(i), dtype=dtype)) for i, n in enumerate(sizes)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 64), min_size=1, max_size=30), cap_elems=st.integers(0, 100))
+def test_iter_buckets_invariants(sizes, cap_elems):
+    cap = cap_elems * 4
+    named = _named(sizes)
+    buckets = list(iter_buckets(iter(named), cap))
+    flat = [(n, t) for b in buckets for n, t in b]
+    assert [n for n, _ in flat] == [n for n, _ in named]  # order and completeness
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(flat, named))
+    nbytes = [sum(t.numel() * 4 for _, t in b) for b in buckets]
+    if cap == 0:
+        assert len(buckets) == 1
+        return
+    for i, b in enumerate(buckets):
+        assert b, "empty bucket"
+        assert nbytes[i] <= cap or len(b) == 1  # only a lone oversize tensor may exceed the cap
+        if i + 1 < len(buckets):  # greedy: the next tensor did not fit
+            assert nbytes[i] + buckets[i + 1][0][1].numel() * 4 > cap
+
+
+def test_iter_buckets_consumes_lazily_one_tensor_ahead():
+    pulled = []
+
+    def gen():
+        for i in range(10):
+            pulled.append(i)
+            yield f"w{i}", torch.zeros(256)  # 1 KiB each
+
+    it = iter_buckets_with_last(gen(), 3 * 1024)
+    bucket, last = next(it)
+    assert [n for n, _ in bucket] == ["w0", "w1", "w2"] and not last
+    assert len(pulled) == 4  # the bucket plus the one tensor that did not fit
+    rest = list(it)
+    assert [len(b) for b, _ in rest] == [3, 3, 1] and [flag for _, flag in rest] == [False, False, True]
+
+
+def test_iter_buckets_casts_and_compacts_views():
+    full = torch.arange(24, dtype=torch.float32).reshape(6, 4)
+    named = [("row_view", full[2:4]), ("transposed", full.t()), ("whole", full)]
+    (bucket,) = list(iter_buckets(named, 0, dtype=torch.bfloat16))
+    for (name, got), (_, src) in zip(bucket, named):
+        assert got.dtype == torch.bfloat16 and got.is_contiguous(), name
+        assert got.untyped_storage().nbytes() == got.numel() * 2, f"{name} keeps a larger storage alive"
+        assert torch.equal(got.float(), src)
+
+
+def test_iter_buckets_rejects_bad_input():
+    with pytest.raises(ValueError, match="exported twice"):
+        list(iter_buckets([("a", torch.zeros(1)), ("a", torch.zeros(1))], 0))
+    with pytest.raises(ValueError, match=">= 0"):
+        list(iter_buckets([("a", torch.zeros(1))], -1))
+    with pytest.raises(ValueError, match="non-floating"):
+        list(iter_buckets([("ids", torch.zeros(2, dtype=torch.long))], 0))
+    with pytest.raises(TypeError, match="pairs"):
+        list(iter_buckets([torch.zeros(1)], 0))
+
+
+def test_resolve_dtype_and_bucket_size():
+    class A:
+        class cfg:
+            params_dtype = "bf16"
+
+    assert resolve_dtype(None, A()) == torch.bfloat16
+    assert resolve_dtype(None, object()) == torch.float32
+    assert resolve_dtype("torch.float16") == torch.float16 and resolve_dtype(torch.float32) == torch.float32
+    with pytest.raises(ValueError, match="weight_sync.dtype"):
+        resolve_dtype("int8")
+    with pytest.raises(ValueError, match="weight_sync.dtype"):
+        resolve_dtype(torch.int32)
+    assert bucket_bytes_from_mb(512) == 512 << 20 and bucket_bytes_from_mb(0) == 0
+    assert bucket_bytes_from_mb(0.5) == 1 << 19
+    for bad in (-1, float("inf"), "x"):
+        with pytest.raises(ValueError, match="bucket_mb"):
+            bucket_bytes_from_mb(bad)
+
+
+# ------------------------------------------------------------------------------------------ metric
+def test_rollout_logprob_mismatch():
+    old = torch.tensor([[0.0, -1.0, -2.0], [-0.5, -0.5, 9.0]])
+    roll = torch.tensor([[5.0, -1.5, -1.0], [-0.25, -0.5, 0.0]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 0]])
+    m = rollout_logprob_mismatch(old, roll, mask)
+    assert m["rollout/train_rollout_logprob_abs_diff"] == pytest.approx((0.5 + 1.0 + 0.25 + 0.0) / 4)
+    assert m["rollout/train_rollout_logprob_abs_diff_max"] == pytest.approx(1.0)
+    zero = rollout_logprob_mismatch(old, roll, torch.zeros_like(mask))
+    assert zero == {"rollout/train_rollout_logprob_abs_diff": 0.0, "rollout/train_rollout_logprob_abs_diff_max": 0.0}
+    with pytest.raises(ValueError, match="shape mismatch"):
+        rollout_logprob_mismatch(old, roll[:, :2], mask)
+    bad = roll.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"\[1, 0\]"):
+        rollout_logprob_mismatch(old, bad, mask)
+
+
+# ------------------------------------------------------------------------------------------ fakes
+def _write_tiny_hf(out: Path, *, family: str = "qwen2", tie: bool = True, seed: int = 0) -> Path:
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie)
+    if family == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    else:
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=8, **common))
+    model.save_pretrained(str(out))
+    return out
+
+
+class HFActor:
+    """Stands in for MegatronActor: HF tensors of a checkpoint, scaled by ``scale`` (a 'training step')."""
+
+    def __init__(self, path: Path):
+        from safetensors.torch import load_file
+
+        self.hf_path = Path(path)
+        self.spec = spec_from_hf_config(path)
+        self.rank = 0
+        self.tensors = load_file(str(Path(path) / "model.safetensors"))
+        self.scale = 1.0
+        self.drop: set[str] = set()
+        self.calls: list[str] = []
+
+    def iter_hf_tensors(self, dtype=None):
+        for name in mapping.hf_names(self.spec):
+            if name in self.drop:
+                continue
+            t = self.tensors[name] * self.scale
+            yield name, (t if dtype is None else t.to(dtype))
+
+    def offload(self):
+        self.calls.append("offload")
+
+    def onload(self):
+        self.calls.append("onload")
+
+
+class RecordingClient:
+    """The SyncEngineClient methods WeightSync uses, recording calls; ``versions`` decides the answer."""
+
+    def __init__(self, urls=("http://e0:1", "http://e1:2")):
+        self.control_urls = list(urls)
+        self.calls: list[tuple] = []
+        self.version_override: dict[str, str] = {}
+        self.version = "default"
+
+    def abort_all(self):
+        self.calls.append(("abort_all",))
+
+    def flush_cache(self):
+        self.calls.append(("flush_cache",))
+
+    def update_weights_from_disk(self, path, weight_version=None):
+        files = sorted(os.listdir(path))
+        self.calls.append(("update_weights_from_disk", path, weight_version, files))
+        self.version = weight_version
+
+    def get_weight_version(self):
+        self.calls.append(("get_weight_version",))
+        return {u: self.version_override.get(u, self.version) for u in self.control_urls}
+
+    def resume_memory_occupation(self, tags=None):
+        self.calls.append(("resume", tuple(tags)))
+
+    def release_memory_occupation(self, tags=None):
+        self.calls.append(("release", tags))
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    return _write_tiny_hf(tmp_path_factory.mktemp("tiny_hf"))
+
+
+def test_disk_sync_protocol_layout_and_cleanup(tiny_hf, tmp_path):
+    actor, client = HFActor(tiny_hf), RecordingClient()
+    work = tmp_path / "sync"
+    ws = WeightSync(actor, client, transport="disk", bucket_mb=0.01, dtype="bf16", work_dir=work)
+    m = ws.sync("step-1")
+    kinds = [c[0] for c in client.calls]
+    assert kinds == ["abort_all", "flush_cache", "update_weights_from_disk", "flush_cache", "get_weight_version"]
+    _, path, version, files = client.calls[2]
+    assert version == "step-1" and Path(path) == work / "weights-step-1"
+    shards = [f for f in files if f.endswith(".safetensors")]
+    n = int(m["weight_sync/num_buckets"])
+    assert n > 1 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert "model.safetensors.index.json" in files and "config.json" in files
+    index = json.loads((Path(path) / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(mapping.hf_names(actor.spec))
+    assert index["metadata"]["total_size"] == m["weight_sync/bytes"]
+    from safetensors.torch import load_file
+
+    loaded = {k: v for f in shards for k, v in load_file(str(Path(path) / f)).items()}
+    for name, t in actor.iter_hf_tensors(torch.bfloat16):
+        assert torch.equal(loaded[name], t), name
+    assert set(m) >= {"weight_sync/seconds", "weight_sync/bytes", "weight_sync/num_buckets", "weight_sync/export_s",
+                      "weight_sync/transfer_s"}
+    assert m["weight_sync/bytes"] == sum(t.numel() * 2 for _, t in actor.iter_hf_tensors())
+    ws.sync("step-2")  # the previous directory is replaced, no temp dirs stay behind
+    assert sorted(os.listdir(work)) == ["weights-step-2"]
+    ws.close()
+    assert os.listdir(work) == []
+    with pytest.raises(WeightSyncError, match="after close"):
+        ws.sync("step-3")
+
+
+def test_version_mismatch_names_the_engine(tiny_hf, tmp_path):
+    client = RecordingClient()
+    client.version_override["http://e1:2"] = "stale"
+    ws = WeightSync(HFActor(tiny_hf), client, transport="disk", work_dir=tmp_path)
+    with pytest.raises(WeightSyncError, match=r"http://e1:2 reports 'stale'") as info:
+        ws.sync("v7")
+    assert "http://e0:1" not in str(info.value)
+    ws.close()
+
+
+def test_incomplete_export_is_an_error(tiny_hf, tmp_path):
+    actor = HFActor(tiny_hf)
+    actor.drop = {"model.layers.1.mlp.up_proj.weight"}
+    client = RecordingClient()
+    ws = WeightSync(actor, client, transport="disk", work_dir=tmp_path / "w")
+    with pytest.raises(WeightSyncError, match="up_proj"):
+        ws.sync("v1")
+    assert not any(c[0] == "update_weights_from_disk" for c in client.calls)
+    assert os.listdir(tmp_path / "w") == []  # the temp directory was removed
+    ws.close()
+
+
+def test_bad_arguments(tiny_hf, tmp_path):
+    actor = HFActor(tiny_hf)
+    with pytest.raises(ValueError, match="weight_sync.transport"):
+        WeightSync(actor, RecordingClient(), transport="nfs", work_dir=tmp_path)
+    with pytest.raises(ValueError, match="client"):
+        WeightSync(actor, None, work_dir=tmp_path)
+    with pytest.raises(ValueError, match="bucket_mb"):
+        WeightSync(actor, RecordingClient(), bucket_mb=-5, work_dir=tmp_path)
+    from megatron_dapo.sync.weight_sync import ranks_per_engine
+
+    two = RecordingClient()  # engine_world_size counts all engine ranks: num_engines x tp_size
+    assert ranks_per_engine(two, 4) == 2 and ranks_per_engine(two, 2) == 1
+    with pytest.raises(ValueError, match="multiple of the number of engines"):
+        ranks_per_engine(two, 3)
+    actor.rank = 3  # non-driver ranks need no client
+    WeightSync(actor, None, work_dir=tmp_path).close()
+
+
+@pytest.mark.skipif(has_package("sglang") and has_cuda(), reason="tensor transport is available here")
+def test_tensor_transport_needs_sglang_and_cuda(tiny_hf, tmp_path):
+    with pytest.raises(MissingBackendError, match="weight_sync.transport=tensor"):
+        WeightSync(HFActor(tiny_hf), RecordingClient(), transport="tensor", work_dir=tmp_path)
+
+
+def test_colocated_cycle_order_and_timings(tiny_hf, tmp_path):
+    actor, client = HFActor(tiny_hf), RecordingClient()
+    ws = WeightSync(actor, client, transport="disk", work_dir=tmp_path)
+    rel = ws.colocated_release()
+    assert client.calls == [("release", None)] and actor.calls == ["onload"]
+    assert set(rel) == {"colocate/engine_release_s", "colocate/actor_onload_s"}
+    client.calls.clear()
+    out = ws.colocated_sync("v2")
+    kinds = [c[0] if c[0] != "resume" else c for c in client.calls]
+    assert kinds == [("resume", ("weights",)), "update_weights_from_disk", "get_weight_version",
+                     ("resume", ("kv_cache",))]
+    assert actor.calls == ["onload", "offload"]
+    for k in ("colocate/engine_resume_weights_s", "colocate/sync_s", "colocate/actor_offload_s",
+              "colocate/engine_resume_kv_cache_s", "weight_sync/seconds"):
+        assert out[k] >= 0.0, k
+    ws.close()
+
+
+# ------------------------------------------------------------------------------------------ real engine
+def _engine_weights(client, names):
+    out = {}
+    for name in names:
+        res = client.get_weights_by_name(name, truncate_size=1 << 30)
+        out[name] = {u: torch.tensor(v, dtype=torch.float64).float() for u, v in res.items()}
+    return out
+
+
+def test_cpu_engine_transports_single_process(tmp_path):
+    """Fake actor → a real CPU engine over disk and gloo; bit-exact weights; failure then recovery."""
+    from megatron_dapo.rollout.client import SyncEngineClient
+    from megatron_dapo.rollout.launch import launch_cpu_engines
+
+    ckpt = _write_tiny_hf(tmp_path / "ckpt", family="qwen3", tie=False)
+    actor = HFActor(ckpt)
+    names = mapping.hf_names(actor.spec)
+    with launch_cpu_engines(str(ckpt), 1, log_dir=tmp_path / "logs") as engines, \
+            SyncEngineClient(engines.urls, max_retries=0) as client:
+        for i, (transport, bucket_mb) in enumerate([("distributed", 0.004), ("disk", 0), ("distributed", 0)]):
+            actor.scale = 1.0 + 0.25 * (i + 1)
+            ws = WeightSync(actor, client, transport=transport, bucket_mb=bucket_mb, dtype=torch.float32,
+                            work_dir=tmp_path / "w", timeout_s=60)
+            m = ws.sync(f"v{i}")
+            assert client.get_weight_version() == {engines.urls[0]: f"v{i}"}
+            got = _engine_weights(client, names)
+            for name, t in actor.iter_hf_tensors(torch.float32):
+                assert torch.equal(got[name][engines.urls[0]], t), (transport, name)
+            assert m["weight_sync/num_buckets"] >= (2 if bucket_mb else 1)
+            if transport == "distributed" and i == 0:
+                # a tensor the engine cannot load -> error naming the engine; the group is rebuilt afterwards
+                real = actor.tensors["model.norm.weight"]
+                actor.tensors["model.norm.weight"] = torch.ones(real.numel() + 1)
+                with pytest.raises(WeightSyncError, match=engines.urls[0].split("//")[1]):
+                    ws.sync("broken")
+                actor.tensors["model.norm.weight"] = real
+                ws.sync("recovered")
+                assert client.get_weight_version() == {engines.urls[0]: "recovered"}
+            ws.close()
+        assert os.listdir(tmp_path / "w") == []
+
+
+# ------------------------------------------------------------------------------------------ torchrun
+LAYOUTS = {
+    # name: (nproc, env, checkpoint kwargs)
+    "tp2_pp2": (4, {"TP": "2", "PP": "2"}, dict(family="qwen2", tie_word_embeddings=True)),
+    "pp2_vpp2": (2, {"PP": "2", "VPP": "2", "EQUAL_LENGTHS": "1", "MAXTOK": "16"},
+                 dict(family="qwen3", tie_word_embeddings=False)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_megatron_actor_to_cpu_engines(layout, tmp_path):
+    """After a train step, every CPU transport × bucket size (0.05 MB, 1 MB, unbounded; and bf16) leaves two
+    CPU engines with weights bit-equal to ``iter_hf_tensors`` and logprobs within 1e-5 of the actor's."""
+    from megatron_dapo.data.tiny_checkpoint import make_tiny_checkpoint
+    from megatron_dapo.rollout.launch import find_free_ports, launch_cpu_engines
+
+    nproc, env_extra, ckpt_kw = LAYOUTS[layout]
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", num_layers=4, hidden_size=128, intermediate_size=256,
+                                vocab_size=2000, **ckpt_kw)
+    with launch_cpu_engines(str(ckpt), 2, log_dir=tmp_path / "logs") as engines:
+        env = dict(os.environ, CKPT=str(ckpt), ENGINE_URLS=",".join(engines.urls), WORK_DIR=str(tmp_path / "w"),
+                   TRANSPORTS="distributed,disk", BUCKETS_MB="0.05,1,0", WORKER_TIMEOUT_S="240", **env_extra)
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        port = find_free_ports(1)[0]
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                               f"--master_port={port}", str(WORKER)], env=env, cwd=str(REPO),
+                              capture_output=True, text=True, timeout=280)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "SYNC_WORKER_OK" in proc.stdout, out[-6000:]
+    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert [r["case"] for r in results] == [f"{t}-{b}-float32" for t in ("distributed", "disk")
+                                            for b in ("0.05", "1.0", "0.0")] + ["distributed-0.25-bfloat16"]
+    for r in results:
+        if "float32" in r["case"]:
+            assert r["rollout/train_rollout_logprob_abs_diff_max"] <= 1e-5, r
+    by_case = {r["case"]: r for r in results}
+    assert by_case["distributed-0.05-float32"]["weight_sync/num_buckets"] > by_case["distributed-1.0-float32"][
+        "weight_sync/num_buckets"] > by_case["distributed-0.0-float32"]["weight_sync/num_buckets"] == 1
