@@ -7,9 +7,12 @@ The launcher writes a random HF checkpoint with the Qwen2.5-0.5B config
 CPU engine on it and runs itself under ``torchrun --nproc_per_node 2`` (worker mode). Rank 0 prints, all
 measured in this one run:
 
+* the gloo all-gather bandwidth (the bound of any TP=2 export on CPU) and the actor's own
+  ``iter_hf_tensors`` throughput without bucketing;
 * export + bucketing throughput (``iter_buckets(actor.iter_hf_tensors(dtype))``: TP all-gather over
-  gloo, HF split, cast, bucket packing) in GB/s per bucket size and dtype, and its ratio to a plain
-  ``Tensor.copy_`` of the same number of bytes in the same process (goal: >= 0.5);
+  gloo, HF split, cast, bucket packing) in GB/s per bucket size and dtype, its ratio to a plain
+  ``Tensor.copy_`` of the same number of bytes in the same process (goal: >= 0.5) and to the raw export;
+* bucketing alone (fp32 -> bf16 cast + packing of in-memory tensors) vs memcpy;
 * end-to-end seconds of ``WeightSync.sync`` for each CPU transport (``distributed`` over gloo,
   ``disk``), first call (includes creating the update group) and steady state.
 """
@@ -85,21 +88,58 @@ def worker() -> None:
     t0 = time.perf_counter()
     actor = MegatronActor(ckpt, ActorConfig(tensor_model_parallel_size=2, lr=1e-6))
     rank = dist.get_rank()
-    res: dict = {"actor_build_s": time.perf_counter() - t0, "export": [], "sync": []}
+    res: dict = {"actor_build_s": time.perf_counter() - t0, "export": [], "sync": [], "raw": []}
+
+    # the bound: gloo all-gather of the largest TP-sharded tensor (the padded embedding), same run
+    shard = torch.randn(actor.padded_vocab // 2, actor.spec.hidden_size)
+    parts = [torch.empty_like(shard) for _ in range(2)]
+    for _ in range(2):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_gather(parts, shard)
+        dt = time.perf_counter() - t0
+    res["allgather_gbps"] = 2 * shard.numel() * 4 / dt / GB
+    del shard, parts
+
+    def drain(it) -> tuple[float, int, int, int]:
+        dist.barrier()
+        t0 = time.perf_counter()
+        nbytes = nb = largest = 0
+        for item in it:
+            pairs = item if isinstance(item, list) else [item]
+            b = sum(t.numel() * t.element_size() for _, t in pairs)
+            nbytes, nb, largest = nbytes + b, nb + 1, max(largest, b)
+            del item, pairs
+        return time.perf_counter() - t0, nbytes, nb, largest
+
     for dtype in (torch.float32, torch.bfloat16):
-        for mb in (64, 512, 0):
-            dist.barrier()
-            t0 = time.perf_counter()
-            nbytes, nb, largest = 0, 0, 0
-            for bucket in iter_buckets(actor.iter_hf_tensors(dtype), bucket_bytes_from_mb(mb), dtype=dtype):
-                b = sum(t.numel() * t.element_size() for _, t in bucket)
-                nbytes, nb, largest = nbytes + b, nb + 1, max(largest, b)
-                del bucket
-            dt = time.perf_counter() - t0
+        name = str(dtype).split(".")[-1]
+        dt, nbytes, _, _ = drain(actor.iter_hf_tensors(dtype))  # the actor alone, no bucketing
+        res["raw"].append({"dtype": name, "seconds": dt, "bytes": nbytes, "gbps": nbytes / dt / GB})
+        for mb in (64, 256, 512, 0):
+            dt, nbytes, nb, largest = drain(iter_buckets(actor.iter_hf_tensors(dtype), bucket_bytes_from_mb(mb),
+                                                         dtype=dtype))
             mc = memcpy_gbps(nbytes) if rank == 0 else 0.0
-            res["export"].append({"dtype": str(dtype).split(".")[-1], "bucket_mb": mb, "bytes": nbytes,
-                                  "buckets": nb, "largest_bucket_mb": largest / 2**20, "seconds": dt,
-                                  "gbps": nbytes / dt / GB, "memcpy_gbps": mc, "ratio": nbytes / dt / GB / mc if mc else 0})
+            res["export"].append({"dtype": name, "bucket_mb": mb, "bytes": nbytes, "buckets": nb,
+                                  "largest_bucket_mb": largest / 2**20, "seconds": dt, "gbps": nbytes / dt / GB,
+                                  "memcpy_gbps": mc, "ratio": nbytes / dt / GB / mc if mc else 0.0})
+    # bucketing alone (cast fp32 -> bf16 + packing) on tensors already in memory, vs memcpy of the output bytes
+    if rank == 0:
+        held = [(n, t.clone()) for n, t in actor.iter_hf_tensors(torch.float32)]
+    else:
+        for _ in actor.iter_hf_tensors(torch.float32):
+            pass
+    if rank == 0:
+        t0 = time.perf_counter()
+        out = 0
+        for bucket in iter_buckets(iter(held), bucket_bytes_from_mb(512), dtype=torch.bfloat16):
+            out += sum(t.numel() * t.element_size() for _, t in bucket)
+            del bucket
+        dt = time.perf_counter() - t0
+        mc = memcpy_gbps(out)
+        res["pack_only"] = {"bytes": out, "seconds": dt, "gbps": out / dt / GB, "memcpy_gbps": mc,
+                            "ratio": out / dt / GB / mc}
+        del held
     client = SyncEngineClient([url], control_timeout_s=1200) if rank == 0 else None
     for transport in ("distributed", "disk"):
         ws = WeightSync(actor, client, transport=transport, bucket_mb=512, dtype=torch.float32, work_dir=work,
@@ -117,13 +157,22 @@ def worker() -> None:
 def report(res: dict, layers: int) -> None:
     print(f"Qwen2.5-0.5B-shaped random model, {layers} layers, actor TP=2 (2 torchrun procs), "
           f"actor build {res['actor_build_s']:.1f}s")
-    print("export + bucketing (rank 0 view; all ranks iterate):")
+    print(f"gloo all-gather of the padded embedding (TP=2): {res['allgather_gbps']:.2f} GB/s")
+    for r in res["raw"]:
+        print(f"actor.iter_hf_tensors({r['dtype']}) alone: {r['seconds']:.2f}s, {r['bytes'] / GB:.3f} GB, "
+              f"{r['gbps']:.2f} GB/s")
+    print("export + bucketing (rank 0's clock; all ranks iterate):")
     print(f"  {'dtype':9s} {'bucket':>7s} {'GB':>6s} {'buckets':>7s} {'max MB':>7s} {'s':>6s} {'GB/s':>6s} "
-          f"{'memcpy':>7s} {'ratio':>6s}")
+          f"{'memcpy':>7s} {'ratio':>6s} {'vs raw':>6s}")
+    raw = {r["dtype"]: r for r in res["raw"]}
     for e in res["export"]:
         b = "inf" if e["bucket_mb"] == 0 else f"{e['bucket_mb']}MB"
         print(f"  {e['dtype']:9s} {b:>7s} {e['bytes'] / GB:6.3f} {e['buckets']:7d} {e['largest_bucket_mb']:7.1f} "
-              f"{e['seconds']:6.2f} {e['gbps']:6.2f} {e['memcpy_gbps']:7.2f} {e['ratio']:6.2f}")
+              f"{e['seconds']:6.2f} {e['gbps']:6.2f} {e['memcpy_gbps']:7.2f} {e['ratio']:6.3f} "
+              f"{e['gbps'] / raw[e['dtype']]['gbps']:6.2f}")
+    p = res["pack_only"]
+    print(f"bucketing alone (in-memory fp32 -> bf16, 512 MB buckets): {p['gbps']:.2f} GB/s out, memcpy "
+          f"{p['memcpy_gbps']:.2f} GB/s, ratio {p['ratio']:.2f}")
     print("end-to-end WeightSync.sync (fp32, bucket 512 MB, 1 CPU engine):")
     for s in res["sync"]:
         print(f"  {s['transport']:11s} call {s['call']}: {s['weight_sync/seconds']:6.2f}s  (export "

@@ -119,6 +119,22 @@ def _all_flag(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+class _signals_deferred:
+    """Block SIGUSR1/SIGTERM while a checkpoint is written: helper processes spawned by the checkpoint writer
+    inherit the blocked mask (a signal sent to the whole process group cannot kill them), and the trainer
+    receives the signal when the block ends."""
+
+    SIGNALS = {signal.SIGUSR1, signal.SIGTERM}
+
+    def __enter__(self):
+        self._old = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        return self
+
+    def __exit__(self, *exc):
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
+        return False
+
+
 class _Preemption:
     """SIGUSR1 / SIGTERM set a flag; the loop checkpoints at the next step boundary and exits 3."""
 
@@ -140,10 +156,10 @@ class _Preemption:
 class Trainer:
     """Builds every component from a validated :class:`DAPOConfig` and runs the loop (:meth:`fit`)."""
 
-    def __init__(self, cfg: DAPOConfig):
+    def __init__(self, cfg: DAPOConfig, preempt: Optional["_Preemption"] = None):
         self.cfg = cfg
         self._stack = ExitStack()
-        self.preempt = _Preemption()
+        self.preempt = preempt or _Preemption()
         self.alg = cfg.resolved_algorithm()
         self.hf_path = prepare_model(cfg)
 
@@ -213,7 +229,16 @@ class Trainer:
                                       engine_world_size=r.num_engines * r.engine_tp_size)
         self._stack.callback(self.weight_sync.close)
         self.val_rows = val_rows(cfg)
+        # Colocated engines share the GPUs with the actor: they sleep (release weights + KV cache) while the
+        # actor trains, and the actor is offloaded while they generate. Same contract on CPU (no memory moved).
+        self.colocated = bool(r.colocated)
+        self._engines_awake = True
+        if self.colocated:
+            self.weight_sync.colocated_release()
+            self._engines_awake = False
         self._resume()
+        if not self._engines_awake:
+            self._sync_weights()
 
     # ------------------------------------------------------------------ engines
     def _start_engines(self):
@@ -269,10 +294,19 @@ class Trainer:
             log.info("resumed from %s at step %d", path, self.step)
         self._sync_weights()  # the engines started from the HF weights, not the checkpoint's
 
+    def _actor_in_memory(self) -> None:
+        """Colocated: put the engines to sleep and bring the actor back (before save / export / eval-free
+        actor work); the next step wakes the engines again with a sync."""
+        if self.colocated and self._engines_awake:
+            self.weight_sync.colocated_release()
+            self._engines_awake = False
+
     def save(self) -> Path:
         from .actor.checkpoint import prune_checkpoints, save_checkpoint
 
-        path = save_checkpoint(self.actor, self.cfg.ckpt_dir, self.step, self._trainer_state())
+        self._actor_in_memory()
+        with _signals_deferred():
+            path = save_checkpoint(self.actor, self.cfg.ckpt_dir, self.step, self._trainer_state())
         if self.rank == 0:
             prune_checkpoints(self.cfg.ckpt_dir, self.cfg.trainer.keep_last_checkpoints)
             log.info("checkpoint saved: %s", path)
@@ -334,28 +368,41 @@ class Trainer:
         return batch
 
     def _sync_weights(self) -> dict[str, float]:
+        """Weights into the engines; colocated: engines wake up with them and the actor is offloaded."""
+        check = self.cfg.weight_sync.check_logprobs
+        reference = self._fixed_sequence_logprobs() if check else None  # before a colocated offload
         t0 = time.perf_counter()
-        m = self.weight_sync.sync(weight_version=str(self.step))
+        if self.colocated:
+            m = {}
+            if self._engines_awake:
+                m.update(self.weight_sync.colocated_release())
+            m.update(self.weight_sync.colocated_sync(weight_version=str(self.step)))
+            self._engines_awake = True
+        else:
+            m = self.weight_sync.sync(weight_version=str(self.step))
         m["timing/weight_sync_s"] = time.perf_counter() - t0
-        if self.cfg.weight_sync.check_logprobs:
-            m.update(self.check_engine_logprobs())
+        if check:
+            m.update(self.check_engine_logprobs(reference))
         return m
 
-    def check_engine_logprobs(self, tolerance: float = 1e-4) -> dict[str, float]:
-        """Score a fixed sequence on every engine and with the actor; they must agree (fp32: <= 1e-4).
-
-        Collective. Raises :class:`TrainingStopped` naming the difference when they do not.
-        """
+    def _fixed_sequence_logprobs(self):
+        """A fixed pseudo-random sequence and the actor's logprobs of its last 16 tokens (collective)."""
         from .actor.batching import build_actor_batch
 
         g = torch.Generator().manual_seed(12345)
-        vocab = self.actor.spec.vocab_size
-        seq = torch.randint(0, vocab, (24,), generator=g).tolist()
+        seq = torch.randint(0, self.actor.spec.vocab_size, (24,), generator=g).tolist()
         prompt, resp = seq[:8], seq[8:]
-        batch = build_actor_batch([prompt], [resp])
+        lp, _ = self.actor.compute_logprobs(build_actor_batch([prompt], [resp]),
+                                            temperature=self.cfg.rollout.temperature)
+        return seq, len(prompt), lp[0, len(prompt): len(seq)]
+
+    def check_engine_logprobs(self, reference, tolerance: float = 1e-4) -> dict[str, float]:
+        """Score the fixed sequence on every engine; it must match the actor's logprobs (fp32: <= 1e-4).
+
+        Collective. Raises :class:`TrainingStopped` naming the difference when they do not.
+        """
+        seq, prompt_len, actor_lp = reference
         temp = self.cfg.rollout.temperature
-        actor_lp, _ = self.actor.compute_logprobs(batch, temperature=temp)
-        actor_lp = actor_lp[0, len(prompt): len(seq)]
         diff = 0.0
         if self.rank == 0:
             urls = self.client.control_urls
@@ -364,7 +411,7 @@ class Trainer:
 
                 one = SyncEngineClient([url], api_key=self.cfg.rollout.api_key)
                 try:
-                    eng = one.score([seq], start_lens=len(prompt), temperature=temp)[0]
+                    eng = one.score([seq], start_lens=prompt_len, temperature=temp)[0]
                 finally:
                     one.close()
                 diff = max(diff, float((torch.tensor(eng, dtype=torch.float32) - actor_lp).abs().max()))
@@ -377,10 +424,15 @@ class Trainer:
     def train_one_step(self) -> dict[str, float]:
         cfg = self.cfg
         t_step = time.perf_counter()
+        if self.colocated and not self._engines_awake:  # after a checkpoint / export
+            self._sync_weights()
         groups, metrics, error = self._rollout() if self.rank == 0 else (None, {}, None)
         groups, metrics, error = _broadcast((groups, metrics, error))
         if error is not None:
             raise TrainingStopped(error)
+        if self.colocated:  # engines sleep, the actor comes back for training
+            metrics.update(self.weight_sync.colocated_release())
+            self._engines_awake = False
         batch = self._build_batch(groups)
         self._batch_ids = [g.prompt_index for g in groups]
 
@@ -490,6 +542,7 @@ class Trainer:
         """Write the current policy as a HF checkpoint (collective; rank 0 writes)."""
         from .models.export import save_hf_checkpoint
 
+        self._actor_in_memory()
         save_hf_checkpoint(self.actor, out_dir, src_hf_dir=self.hf_path)
 
     def close(self) -> None:
@@ -499,8 +552,9 @@ class Trainer:
 def run_training(cfg: DAPOConfig) -> int:
     """Build a :class:`Trainer` and run it; turn known stop conditions into a clear message + exit code 2."""
     trainer = None
+    preempt = _Preemption()  # first thing: a SIGUSR1 during start-up must not kill the process
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, preempt)
         return trainer.fit()
     except TrainingStopped as e:
         rank = dist.get_rank() if dist.is_initialized() else 0

@@ -13,7 +13,8 @@
 #   DAPO_ENGINE_TIMEOUT    seconds to wait for engines' /health (default 1800)
 #   DAPO_ENGINE_EXTRA_ARGS extra arguments for sglang.launch_server
 #   DAPO_MAX_REQUEUES      stop requeueing after this many restarts (default 50)
-#   DAPO_LOG_DIR           where per-job logs go: DAPO_LOG_DIR/<jobid>/ (default: $DAPO_ROOT/logs)
+#   DAPO_LOG_DIR           where per-job logs go: DAPO_LOG_DIR/<jobid>/ (default: $DAPO_ROOT/logs); must be
+#                          on a file system every node sees (the preemption request file lives there)
 #   DAPO_TASK_EXIT_WAIT    seconds the trainer step waits for its other ranks once one rank has exited
 #                          before Slurm terminates them (srun --wait; default 120)
 

@@ -6,6 +6,7 @@
 # Inputs (environment): DAPO_ENGINE_KIND (sglang|cpu), DAPO_ENGINES_PER_NODE, DAPO_ENGINE_TP,
 # DAPO_ENGINE_PORT, DAPO_MEM_FRACTION, DAPO_MODEL_PATH, DAPO_MEMORY_SAVER (1: --enable-memory-saver,
 # for engines colocated with the trainer), DAPO_ENGINE_LOG_DIR, DAPO_PY, DAPO_ENGINE_EXTRA_ARGS.
+# Engine logs are appended to, so a requeued job (same job id) adds to the files of its first run.
 set -u
 node=${SLURMD_NODENAME:-$(hostname)}
 kind=${DAPO_ENGINE_KIND:?} per_node=${DAPO_ENGINES_PER_NODE:?} tp=${DAPO_ENGINE_TP:-1}

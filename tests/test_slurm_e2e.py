@@ -6,6 +6,11 @@ weights synced through disk. It needs a cluster with at least two nodes: the loc
 ../shared/tools/local-slurm (`bash start_local_slurm.sh`; its two "nodes" share this machine) or any CPU
 partition. Without `sbatch`, or when `sinfo` does not answer, every test here skips.
 
+Two jobs run the same 4-step config: one uninterrupted (the smoke test's job, and the reference), one
+sent SIGUSR1 after its first step, requeued, and resumed; their steps must agree exactly. The
+preempted job starts first, in a background thread, and the reference job runs during the two minutes
+Slurm holds the requeued job.
+
 Each job writes under the test's tmp dir: the batch log (`slurm-<jobid>.out`, the trainer's output
 included), the per-job logs (`logs/<jobid>/`: engines), and the run itself (`out/<run_name>/`). A
 failing test prints the tail of the batch log and of the engine logs.
@@ -19,8 +24,10 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -219,34 +226,39 @@ def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def expected_batches(overrides: list[str], num_steps: int) -> list[set[int]]:
-    """Prompt indices of steps 1..num_steps of a run *without* dynamic sampling: step j trains on
-    positions (j-1)·B .. j·B-1 of the data order (PromptDataset: a seeded permutation per epoch,
-    documented as stable across processes), B = rollout.rollout_batch_size."""
-    from megatron_dapo.config import load_config
-    from megatron_dapo.data import PromptDataset
-
-    cfg = load_config(REPO_ROOT / CONFIG, overrides, validate=False)
-    assert not cfg.data.train_files, "expected_batches knows the embedded demo task only"
-    ds = PromptDataset(list(range(cfg.data.demo_num_rows)), seed=cfg.seed, shuffle=cfg.data.shuffle)
-    return [{i for i, _ in ds.next_batch(cfg.rollout.rollout_batch_size)} for _ in range(num_steps)]
-
-
 # ------------------------------------------------------------------------------------------- tests
 
 
-def test_cpu_smoke_job_trains_and_writes_tensorboard_and_checkpoint(tmp_path, model_dir):
-    """`sbatch --wait slurm/cpu_smoke.sbatch` with 2 steps: exits 0, both TP ranks ran in one step across
-    two nodes, TensorBoard has every headline scalar for steps 1 and 2, the final checkpoint is a
-    complete TP=2 checkpoint at step 2 and the HF export exists."""
+TOTAL_STEPS = 4
+# Both jobs run this: the smoke job uninterrupted (it is the reference), the other preempted. Rollouts are
+# made reproducible (one ordered engine request per round, no mid-round abort), so the two runs see the
+# same batches; dynamic sampling stays on, as in the example.
+RUN_OVERRIDES = [f"trainer.total_steps={TOTAL_STEPS}", "rollout.deterministic=true"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, model_dir, preemption) -> tuple[SmokeRun, subprocess.CompletedProcess]:
+    """`sbatch --wait slurm/cpu_smoke.sbatch CONFIG RUN_OVERRIDES`, uninterrupted. Submitted once the
+    preemption job sits in its requeue hold, so the two jobs do not compete for the CPUs."""
     env = slurm_env()
-    steps = 2
-    run = SmokeRun(tmp_path, model_dir, "smoke", [f"trainer.total_steps={steps}"])
+    if preemption is not None:
+        preemption.held.wait(timeout=300)
+    run = SmokeRun(tmp_path_factory.mktemp("reference"), model_dir, "reference", RUN_OVERRIDES)
     try:
         r = run.submit(env, wait=True, timeout=360)
     except subprocess.TimeoutExpired:
         run.cancel(env)
         pytest.fail("sbatch --wait did not return within 360 s\n" + run.diagnose())
+    return run, r
+
+
+def test_cpu_smoke_job_trains_and_writes_tensorboard_and_checkpoint(reference):
+    """`sbatch --wait slurm/cpu_smoke.sbatch` (4 steps): exits 0, both TP ranks ran in one step across
+    two nodes, TensorBoard has every headline scalar for every step, the final checkpoint is a complete
+    TP=2 checkpoint of the last step and the HF export exists."""
+    env = slurm_env()
+    run, r = reference
+    steps = TOTAL_STEPS
     log = run.job_log.read_text(errors="replace") if run.job_log.exists() else ""
     assert r.returncode == 0, f"job {run.job} failed (sbatch rc {r.returncode}: {r.stderr.strip()})\n{run.diagnose()}"
     assert "trainer exited with 0" in log, run.diagnose()
@@ -290,14 +302,14 @@ def test_cpu_smoke_job_trains_and_writes_tensorboard_and_checkpoint(tmp_path, mo
 
 
 PREEMPT_TEST = "test_sigusr1_checkpoints_requeues_and_resumes_with_the_next_batch"
-PREEMPT_TOTAL_STEPS = 4
 
 
-def drive_preemption(env: dict, run: SmokeRun) -> dict:
+def drive_preemption(env: dict, run: SmokeRun, held: threading.Event) -> dict:
     """Submit ``run``; once step 1 is logged send SIGUSR1 to the batch shell (`scancel --batch`); wait
-    for the requeue and for the requeued run to finish. Returns ``{"before": steps logged by the first
-    run, "final": last scontrol fields}``. Raises AssertionError (with the job's log tail) when a stage
-    does not happen; cancels the job on any error."""
+    for the requeue and for the requeued run to finish. Sets ``held`` once the job sits in Slurm's
+    requeue hold (or when this returns or fails). Returns ``{"before": steps logged by the first run,
+    "final": last scontrol fields}``. Raises AssertionError (with the job's log tail) when a stage does
+    not happen; cancels the job on any error."""
     r = run.submit(env, wait=False)
     assert r.returncode == 0, r.stderr
     try:
@@ -321,6 +333,7 @@ def drive_preemption(env: dict, run: SmokeRun) -> dict:
                                      f"{f.get('Restarts')})\n{run.diagnose()}")
             time.sleep(0.3)
         before = run.steps()  # the first run has ended: these are its steps
+        held.set()
 
         # 3) the requeued run finishes the remaining steps. Slurm holds a requeued job until its old
         #    job credential has expired (EligibleTime = requeue time + cred_expire + 1 s, 121 s by
@@ -330,54 +343,63 @@ def drive_preemption(env: dict, run: SmokeRun) -> dict:
         final = wait_job_done(env, run.job, timeout=240)
         return {"before": before, "final": final}
     finally:
+        held.set()
         run.cancel(env)
+
+
+@dataclass
+class Preemption:
+    """The running preemption scenario: its job, the Future of :func:`drive_preemption`, and the event
+    set once the job sits in the requeue hold."""
+
+    run: SmokeRun
+    future: Future
+    held: threading.Event
 
 
 @pytest.fixture(scope="module", autouse=True)
 def preemption(request, tmp_path_factory, model_dir):
-    """The preemption scenario of :func:`test_sigusr1_checkpoints_requeues_and_resumes_with_the_next_batch`,
-    started in a background thread when this module starts, so that the two minutes Slurm holds the
-    requeued job overlap the other test's job. Yields (SmokeRun, Future of :func:`drive_preemption`),
-    or None when that test is not selected or there is no cluster."""
+    """The job of :func:`test_sigusr1_checkpoints_requeues_and_resumes_with_the_next_batch`, driven by a
+    background thread from the start of this module: Slurm holds a requeued job for about two minutes,
+    and the reference job runs in that window (it waits for ``held``; the two jobs never compete for
+    the CPUs). Yields a :class:`Preemption`, or None when that test is not selected or there is no
+    cluster."""
     probe = _probe()
     if isinstance(probe, str) or not any(i.name == PREEMPT_TEST for i in request.session.items):
         yield None
         return
-    run = SmokeRun(tmp_path_factory.mktemp("preempt"), model_dir, "preempt",
-                   [f"trainer.total_steps={PREEMPT_TOTAL_STEPS}", "algorithm.dynamic_sampling=false"])
+    run = SmokeRun(tmp_path_factory.mktemp("preempt"), model_dir, "preempt", RUN_OVERRIDES)
+    held = threading.Event()
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preemption")
-    future = pool.submit(drive_preemption, dict(probe), run)
+    future = pool.submit(drive_preemption, dict(probe), run, held)
     try:
-        yield run, future
+        yield Preemption(run, future, held)
     finally:
         if not future.done():
             run.cancel(dict(probe))
         pool.shutdown(wait=True)
 
 
-def test_sigusr1_checkpoints_requeues_and_resumes_with_the_next_batch(preemption):
+def test_sigusr1_checkpoints_requeues_and_resumes_with_the_next_batch(preemption, reference):
     """SIGUSR1 to the batch shell mid-run (`scancel --batch --signal=USR1`, what Slurm itself sends
     --signal=B:USR1@S before the time limit): the trainer checkpoints at the end of its current step k
     and exits 3, the script requeues the job, and the second run resumes from that checkpoint and
     trains steps k+1..N (:func:`drive_preemption` runs the job, see the ``preemption`` fixture).
 
-    What "the same batch it would have had" can honestly mean: with dynamic sampling on, *which* of the
-    generated groups fill a batch depends on rollouts, and the CPU engine's outputs depend on how its
-    requests happened to be batched, so even two uninterrupted runs of one config differ. With
-    dynamic sampling off, each step takes exactly the next B prompts of the seeded data order, so an
-    uninterrupted run trains step j on positions (j-1)·B..j·B-1 whatever the engine does. The test
-    turns it off and compares every step with that order: steps 1..k (run before the preemption, the
-    uninterrupted reference) and, the point of the test, step k+1 onwards (after the requeue), which
-    can only match if the step counter and the data position came back from the checkpoint. (The
-    smoke test above runs dynamic sampling.)
+    "The batch it would have had" is the uninterrupted reference job's batch: same config, same TP=2
+    layout across the two nodes, rollouts made reproducible (``rollout.deterministic``: one ordered
+    engine request per round, so the engine's batch composition, and with it every sampled token, does
+    not depend on timing). Steps 1..k show the two runs agree when nothing happens; step k+1 onwards
+    can only agree if the step counter, the data position, the dynamic sampler, the actor's weights and
+    optimizer state all came back from the checkpoint and reached the engine.
     """
     env = slurm_env()
     if preemption is None:
         pytest.skip("preemption scenario not started")
-    run, future = preemption
-    out = future.result(timeout=900)
+    run = preemption.run
+    out = preemption.future.result(timeout=900)
     before, final = out["before"], out["final"]
-    total = PREEMPT_TOTAL_STEPS
+    total = TOTAL_STEPS
     log = run.job_log.read_text(errors="replace")
     assert final.get("JobState") == "COMPLETED" and final.get("ExitCode") == "0:0", (final, run.diagnose())
     assert final.get("Restarts") == "1", final
@@ -398,18 +420,24 @@ def test_sigusr1_checkpoints_requeues_and_resumes_with_the_next_batch(preemption
     steps = run.steps()
     assert [s["step"] for s in steps] == list(range(1, total + 1)), f"steps after resume: {steps}"
     assert steps[:k] == before
-    expected = expected_batches(run.overrides, total)
-    for s in steps:
-        got = set(s["prompt_indices"])
-        where = "before the preemption" if s["step"] <= k else "after the requeue"
-        assert got == expected[s["step"] - 1], (
-            f"step {s['step']} ({where}, checkpoint at step {k}) trained on {sorted(got)}, the data order "
-            f"gives {sorted(expected[s['step'] - 1])}")
+
+    ref_run, ref_result = reference
+    assert ref_result.returncode == 0, "the reference job failed (see the smoke test)\n" + ref_run.diagnose()
+    ref = ref_run.steps()
+    assert [s["step"] for s in ref] == list(range(1, total + 1)), ref
+    for got, want in zip(steps, ref):
+        where = f"step {got['step']} ({'before' if got['step'] <= k else 'after'} the requeue; checkpoint at step {k})"
+        assert got["prompt_indices"] == want["prompt_indices"], (
+            f"{where} trained on {got['prompt_indices']}, the uninterrupted run on {want['prompt_indices']}")
+        assert got["rollout/reward_mean"] == want["rollout/reward_mean"], (where, got, want)
+        for key in ("actor/pg_loss", "actor/grad_norm"):
+            assert abs(got[key] - want[key]) <= 1e-5 * max(1.0, abs(want[key])), (where, key, got, want)
 
     from megatron_dapo.actor.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(run.run_dir / "checkpoints")
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    assert state["step"] == total and state["dataset"]["position"] == total * 8, state["dataset"]
+    ref_ckpt = latest_checkpoint(ref_run.run_dir / "checkpoints")
+    state, ref_state = (json.loads((c / "trainer_state.json").read_text()) for c in (ckpt, ref_ckpt))
+    assert state["step"] == total and state["dataset"] == ref_state["dataset"], (state["dataset"], ref_state["dataset"])
     scalars = read_scalars(run.run_dir / "tb")
     assert [s for s, _ in scalars["actor/pg_loss"]] == list(range(1, total + 1)), scalars["actor/pg_loss"]

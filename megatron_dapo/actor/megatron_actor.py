@@ -99,7 +99,9 @@ class MegatronActor:
         kw = transformer_config_kwargs(
             self.spec, tp=self.tp, pp=self.pp, vpp=self.vpp, params_dtype=c.params_dtype,
             sequence_parallel=c.sequence_parallel, context_parallel=c.context_parallel_size,
-            recompute=c.recompute, fp8=c.fp8, fp8_recipe=c.fp8_recipe, on_cpu=on_cpu)
+            recompute=c.recompute, fp8=c.fp8, fp8_recipe=c.fp8_recipe, on_cpu=on_cpu,
+            num_layers_in_first_pipeline_stage=getattr(c, "num_layers_in_first_pipeline_stage", None),
+            num_layers_in_last_pipeline_stage=getattr(c, "num_layers_in_last_pipeline_stage", None))
         self.tconfig = TransformerConfig(**kw)
         if on_cpu or c.fp8 is None and not _has_te():
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -312,15 +314,26 @@ class MegatronActor:
         lengths = batch.seq_lengths.tolist()
         mine = balance_across_ranks(lengths, self.dp_size)[self.dp_rank]
         groups = make_micro_batches([lengths[i] for i in mine], self.cfg.max_tokens_per_gpu, self.cfg.micro_batch_size)
-        if self.vpp and len(groups) < self.pp:
-            # the interleaved schedule needs at least PP micro-batches
+        if self.vpp and len(groups) % self.pp:
+            # the interleaved schedule needs a multiple of PP micro-batches (megatron-core asserts it)
             if len(mine) < self.pp:
                 raise ValueError(f"interleaved pipeline (PP={self.pp}) needs >= {self.pp} sequences per "
                                  f"data-parallel rank, got {len(mine)}")
+            n_groups = -(-len(groups) // self.pp) * self.pp
+            if n_groups > len(mine):
+                n_groups = len(mine) // self.pp * self.pp
             order = sorted(range(len(mine)), key=lambda j: -lengths[mine[j]])
-            groups = [sorted(order[k::self.pp]) for k in range(self.pp)]
+            groups = [sorted(order[k::n_groups]) for k in range(n_groups)]
         rows = [[mine[j] for j in g] for g in groups]
-        mbs = [batch.select(r) for r in rows]
+        if self.tconfig.variable_seq_lengths:
+            mbs = [batch.select(r) for r in rows]
+        else:
+            # fixed p2p shapes (interleaved pipeline on gloo): every micro-batch is [max rows, L]; filler
+            # rows repeat a real row with an all-zero response mask (no loss, no gradient, dropped below)
+            width = max(len(r) for r in rows)
+            mbs = [batch.select(r + [r[-1]] * (width - len(r)), trim=False) for r in rows]
+            for mb, r in zip(mbs, rows):
+                mb.response_mask[len(r):] = 0
         self._num_mb = len(mbs)
         iters = [iter(list(mbs)) for _ in self.chunks] if len(self.chunks) > 1 else iter(list(mbs))
         fwd_bwd = get_forward_backward_func()
@@ -347,8 +360,8 @@ class MegatronActor:
         if self.ps.is_pipeline_last_stage(ignore_virtual=True) and self.tp_rank == 0:
             for o, r in zip(outs, rows):
                 l = o["logprobs"].shape[1]
-                res[0, r, :l] = o["logprobs"]
-                res[1, r, :l] = o["entropy"]
+                res[0, r, :l] = o["logprobs"][: len(r)]
+                res[1, r, :l] = o["entropy"][: len(r)]
         res = res.to(torch.cuda.current_device()) if cuda_available() else res
         dist.all_reduce(res)  # exactly one contributor per row (last stage, TP rank 0, owning DP rank)
         res = res.cpu()

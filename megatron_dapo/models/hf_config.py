@@ -216,7 +216,9 @@ def transformer_config_kwargs(spec: ModelSpec, *, tp: int = 1, pp: int = 1, vpp:
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        variable_seq_lengths=True,
+        # gloo + interleaved schedule: the shape exchange of variable-length p2p deadlocks or mismatches
+        # messages (measured); the actor then pads every micro-batch to one fixed shape instead.
+        variable_seq_lengths=not (on_cpu and vpp is not None),
         # megatron-core rejects variable_seq_lengths with the (unused, dense model) allgather MoE dispatcher
         moe_token_dispatcher_type="alltoall",
         # gloo + interleaved schedule + batched p2p gives wrong gradients silently (measured).

@@ -18,6 +18,7 @@ _DTYPE_ALIASES = {
 }
 
 MB = 1 << 20
+_MAX_STORAGE_OVERHEAD = 1.25
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, actor=None) -> torch.dtype:
@@ -69,17 +70,20 @@ def tensor_nbytes(t: torch.Tensor) -> int:
 
 
 def _compact(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """Cast to ``dtype`` and make ``t`` own exactly its bytes (contiguous, no larger backing storage).
+    """Cast to ``dtype``, make ``t`` contiguous, and copy it out of a much larger backing storage.
 
-    Views (the q/k/v split of ``linear_qkv``, the vocab rows of a padded embedding) are copied so that
-    a bucket never keeps a whole full tensor alive and so that serialisers see plain tensors.
+    A view that covers most of its storage (the vocab rows of a padded embedding: 99.9 %) is kept as it
+    is (a copy would cost a full extra pass over the largest tensor); views into big shared buffers (a
+    replicated parameter inside the DDP parameter buffer, the k/v slices of one-group ``linear_qkv``) are
+    copied, so a bucket never pins more than ~1.25x its payload and no two bucket tensors share storage
+    (safetensors refuses shared storage).
     """
     t = t.detach()
     if dtype is not None and t.dtype != dtype:
         t = t.to(dtype)
     if not t.is_contiguous():
         t = t.contiguous()
-    if t.storage_offset() != 0 or t.untyped_storage().nbytes() != tensor_nbytes(t):
+    if t.untyped_storage().nbytes() > _MAX_STORAGE_OVERHEAD * tensor_nbytes(t):
         t = t.clone()
     return t
 

@@ -171,15 +171,15 @@ def _timed_buckets(buckets: Iterator, stats: _Stats) -> Iterator:
 
 def _checked_names(stream: Iterator[tuple[str, torch.Tensor]], expected: Optional[list[str]]) -> Iterator:
     """Yield the actor's ``(hf_name, tensor)`` pairs; at the end check the set against ``expected``."""
-    seen = []
+    seen: set[str] = set()
     expected_set = set(expected) if expected is not None else None
     for name, t in stream:
         if expected_set is not None and name not in expected_set:
             raise WeightSyncError(f"actor exported tensor {name!r}, which is not an HF parameter of this model")
-        seen.append(name)
+        seen.add(name)
         yield name, t
-    if expected_set is not None:
-        missing = [n for n in expected if n not in set(seen)]
+    if expected is not None:
+        missing = [n for n in expected if n not in seen]
         if missing:
             raise WeightSyncError(f"actor export misses {len(missing)} tensor(s), e.g. {missing[:5]}")
 

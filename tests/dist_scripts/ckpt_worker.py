@@ -1,7 +1,19 @@
-"""torchrun worker for tests/test_actor_checkpoint.py (one launch per phase; results as a .pt file).
+"""torchrun worker for tests/test_actor_checkpoint.py.
 
-Env: PHASE (save | load | resume_ref | kill_save), TP, PP, VPP, DISTOPT, HF, CKPT, OUT.
+``STEPS`` is a JSON list run in order, each step building a fresh :class:`MegatronActor` on ``HF``:
+
+* ``{"op": "save", "ckpt": root, "step": n, "tp":.., "pp":.., "vpp":.., "distopt": 0|1}``: one Adam
+  step, save (trainer_state ``{"step": n, "data_pos": 17}``), log-probs, then one more step and the
+  resulting parameters (reference for exact resume);
+* ``{"op": "load", "ckpt": root_or_dir, "load_optimizer": 0|1, ...}``: load (fresh actor, other seed,
+  no HF weights), log-probs, and with the optimizer one more step and the resulting parameters;
+* ``{"op": "layout_error", ...}``: load with the optimizer expecting ``CheckpointLayoutError``;
+* ``{"op": "kill_save", "ckpt": root, "at": "before_rename"|"before_latest"}``: save step 1, then
+  save step 2 with the kill hook armed (rank 0 exits with code 17 mid-save).
+
+Rank 0 writes the list of per-step results to ``OUT`` (torch.save) after every step.
 """
+import json
 import os
 import sys
 from pathlib import Path
@@ -9,19 +21,35 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
-def _batch(actor_cls_mod):
+def make_batch():
     import torch
 
     from megatron_dapo.actor.batching import build_actor_batch
 
     g = torch.Generator().manual_seed(0)
-    lp_, lr_ = (5, 7, 3, 9), (6, 2, 8, 4)
-    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in lp_]
-    resps = [torch.randint(0, 300, (n,), generator=g).tolist() for n in lr_]
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 7, 3, 9)]
+    resps = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (6, 2, 8, 4)]
     b = build_actor_batch(prompts, resps)
-    b.old_logprobs = torch.randn(b.input_ids.shape, generator=g) * 0.1 - 5.0
+    b.old_logprobs = (torch.randn(b.input_ids.shape, generator=g) * 0.1 - 5.0) * b.response_mask
     b.advantages = torch.randn(len(prompts), 1, generator=g).expand(b.input_ids.shape).contiguous() * b.response_mask
     return b
+
+
+def build(step, load_weights):
+    from megatron_dapo.actor.megatron_actor import MegatronActor
+    from megatron_dapo.config import ActorConfig
+
+    cfg = ActorConfig(tensor_model_parallel_size=int(step.get("tp", 1)),
+                      pipeline_model_parallel_size=int(step.get("pp", 1)),
+                      virtual_pipeline_model_parallel_size=step.get("vpp"), lr=1e-2, lr_warmup_steps=0,
+                      max_tokens_per_gpu=64, weight_decay=0.01, lr_decay_style="linear",
+                      use_distributed_optimizer=bool(step.get("distopt", 0)))
+    return MegatronActor(os.environ["HF"], cfg, total_train_steps=10, seed=1234 if load_weights else 99,
+                         load_weights=load_weights)
+
+
+def params(actor):
+    return {n: t.clone() for n, t in actor.iter_hf_tensors()}
 
 
 def main():
@@ -29,48 +57,48 @@ def main():
     import torch.distributed as dist
 
     from megatron_dapo.actor import checkpoint as ck
-    from megatron_dapo.actor.megatron_actor import LossSettings, MegatronActor
-    from megatron_dapo.config import ActorConfig
+    from megatron_dapo.actor.megatron_actor import LossSettings
 
-    env = os.environ
-    cfg = ActorConfig(tensor_model_parallel_size=int(env.get("TP", 1)), pipeline_model_parallel_size=int(env.get("PP", 1)),
-                      virtual_pipeline_model_parallel_size=int(env["VPP"]) if env.get("VPP") else None,
-                      lr=1e-2, lr_warmup_steps=0, max_tokens_per_gpu=64, weight_decay=0.01,
-                      use_distributed_optimizer=env.get("DISTOPT") == "1")
-    phase = env["PHASE"]
-    actor = MegatronActor(env["HF"], cfg, total_train_steps=10, seed=int(env.get("SEED", 1234)),
-                          load_weights=phase != "load")
-    b = _batch(None)
+    b = make_batch()
     ls = LossSettings()
-    res = {}
-    if phase == "save":
-        actor.train_step(b, ls)  # non-trivial optimizer state
-        res["logprobs"] = actor.compute_logprobs(b)[0]
-        ck.save_checkpoint(actor, env["CKPT"], 1, {"step": 1, "data_pos": 17})
-        actor.train_step(b, ls)
-        res["params_after_next_step"] = {n: t.clone() for n, t in actor.iter_hf_tensors()}
-    elif phase == "load":
-        state = ck.load_checkpoint(actor, env["CKPT"], load_optimizer=env.get("LOADOPT", "1") == "1")
-        res["trainer_state"] = state
-        res["logprobs"] = actor.compute_logprobs(b)[0]
-        if env.get("LOADOPT", "1") == "1":
+    out = []
+    for step in json.loads(os.environ["STEPS"]):
+        op = step["op"]
+        r = {"op": op}
+        actor = build(step, load_weights=op in ("save", "kill_save"))
+        if op == "save":
             actor.train_step(b, ls)
-            res["params_after_next_step"] = {n: t.clone() for n, t in actor.iter_hf_tensors()}
-    elif phase == "kill_save":
-        actor.train_step(b, ls)
-        ck.save_checkpoint(actor, env["CKPT"], 1, {"step": 1})
-        actor.train_step(b, ls)
-        ck.save_checkpoint(actor, env["CKPT"], 2, {"step": 2})  # killed by the env hook
-    elif phase == "layout_error":
-        try:
-            ck.load_checkpoint(actor, env["CKPT"], load_optimizer=True)
-            res["error"] = None
-        except ck.CheckpointLayoutError as e:
-            res["error"] = str(e)
-    if dist.get_rank() == 0 and env.get("OUT"):
-        torch.save(res, env["OUT"])
+            ck.save_checkpoint(actor, step["ckpt"], step.get("step", 1), {"step": step.get("step", 1), "data_pos": 17})
+            r["logprobs"] = actor.compute_logprobs(b)[0]
+            r["lr_next"] = actor.train_step(b, ls)["lr"]
+            r["params_next"] = params(actor)
+            r["rng_next"] = torch.rand(3)
+        elif op == "load":
+            lo = bool(step.get("load_optimizer", 1))
+            r["trainer_state"] = ck.load_checkpoint(actor, step["ckpt"], load_optimizer=lo)
+            r["rng_next"] = torch.rand(3)
+            r["logprobs"] = actor.compute_logprobs(b)[0]
+            if lo:
+                r["lr_next"] = actor.train_step(b, ls)["lr"]
+                r["params_next"] = params(actor)
+        elif op == "layout_error":
+            try:
+                ck.load_checkpoint(actor, step["ckpt"], load_optimizer=True)
+                r["error"] = None
+            except ck.CheckpointLayoutError as e:
+                r["error"] = str(e)
+        elif op == "kill_save":
+            actor.train_step(b, ls)
+            ck.save_checkpoint(actor, step["ckpt"], 1, {"step": 1})
+            actor.train_step(b, ls)
+            os.environ["MEGATRON_DAPO_CKPT_KILL_AT"] = step["at"]
+            ck.save_checkpoint(actor, step["ckpt"], 2, {"step": 2})
+            r["error"] = "not killed"
+        actor.close()
+        out.append(r)
+        if dist.get_rank() == 0:
+            torch.save(out, os.environ["OUT"])
     dist.barrier()
-    actor.close()
     dist.destroy_process_group()
 
 

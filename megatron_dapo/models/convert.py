@@ -1,0 +1,324 @@
+"""HF safetensors ↔ megatron-core ``torch_dist`` checkpoints (shared logic of the two conversion tools).
+
+* :func:`hf_to_megatron` builds a megatron-core ``GPTModel`` (local layer spec, no optimizer) at the
+  current TP/PP layout, copies the HF weights into this rank's shards (:mod:`megatron_dapo.models.mapping`)
+  and saves ``model.sharded_state_dict()`` with ``dist_checkpointing`` (torch_dist). The result is
+  layout-agnostic: any TP/PP/VPP loads it (``MegatronActor`` + :func:`megatron_dapo.actor.checkpoint.
+  load_checkpoint` with ``load_optimizer=False``). ``config.json``, ``generation_config.json`` and the
+  tokenizer files are copied next to it for the way back.
+* :func:`megatron_to_hf` builds the model at TP=1/PP=1 in one process (dist_checkpointing reshards
+  any saved layout on load), and writes HF safetensors (sharded at ``max_shard_bytes`` with a
+  ``model.safetensors.index.json`` when larger) in the dtype of the copied ``config.json``.
+* :func:`verify_against_hf` compares transformers' logits/log-probs with Megatron's on a fixed batch.
+
+Errors: missing files → ``FileNotFoundError`` naming the path; unsupported architecture →
+:class:`~megatron_dapo.models.hf_config.UnsupportedModelError`; wrong tensor shape →
+:class:`~megatron_dapo.models.mapping.MappingError` naming the tensor, expected and found shapes.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from . import mapping
+from .hf_config import ModelSpec, gpt_model_kwargs, read_hf_config, spec_from_hf_config, transformer_config_kwargs
+
+COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+              "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+              "tokenizer.model", "LICENSE")
+CONVERT_INFO = "convert_info.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _progress(it, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, total=total, desc=desc, unit="tensor")
+
+
+def hf_dtype(cfg: dict[str, Any]) -> torch.dtype:
+    """The checkpoint dtype named by ``config.json`` (``dtype`` or legacy ``torch_dtype``; fp32 default)."""
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    if name not in _DTYPES:
+        raise ValueError(f"config.json dtype {name!r} is not one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def copy_hf_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy config / generation config / tokenizer files that exist in ``src`` to ``dst``."""
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in COPY_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+class HFTensorReader:
+    """Lazy reader over the ``*.safetensors`` files of a HF directory (``get(name)`` → tensor)."""
+
+    def __init__(self, hf_dir: str | Path):
+        from safetensors import safe_open
+
+        hf_dir = Path(hf_dir)
+        files = sorted(hf_dir.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files in {hf_dir}")
+        self._handles = [safe_open(str(f), framework="pt") for f in files]
+        self._where = {k: h for h in self._handles for k in h.keys()}
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+
+@contextlib.contextmanager
+def megatron_model(spec: ModelSpec, *, tp: int = 1, pp: int = 1, params_dtype: str = "fp32",
+                   divisible_by: int = 128, seed: int = 1234) -> Iterator[dict[str, Any]]:
+    """Initialise parallel state (if needed) and build this rank's ``GPTModel`` (local spec, no DDP).
+
+    Yields ``{"model", "padded_vocab", "ps"}``; tears megatron's model-parallel groups down on exit.
+    """
+    from ..actor.parallel import init_parallel
+    from ..cpu_shims import apply_cpu_shims, cuda_available, device_remap
+
+    apply_cpu_shims()
+    init_parallel(tp=tp, pp=pp, seed=seed)
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    padded = spec.padded_vocab_size(tp, divisible_by)
+    with device_remap():
+        cfg = TransformerConfig(**transformer_config_kwargs(spec, tp=tp, pp=pp, params_dtype=params_dtype,
+                                                            on_cpu=not cuda_available()))
+        model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(
+            qk_layernorm=spec.qk_layernorm, normalization="RMSNorm"),
+            pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+            **gpt_model_kwargs(spec, padded))
+        if cuda_available():
+            model.cuda(torch.cuda.current_device())
+        model.eval()
+        try:
+            yield {"model": model, "padded_vocab": padded, "ps": ps}
+        finally:
+            ps.destroy_model_parallel()
+
+
+def local_params(model, spec: ModelSpec) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
+    """``(canonical global name, local name, parameter)`` of one ``GPTModel`` stage."""
+    layer_num = {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
+    for lname, p in model.named_parameters():
+        cname = mapping.canonical_name(lname)
+        if cname.startswith("decoder.layers."):
+            parts = cname.split(".")
+            parts[2] = str(layer_num[int(parts[2])])
+            cname = ".".join(parts)
+        if cname == "output_layer.weight" and spec.tie_word_embeddings:
+            cname = "output_layer.weight(tied)"
+        yield cname, lname, p
+
+
+def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1,
+                   divisible_by: int = 128, progress: bool = True) -> Path:
+    """Convert a HF checkpoint into a megatron-core torch_dist checkpoint at ``out_dir`` (collective).
+
+    Run in one process (TP=PP=1) or under torchrun with ``world_size == tp * pp`` (each rank writes
+    its shard). Weights are stored in the HF dtype (fp32 or bf16).
+
+    Returns ``Path(out_dir)``.
+
+    Raises:
+        FileNotFoundError: ``hf_dir`` lacks config.json or safetensors files.
+        UnsupportedModelError: architecture / fields megatron_dapo cannot build.
+        MappingError: a HF tensor is missing or has the wrong shape.
+    """
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from ..cpu_shims import device_remap
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    cfg = read_hf_config(hf_dir)
+    spec = spec_from_hf_config(cfg)
+    dtype = hf_dtype(cfg)
+    reader = HFTensorReader(hf_dir)
+    params_dtype = "bf16" if dtype == torch.bfloat16 else "fp32"
+    with megatron_model(spec, tp=tp, pp=pp, params_dtype=params_dtype, divisible_by=divisible_by) as mm:
+        model, padded, ps = mm["model"], mm["padded_vocab"], mm["ps"]
+        if dist.get_world_size() != tp * pp:
+            raise ValueError(f"hf_to_megatron needs world_size == tp*pp = {tp * pp}, got {dist.get_world_size()}")
+        tp_rank = ps.get_tensor_model_parallel_rank()
+        rank = dist.get_rank()
+        items = list(local_params(model, spec))
+        with torch.no_grad():
+            for cname, lname, p in _progress(items, len(items), "HF -> Megatron", progress and rank == 0):
+                src = "output_layer.weight" if cname == "output_layer.weight(tied)" else cname
+                full = mapping.hf_to_mcore(spec, src, reader.get, padded)
+                shard = mapping.tp_shard(src, full, tp_rank, tp)
+                if tuple(shard.shape) != tuple(p.shape):
+                    raise mapping.MappingError(f"{lname}: expected shape {tuple(p.shape)}, found {tuple(shard.shape)}")
+                p.copy_(shard.to(p.dtype))
+        if rank == 0:
+            if out_dir.exists() and any(out_dir.iterdir()):
+                shutil.rmtree(out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        with device_remap():
+            dist_checkpointing.save({"model": model.sharded_state_dict()}, str(out_dir))
+        if rank == 0:
+            copy_hf_side_files(hf_dir, out_dir)
+            info = {"source": str(hf_dir.resolve()), "tp": tp, "pp": pp, "vpp": None, "dp": 1,
+                    "world_size": tp * pp, "use_distributed_optimizer": False, "params_dtype": params_dtype,
+                    "family": spec.family, "num_layers": spec.num_layers, "vocab_size": spec.vocab_size,
+                    "model_only": True}
+            (out_dir / CONVERT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+            # lets megatron_dapo.actor.checkpoint.load_checkpoint(load_optimizer=False) start from it
+            (out_dir / "layout.json").write_text(json.dumps(info, indent=2) + "\n")
+            (out_dir / "trainer_state.json").write_text(json.dumps({"step": 0, "converted_from": str(hf_dir)}) + "\n")
+        dist.barrier()
+    return out_dir
+
+
+def load_megatron_model(model, ckpt_dir: Path) -> None:
+    """Load ``ckpt_dir`` (any saved layout) into ``model`` (this rank's stage/shard).
+
+    Raises:
+        FileNotFoundError: no ``metadata.json`` in ``ckpt_dir``.
+        MappingError: a parameter is missing from the checkpoint.
+    """
+    from megatron.core import dist_checkpointing
+
+    from ..cpu_shims import device_remap
+
+    if not (ckpt_dir / "metadata.json").is_file():
+        raise FileNotFoundError(f"{ckpt_dir} is not a megatron-core dist checkpoint (no metadata.json)")
+    with device_remap():
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt_dir))
+        res = model.load_state_dict(loaded["model"], strict=False)
+    missing = [k for k in res.missing_keys if not k.endswith("_extra_state")]
+    if missing:
+        raise mapping.MappingError(f"{ckpt_dir}: parameters missing from the checkpoint: {missing[:5]}")
+
+
+def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, hf_config_dir: Optional[str | Path] = None,
+                   max_shard_bytes: int = 5 * 1024 ** 3, progress: bool = True) -> Path:
+    """Export a Megatron torch_dist checkpoint (a converted one or a training ``iter_*`` directory) to
+    HF safetensors + config/tokenizer files. Runs in one process at TP=PP=1.
+
+    ``hf_config_dir`` supplies config.json/tokenizer when ``ckpt_dir`` has no copy (training
+    checkpoints: the run's HF model directory).
+
+    Raises:
+        FileNotFoundError: checkpoint or config.json missing.
+        UnsupportedModelError / MappingError: see the module docstring.
+    """
+    from safetensors.torch import save_file
+
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"Megatron checkpoint directory not found: {ckpt_dir}")
+    cfg_src = ckpt_dir if (ckpt_dir / "config.json").is_file() else (Path(hf_config_dir) if hf_config_dir else None)
+    if cfg_src is None or not (cfg_src / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {ckpt_dir}; pass the HF model directory (--hf-config)")
+    cfg = read_hf_config(cfg_src)
+    spec = spec_from_hf_config(cfg)
+    dtype = hf_dtype(cfg)
+    with megatron_model(spec, tp=1, pp=1, params_dtype="bf16" if dtype == torch.bfloat16 else "fp32") as mm:
+        model = mm["model"]
+        load_megatron_model(model, ckpt_dir)
+        params = {c: p for c, _, p in local_params(model, spec) if not c.endswith("(tied)")}
+        missing = [n for n in mapping.mcore_names(spec) if n not in params]
+        if missing:
+            raise mapping.MappingError(f"model lacks parameters {missing[:5]}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for old in list(out_dir.glob("model*.safetensors")) + list(out_dir.glob("model.safetensors.index.json")):
+            old.unlink()
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        names = mapping.mcore_names(spec)
+        with torch.no_grad():
+            for name in _progress(names, len(names), "Megatron -> HF", progress):
+                for hname, t in mapping.mcore_to_hf(spec, name, params[name].detach()):
+                    t = t.to(dtype).contiguous().clone()
+                    nbytes = t.numel() * t.element_size()
+                    if shards[-1] and size + nbytes > max_shard_bytes:
+                        shards.append({})
+                        size = 0
+                    shards[-1][hname] = t
+                    size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        total = 0
+        for i, sh in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(sh, str(out_dir / fname), metadata={"format": "pt"})
+            for k, t in sh.items():
+                weight_map[k] = fname
+                total += t.numel() * t.element_size()
+        (out_dir / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    copy_hf_side_files(cfg_src, out_dir)
+    return out_dir
+
+
+def fixed_batch(vocab_size: int, n: int = 3, length: int = 16, seed: int = 0) -> torch.Tensor:
+    """int64 ``[n, length]`` token ids in ``[0, vocab_size)`` (the verification batch)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (n, length), generator=g)
+
+
+def megatron_logits(model, tokens: torch.Tensor, tp: int, true_vocab: int) -> torch.Tensor:
+    """Full-vocabulary fp32 logits ``[n, length, true_vocab]`` of a PP=1 ``GPTModel`` (TP gathered)."""
+    from ..cpu_shims import device_remap
+
+    b, s = tokens.shape
+    pos = torch.arange(s).unsqueeze(0).expand(b, s)
+    causal = torch.ones(s, s, dtype=torch.bool).triu(1).view(1, 1, s, s)
+    with torch.no_grad(), device_remap():
+        out = model(tokens, pos, causal)
+        if tp > 1:
+            from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+            out = gather_from_tensor_model_parallel_region(out)
+    return out[..., :true_vocab].float()
+
+
+def hf_logits(hf_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
+    """transformers' fp32 logits ``[n, length, vocab]`` for ``tokens``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def compare_logits(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """Max abs differences of logits and of log-softmax (log-probs) between two ``[n, s, V]`` tensors."""
+    return {"max_abs_logits": float((a - b).abs().max()),
+            "max_abs_logprobs": float((torch.log_softmax(a, -1) - torch.log_softmax(b, -1)).abs().max())}
+
+
+def verify_against_hf(hf_dir: str | Path, ckpt_dir: str | Path) -> dict[str, float]:
+    """Load ``ckpt_dir`` at TP=PP=1 and compare its logits with transformers' on :func:`fixed_batch`.
+
+    Returns ``{"max_abs_logits", "max_abs_logprobs"}`` (fp32: expect ≤ 1e-5)."""
+    spec = spec_from_hf_config(hf_dir)
+    tokens = fixed_batch(spec.vocab_size)
+    with megatron_model(spec, tp=1, pp=1) as mm:
+        load_megatron_model(mm["model"], Path(ckpt_dir))
+        meg = megatron_logits(mm["model"], tokens, 1, spec.vocab_size)
+    return compare_logits(meg, hf_logits(hf_dir, tokens))
