@@ -64,13 +64,20 @@ def test_layout_logprobs_and_grads_match_tp1(results, layout, family):
     assert got["pg_loss"] == pytest.approx(ref["pg_loss"], rel=1e-6, abs=1e-7)
     assert set(got["grads"]) == set(ref["grads"])
     nonzero = 0
-    for name, g_ref in ref["grads"].items():
-        g = got["grads"][name]
+    names = sorted(ref["grads"])
+    for name in names:
+        g, g_ref = got["grads"][name], ref["grads"][name]
         assert g.shape == g_ref.shape, name
         if g_ref.abs().max() > 0:
             nonzero += 1
-            assert _rel(g, g_ref) <= 1e-6, (layout, family, name, _rel(g, g_ref))
+            # per tensor: fp32 summation order differs across TP ranks; tiny replicated tensors (QK-norm
+            # weights, 32 values fed by a TP all-reduce) reach ~1.1e-6. A mapping error would be O(1).
+            assert _rel(g, g_ref) <= 5e-6, (layout, family, name, _rel(g, g_ref))
     assert nonzero >= len(ref["grads"]) - 1
+    # the whole gradient (every parameter, concatenated): <= 1e-6 relative
+    whole = _rel(torch.cat([got["grads"][n].flatten() for n in names]),
+                 torch.cat([ref["grads"][n].flatten() for n in names]))
+    assert whole <= 1e-6, (layout, family, whole)
 
 
 @pytest.mark.slow

@@ -163,7 +163,15 @@ def _sharded_state_dict(actor, with_optimizer: bool, is_loading: bool) -> dict[s
     if with_optimizer:
         kw: dict[str, Any] = {"is_loading": is_loading}
         if actor.cfg.use_distributed_optimizer:
-            kw["metadata"] = {"distrib_optim_sharding_type": "fully_reshardable"}
+            kw["metadata"] = {"distrib_optim_sharding_type": "dp_reshardable"}
+            if is_loading:
+                # DistributedOptimizer.state_dict() needs existing Adam states (one common 'step'); a fresh
+                # optimizer gets megatron-core's own dummy states (one zero-grad step on the fp32 master
+                # shards), which the load then overwrites (the format stores the master params too).
+                for opt in getattr(actor.optimizer, "chained_optimizers", [actor.optimizer]):
+                    inner = getattr(opt, "optimizer", None)
+                    if inner is not None and not inner.state and hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+                        opt._init_optimizer_states_with_dummy_values()
         sd["optimizer"] = actor.optimizer.sharded_state_dict(sd, **kw)
         sd["opt_param_scheduler"] = actor.scheduler.state_dict()
     return sd
@@ -183,6 +191,11 @@ def _broadcast_str(s: Optional[str]) -> str:
 
 def _maybe_kill(point: str) -> None:
     if os.environ.get(_KILL_ENV) == point and (not dist.is_initialized() or dist.get_rank() == 0):
+        import multiprocessing
+
+        # dist_checkpointing keeps a multiprocessing Manager process; a hard exit would orphan it
+        for child in multiprocessing.active_children():
+            child.kill()
         os._exit(17)
 
 
@@ -259,7 +272,7 @@ def _resolve(ckpt_dir_or_root: str | Path) -> Path:
         return p
     found = latest_checkpoint(p)
     if found is None:
-        raise CheckpointError(f"no complete checkpoint in {p} (expected iter_XXXXXXX/ with metadata.json "
+        raise CheckpointError(f"no complete checkpoint in {p} (expected iter_<7-digit step>/ with metadata.json "
                               f"and {TRAINER_STATE_FILE}, or a 'latest' file)")
     return found
 
@@ -307,7 +320,7 @@ def load_checkpoint(actor, ckpt_dir_or_root: str | Path, *, load_optimizer: bool
                 f"{ckpt}: distributed-optimizer state was saved at TP={saved['tp']} PP={saved['pp']} "
                 f"VPP={saved['vpp']} DP={saved['dp']} and can only be loaded there (actor: TP={now['tp']} "
                 f"PP={now['pp']} VPP={now['vpp']} DP={now['dp']}); pass load_optimizer=False to load the weights")
-    with device_remap():
+    with device_remap(), torch.no_grad():
         sd = _sharded_state_dict(actor, with_optimizer=load_optimizer, is_loading=True)
         loaded = dist_checkpointing.load(sd, str(ckpt))
         for i, m in enumerate(actor.chunks):
@@ -319,11 +332,11 @@ def load_checkpoint(actor, ckpt_dir_or_root: str | Path, *, load_optimizer: bool
             missing = [k for k in res.missing_keys if not k.endswith("_extra_state")]
             if missing:
                 raise CheckpointError(f"{ckpt}: parameters missing from the checkpoint: {missing[:5]}")
+        # master (fp32) params := the loaded model params; the optimizer load then overwrites what it stores
+        actor.optimizer.reload_model_params()
         if load_optimizer:
             actor.optimizer.load_state_dict(loaded["optimizer"])
             actor.scheduler.load_state_dict(loaded["opt_param_scheduler"])
-        else:
-            actor.optimizer.reload_model_params()
     actor._owners = None
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = ckpt / "rng" / f"rank_{rank:05d}.pt"

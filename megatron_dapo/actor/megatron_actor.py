@@ -234,8 +234,10 @@ class MegatronActor:
             shape = mapping.full_shape(self.spec, name, self.padded_vocab)
             p_dtype = torch.bfloat16 if self.cfg.params_dtype == "bf16" and not getattr(self, "_read_grads", False) \
                 else torch.float32
+            if dtype is not None and not getattr(self, "_read_grads", False):
+                p_dtype = dtype  # cast before moving: fewer bytes on the wire, bit-identical result
             if self.pp_rank == owner_pp:
-                shard = self._master_or_param(params[name])
+                shard = self._master_or_param(params[name]).to(p_dtype)
                 if self.tp > 1 and mapping.partition_dim(name) is not None:
                     parts = [torch.empty_like(shard) for _ in range(self.tp)]
                     dist.all_gather(parts, shard.contiguous(), group=tp_group)
@@ -291,7 +293,8 @@ class MegatronActor:
         lp, ent = vocab_parallel_logprobs_entropy(
             hid, w, tgt, vocab_start=self.tp_rank * vl, true_vocab_size=self.spec.vocab_size,
             temperature=temperature, chunk_size=self.cfg.logprob_chunk_size,
-            tp_group=self.ps.get_tensor_model_parallel_group() if self.tp > 1 else None)
+            tp_group=self.ps.get_tensor_model_parallel_group() if self.tp > 1 else None,
+            reduce_grad_hidden=not self.tconfig.sequence_parallel)
         out_lp = torch.zeros(b * l, dtype=torch.float32, device=hidden.device).index_put((flat,), lp)
         out_ent = torch.zeros(b * l, dtype=torch.float32, device=hidden.device).index_put((flat,), ent)
         return out_lp.reshape(b, l), out_ent.reshape(b, l)
@@ -496,7 +499,17 @@ class MegatronActor:
 
 
 def _hidden_passthrough(self, input_, weight=None, runtime_gather_output=None):
-    """Replaces ``output_layer.forward``: GPTModel then returns final hidden states ``[b, s, h]``."""
+    """Replaces ``output_layer.forward``: GPTModel then returns final hidden states ``[b, s, h]``.
+
+    With sequence parallelism (TE layer spec on GPU) the hidden states arrive sharded along the sequence:
+    they are gathered here as the real output layer would; the gather's backward reduce-scatters, i.e. sums
+    the TP ranks' partial input gradients, so the chunked kernel must then not all-reduce them again
+    (``_sp_gathered`` tells :meth:`MegatronActor._token_logprobs`).
+    """
+    if getattr(self, "sequence_parallel", False):
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True)
     return input_, None
 
 

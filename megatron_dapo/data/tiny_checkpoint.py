@@ -8,7 +8,8 @@ Families (transformers model classes):
 
 * ``qwen2``: ``Qwen2ForCausalLM`` — biases on q/k/v projections, rope θ = 1e6 (as Qwen2.5).
 * ``llama``: ``LlamaForCausalLM`` — no biases, rope θ = 5e5 with ``llama3`` rope scaling
-  (factor 8, low/high frequency factors 1/4, original context = max_position_embeddings // 8).
+  (factor 8, low/high frequency factors 1/4, original context 8192 — the values megatron-core's
+  Llama 3 scaling hard-codes, so the tiny model converts exactly).
 * ``qwen3``: ``Qwen3ForCausalLM`` — RMSNorm on per-head queries and keys (QK-norm), no biases, θ = 1e6.
 
 ``config.json`` also carries the legacy top-level ``rope_theta`` (and ``rope_scaling`` for llama) keys
@@ -32,7 +33,7 @@ def _rope_parameters(family: str, max_position_embeddings: int) -> dict:
     if family == "llama":
         return {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0,
-                "original_max_position_embeddings": max(1, max_position_embeddings // 8)}
+                "original_max_position_embeddings": 8192}
     return {"rope_type": "default", "rope_theta": 1000000.0}
 
 
