@@ -556,10 +556,21 @@ def run_training(cfg: DAPOConfig) -> int:
     try:
         trainer = Trainer(cfg, preempt)
         return trainer.fit()
-    except TrainingStopped as e:
+    except Exception as e:  # noqa: BLE001 - known input/config problems become one clear line, exit 2
+        from .backend import MissingBackendError
+        from .config import ConfigError
+        from .data.dataset import RowValidationError
+        from .models.hf_config import UnsupportedModelError
+        from .models.mapping import MappingError
+
+        known = (TrainingStopped, ConfigError, RowValidationError, UnsupportedModelError, MappingError,
+                 MissingBackendError, FileNotFoundError)
+        if not isinstance(e, known):
+            raise
         rank = dist.get_rank() if dist.is_initialized() else 0
         if rank == 0:
-            print(f"\nmegatron-dapo: training stopped: {e}", file=sys.stderr, flush=True)
+            what = "training stopped" if isinstance(e, TrainingStopped) else type(e).__name__
+            print(f"\nmegatron-dapo: {what}: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
         if trainer is not None:

@@ -176,6 +176,11 @@ def test_config_errors_name_the_key(tmp_path):
     assert proc.returncode == 2 and "rollout.n_samples_per_prompt" in proc.stderr, _fail(proc)
     proc = run_train(["actor.ppo_mini_batch_size=7"])
     assert proc.returncode == 2 and "actor.ppo_mini_batch_size" in proc.stderr, _fail(proc)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "oops", "reward_model": {"ground_truth": "3"}, "data_source": "x"}\n')
+    proc = run_train([f"data.train_files=[{bad}]", f"output_dir={tmp_path}"])
+    assert proc.returncode == 2 and "row 0" in proc.stderr and "'prompt'" in proc.stderr, _fail(proc)
+    assert "Traceback" not in proc.stderr, _fail(proc)
 
 
 def test_dry_run_qwen25_32b_counts(tmp_path):
