@@ -47,9 +47,7 @@ def main(argv=None) -> int:
 
     import torch.distributed as dist
 
-    from megatron_dapo.models.convert import hf_to_megatron, verify_against_hf
-    from megatron_dapo.models.hf_config import UnsupportedModelError
-    from megatron_dapo.models.mapping import MappingError
+    from megatron_dapo.models.convert import hf_to_megatron, report_verify, tool_errors, verify_against_hf
 
     try:
         out = hf_to_megatron(hf, args.out, tp=args.tp, pp=args.pp, divisible_by=args.make_vocab_size_divisible_by)
@@ -59,12 +57,10 @@ def main(argv=None) -> int:
         rc = 0
         if args.verify:
             diff = verify_against_hf(hf, out)
-            if rank == 0:
-                print(f"verify: max abs diff logits={diff['max_abs_logits']:.3e} "
-                      f"logprobs={diff['max_abs_logprobs']:.3e} (tolerance {args.tolerance:g})")
-            rc = 0 if diff["max_abs_logprobs"] <= args.tolerance else 1
+            rc = report_verify(diff, args.tolerance) if rank == 0 else \
+                (0 if diff["max_abs_logprobs"] <= args.tolerance else 1)
         return rc
-    except (UnsupportedModelError, MappingError, FileNotFoundError, ValueError) as e:
+    except tool_errors() as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     finally:

@@ -48,9 +48,9 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     from megatron_dapo.models.convert import (compare_logits, fixed_batch, hf_logits, load_megatron_model,
-                                              megatron_logits, megatron_model, megatron_to_hf)
-    from megatron_dapo.models.hf_config import UnsupportedModelError, spec_from_hf_config
-    from megatron_dapo.models.mapping import MappingError
+                                              megatron_logits, megatron_model, megatron_to_hf, report_verify,
+                                              tool_errors)
+    from megatron_dapo.models.hf_config import spec_from_hf_config
 
     try:
         out = megatron_to_hf(ckpt, args.out, hf_config_dir=args.hf_config,
@@ -64,10 +64,8 @@ def main(argv=None) -> int:
             load_megatron_model(mm["model"], ckpt)
             meg = megatron_logits(mm["model"], tokens, 1, spec.vocab_size)
         diff = compare_logits(meg, hf_logits(out, tokens))
-        print(f"verify: max abs diff logits={diff['max_abs_logits']:.3e} logprobs={diff['max_abs_logprobs']:.3e} "
-              f"(tolerance {args.tolerance:g})")
-        return 0 if diff["max_abs_logprobs"] <= args.tolerance else 1
-    except (UnsupportedModelError, MappingError, FileNotFoundError, ValueError) as e:
+        return report_verify(diff, args.tolerance)
+    except tool_errors() as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     finally:

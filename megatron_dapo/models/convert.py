@@ -322,3 +322,18 @@ def verify_against_hf(hf_dir: str | Path, ckpt_dir: str | Path) -> dict[str, flo
         load_megatron_model(mm["model"], Path(ckpt_dir))
         meg = megatron_logits(mm["model"], tokens, 1, spec.vocab_size)
     return compare_logits(meg, hf_logits(hf_dir, tokens))
+
+
+def report_verify(diff: dict, tolerance: float) -> int:
+    """Print a ``--verify`` result (max abs logits / logprobs difference) and return the tool's exit code."""
+    print(f"verify: max abs diff logits={diff['max_abs_logits']:.3e} logprobs={diff['max_abs_logprobs']:.3e} "
+          f"(tolerance {tolerance:g})")
+    return 0 if diff["max_abs_logprobs"] <= tolerance else 1
+
+
+def tool_errors() -> tuple:
+    """Exceptions the conversion tools turn into one ``error: ...`` line and exit code 2."""
+    from .hf_config import UnsupportedModelError
+    from .mapping import MappingError
+
+    return (UnsupportedModelError, MappingError, FileNotFoundError, ValueError)
