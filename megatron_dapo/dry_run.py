@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import math
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,12 +88,6 @@ def count_shards_on_meta(hf_config: dict, tp: int, pp: int, vpp: Optional[int] =
     from .cpu_shims import apply_cpu_shims
 
     apply_cpu_shims()
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-
-    from .models.hf_config import gpt_model_kwargs, spec_from_hf_config, transformer_config_kwargs
-
     import torch.distributed as dist
 
     from .actor.parallel import free_port

@@ -540,7 +540,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         0 on success; 2 on a configuration / input error (message on stderr); 1 when an engine fails.
     """
     from megatron_dapo.config import ConfigError, load_config
-    from megatron_dapo.data import RowValidationError, load_rows, load_tokenizer
+    from megatron_dapo.data import RowValidationError, load_tokenizer
 
     parser = _eval_parser()
     args = parser.parse_intermixed_args(argv)

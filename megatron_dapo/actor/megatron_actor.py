@@ -12,7 +12,6 @@ gradient of the single-process aggregate over the whole mini-batch (DAPO eq. 8 f
 from __future__ import annotations
 
 import contextlib
-import math
 import types
 from dataclasses import dataclass
 from functools import partial

@@ -26,11 +26,9 @@ from typing import Any, Iterator, Optional
 import torch
 
 from . import mapping
+from .export import copy_side_files, write_safetensors_shards
 from .hf_config import ModelSpec, gpt_model_kwargs, read_hf_config, spec_from_hf_config, transformer_config_kwargs
 
-COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
-              "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
-              "tokenizer.model", "LICENSE")
 CONVERT_INFO = "convert_info.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,13 +51,7 @@ def hf_dtype(cfg: dict[str, Any]) -> torch.dtype:
 
 def copy_hf_side_files(src: Path, dst: Path) -> list[str]:
     """Copy config / generation config / tokenizer files that exist in ``src`` to ``dst``."""
-    dst.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for name in COPY_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
-    return copied
+    return copy_side_files(src, dst)
 
 
 class HFTensorReader:
@@ -224,8 +216,6 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, hf_config_dir: 
         FileNotFoundError: checkpoint or config.json missing.
         UnsupportedModelError / MappingError: see the module docstring.
     """
-    from safetensors.torch import save_file
-
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"Megatron checkpoint directory not found: {ckpt_dir}")
@@ -245,32 +235,14 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, hf_config_dir: 
         out_dir.mkdir(parents=True, exist_ok=True)
         for old in list(out_dir.glob("model*.safetensors")) + list(out_dir.glob("model.safetensors.index.json")):
             old.unlink()
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
         names = mapping.mcore_names(spec)
-        with torch.no_grad():
+
+        def hf_tensors():
             for name in _progress(names, len(names), "Megatron -> HF", progress):
-                for hname, t in mapping.mcore_to_hf(spec, name, params[name].detach()):
-                    t = t.to(dtype).contiguous().clone()
-                    nbytes = t.numel() * t.element_size()
-                    if shards[-1] and size + nbytes > max_shard_bytes:
-                        shards.append({})
-                        size = 0
-                    shards[-1][hname] = t
-                    size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        total = 0
-        for i, sh in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(sh, str(out_dir / fname), metadata={"format": "pt"})
-            for k, t in sh.items():
-                weight_map[k] = fname
-                total += t.numel() * t.element_size()
-        (out_dir / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+                yield from ((h, t.to(dtype)) for h, t in mapping.mcore_to_hf(spec, name, params[name].detach()))
+
+        with torch.no_grad():
+            write_safetensors_shards(hf_tensors(), out_dir, max_shard_bytes=max_shard_bytes)
     copy_hf_side_files(cfg_src, out_dir)
     return out_dir
 

@@ -15,15 +15,21 @@ import torch
 
 # files copied from the source HF directory next to the weights
 HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
-                 "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "LICENSE")
+                 "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                 "tokenizer.model", "LICENSE")
 
 
 def write_safetensors_shards(named: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, *,
-                             max_shard_bytes: int = 2 << 30, metadata: Optional[dict] = None) -> dict[str, int]:
-    """Stream tensors into ``model-0000i.safetensors`` files of at most ``max_shard_bytes`` each, plus
-    ``model.safetensors.index.json`` (HF layout; a single shard is named ``model.safetensors``).
+                             max_shard_bytes: int = 2 << 30, metadata: Optional[dict] = None,
+                             index_metadata: Optional[dict] = None) -> dict[str, int]:
+    """Stream tensors into ``model-0000i-of-0000n.safetensors`` files of at most ``max_shard_bytes`` each
+    (0 = one shard), plus ``model.safetensors.index.json`` (HF layout; a single shard is named
+    ``model.safetensors``). ``index_metadata`` is merged into the index's ``metadata``.
 
     Memory: at most one shard's tensors are held. Returns ``{"bytes": total, "shards": count}``.
+
+    Raises:
+        ValueError: ``named`` is empty.
     """
     from safetensors.torch import save_file
 
@@ -45,12 +51,14 @@ def write_safetensors_shards(named: Iterable[tuple[str, torch.Tensor]], out_dir:
 
     for name, t in named:
         nbytes = t.numel() * t.element_size()
-        if shard and size + nbytes > max_shard_bytes:
+        if shard and max_shard_bytes and size + nbytes > max_shard_bytes:
             flush()
         shard[name] = t.detach().to("cpu").contiguous()
         size += nbytes
         total += nbytes
     flush()
+    if not files:
+        raise ValueError("no tensors to write")
     weight_map = {}
     if len(files) == 1:
         os.replace(out / files[0][0], out / "model.safetensors")
@@ -61,16 +69,21 @@ def write_safetensors_shards(named: Iterable[tuple[str, torch.Tensor]], out_dir:
             os.replace(out / fname, out / final)
             weight_map.update({k: final for k in keys})
     (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        json.dumps({"metadata": {"total_size": total, **(index_metadata or {})}, "weight_map": weight_map}, indent=1))
     return {"bytes": total, "shards": len(files)}
 
 
-def copy_side_files(src_hf_dir: str | Path, out_dir: str | Path) -> None:
-    """Copy config / tokenizer / generation-config files that exist in ``src_hf_dir``."""
-    for f in HF_SIDE_FILES:
+def copy_side_files(src_hf_dir: str | Path, out_dir: str | Path, names: Iterable[str] = HF_SIDE_FILES) -> list[str]:
+    """Copy the config / tokenizer / generation-config files (``names``) that exist in ``src_hf_dir``;
+    returns the names copied."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    copied = []
+    for f in names:
         p = Path(src_hf_dir) / f
-        if p.exists():
+        if p.is_file():
             shutil.copy2(p, Path(out_dir) / f)
+            copied.append(f)
+    return copied
 
 
 def save_hf_checkpoint(actor, out_dir: str | Path, *, src_hf_dir: str | Path,

@@ -202,7 +202,7 @@ def mcore_to_hf(spec: ModelSpec, name: str, full: torch.Tensor) -> list[tuple[st
     """Split a full Megatron tensor into ``(hf_name, tensor)`` pairs (vocab padding rows dropped)."""
     name = canonical_name(name)
     hnames = hf_names_for(spec, name)
-    h, d, g, hpg = spec.hidden_size, spec.head_dim, spec.num_query_groups, spec.heads_per_group
+    d, g, hpg = spec.head_dim, spec.num_query_groups, spec.heads_per_group
     if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         return [(hnames[0], full[: spec.vocab_size])]
     suffix = _LAYER_RE.match(name).group(2) if name.startswith("decoder.layers.") else None

@@ -8,6 +8,7 @@ so little is generated for nothing.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ class RoundStats:
     correct: list[bool] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
     truncated: list[bool] = field(default_factory=list)
-    token_logprob_sum: float = 0.0
+    token_prob_sum: float = 0.0
     token_count: int = 0
     reward_seconds: float = 0.0
     no_answer: int = 0
@@ -64,7 +65,7 @@ class RoundStats:
         self.per_source_correct[source] = (c + sum(group.correct), n + len(group.correct))
         if group.rollout_logprobs:
             for lp in group.rollout_logprobs:
-                self.token_logprob_sum += float(torch.tensor(lp, dtype=torch.float64).exp().sum()) if lp else 0.0
+                self.token_prob_sum += math.fsum(math.exp(x) for x in lp)
                 self.token_count += len(lp)
 
     def metrics(self) -> dict[str, float]:
@@ -80,7 +81,7 @@ class RoundStats:
             "rollout/num_responses": float(len(self.rewards)),
         }
         if self.token_count:
-            out["rollout/mean_token_prob"] = self.token_logprob_sum / self.token_count
+            out["rollout/mean_token_prob"] = self.token_prob_sum / self.token_count
         for src, (c, k) in self.per_source_correct.items():
             out[f"rollout/acc/{src}"] = c / max(k, 1)
         return out
@@ -95,15 +96,20 @@ def shape_rewards(scores: Sequence[float], lengths: Sequence[int], s: RolloutSet
     return [float(a) + float(b) for a, b in zip(scores, pen.tolist())]
 
 
+def _sampling_params(s: RolloutSettings, round_index: int) -> dict:
+    """SGLang ``sampling_params`` of one round; the seed is a pure function of (run seed, round)."""
+    return {"max_new_tokens": s.max_response_length, "temperature": s.temperature, "top_p": s.top_p,
+            "top_k": s.top_k, "n": s.n_samples_per_prompt, "stop_token_ids": list(s.stop_token_ids),
+            "sampling_seed": s.seed * 1_000_003 + round_index * 10_007}
+
+
 async def _fill(client, sampler: DynamicSampler, next_prompts: Callable[[int], list[tuple[int, dict, list[int]]]],
                 tokenizer, s: RolloutSettings, stats: RoundStats, round_index: int) -> None:
     want = sampler.num_prompts_to_request()
     prompts = next_prompts(want)
     if not prompts:
         return
-    sp = {"max_new_tokens": s.max_response_length, "temperature": s.temperature, "top_p": s.top_p,
-          "top_k": s.top_k, "n": s.n_samples_per_prompt, "stop_token_ids": list(s.stop_token_ids),
-          "sampling_seed": s.seed * 1_000_003 + round_index * 10_007}
+    sp = _sampling_params(s, round_index)
     rid_base = uuid.uuid4().hex[:12]
 
     async def one(i: int, item):
@@ -164,9 +170,7 @@ async def _fill_ordered(client, sampler: DynamicSampler, next_prompts, tokenizer
     prompts = next_prompts(sampler.num_prompts_to_request())
     if not prompts:
         return
-    sp = {"max_new_tokens": s.max_response_length, "temperature": s.temperature, "top_p": s.top_p,
-          "top_k": s.top_k, "n": s.n_samples_per_prompt, "stop_token_ids": list(s.stop_token_ids),
-          "sampling_seed": s.seed * 1_000_003 + round_index * 10_007}
+    sp = _sampling_params(s, round_index)
     saved = client.prompts_per_request
     client.prompts_per_request = len(prompts)  # one request: a fixed engine batch composition
     try:

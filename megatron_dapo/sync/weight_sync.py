@@ -28,7 +28,6 @@ once it holds the complete new weights.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import re
@@ -194,16 +193,18 @@ class DiskTransport:
 
     name = "disk"
 
-    def __init__(self, client, work_dir: Path, hf_path: Optional[Path] = None) -> None:
+    def __init__(self, client, work_dir: Path, hf_path: Optional[Path] = None, shard_bytes: int = 0) -> None:
         self.client = client
+        self.shard_bytes = int(shard_bytes)
         self.work_dir = Path(work_dir)
         self.hf_path = Path(hf_path) if hf_path is not None else None
         self.current: Optional[Path] = None
         self._tmp_dirs: set[Path] = set()
 
     def write(self, buckets: Iterator, weight_version: str) -> Path:
-        """Write every bucket as one shard; return the final directory (atomic rename)."""
-        from safetensors.torch import save_file
+        """Write the buckets as safetensors shards (one per bucket) + index + config files into a temporary
+        directory; return the final directory (atomic rename)."""
+        from ..models.export import copy_side_files, write_safetensors_shards
 
         self.work_dir.mkdir(parents=True, exist_ok=True)
         safe = _safe_version(weight_version)
@@ -211,29 +212,16 @@ class DiskTransport:
         tmp.mkdir()
         self._tmp_dirs.add(tmp)
         try:
-            shards: list[tuple[str, list[str]]] = []
-            total = 0
-            for i, (bucket, _) in enumerate(buckets):
-                fname = f"part-{i + 1:05d}.safetensors"
-                tensors = {n: (t if t.device.type == "cpu" else t.cpu()) for n, t in bucket}
-                save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-                total += bucket_nbytes(bucket)
-                shards.append((fname, [n for n, _ in bucket]))
-                del tensors
-            if not shards:
-                raise WeightSyncError("the actor exported no tensors")
-            weight_map = {}
-            for i, (fname, names) in enumerate(shards):
-                final_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                os.replace(tmp / fname, tmp / final_name)
-                weight_map.update({n: final_name for n in names})
-            index = {"metadata": {"total_size": total, "weight_version": weight_version},
-                     "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            named = ((n, t) for bucket, _ in buckets for n, t in bucket)
+            try:  # buckets are already sized: the writer's shard limit regroups them identically
+                write_safetensors_shards(named, tmp, max_shard_bytes=self.shard_bytes,
+                                         index_metadata={"weight_version": weight_version})
+            except ValueError as e:
+                if str(e) != "no tensors to write":  # bucketing errors (duplicate name, bad dtype) pass through
+                    raise
+                raise WeightSyncError("the actor exported no tensors") from None
             if self.hf_path is not None:
-                for f in _CONFIG_FILES:
-                    if (self.hf_path / f).is_file():
-                        shutil.copy2(self.hf_path / f, tmp / f)
+                copy_side_files(self.hf_path, tmp, _CONFIG_FILES)
             final = self.work_dir / f"{_DIR_PREFIX}{safe}"
             if final.exists():
                 stale = self.work_dir / f"{_TMP_PREFIX}stale-{uuid.uuid4().hex[:8]}"
@@ -438,7 +426,8 @@ class WeightSync:
         self._transport = None
         if self.is_driver:
             if transport == "disk":
-                self._transport = DiskTransport(client, self.work_dir, getattr(actor, "hf_path", None))
+                self._transport = DiskTransport(client, self.work_dir, getattr(actor, "hf_path", None),
+                                                shard_bytes=self.bucket_bytes)
             elif transport == "distributed":
                 self._transport = DistributedTransport(client, engine_world_size=engine_world_size,
                                                        timeout_s=timeout_s, master_address=master_address,
