@@ -125,6 +125,9 @@ class ActorConfig:
     """Uneven pipeline: layers on the last stage (e.g. fewer, since it also computes the LM head)."""
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    dist_optimizer_ckpt_format: str = "dp_reshardable"
+    """Distributed-optimizer checkpoint format: ``dp_reshardable`` (fast; resume at the same layout) or
+    ``fully_reshardable`` (gathers on DP rank 0 when saving; resume at any TP/PP/VPP/DP layout)."""
     recompute: Optional[str] = None
     """``None``, ``full`` or ``selective``."""
     params_dtype: str = "fp32"
@@ -286,6 +289,8 @@ class DAPOConfig:
                  f"TP({tp}) x PP({pp}) x CP({cp}) = {tp * pp * cp} must divide the world size {world_size}")
         need(act.params_dtype in ("fp32", "bf16"), "actor.params_dtype", "must be fp32 or bf16")
         need(act.recompute in (None, "full", "selective"), "actor.recompute", "must be null, full or selective")
+        need(act.dist_optimizer_ckpt_format in ("dp_reshardable", "fully_reshardable"),
+             "actor.dist_optimizer_ckpt_format", "must be dp_reshardable or fully_reshardable")
         need(act.fp8 in (None, "e4m3", "hybrid"), "actor.fp8", "must be null, e4m3 or hybrid")
         need(act.fp8_recipe in ("delayed", "tensorwise", "blockwise"), "actor.fp8_recipe",
              "must be delayed, tensorwise or blockwise")

@@ -19,15 +19,23 @@ leftover ``*.tmp-*`` directories are ignored by :func:`latest_checkpoint` and re
 Resharding: model tensors are saved by megatron-core as *global* tensors (keys carry global layer
 indices; vocabulary-padded embeddings are marked ``allow_shape_mismatch``), so a checkpoint saved at
 one TP/PP/VPP layout loads at another. The optimizer state is resharded too with the regular
-(non-distributed) optimizer; the distributed optimizer's ``fully_sharded_model_space`` state must be
-loaded at the layout it was saved with (:class:`CheckpointLayoutError` otherwise; use
-``load_optimizer=False`` to load only the weights).
+(non-distributed) optimizer. The distributed optimizer's state is saved in one of
+:data:`OPTIM_CKPT_FORMATS` (``actor.dist_optimizer_ckpt_format``): ``fully_reshardable`` loads at any
+layout; ``dp_reshardable`` (the default, cheaper to save) only at the layout it was saved with
+(:class:`CheckpointLayoutError` otherwise; ``load_optimizer=False`` loads only the weights).
+
+Exact resume: the next step after a load equals the uninterrupted run bit for bit, also with the
+distributed optimizer. Two megatron-core 0.16.1 defects on the torch-Adam path (no apex/TE) are worked
+around here: the loaded per-parameter Adam ``step`` tensors are one shared object
+(:func:`_unshare_adam_steps`), and the reshardable loaders fail on the ``step`` key
+(:func:`_step_tolerant_param_state_load`).
 
 API reference: megatron-core ``dist_checkpointing.save/load`` (megatron/core/dist_checkpointing/
 serialization.py) and ``MegatronOptimizer.sharded_state_dict``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -148,11 +156,24 @@ def _layout(actor) -> dict[str, Any]:
     return {"tp": actor.tp, "pp": actor.pp, "vpp": actor.vpp, "dp": actor.dp_size,
             "world_size": dist.get_world_size(),
             "use_distributed_optimizer": bool(actor.cfg.use_distributed_optimizer),
+            "optimizer_ckpt_format": _optim_format(actor) if actor.cfg.use_distributed_optimizer else None,
             "params_dtype": actor.cfg.params_dtype, "family": actor.spec.family,
             "num_layers": actor.spec.num_layers, "vocab_size": actor.spec.vocab_size}
 
 
-def _sharded_state_dict(actor, with_optimizer: bool, is_loading: bool) -> dict[str, Any]:
+OPTIM_CKPT_FORMATS = ("dp_reshardable", "fully_reshardable")
+"""Distributed-optimizer state formats (megatron-core ``distrib_optim_sharding_type``): ``dp_reshardable``
+saves each DP rank's flat shard as is (fast; loads only at the saved TP/PP/VPP/DP layout);
+``fully_reshardable`` gathers each parameter's state on DP rank 0 while saving (slower, more host memory)
+and loads at any layout."""
+
+
+def _optim_format(actor) -> str:
+    return getattr(actor.cfg, "dist_optimizer_ckpt_format", None) or "dp_reshardable"
+
+
+def _sharded_state_dict(actor, with_optimizer: bool, is_loading: bool,
+                        optim_format: Optional[str] = None) -> dict[str, Any]:
     """Model (+ optimizer + scheduler) sharded state dict of this rank."""
     sd: dict[str, Any] = {}
     for i, m in enumerate(actor.chunks):
@@ -163,7 +184,7 @@ def _sharded_state_dict(actor, with_optimizer: bool, is_loading: bool) -> dict[s
     if with_optimizer:
         kw: dict[str, Any] = {"is_loading": is_loading}
         if actor.cfg.use_distributed_optimizer:
-            kw["metadata"] = {"distrib_optim_sharding_type": "dp_reshardable"}
+            kw["metadata"] = {"distrib_optim_sharding_type": optim_format or _optim_format(actor)}
             if is_loading:
                 # DistributedOptimizer.state_dict() needs existing Adam states (one common 'step'); a fresh
                 # optimizer gets megatron-core's own dummy states (one zero-grad step on the fp32 master
@@ -175,6 +196,71 @@ def _sharded_state_dict(actor, with_optimizer: bool, is_loading: bool) -> dict[s
         sd["optimizer"] = actor.optimizer.sharded_state_dict(sd, **kw)
         sd["opt_param_scheduler"] = actor.scheduler.state_dict()
     return sd
+
+
+def _unshare_adam_steps(optimizer) -> int:
+    """Give every parameter's Adam ``step`` its own tensor; returns how many were un-shared.
+
+    Without apex/TE, megatron-core's ``DistributedOptimizer.load_state_dict`` (0.16.1) stores ONE ``step``
+    tensor object in the state of every parameter. torch's Adam increments ``state["step"]`` in place once per
+    parameter, so the shared counter advanced by the number of parameters at the first step after a resume
+    and the bias correction (Kingma & Ba, Alg. 1) was wrong: the next step's parameters differed by ~3e-3
+    at lr 1e-2. Copies keep the loaded value; tensors already distinct are left alone.
+    """
+    n = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        seen: set[int] = set()
+        for state in inner.state.values():
+            step = state.get("step") if isinstance(state, dict) else None
+            if not torch.is_tensor(step):
+                continue
+            if id(step) in seen:
+                state["step"] = step.detach().clone()
+                n += 1
+            else:
+                seen.add(id(step))
+    return n
+
+
+@contextlib.contextmanager
+def _step_tolerant_param_state_load(optimizer):
+    """Let megatron-core's reshardable optimizer-state loaders run with torch's own Adam.
+
+    ``load_parameter_state_from_fully_reshardable`` (megatron-core 0.16.1) drops the per-parameter ``step``
+    from the loaded tensors (the step is restored from the param groups instead), but
+    ``_set_main_param_and_optimizer_states`` then copies every key of the live state, ``step`` included,
+    and fails with ``KeyError: 'step'`` whenever apex/TE's fused Adam (which keeps no per-parameter step)
+    is absent. Inside this context each distributed optimizer copies only the keys it was given; any other
+    missing key (a real mismatch) still raises, naming the key.
+    """
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(opt, "_set_main_param_and_optimizer_states") or getattr(
+                opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
+            continue
+
+        def _set(model_param, tensors, _opt=opt):
+            group_index, group_order = _opt.model_param_group_index_map[model_param]
+            main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
+            dst = {"param": main_param, **_opt.optimizer.state[main_param]}
+            missing = [k for k in dst if k not in tensors and k != "step"]
+            if missing:
+                raise CheckpointError(f"optimizer checkpoint lacks state {missing} for a parameter of shape "
+                                      f"{tuple(model_param.shape)}")
+            for k, v in tensors.items():
+                if k in dst:
+                    dst[k].copy_(v)
+
+        opt._set_main_param_and_optimizer_states = _set
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
 
 
 def _barrier() -> None:
@@ -315,13 +401,18 @@ def load_checkpoint(actor, ckpt_dir_or_root: str | Path, *, load_optimizer: bool
                 f"{ckpt}: saved with use_distributed_optimizer={saved['use_distributed_optimizer']}, actor has "
                 f"{now['use_distributed_optimizer']}; optimizer state cannot be converted (load_optimizer=False "
                 f"loads only the weights)")
-        if now["use_distributed_optimizer"] and any(saved[k] != now[k] for k in ("tp", "pp", "vpp", "dp")):
+        saved_format = saved.get("optimizer_ckpt_format") or "dp_reshardable"
+        if (now["use_distributed_optimizer"] and saved_format == "dp_reshardable"
+                and any(saved[k] != now[k] for k in ("tp", "pp", "vpp", "dp"))):
             raise CheckpointLayoutError(
-                f"{ckpt}: distributed-optimizer state was saved at TP={saved['tp']} PP={saved['pp']} "
-                f"VPP={saved['vpp']} DP={saved['dp']} and can only be loaded there (actor: TP={now['tp']} "
-                f"PP={now['pp']} VPP={now['vpp']} DP={now['dp']}); pass load_optimizer=False to load the weights")
+                f"{ckpt}: distributed-optimizer state was saved in the dp_reshardable format at TP={saved['tp']} "
+                f"PP={saved['pp']} VPP={saved['vpp']} DP={saved['dp']} and can only be loaded there (actor: "
+                f"TP={now['tp']} PP={now['pp']} VPP={now['vpp']} DP={now['dp']}); pass load_optimizer=False to "
+                f"load the weights, or save with actor.dist_optimizer_ckpt_format=fully_reshardable")
+    else:
+        saved_format = None
     with device_remap(), torch.no_grad():
-        sd = _sharded_state_dict(actor, with_optimizer=load_optimizer, is_loading=True)
+        sd = _sharded_state_dict(actor, with_optimizer=load_optimizer, is_loading=True, optim_format=saved_format)
         loaded = dist_checkpointing.load(sd, str(ckpt))
         for i, m in enumerate(actor.chunks):
             gpt = m
@@ -335,7 +426,9 @@ def load_checkpoint(actor, ckpt_dir_or_root: str | Path, *, load_optimizer: bool
         # master (fp32) params := the loaded model params; the optimizer load then overwrites what it stores
         actor.optimizer.reload_model_params()
         if load_optimizer:
-            actor.optimizer.load_state_dict(loaded["optimizer"])
+            with _step_tolerant_param_state_load(actor.optimizer):
+                actor.optimizer.load_state_dict(loaded["optimizer"])
+            _unshare_adam_steps(actor.optimizer)
             actor.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     actor._owners = None
     rank = dist.get_rank() if dist.is_initialized() else 0

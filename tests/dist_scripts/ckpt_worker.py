@@ -2,7 +2,7 @@
 
 ``STEPS`` is a JSON list run in order, each step building a fresh :class:`MegatronActor` on ``HF``:
 
-* ``{"op": "save", "ckpt": root, "step": n, "tp":.., "pp":.., "vpp":.., "distopt": 0|1}``: one Adam
+* ``{"op": "save", "ckpt": root, "step": n, "tp":.., "pp":.., "vpp":.., "distopt": 0|1, "fmt": ..}``: one Adam
   step, save (trainer_state ``{"step": n, "data_pos": 17}``), log-probs, then one more step and the
   resulting parameters (reference for exact resume);
 * ``{"op": "load", "ckpt": root_or_dir, "load_optimizer": 0|1, ...}``: load (fresh actor, other seed,
@@ -43,7 +43,8 @@ def build(step, load_weights):
                       pipeline_model_parallel_size=int(step.get("pp", 1)),
                       virtual_pipeline_model_parallel_size=step.get("vpp"), lr=1e-2, lr_warmup_steps=0,
                       max_tokens_per_gpu=64, weight_decay=0.01, lr_decay_style="linear",
-                      use_distributed_optimizer=bool(step.get("distopt", 0)))
+                      use_distributed_optimizer=bool(step.get("distopt", 0)),
+                      dist_optimizer_ckpt_format=step.get("fmt", "dp_reshardable"))
     return MegatronActor(os.environ["HF"], cfg, total_train_steps=10, seed=1234 if load_weights else 99,
                          load_weights=load_weights)
 
