@@ -35,6 +35,8 @@ setup(
         "vllm": ["vllm>=0.8"],
         "launch": ["nemo-run==0.11.1", "leptonai<0.47"],
         "plot": ["matplotlib>=3.7"],
+        # sglang-router (Rust binary, CPU-only, no torch) in front of the engines: rollout.use_router=true
+        "router": ["sglang-router==0.3.2"],
     },
     entry_points={"console_scripts": ["megatron-dapo=megatron_dapo.cli:main"]},
 )

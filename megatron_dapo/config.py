@@ -84,6 +84,14 @@ class RolloutConfig:
     request_timeout_s: float = 600.0
     max_retries: int = 2
     health_timeout_s: float = 300.0
+    use_router: bool = False
+    """Start ``sglang-router`` (``pip install sglang-router``) in front of the engines: generation goes
+    through it, control calls (weight sync, sleep / wake) still go to each engine directly."""
+    router_policy: str = "cache_aware"
+    """``--policy`` of the router: ``cache_aware``, ``round_robin``, ``random`` or ``power_of_two``."""
+    router_url: Optional[str] = None
+    """An already-running router in front of ``engine_urls`` (e.g. started by the sbatch script);
+    exclusive with ``use_router``."""
 
 
 @dataclass
@@ -143,6 +151,11 @@ class ActorConfig:
     """Token budget of one micro-batch on one GPU (sequences are packed/padded up to it)."""
     micro_batch_size: Optional[int] = None
     """Fixed sequences per micro-batch; overrides ``max_tokens_per_gpu`` when set."""
+    pack_sequences: bool = False
+    """Padding-free packing (THD, megatron ``PackedSeqParams``): each micro-batch is one row of concatenated
+    sequences, each padded only to a multiple of TP with sequence parallelism (×16 with FP8); ``max_tokens_per_gpu`` is
+    then the packed-row budget (:mod:`megatron_dapo.actor.packing`). TE THD attention on GPU, a per-sequence
+    local attention on CPU. Not supported with ``context_parallel_size > 1``."""
     logprob_chunk_size: int = 1024
     """Sequence positions per chunk for vocab-parallel logprob/entropy (bounds [T, V] memory)."""
     optimizer: str = "adam"
@@ -156,8 +169,11 @@ class ActorConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
-    offload: bool = False
-    """Offload params/grads/optimizer state to pinned CPU memory during rollout (GPU colocation)."""
+    offload: bool = True
+    """With ``rollout.colocated``: move params, grads and optimizer state (fp32 master params, Adam moments)
+    to pinned host memory while the engines generate, and back before training (``actor/offload.py``).
+    ``false`` keeps the actor resident when it fits beside the engines (``tools/plan_parallelism.py``
+    says which). On CPU the calls keep their contract but move nothing."""
 
 
 @dataclass
@@ -259,6 +275,19 @@ class DAPOConfig:
         need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         need(r.num_engines >= 1, "rollout.num_engines", "must be >= 1")
         need(0 < r.mem_fraction_static < 1, "rollout.mem_fraction_static", "must be in (0, 1)")
+        from .rollout.launch import ROUTER_POLICIES
+
+        need(r.router_policy in ROUTER_POLICIES, "rollout.router_policy",
+             f"must be one of {', '.join(ROUTER_POLICIES)} (got {r.router_policy!r})")
+        need(not (r.use_router or r.router_url) or r.backend in ("cpu", "sglang"), "rollout.use_router",
+             f"sglang-router fronts SGLang-API engines (backend cpu or sglang), not {r.backend!r}")
+        if r.router_url:
+            need(not r.use_router, "rollout.router_url",
+                 "set either rollout.use_router=true (start a router) or rollout.router_url (use a running one)")
+            need(str(r.router_url).startswith(("http://", "https://")), "rollout.router_url",
+                 f"must start with http:// or https:// (got {r.router_url!r})")
+            need(bool(r.engine_urls), "rollout.router_url",
+                 "needs rollout.engine_urls too: control calls (weight sync, sleep/wake) go to the engines directly")
         a = self.algorithm
         need(a.preset in ("dapo", "grpo"), "algorithm.preset", f"must be dapo or grpo (got {a.preset!r})")
         alg = self.resolved_algorithm()
@@ -299,11 +328,10 @@ class DAPOConfig:
             need(has_transformer_engine() and has_cuda(), "actor.fp8",
                  "FP8 needs transformer-engine on a GPU (pip install megatron_dapo[gpu] on an H100 node); "
                  "set actor.fp8=null on CPU")
-        if (act.sequence_parallel or cp > 1) and local:
+        if cp > 1 and local:
             from .backend import has_transformer_engine, has_cuda
-            key = "actor.sequence_parallel" if act.sequence_parallel else "actor.context_parallel_size"
-            need(has_transformer_engine() and has_cuda(), key,
-                 "sequence/context parallelism needs the Transformer Engine layer spec on a GPU; "
+            need(has_transformer_engine() and has_cuda(), "actor.context_parallel_size",
+                 "context parallelism needs the Transformer Engine layer spec on a GPU; "
                  "it is not supported by the local (CPU) layer spec")
         need(act.sequence_parallel is False or tp > 1, "actor.sequence_parallel", "needs tensor_model_parallel_size > 1")
         need(act.ppo_mini_batch_size >= 1, "actor.ppo_mini_batch_size", "must be >= 1")
@@ -315,6 +343,9 @@ class DAPOConfig:
              f"must hold one full sequence (max_prompt_length + max_response_length = "
              f"{d.max_prompt_length + r.max_response_length})")
         need(act.micro_batch_size is None or act.micro_batch_size >= 1, "actor.micro_batch_size", "must be >= 1")
+        need(not act.pack_sequences or cp == 1, "actor.pack_sequences",
+             f"packing with context_parallel_size={cp} would need each packed row split per CP rank "
+             "(THD load balancing), which the actor does not do; set actor.pack_sequences=false or CP=1")
         need(act.logprob_chunk_size >= 1, "actor.logprob_chunk_size", "must be >= 1")
         need(act.optimizer in ("adam", "sgd"), "actor.optimizer", "must be adam or sgd")
         need(act.lr >= 0, "actor.lr", "must be >= 0")

@@ -13,6 +13,18 @@ few CUDA entry points are given CPU meanings (measured with megatron-core 0.16.1
 4. ``device="cuda"`` literals and ``.cuda()`` calls (optimizer, grad scaler, clip_grads, DDP buffers,
    pipeline schedules) and ``param.type() == 'torch.cuda.FloatTensor'`` checks: a
    ``TorchFunctionMode`` (:func:`device_remap`) maps CUDA devices to CPU and reports CUDA tensor types.
+5. The local ``DotProductAttention`` asserts ``packed_seq_params is None`` (THD packing is TE-only): its
+   forward is wrapped (:func:`enable_local_thd_attention`) so that with ``qkv_format="thd"`` it runs the
+   original kernel once per ``cu_seqlens`` segment with a causal mask (filler between ``cu_seqlens`` and
+   ``cu_seqlens_padded`` gets zeros, as TE does). RoPE needs no shim: megatron's unfused
+   ``_apply_rotary_pos_emb_thd`` already restarts positions at every ``cu_seqlens_q_padded`` boundary.
+6. The local layer spec's ``WrappedTorchNorm`` asserts ``not config.sequence_parallel`` (only TE/apex norms
+   take part in sequence parallelism). Nothing in a norm depends on the layout: under sequence parallelism
+   it sees ``[s/TP, b, h]`` and its weight gradient is partial per TP rank, which megatron sums across TP
+   for parameters flagged ``sequence_parallel`` (``finalize_model_grads``). :func:`enable_local_sequence_parallel_norm`
+   builds the same ``torch.nn.LayerNorm``/``RMSNorm`` without the assertion and sets that flag, as TE's
+   norms do. gloo itself implements the ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` that the
+   sequence-parallel linear layers use.
 
 Config-level requirements (not patches; enforced by :mod:`megatron_dapo.models.hf_config`):
 ``pipeline_dtype`` must be set when PP > 1, and ``batch_p2p_comm=False`` with interleaved (virtual)
@@ -122,8 +134,107 @@ def _install_cpu_rng_tracker() -> None:
     mrandom.initialize_rng_tracker(force_reset=True)
 
 
+def enable_local_thd_attention() -> None:
+    """Shim 5: let megatron-core's local ``DotProductAttention`` accept ``PackedSeqParams(qkv_format="thd")``.
+
+    Packed inputs arrive as ``query [t, np, hn]``, ``key/value [t, ng, hn]`` (``Attention.forward``
+    squeezes the batch dimension for THD). Each segment ``i`` holds ``cu_seqlens_q[i+1] - cu_seqlens_q[i]``
+    valid tokens starting at ``cu_seqlens_q_padded[i]`` (or ``cu_seqlens_q[i]`` when no padded boundaries
+    are given); the original forward runs on each segment alone with a ``[1, 1, s, s]`` causal mask, so a
+    token attends exactly to the earlier tokens of its own sequence. Returns ``[t, np·hn]`` with zeros at
+    filler positions. Idempotent; also usable on GPU without Transformer Engine (the local layer spec).
+
+    Raises (at forward time):
+        ValueError: ``qkv_format`` other than ``"thd"``, different q/kv boundaries (cross attention), or
+            boundaries that do not fit the packed length.
+    """
+    import torch
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    if getattr(DotProductAttention.forward, "_megatron_dapo_thd", False):
+        return
+    original = DotProductAttention.forward
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is None:
+            return original(self, query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                            attention_bias=attention_bias)
+        p = packed_seq_params
+        if p.qkv_format != "thd":
+            raise ValueError(f"local attention supports packed_seq_params.qkv_format='thd' only, got {p.qkv_format!r}")
+        cu = p.cu_seqlens_q
+        cu_pad = p.cu_seqlens_q_padded if p.cu_seqlens_q_padded is not None else cu
+        cu_kv = p.cu_seqlens_kv if p.cu_seqlens_kv is not None else cu
+        cu_kv_pad = p.cu_seqlens_kv_padded if p.cu_seqlens_kv_padded is not None else cu_kv
+        if not (torch.equal(cu.cpu(), cu_kv.cpu()) and torch.equal(cu_pad.cpu(), cu_kv_pad.cpu())):
+            raise ValueError("local THD attention is self-attention only: cu_seqlens_q/kv (and their padded "
+                             "forms) must be equal")
+        t = query.shape[0]
+        lens = (cu[1:] - cu[:-1]).tolist()
+        starts = cu_pad[:-1].tolist()
+        ends = cu_pad[1:].tolist()
+        if int(cu_pad[-1]) != t or any(s + n > e for s, n, e in zip(starts, lens, ends)):
+            raise ValueError(f"packed_seq_params boundaries (cu_seqlens_q={cu.tolist()}, "
+                             f"cu_seqlens_q_padded={cu_pad.tolist()}) do not fit {t} packed tokens")
+        hp = self.hidden_size_per_partition
+        pieces, cursor = [], 0
+        for s, n in zip(starts, lens):
+            if s > cursor:
+                pieces.append(query.new_zeros(s - cursor, hp))
+            if n > 0:
+                causal = torch.ones(n, n, dtype=torch.bool, device=query.device).triu(1).view(1, 1, n, n)
+                ctx = original(self, query[s: s + n].unsqueeze(1), key[s: s + n].unsqueeze(1),
+                               value[s: s + n].unsqueeze(1), causal, attn_mask_type=attn_mask_type,
+                               attention_bias=attention_bias)
+                pieces.append(ctx.reshape(n, hp))
+            cursor = s + n
+        if t > cursor:
+            pieces.append(query.new_zeros(t - cursor, hp))
+        return torch.cat(pieces, dim=0)
+
+    forward._megatron_dapo_thd = True
+    forward.__doc__ = original.__doc__
+    DotProductAttention.forward = forward
+
+
+def enable_local_sequence_parallel_norm() -> None:
+    """Shim 6: let megatron's local-spec ``WrappedTorchNorm`` run under sequence parallelism (idempotent).
+
+    The replacement keeps every other check of the original (zero-centred gamma, persistent and
+    memory-efficient layer norm stay unsupported) and, with ``config.sequence_parallel``, marks the weight
+    (and bias) ``sequence_parallel = True`` so megatron-core all-reduces their gradients across TP ranks
+    (``megatron/core/distributed/finalize_model_grads.py``). Without sequence parallelism the module is
+    exactly the original's.
+    """
+    from megatron.core.transformer import torch_norm
+
+    cls = torch_norm.WrappedTorchNorm
+    if getattr(cls, "_megatron_dapo_sp", False):
+        return
+    original_new = cls.__new__
+
+    def __new__(klass, config, hidden_size, eps=1e-5, persist_layer_norm=False, zero_centered_gamma=False,
+                normalization="LayerNorm"):
+        if not config.sequence_parallel:
+            return original_new(klass, config, hidden_size, eps, persist_layer_norm, zero_centered_gamma,
+                                normalization)
+        config.sequence_parallel = False  # build through the original (its other assertions still apply)
+        try:
+            norm = original_new(klass, config, hidden_size, eps, persist_layer_norm, zero_centered_gamma,
+                                normalization)
+        finally:
+            config.sequence_parallel = True
+        for p in norm.parameters():
+            p.sequence_parallel = True
+        return norm
+
+    cls.__new__ = staticmethod(__new__)
+    cls._megatron_dapo_sp = True
+
+
 def apply_cpu_shims() -> bool:
-    """Apply shims 1-3 (idempotent). Returns True when applied, False on a CUDA machine (no-op).
+    """Apply shims 1-3, 5 and 6 (idempotent). Returns True when applied, False on a CUDA machine (no-op).
 
     Call before importing megatron.core model code.
     """
@@ -135,6 +246,8 @@ def apply_cpu_shims() -> bool:
     _stub_paged_stash()
     _patch_cuda_entry_points()
     _install_cpu_rng_tracker()
+    enable_local_thd_attention()
+    enable_local_sequence_parallel_norm()
     _APPLIED = True
     return True
 

@@ -226,7 +226,8 @@ class Trainer:
         self.weight_sync = WeightSync(self.actor, self.client, transport=cfg.weight_sync.transport,
                                       bucket_mb=cfg.weight_sync.bucket_mb, dtype=dtype,
                                       work_dir=cfg.run_dir / "weight_sync",
-                                      engine_world_size=r.num_engines * r.engine_tp_size)
+                                      engine_world_size=r.num_engines * r.engine_tp_size,
+                                      offload_actor=cfg.actor.offload)
         self._stack.callback(self.weight_sync.close)
         self.val_rows = val_rows(cfg)
         # Colocated engines share the GPUs with the actor: they sleep (release weights + KV cache) while the
@@ -266,8 +267,20 @@ class Trainer:
             self._stack.enter_context(procs)
             urls = procs.urls
             log.info("rollout engines: %s (logs in %s)", ", ".join(urls), logs)
-        client = SyncEngineClient(urls, api_key=r.api_key, request_timeout_s=r.request_timeout_s,
-                                  max_retries=r.max_retries)
+        router_url = r.router_url
+        if r.use_router:  # generation through sglang-router; control calls still go to each engine
+            from .rollout.launch import launch_sglang_router
+
+            router_log = self.cfg.run_dir / "engine_logs" / "sglang_router.log"
+            router = launch_sglang_router(urls, host=r.host, policy=r.router_policy, api_key=r.api_key,
+                                          timeout=r.health_timeout_s, log_path=router_log,
+                                          request_timeout_s=r.request_timeout_s)
+            self._stack.enter_context(router)
+            router_url = router.url
+            log.info("sglang-router (%s) at %s in front of %d engine(s) (log %s)", r.router_policy, router_url,
+                     len(urls), router_log)
+        client = SyncEngineClient(urls, router_url=router_url, api_key=r.api_key,
+                                  request_timeout_s=r.request_timeout_s, max_retries=r.max_retries)
         self._stack.callback(client.close)
         return client
 
@@ -377,6 +390,8 @@ class Trainer:
             if self._engines_awake:
                 m.update(self.weight_sync.colocated_release())
             m.update(self.weight_sync.colocated_sync(weight_version=str(self.step)))
+            # bytes/seconds of this offload and of the onload that started the step (memory/actor_*, timing/actor_*)
+            m.update(getattr(self.actor, "offload_metrics", {}))
             self._engines_awake = True
         else:
             m = self.weight_sync.sync(weight_version=str(self.step))

@@ -4,7 +4,8 @@ One torchrun launch per process count (1, 2, 4) runs every layout and every fami
 (tests/dist_scripts/parity_worker.py); the tests below assert on the saved results:
 
 * log-probs / entropies at TP=1 equal transformers' (fp32, ≤ 1e-5), also at temperature 0.7;
-* log-probs at TP=2, PP=2, TP=2×PP=2, PP=2×VPP=2, uneven PP stages (1 + 3 layers) and DP=2 equal TP=1's;
+* log-probs at TP=2, TP=2 with sequence parallelism (padded and THD-packed), PP=2, TP=2×PP=2 (also with
+  sequence parallelism), PP=2×VPP=2, uneven PP stages (1 + 3 layers) and DP=2 equal TP=1's;
 * gradients after one DAPO loss step (``apply_update=False`` + ``iter_full_grads``) equal TP=1's
   (relative Frobenius error ≤ 1e-6 per tensor; only real vocabulary rows of embedding/output grads);
 * one Adam step with the distributed optimizer at DP=2 gives the parameters of the regular optimizer.
@@ -20,8 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_scripts.common import FAMILIES, make_models, torchrun  # noqa: E402
 
-LAYOUTS_2 = "tp=2;pp=2;pp=2,vpp=2;pp=2,first=1,last=3;dp=2;distopt_cmp=1"
-GRAD_LAYOUTS = ["tp=2", "pp=2", "pp=2,vpp=2", "pp=2,first=1,last=3", "dp=2", "tp=2,pp=2"]
+LAYOUTS_2 = "tp=2;tp=2,sp=1;tp=2,sp=1,pack=1;pp=2;pp=2,vpp=2;pp=2,first=1,last=3;dp=2;distopt_cmp=1"
+GRAD_LAYOUTS = ["tp=2", "tp=2,sp=1", "tp=2,sp=1,pack=1", "pp=2", "pp=2,vpp=2", "pp=2,first=1,last=3", "dp=2",
+                "tp=2,pp=2", "tp=2,pp=2,sp=1"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def results(tmp_path_factory):
     models = make_models(root)
     dirs = ",".join(str(models[f]) for f in FAMILIES)
     out = {}
-    for nproc, layouts, extra in ((1, "tp=1", {"HF_REF": "1"}), (2, LAYOUTS_2, {}), (4, "tp=2,pp=2", {})):
+    for nproc, layouts, extra in ((1, "tp=1", {"HF_REF": "1"}), (2, LAYOUTS_2, {}), (4, "tp=2,pp=2;tp=2,pp=2,sp=1", {})):
         f = root / f"res{nproc}.pt"
         torchrun("parity_worker.py", nproc, dict(HF_DIRS=dirs, LAYOUTS=layouts, OUT=str(f), **extra))
         out.update(torch.load(f, weights_only=False))
@@ -59,6 +61,9 @@ def test_tp1_logprobs_match_transformers(results, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layout_logprobs_and_grads_match_tp1(results, layout, family):
     ref, got = results["tp=1"][family], results[layout][family]
+    # sequence parallelism really ran (norm weights flagged for the TP gradient all-reduce)
+    assert got["sequence_parallel"] == ("sp=1" in layout)
+    assert (got["sp_norm_params"] > 0) == ("sp=1" in layout)
     assert (got["logprobs"] - ref["hf_logprobs"]).abs().max() <= 1e-5
     assert (got["logprobs"] - ref["logprobs"]).abs().max() <= 1e-5
     assert got["pg_loss"] == pytest.approx(ref["pg_loss"], rel=1e-6, abs=1e-7)

@@ -89,7 +89,6 @@ def test_tp2_gloo_matches_naive(tmp_path):
 
 
 @pytest.mark.parametrize("override,key", [
-    ("actor.sequence_parallel=true", "actor.sequence_parallel"),
     ("actor.context_parallel_size=2", "actor.context_parallel_size"),
     ("actor.fp8=e4m3", "actor.fp8"),
 ])
@@ -108,3 +107,18 @@ def test_gpu_only_features_rejected_on_cpu(tmp_path, override, key):
     setattr(cfg.actor, field, {"true": True}.get(v, int(v) if v.isdigit() else v))
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         cfg.validate()
+
+
+def test_sequence_parallel_allowed_on_cpu(tmp_path):
+    """Sequence parallelism runs on the local layer spec (cpu_shims 6); it still needs TP > 1."""
+    from megatron_dapo.config import ConfigError, DAPOConfig
+
+    cfg = DAPOConfig()
+    cfg.model.hf_path = str(tmp_path / "m")
+    cfg.model.make_tiny = True
+    cfg.actor.sequence_parallel = True
+    cfg.actor.tensor_model_parallel_size = 2
+    cfg.validate(world_size=2)
+    cfg.actor.tensor_model_parallel_size = 1
+    with pytest.raises(ConfigError, match=r"actor\.sequence_parallel"):
+        cfg.validate(world_size=2)

@@ -285,7 +285,7 @@ def test_update_weights_from_distributed_gloo_bit_identical(engine, tiny):
                                                      group_name="wu_test")
             finally:
                 group.destroy()
-                await c._control("POST", "/destroy_weights_update_group", {"group_name": "wu_test"})
+                await c.destroy_weights_update_group("wu_test")
                 await c.update_weights_from_disk(str(d))  # restore the original weights
             return got, version
 

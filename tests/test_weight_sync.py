@@ -309,6 +309,17 @@ def test_colocated_cycle_order_and_timings(tiny_hf, tmp_path):
     ws.close()
 
 
+def test_colocated_cycle_without_actor_offload(tiny_hf, tmp_path):
+    """``actor.offload=false``: the engines still release/resume, the actor stays resident."""
+    actor, client = HFActor(tiny_hf), RecordingClient()
+    ws = WeightSync(actor, client, transport="disk", work_dir=tmp_path, offload_actor=False)
+    ws.colocated_release()
+    ws.colocated_sync("v1")
+    assert actor.calls == []
+    assert [c[0] for c in client.calls if c[0] in ("release", "resume")] == ["release", "resume", "resume"]
+    ws.close()
+
+
 # ------------------------------------------------------------------------------------------ real engine
 def _engine_weights(client, names):
     out = {}

@@ -51,6 +51,31 @@ class ActorBatch:
                           ref_logprobs=pick(self.ref_logprobs))
 
 
+def pad_columns(batch: ActorBatch, multiple: int) -> ActorBatch:
+    """``batch`` with its width ``L`` zero-padded (in place of the tensors) up to a multiple of ``multiple``.
+
+    Sequence parallelism splits the sequence dimension over the TP ranks, so megatron-core needs ``L``
+    divisible by TP. Padding columns follow every valid token and carry a zero response mask, so causal
+    attention leaves the valid positions unchanged. Returns ``batch`` itself when nothing is needed.
+
+    Raises:
+        ValueError: ``multiple < 1``.
+    """
+    if multiple < 1:
+        raise ValueError(f"pad multiple must be >= 1, got {multiple}")
+    L = batch.input_ids.shape[1]
+    extra = (-L) % multiple
+    if extra == 0:
+        return batch
+
+    def pad(t):
+        return None if t is None else torch.nn.functional.pad(t, (0, extra))
+
+    for name in ("input_ids", "response_mask", "old_logprobs", "advantages", "rollout_logprobs", "ref_logprobs"):
+        setattr(batch, name, pad(getattr(batch, name)))
+    return batch
+
+
 def build_actor_batch(prompts: list[list[int]], responses: list[list[int]], *,
                       loss_mask: Optional[list[float]] = None) -> ActorBatch:
     """Concatenate prompt and response ids per row and build the response mask.

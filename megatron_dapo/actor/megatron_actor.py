@@ -21,11 +21,13 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from ..cpu_shims import apply_cpu_shims, cuda_available, device_remap
+from ..cpu_shims import apply_cpu_shims, cuda_available, device_remap, enable_local_thd_attention
 from ..models import mapping
 from ..models.hf_config import ModelSpec, gpt_model_kwargs, spec_from_hf_config, transformer_config_kwargs
-from .batching import ActorBatch, balance_across_ranks, make_micro_batches
+from .batching import ActorBatch, balance_across_ranks, make_micro_batches, pad_columns
 from .logprobs import vocab_parallel_logprobs_entropy
+from .offload import ensure_onloaded
+from .packing import make_packed_micro_batches, pack_sequences, packing_pad_multiple, padded_length
 
 
 @dataclass
@@ -279,13 +281,25 @@ class MegatronActor:
         return gpt.output_layer.weight
 
     def _token_logprobs(self, gpt, hidden: torch.Tensor, mb: ActorBatch, temperature: float):
-        """Logprobs/entropy ``[b, l]`` of tokens 1..l-1 at positions where the response mask is set."""
-        b, l, h = hidden.shape
+        """Logprobs/entropy ``[b, l]`` of tokens 1..l-1 at positions where the response mask is set.
+
+        ``hidden`` is ``[b, l, h]`` (padded rows) or, when ``mb.extras["packed"]`` holds a
+        :class:`~megatron_dapo.actor.packing.PackedMicroBatch`, the packed row ``[1, T, h]``: the hidden
+        state predicting token ``[i, j]`` is then read at packed position ``cu_seqlens_padded[i] + j - 1``,
+        so the result has the same ``[b, l]`` meaning in both layouts.
+        """
+        packed = mb.extras.get("packed") if mb.extras else None
+        b, l = mb.response_mask.shape
+        h = hidden.shape[-1]
         sel = torch.zeros(b, l, dtype=torch.bool)
         sel[:, 1:] = mb.response_mask[:, 1:] > 0
         flat = sel.reshape(-1).nonzero().squeeze(1).to(hidden.device)
-        src = (sel.reshape(b, l).roll(-1, dims=1)).reshape(-1).nonzero().squeeze(1).to(hidden.device)
-        hid = hidden.reshape(b * l, h).index_select(0, src)
+        if packed is None:
+            src = (sel.reshape(b, l).roll(-1, dims=1)).reshape(-1).nonzero().squeeze(1).to(hidden.device)
+        else:
+            rows, cols = sel.nonzero(as_tuple=True)
+            src = (packed.packed_offsets()[rows] + cols - 1).to(hidden.device)
+        hid = hidden.reshape(-1, h).index_select(0, src)
         tgt = mb.input_ids.reshape(-1).to(hidden.device).index_select(0, flat)
         w = self._output_weight(gpt)
         vl = w.shape[0]
@@ -301,6 +315,13 @@ class MegatronActor:
     def _forward_step(self, loss_fn, data_iterator, model):
         mb: ActorBatch = next(data_iterator)
         dev = torch.cuda.current_device() if cuda_available() else torch.device("cpu")
+        packed = mb.extras.get("packed") if mb.extras else None
+        if packed is not None:
+            # one THD row [1, T]: attention per cu_seqlens segment (TE on GPU, cpu_shims 5 on CPU), RoPE
+            # restarting at every segment; the last stage returns hidden [1, T, h] (see _token_logprobs)
+            out = model(packed.input_ids.to(dev), packed.position_ids.to(dev), None,
+                        packed_seq_params=packed.packed_seq_params(dev))
+            return out, partial(loss_fn, model, mb)
         tokens = mb.input_ids.to(dev)
         b, l = tokens.shape
         pos = torch.arange(l, device=dev).unsqueeze(0).expand(b, l)
@@ -315,7 +336,16 @@ class MegatronActor:
 
         lengths = batch.seq_lengths.tolist()
         mine = balance_across_ranks(lengths, self.dp_size)[self.dp_rank]
-        groups = make_micro_batches([lengths[i] for i in mine], self.cfg.max_tokens_per_gpu, self.cfg.micro_batch_size)
+        pack = bool(getattr(self.cfg, "pack_sequences", False))
+        if pack:
+            enable_local_thd_attention()  # the local layer spec (CPU, or GPU without TE) needs it
+            pad_multiple = packing_pad_multiple(self.tp, self.cfg.context_parallel_size,
+                                                self.tconfig.sequence_parallel, self.cfg.fp8 is not None)
+            groups = make_packed_micro_batches([lengths[i] for i in mine], self.cfg.max_tokens_per_gpu,
+                                               pad_multiple, self.cfg.micro_batch_size)
+        else:
+            groups = make_micro_batches([lengths[i] for i in mine], self.cfg.max_tokens_per_gpu,
+                                        self.cfg.micro_batch_size)
         if self.vpp and len(groups) % self.pp:
             # the interleaved schedule needs a multiple of PP micro-batches (megatron-core asserts it)
             if len(mine) < self.pp:
@@ -327,27 +357,42 @@ class MegatronActor:
             order = sorted(range(len(mine)), key=lambda j: -lengths[mine[j]])
             groups = [sorted(order[k::n_groups]) for k in range(n_groups)]
         rows = [[mine[j] for j in g] for g in groups]
-        if self.tconfig.variable_seq_lengths:
+        seq_length, mb_size = int(batch.input_ids.shape[1]), max(len(r) for r in rows)
+        # sequence parallelism splits the sequence over TP ranks: padded widths must divide by TP
+        sp_multiple = self.tp if self.tconfig.sequence_parallel else 1
+        if pack:
             mbs = [batch.select(r) for r in rows]
+            seq_length = max(sum(padded_length(lengths[i], pad_multiple) for i in r) for r in rows)
+            mb_size = 1
+            # fixed p2p shapes (interleaved pipeline on gloo): every packed row gets the same length
+            pad_to = None if self.tconfig.variable_seq_lengths else seq_length
+            for mb in mbs:
+                mb.extras["packed"] = pack_sequences(mb.input_ids, mb.seq_lengths, pad_multiple=pad_multiple,
+                                                     pad_to=pad_to)
+        elif self.tconfig.variable_seq_lengths:
+            mbs = [pad_columns(batch.select(r), sp_multiple) for r in rows]
         else:
             # fixed p2p shapes (interleaved pipeline on gloo): every micro-batch is [max rows, L]; filler
             # rows repeat a real row with an all-zero response mask (no loss, no gradient, dropped below)
             width = max(len(r) for r in rows)
-            mbs = [batch.select(r + [r[-1]] * (width - len(r)), trim=False) for r in rows]
+            mbs = [pad_columns(batch.select(r + [r[-1]] * (width - len(r)), trim=False), sp_multiple)
+                   for r in rows]
             for mb, r in zip(mbs, rows):
                 mb.response_mask[len(r):] = 0
+            seq_length = int(mbs[0].input_ids.shape[1])
         self._num_mb = len(mbs)
         iters = [iter(list(mbs)) for _ in self.chunks] if len(self.chunks) > 1 else iter(list(mbs))
         fwd_bwd = get_forward_backward_func()
         with torch.set_grad_enabled(not forward_only):
             out = fwd_bwd(forward_step_func=partial(self._forward_step, loss_fn), data_iterator=iters,
                           model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
-                          num_microbatches=len(mbs), seq_length=int(batch.input_ids.shape[1]),
-                          micro_batch_size=max(len(r) for r in rows), forward_only=forward_only)
+                          num_microbatches=len(mbs), seq_length=seq_length,
+                          micro_batch_size=mb_size, forward_only=forward_only)
         return out, rows
 
     def compute_logprobs(self, batch: ActorBatch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs and entropies ``[N, L]`` (fp32, zero outside the response mask), on every rank."""
+        ensure_onloaded(self, "compute_logprobs")
         for m in self.chunks:
             m.eval()
 
@@ -361,9 +406,9 @@ class MegatronActor:
         res = torch.zeros(2, N, L, dtype=torch.float32)
         if self.ps.is_pipeline_last_stage(ignore_virtual=True) and self.tp_rank == 0:
             for o, r in zip(outs, rows):
-                l = o["logprobs"].shape[1]
-                res[0, r, :l] = o["logprobs"][: len(r)]
-                res[1, r, :l] = o["entropy"][: len(r)]
+                l = min(o["logprobs"].shape[1], L)  # micro-batches may be padded beyond L (sequence parallel)
+                res[0, r, :l] = o["logprobs"][: len(r), :l]
+                res[1, r, :l] = o["entropy"][: len(r), :l]
         res = res.to(torch.cuda.current_device()) if cuda_available() else res
         dist.all_reduce(res)  # exactly one contributor per row (last stage, TP rank 0, owning DP rank)
         res = res.cpu()
@@ -381,6 +426,7 @@ class MegatronActor:
         """
         from ..algorithm import agg_loss, compute_policy_loss, kl_penalty
 
+        ensure_onloaded(self, "train_step")
         for m in self.chunks:
             m.train()
             m.zero_grad_buffer()
@@ -449,40 +495,41 @@ class MegatronActor:
         return res
 
     # ------------------------------------------------------------------ memory alternation
-    def offload(self) -> None:
-        """Move parameters, gradients and optimizer state to pinned CPU memory (GPU colocation).
+    def offload(self, force: bool = False) -> dict[str, float]:
+        """Move parameters, gradients and optimizer state (fp32 master params, Adam moments) to pinned CPU
+        memory and free their device storage (GPU colocation); see :mod:`megatron_dapo.actor.offload`.
 
-        On CPU this is a no-op with the same contract (call :meth:`onload` before the next use).
+        On CPU this is a no-op with the same contract unless ``force`` (tests): call :meth:`onload`
+        before the next :meth:`train_step` / :meth:`compute_logprobs` (they raise ``RuntimeError``
+        otherwise). Offloading twice is a no-op.
+
+        Returns:
+            ``memory/actor_offload_bytes``, per-category ``memory/actor_offload_*_bytes`` and
+            ``timing/actor_offload_s`` (also kept in :attr:`offload_metrics`).
         """
-        self._offloaded = True
-        if not cuda_available():
-            return
-        for m in self.chunks:
-            for buf in getattr(m, "buffers", []) + getattr(m, "expert_parallel_buffers", []):
-                for attr in ("param_data", "grad_data"):
-                    t = getattr(buf, attr, None)
-                    if t is not None and t.is_cuda:
-                        setattr(buf, "_cpu_" + attr, t.detach().to("cpu", non_blocking=True).pin_memory())
-                        t.storage().resize_(0)
-        torch.cuda.empty_cache()
+        from .offload import ActorOffloader
 
-    def onload(self) -> None:
-        """Inverse of :meth:`offload`."""
-        if not getattr(self, "_offloaded", False):
-            return
-        self._offloaded = False
-        if not cuda_available():
-            return
-        for m in self.chunks:
-            for buf in getattr(m, "buffers", []) + getattr(m, "expert_parallel_buffers", []):
-                for attr in ("param_data", "grad_data"):
-                    cpu = getattr(buf, "_cpu_" + attr, None)
-                    if cpu is not None:
-                        t = getattr(buf, attr)
-                        t.storage().resize_(cpu.numel() * cpu.element_size() // t.element_size())
-                        t.copy_(cpu, non_blocking=True)
-                        delattr(buf, "_cpu_" + attr)
-        torch.cuda.synchronize()
+        if getattr(self, "_offloader", None) is None:
+            self._offloader = ActorOffloader(self.chunks, self.optimizer)
+        out = self._offloader.offload(force=force)
+        self._offloaded = self._offloader.offloaded
+        return out
+
+    def onload(self) -> dict[str, float]:
+        """Inverse of :meth:`offload` (a no-op when not offloaded); params, master params and optimizer
+        state come back bit-identical. Returns ``memory/actor_onload_bytes``, ``timing/actor_onload_s``, ..."""
+        off = getattr(self, "_offloader", None)
+        if off is None:
+            return {}
+        out = off.onload()
+        self._offloaded = off.offloaded
+        return out
+
+    @property
+    def offload_metrics(self) -> dict[str, float]:
+        """Figures of the latest offload and onload (bytes moved, seconds), for the trainer's log."""
+        off = getattr(self, "_offloader", None)
+        return dict(off.metrics) if off is not None else {}
 
     # ------------------------------------------------------------------ checkpoints
     def sharded_state_dict(self, with_optimizer: bool = True) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 Generation requests are balanced across data-parallel engines by least-outstanding-requests
 (or all sent to one ``router_url``, e.g. an ``sglang-router``); control calls (weight updates,
-memory release / resume, cache flush, abort) go to every engine.  Connection errors, timeouts and
+memory release / resume, cache flush, abort) go to every engine.  Through a router every flat item
+(prompt x sample) is its own ``/generate`` request, which ``sglang-router`` 0.3.x requires and which
+lets it spread one batch over all engines.  Connection errors, timeouts and
 5xx answers are retried with exponential back-off on another engine; when retries run out an
 :class:`EngineError` names the URL(s) tried and the last error — a dead engine never hangs a
 rollout.  That machinery is :class:`~megatron_dapo.rollout.transport.EngineTransport`, the base
@@ -45,7 +47,8 @@ class EngineClient(EngineTransport):
         engine_urls: base URLs (``http://host:port``) of the data-parallel engines; control
             calls go to all of them.
         router_url: optional router (e.g. ``sglang-router``) URL; when set, generation goes to it
-            (no client-side balancing) and control calls still go to ``engine_urls``.
+            (no client-side balancing, one ``/generate`` request per flat item) and control calls
+            - aborts of routed requests included - still go to ``engine_urls``.
         api_key: sent as ``Authorization: Bearer <api_key>``.
         request_timeout_s: total timeout per HTTP request (generation included).
         control_timeout_s: timeout for control calls (weight updates can be slow).
@@ -98,15 +101,38 @@ class EngineClient(EngineTransport):
                 csp["sampling_seed"] = int(seed) + ci * self.prompts_per_request * n
             payload = build_generate_payload(chunk, csp, return_logprob=return_logprob, rid=f"{prefix}-c{ci}",
                                              logprob_start_len=logprob_start_len)
-            url, data = await self._post_balanced("/generate", payload, payload["rid"])
-            try:
-                outs = parse_generate_response(data, engine_url=url)
-            except ValueError as exc:
-                raise EngineError(f"/generate on {url} returned a malformed response: {exc}", urls=[url]) from exc
+            url, outs = await self._post_generate(payload)
             return reorder_sample_major_to_prompt_major(outs, len(chunk), n)
 
         parts = await asyncio.gather(*(run_chunk(ci, c) for ci, c in enumerate(chunks)))
         return [o for part in parts for o in part]
+
+    async def _post_generate(self, payload: dict) -> tuple[str, list[GenerateOutput]]:
+        """POST one batched ``/generate`` body (from :func:`build_generate_payload`); returns the URL
+        that answered and the parsed items in payload order.
+
+        Through a router the batch is sent as one single-item request per flat item, concurrently:
+        ``sglang-router`` 0.3.x deserialises ``/generate`` into a typed request whose ``rid`` is one
+        string and ``sampling_params`` one object (a batch with per-item seeds / rids is rejected
+        with HTTP 422), and single items also let the router spread one batch over all engines.
+
+        Raises:
+            EngineError: engine / router failure after retries, or a malformed response.
+        """
+        if self.router_url and isinstance(payload["rid"], list):
+            keys = [k for k, v in payload.items() if isinstance(v, list)]
+            items = [{k: (v[i] if k in keys else v) for k, v in payload.items()} for i in range(len(payload["rid"]))]
+            parts = await asyncio.gather(*(self._post_generate(item) for item in items))
+            return self.router_url, [o for _, outs in parts for o in outs]
+        rids = payload["rid"] if isinstance(payload["rid"], list) else [payload["rid"]]
+        url, data = await self._post_balanced("/generate", payload, rids)
+        try:
+            outs = parse_generate_response(data, engine_url=url)
+        except ValueError as exc:
+            raise EngineError(f"/generate on {url} returned a malformed response: {exc}", urls=[url]) from exc
+        if len(outs) != len(rids):
+            raise EngineError(f"/generate on {url} answered {len(outs)} item(s) for {len(rids)} input(s)", urls=[url])
+        return url, outs
 
     async def score(self, sequences: Sequence[Sequence[int]], start_lens: int | Sequence[int] = 0, *,
                     temperature: float = 1.0) -> list[list[float | None]]:
@@ -130,8 +156,7 @@ class EngineClient(EngineTransport):
                 raise ValueError(f"start_lens[{i}]={st} outside [0, {len(s)})")
         payload = build_generate_payload(seqs, {"max_new_tokens": 0, "temperature": float(temperature)},
                                          return_logprob=True, logprob_start_len=starts)
-        url, data = await self._post_balanced("/generate", payload, payload["rid"])
-        outs = parse_generate_response(data, engine_url=url)
+        url, outs = await self._post_generate(payload)
         res = []
         for i, o in enumerate(outs):
             if o.input_logprobs is None or len(o.input_logprobs) != len(seqs[i]) - starts[i]:
@@ -149,16 +174,18 @@ class EngineClient(EngineTransport):
         if rid is None:
             await self.abort_all()
             return len(self.control_urls)
-        targets = [(url, item) for key, locs in list(self._rid_locations.items())
-                   if key.startswith(f"{rid}-") or key == rid for url, items in locs for item in items]
+        targets = [(u, item) for key, locs in list(self._rid_locations.items())
+                   if key.startswith(f"{rid}-") or key == rid for url, items in locs for item in items
+                   for u in self._abort_urls(url)]
         await asyncio.gather(*(self._control("POST", "/abort_request", {"rid": item}, urls=[url],
                                              check_success=False) for url, item in targets))
         return len(targets)
 
     async def abort_all(self) -> dict[str, Any]:
-        """``POST /abort_request {"abort_all": true}`` on every engine (and the router if any)."""
-        urls = list(dict.fromkeys(self.control_urls + ([self.router_url] if self.router_url else [])))
-        return await self._control("POST", "/abort_request", {"abort_all": True}, urls=urls, check_success=False)
+        """``POST /abort_request {"abort_all": true}`` on every engine (``sglang-router`` has no
+        ``/abort_request`` route: with a router, the engines behind it are aborted directly)."""
+        return await self._control("POST", "/abort_request", {"abort_all": True}, urls=self.control_urls,
+                                   check_success=False)
 
     # ---- control -----------------------------------------------------------------------
     async def flush_cache(self) -> dict[str, Any]:
@@ -184,6 +211,25 @@ class EngineClient(EngineTransport):
             except Exception:
                 return u, False
         return dict(await asyncio.gather(*(one(u) for u in self.control_urls)))
+
+    async def get_server_info(self, urls: Sequence[str] | None = None) -> dict[str, Any]:
+        """``GET /get_server_info`` (SGLang's server args + runtime state: ``tp_size``, ...) per
+        engine: ``{url: info}`` for ``urls`` (default: every engine).
+
+        Raises:
+            EngineError: an engine failed / answered HTTP >= 400 (names every failing URL).
+        """
+        return await self._control("GET", "/get_server_info", None, urls=urls, check_success=False)
+
+    async def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> dict[str, Any]:
+        """``POST /destroy_weights_update_group {"group_name": group_name}`` on every engine
+        (SGLang's ``DestroyWeightsUpdateGroupReqInput``); ``{url: response}``.
+
+        Raises:
+            EngineError: an engine failed or answered HTTP >= 400 (e.g. no such group).
+        """
+        return await self._control("POST", "/destroy_weights_update_group", {"group_name": str(group_name)},
+                                   check_success=False)
 
     async def get_model_info(self) -> dict[str, Any]:
         """``GET /get_model_info`` (``/model_info`` on newer SGLang) on every engine."""

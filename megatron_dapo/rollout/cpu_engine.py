@@ -48,6 +48,15 @@ CPU: nothing is freed, but generating while ``weights``/``kv_cache`` are release
 ``POST /update_weights_from_tensor`` (answers 400: CUDA-IPC transport, GPU only),
 ``GET|POST /get_weights_by_name`` (``name``, ``truncate_size``: ``param[:truncate_size].tolist()``).
 
+``GET /get_server_info`` also reports ``tp_size`` / ``dp_size`` (1) and this process's served-request
+counters ``num_generate_requests`` (HTTP ``/generate`` calls), ``num_generated_sequences`` (items after
+``n`` expansion) and ``num_aborted_sequences`` - how a router spread the work.  ``--access-log``
+logs every HTTP request (e.g. to see which routes ``sglang-router`` 0.3.2 polls: ``/health``,
+``/server_info`` and ``/model_info`` when it adds a worker, ``/get_load`` for its load monitor).
+``GET /get_load`` answers SGLang's per-DP-rank list ``[{"dp_rank": 0, "num_reqs", "num_waiting_reqs",
+"num_tokens"}]`` (``num_tokens``: prompt + ``max_new_tokens`` of the requests in flight; the
+router's load figure).
+
 ``--api-key K`` requires ``Authorization: Bearer K`` on every route except ``/health*``
 (SGLang's middleware does the same) and answers 401 ``{"error": "Unauthorized"}`` otherwise.
 
@@ -97,6 +106,9 @@ def build_app(engine: CPUEngine, *, api_key: str | None = None):
     from aiohttp import web
 
     executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cpu-engine-ctl")
+    # served-request counters, reported by /get_server_info (which engine a router sent work to)
+    served = {"num_generate_requests": 0, "num_generated_sequences": 0, "num_aborted_sequences": 0}
+    load = {"num_tokens": 0}  # prompt + max_new_tokens of the requests in flight (KV-cache demand)
 
     @web.middleware
     async def auth(request, handler):
@@ -164,6 +176,10 @@ def build_app(engine: CPUEngine, *, api_key: str | None = None):
         blocked = memory_block()
         if blocked:
             return _json_error(400, blocked)
+        served["num_generate_requests"] += 1
+        served["num_generated_sequences"] += len(seqs)
+        reserved = sum(len(s.input_ids) + s.params.max_new_tokens for s in seqs)
+        load["num_tokens"] += reserved
         job = engine.submit(seqs, asyncio.get_running_loop())
         try:
             await wait_job(job)
@@ -173,7 +189,10 @@ def build_app(engine: CPUEngine, *, api_key: str | None = None):
             raise
         except Exception as exc:
             return _json_error(500, f"generation failed: {type(exc).__name__}: {exc}")
+        finally:
+            load["num_tokens"] -= reserved
         latency = time.time() - job.t_start
+        served["num_aborted_sequences"] += sum(1 for s in seqs if (s.finish_reason or {}).get("type") == "abort")
         items = [item_response(s, job.weight_version, latency) for s in seqs]
         return web.json_response(items if is_batch else items[0])
 
@@ -229,8 +248,13 @@ def build_app(engine: CPUEngine, *, api_key: str | None = None):
         info = model_info_dict()
         info.update({"backend": "megatron_dapo.cpu_engine", "max_batch_size": engine.max_batch_size,
                      "released_tags": sorted(engine.released_tags), "inflight_requests": engine.inflight,
-                     "weight_update_groups": sorted(engine.groups)})
+                     "weight_update_groups": sorted(engine.groups), "tp_size": 1, "dp_size": 1, **served})
         return web.json_response(info)
+
+    async def get_load(request):
+        # SGLang's /get_load: one entry per data-parallel rank; sglang-router reads num_tokens as the load
+        return web.json_response([{"dp_rank": 0, "num_reqs": engine.inflight, "num_waiting_reqs": 0,
+                                   "num_tokens": load["num_tokens"]}])
 
     async def maybe_abort_all(body):
         if body.get("abort_all_requests"):
@@ -406,6 +430,7 @@ def build_app(engine: CPUEngine, *, api_key: str | None = None):
         app.router.add_get(path, get_weight_version)
     for path in ("/get_server_info", "/server_info"):
         app.router.add_get(path, get_server_info)
+    app.router.add_get("/get_load", get_load)
     app.router.add_post("/update_weights_from_disk", update_weights_from_disk)
     app.router.add_post("/init_weights_update_group", init_weights_update_group)
     app.router.add_post("/destroy_weights_update_group", destroy_weights_update_group)
@@ -430,6 +455,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--access-log", action="store_true",
+                        help="log every HTTP request (method, path, status) - e.g. to see what a router polls")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="[cpu_engine %(asctime)s] %(levelname)s %(message)s")
     if args.max_batch_size < 1:
@@ -445,7 +472,8 @@ def main(argv: list[str] | None = None) -> None:
     app = build_app(engine, api_key=args.api_key)
     logger.info("serving %s on http://%s:%d (pid %d)", engine.model_path, args.host, args.port, os.getpid())
     # run_app installs SIGINT/SIGTERM handlers -> graceful shutdown (on_cleanup stops the worker)
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None,
+    access_log = logging.getLogger("aiohttp.access") if args.access_log else None
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=access_log,
                 shutdown_timeout=5, handle_signals=True)
     logger.info("cpu engine on port %d stopped", args.port)
 

@@ -8,7 +8,9 @@ capped at 10 s), preferring an engine not yet tried; an engine that failed with 
 or a timeout is avoided for ``dead_cooldown_s``; a 4xx answer is final.  When retries run out an
 :class:`EngineError` names the URL(s) tried and the last error — a dead engine never hangs a
 rollout.  Control calls are sent to every engine concurrently; any failure raises an
-:class:`EngineError` naming every failing URL.
+:class:`EngineError` naming every failing URL.  With a ``router_url`` (``sglang-router``),
+generation goes to the router only, and aborts of requests sent through it go to every engine
+behind it (the router has no ``/abort_request`` route; it forwards the ``rid`` unchanged).
 
 The SGLang endpoints themselves (``/generate``, weight updates, memory release ...) are the
 methods of :class:`~megatron_dapo.rollout.client.EngineClient`, which subclasses
@@ -188,12 +190,21 @@ class EngineTransport:
         raise EngineError(f"{path} failed after {attempts} attempt(s) on {sorted(tried)}; last error: {last}",
                           urls=sorted(tried))
 
+    def _abort_urls(self, url: str) -> list[str]:
+        """Where to abort a request that was sent to ``url``: the URL itself, or every engine when
+        it is the router (``sglang-router`` has no ``/abort_request``; it keeps the ``rid``, so the
+        engine running the request finds it and the others answer a no-op)."""
+        if self.router_url and url == self.router_url and self.engine_urls:
+            return list(self.engine_urls)
+        return [url]
+
     async def _abort_quietly(self, url: str, rids: list[str]) -> None:
-        for rid in rids:
-            try:
-                await self._http("POST", url, "/abort_request", {"rid": rid}, timeout_s=5)
-            except Exception:
-                return
+        for target in self._abort_urls(url):
+            for rid in rids:
+                try:
+                    await self._http("POST", target, "/abort_request", {"rid": rid}, timeout_s=5)
+                except Exception:
+                    break
 
     async def _control(self, method: str, path: str, payload: Any = None, *, urls: Sequence[str] | None = None,
                        timeout_s: float | None = None, check_success: bool = True) -> dict[str, Any]:

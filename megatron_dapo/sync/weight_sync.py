@@ -131,7 +131,7 @@ def ranks_per_engine(client, engine_world_size: Optional[int]) -> int:
     sizes = set()
     for url in urls:
         try:
-            info = client._control("GET", "/get_server_info", None, urls=[url], check_success=False)[url]
+            info = client.get_server_info(urls=[url])[url]
         except Exception:
             info = None
         tp = info.get("tp_size", 1) if isinstance(info, dict) else 1
@@ -307,8 +307,7 @@ class DistributedTransport:
         if group is None:
             return
         try:
-            self.client._control("POST", "/destroy_weights_update_group", {"group_name": self.group_name},
-                                 check_success=False)
+            self.client.destroy_weights_update_group(self.group_name)
         except Exception as exc:  # an engine that is gone has no group to destroy
             logger.warning("destroy_weights_update_group %s: %s", self.group_name, exc)
         group.destroy()
@@ -385,6 +384,8 @@ class WeightSync:
         timeout_s: rendezvous / collective timeout of the update group and bound on cache-flush retries.
         master_address: address engines use to reach rank 0 (``distributed``); default: detected.
         group_name: update-group name (default: unique per instance).
+        offload_actor: whether the colocated helpers offload the actor while the engines hold the GPU
+            (``actor.offload``; ``False`` keeps it resident when both fit).
 
     Raises:
         ValueError: unknown transport / bad bucket size / dtype, or no client on rank 0.
@@ -394,7 +395,8 @@ class WeightSync:
     def __init__(self, actor, client, *, transport: str = "disk", bucket_mb: float = 512,
                  dtype: torch.dtype | str | None = None, work_dir: str | Path,
                  engine_world_size: int | None = None, timeout_s: float = 600.0,
-                 master_address: str | None = None, group_name: str | None = None) -> None:
+                 master_address: str | None = None, group_name: str | None = None,
+                 offload_actor: bool = True) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"weight_sync.transport={transport!r}; expected one of {', '.join(TRANSPORTS)}")
         if engine_world_size is not None and int(engine_world_size) < 1:
@@ -402,6 +404,7 @@ class WeightSync:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.actor = actor
+        self.offload_actor = bool(offload_actor)
         self.transport_name = transport
         self.bucket_bytes = bucket_bytes_from_mb(bucket_mb)
         self.dtype = resolve_dtype(dtype, actor)
@@ -564,7 +567,8 @@ class WeightSync:
     def colocated_sync(self, weight_version: str) -> dict[str, float]:
         """Before a rollout on engines that share GPUs with the actor (collective).
 
-        Order: engines ``resume_memory_occupation(["weights"])`` → :meth:`sync` → ``actor.offload()``
+        Order: engines ``resume_memory_occupation(["weights"])`` → :meth:`sync` → ``actor.offload()`` (when
+        ``offload_actor``)
         → engines ``resume_memory_occupation(["kv_cache"])``.  The actor is offloaded *after* the export
         because :meth:`~megatron_dapo.actor.megatron_actor.MegatronActor.offload` frees the parameter
         storage the export reads; the KV cache (the large allocation) comes back only after the actor's
@@ -586,7 +590,7 @@ class WeightSync:
         out.update(self._sync(weight_version, pause=False))
         out["colocate/sync_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        offload = getattr(self.actor, "offload", None)
+        offload = getattr(self.actor, "offload", None) if self.offload_actor else None
         if offload is not None:
             offload()
         out["colocate/actor_offload_s"] = time.perf_counter() - t
@@ -611,7 +615,7 @@ class WeightSync:
         self._on_driver("release_memory_occupation()", lambda: self.client.release_memory_occupation())
         out["colocate/engine_release_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        onload = getattr(self.actor, "onload", None)
+        onload = getattr(self.actor, "onload", None) if self.offload_actor else None
         if onload is not None:
             onload()
         out["colocate/actor_onload_s"] = time.perf_counter() - t

@@ -1,7 +1,7 @@
 """torchrun worker for tests/test_actor_parity.py: one launch per parallel layout, all model families.
 
 For every layout in ``LAYOUTS`` (``;``-separated, each ``key=value,...`` with keys tp, pp, vpp, first,
-last (uneven pipeline stages), distopt_cmp) and every HF checkpoint directory in ``HF_DIRS`` (comma
+last (uneven pipeline stages), sp (sequence parallel), pack (THD packing), distopt_cmp) and every HF checkpoint directory in ``HF_DIRS`` (comma
 separated) it builds a :class:`MegatronActor`, computes log-probs/entropies of a fixed batch and the DP-reduced gradients of one DAPO loss
 step (``apply_update=False``), and rank 0 writes ``{layout: {family: {...}}}`` to ``OUT`` (torch.save).
 With ``HF_REF=1`` it also adds transformers' log-probs of the same batch. With ``distopt_cmp=1`` it
@@ -55,7 +55,7 @@ def _cfg(layout, **over):
     kw = dict(tensor_model_parallel_size=int(env.get("tp", 1)), pipeline_model_parallel_size=int(env.get("pp", 1)),
               virtual_pipeline_model_parallel_size=int(env["vpp"]) if env.get("vpp") else None,
               lr=1e-3, lr_warmup_steps=0, weight_decay=0.0, clip_grad=0.0, max_tokens_per_gpu=24,
-              logprob_chunk_size=7)
+              logprob_chunk_size=7, sequence_parallel=env.get("sp") == "1", pack_sequences=env.get("pack") == "1")
     kw.update(over)
     cfg = ActorConfig(**kw)
     if env.get("first"):
@@ -94,6 +94,9 @@ def run_family(path, layout, res_for_family):
         return
     actor = MegatronActor(path, _cfg(layout), total_train_steps=4)
     res_for_family["layers_per_stage"] = _layers_per_stage(actor)
+    res_for_family["sequence_parallel"] = bool(actor.tconfig.sequence_parallel)
+    res_for_family["sp_norm_params"] = sum(1 for c in actor.chunks for p in c.parameters()
+                                           if getattr(p, "sequence_parallel", False))
     lp, ent = actor.compute_logprobs(b)
     lp_t, _ = actor.compute_logprobs(b, temperature=0.7)
     g = torch.Generator().manual_seed(1)
