@@ -14,7 +14,8 @@ measured in this one run:
   ``Tensor.copy_`` of the same number of bytes in the same process (goal: >= 0.5) and to the raw export;
 * bucketing alone (fp32 -> bf16 cast + packing of in-memory tensors) vs memcpy;
 * end-to-end seconds of ``WeightSync.sync`` for each CPU transport (``distributed`` over gloo,
-  ``disk``), first call (includes creating the update group) and steady state.
+  ``disk``, ``tensor`` through shared-memory handles), first call (includes creating the update group)
+  and steady state.
 """
 from __future__ import annotations
 
@@ -141,7 +142,7 @@ def worker() -> None:
                             "ratio": out / dt / GB / mc}
         del held
     client = SyncEngineClient([url], control_timeout_s=1200) if rank == 0 else None
-    for transport in ("distributed", "disk"):
+    for transport in ("distributed", "disk", "tensor"):
         ws = WeightSync(actor, client, transport=transport, bucket_mb=512, dtype=torch.float32, work_dir=work,
                         timeout_s=1200)
         for i in range(2):

@@ -355,10 +355,10 @@ class DAPOConfig:
         w = self.weight_sync
         need(w.transport in ("disk", "distributed", "tensor"), "weight_sync.transport",
              "must be disk, distributed or tensor")
-        if w.transport == "tensor" and local:
-            from .backend import has_cuda
-            need(has_cuda() and r.colocated, "weight_sync.transport",
-                 "'tensor' (CUDA IPC) needs a GPU and rollout.colocated=true; use 'distributed' or 'disk'")
+        if w.transport == "tensor":
+            need(r.colocated, "weight_sync.transport",
+                 "'tensor' passes memory handles (CUDA IPC on GPU, shared memory on CPU) and needs the engines on "
+                 "rank 0's node (rollout.colocated=true); use 'distributed' or 'disk'")
         need(w.bucket_mb >= 0, "weight_sync.bucket_mb", "must be >= 0 (0 = unbounded)")
         need(w.dtype in (None, "fp32", "bf16"), "weight_sync.dtype", "must be null, fp32 or bf16")
         t = self.trainer

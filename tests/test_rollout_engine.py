@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -207,8 +208,15 @@ def test_memory_release_resume_contract(engine):
             assert len(outs[0].output_ids) >= 1
             with pytest.raises(EngineError, match="tags"):
                 await c.release_memory_occupation(["gpu"])
-            with pytest.raises(EngineError, match="CUDA-IPC"):
+            # tensor handles: garbage and a pickle of a forbidden global are refused with the reason
+            with pytest.raises(EngineError, match="not base64"):
                 await c.update_weights_from_tensor(["x"])
+            import base64
+            import pickle
+
+            evil = base64.b64encode(pickle.dumps(os.system)).decode()
+            with pytest.raises(EngineError, match="refused"):
+                await c.update_weights_from_tensor([evil])
             info = (await c.get_model_info())[engine]
             assert info["is_generation"] is True and "weight_version" in info
             await c.flush_cache()

@@ -130,8 +130,17 @@ def test_weight_sync_payloads():
     assert parse_torch_dtype("torch.bfloat16") is torch.bfloat16 and dtype_to_str(torch.float16) == "float16"
     with pytest.raises(ValueError, match="unknown dtype"):
         parse_torch_dtype("float99")
-    with pytest.raises(ImportError, match="sglang"):
-        serialize_named_tensors_for_sglang([("w", torch.zeros(1))])
+    # SGLang's MultiprocessingSerializer format without sglang: one base64 ForkingPickler entry per TP rank
+    entries = serialize_named_tensors_for_sglang([("w", torch.arange(3.0))], tp_size=2)
+    assert len(entries) == 2 and entries[0] == entries[1]
+    from megatron_dapo.rollout.tensor_ipc import deserialize_named_tensors
+
+    (name, t), = deserialize_named_tensors(entries[0])
+    assert name == "w" and torch.equal(t, torch.arange(3.0))
+    with pytest.raises(ValueError, match="tp_size"):
+        serialize_named_tensors_for_sglang([("w", torch.zeros(1))], tp_size=0)
+    with pytest.raises(TypeError, match=r"named_tensors\[0\]"):
+        serialize_named_tensors_for_sglang([("w", [1.0])])
 
 
 def test_least_outstanding_pick():

@@ -17,7 +17,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_dapo.backend import MissingBackendError, has_cuda, has_package
 from megatron_dapo.models import mapping
 from megatron_dapo.models.hf_config import spec_from_hf_config
 from megatron_dapo.sync import (WeightSync, WeightSyncError, bucket_bytes_from_mb, iter_buckets, resolve_dtype,
@@ -285,10 +284,19 @@ def test_bad_arguments(tiny_hf, tmp_path):
     WeightSync(actor, None, work_dir=tmp_path).close()
 
 
-@pytest.mark.skipif(has_package("sglang") and has_cuda(), reason="tensor transport is available here")
-def test_tensor_transport_needs_sglang_and_cuda(tiny_hf, tmp_path):
-    with pytest.raises(MissingBackendError, match="weight_sync.transport=tensor"):
-        WeightSync(HFActor(tiny_hf), RecordingClient(), transport="tensor", work_dir=tmp_path)
+def test_tensor_transport_refuses_engines_on_other_hosts(tiny_hf, tmp_path):
+    """Memory handles only open on the sender's node: a remote engine URL is a clear error, not a hang."""
+    from megatron_dapo.sync.weight_sync import url_is_on_this_host
+
+    assert url_is_on_this_host("http://127.0.0.1:30000") and url_is_on_this_host("http://localhost:1")
+    assert not url_is_on_this_host("http://192.0.2.1:30000")  # TEST-NET-1: never a local address
+    assert not url_is_on_this_host("http://no-such-host.invalid:1")
+    client = RecordingClient()
+    client.control_urls = ["http://127.0.0.1:30000", "http://192.0.2.1:30000"]
+    ws = WeightSync(HFActor(tiny_hf), client, transport="tensor", work_dir=tmp_path)
+    with pytest.raises(WeightSyncError, match="192.0.2.1.*transport=distributed"):
+        ws.sync("v1")
+    ws.close()
 
 
 def test_colocated_cycle_order_and_timings(tiny_hf, tmp_path):
@@ -330,7 +338,8 @@ def _engine_weights(client, names):
 
 
 def test_cpu_engine_transports_single_process(tmp_path):
-    """Fake actor → a real CPU engine over disk and gloo; bit-exact weights; failure then recovery."""
+    """Fake actor → a real CPU engine over gloo, disk and shared-memory tensor handles; bit-exact weights;
+    failure then recovery."""
     from megatron_dapo.rollout.client import SyncEngineClient
     from megatron_dapo.rollout.launch import launch_cpu_engines
 
@@ -339,7 +348,8 @@ def test_cpu_engine_transports_single_process(tmp_path):
     names = mapping.hf_names(actor.spec)
     with launch_cpu_engines(str(ckpt), 1, log_dir=tmp_path / "logs") as engines, \
             SyncEngineClient(engines.urls, max_retries=0) as client:
-        for i, (transport, bucket_mb) in enumerate([("distributed", 0.004), ("disk", 0), ("distributed", 0)]):
+        for i, (transport, bucket_mb) in enumerate([("distributed", 0.004), ("disk", 0), ("distributed", 0),
+                                                    ("tensor", 0.004), ("tensor", 0)]):
             actor.scale = 1.0 + 0.25 * (i + 1)
             ws = WeightSync(actor, client, transport=transport, bucket_mb=bucket_mb, dtype=torch.float32,
                             work_dir=tmp_path / "w", timeout_s=60)
@@ -385,7 +395,7 @@ def test_megatron_actor_to_cpu_engines(layout, tmp_path):
                                 vocab_size=2000, **ckpt_kw)
     with launch_cpu_engines(str(ckpt), 2, log_dir=tmp_path / "logs") as engines:
         env = dict(os.environ, CKPT=str(ckpt), ENGINE_URLS=",".join(engines.urls), WORK_DIR=str(tmp_path / "w"),
-                   TRANSPORTS="distributed,disk", BUCKETS_MB="0.05,1,0", WORKER_TIMEOUT_S="240", **env_extra)
+                   TRANSPORTS="distributed,disk,tensor", BUCKETS_MB="0.05,1,0", WORKER_TIMEOUT_S="240", **env_extra)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         port = find_free_ports(1)[0]
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
@@ -394,7 +404,7 @@ def test_megatron_actor_to_cpu_engines(layout, tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "SYNC_WORKER_OK" in proc.stdout, out[-6000:]
     results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert [r["case"] for r in results] == [f"{t}-{b}-float32" for t in ("distributed", "disk")
+    assert [r["case"] for r in results] == [f"{t}-{b}-float32" for t in ("distributed", "disk", "tensor")
                                             for b in ("0.05", "1.0", "0.0")] + ["distributed-0.25-bfloat16"]
     for r in results:
         if "float32" in r["case"]:

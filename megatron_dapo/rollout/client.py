@@ -361,8 +361,8 @@ class EngineClient(EngineTransport):
     async def update_weights_from_tensor(self, serialized_named_tensors: list, *, load_format: str | None = None,
                                          flush_cache: bool = True, weight_version: str | None = None) -> dict[str, Any]:
         """``POST /update_weights_from_tensor`` (``UpdateWeightsFromTensorReqInput``: one serialized
-        string per TP rank, see :func:`serialize_named_tensors_for_sglang`).  GPU / CUDA-IPC only;
-        the CPU engine answers 400."""
+        string per TP rank, see :func:`serialize_named_tensors_for_sglang`): CUDA-IPC handles on GPU,
+        shared-memory handles for the CPU engine on the same host."""
         body: dict[str, Any] = {"serialized_named_tensors": list(serialized_named_tensors),
                                 "load_format": load_format, "flush_cache": bool(flush_cache)}
         if weight_version is not None:

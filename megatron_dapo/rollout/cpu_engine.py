@@ -45,7 +45,8 @@ SGLang's native API (``io_struct.GenerateReqInput``, ``sampling_params.SamplingP
 ``POST /update_weights_from_distributed``, ``POST /destroy_weights_update_group``,
 ``POST /release_memory_occupation``, ``POST /resume_memory_occupation`` (state machine only on
 CPU: nothing is freed, but generating while ``weights``/``kv_cache`` are released answers 400),
-``POST /update_weights_from_tensor`` (answers 400: CUDA-IPC transport, GPU only),
+``POST /update_weights_from_tensor`` (``serialized_named_tensors``: SGLang's ForkingPickler/base64 format; on
+CPU the handles name shared-memory segments of a process on this host, see :mod:`.tensor_ipc`),
 ``GET|POST /get_weights_by_name`` (``name``, ``truncate_size``: ``param[:truncate_size].tolist()``).
 
 ``GET /get_server_info`` also reports ``tp_size`` / ``dp_size`` (1) and this process's served-request
@@ -378,12 +379,40 @@ def build_app(engine: CPUEngine, *, api_key: str | None = None):
             values = table[name].detach()[:truncate].tolist()
         return web.json_response(values)
 
+    def load_from_tensor_handles(serialized: str, version):
+        from .tensor_ipc import deserialize_named_tensors
+
+        named = deserialize_named_tensors(serialized)  # maps the sender's shared memory (no copy yet)
+        names = [n for n, _ in named]
+        if len(set(names)) != len(names):
+            raise ValueError("a tensor name appears twice in one update")
+        with engine.model_lock:
+            msg = engine.load_named_tensors(dict(named), require_complete=False)
+            v = engine.bump_version(version)
+        del named
+        return f"{msg} from tensor handles; weight_version={v}"
+
     async def update_weights_from_tensor(request):
-        return web.json_response({
-            "success": False,
-            "message": "update_weights_from_tensor passes CUDA-IPC tensor handles and only works with a "
-                       "GPU SGLang server; on the CPU engine use /update_weights_from_disk or "
-                       "/update_weights_from_distributed (gloo)"}, status=400)
+        try:
+            body = await read_json(request)
+            entries = body.get("serialized_named_tensors")
+            if not (isinstance(entries, list) and entries and all(isinstance(e, str) for e in entries)):
+                raise RequestError("serialized_named_tensors must be a non-empty list of strings (one per TP rank)")
+            if body.get("load_format") not in (None, "direct"):
+                raise RequestError(f"load_format={body['load_format']!r} unsupported by the CPU engine (use null)")
+        except RequestError as exc:
+            return _json_error(400, str(exc))
+        if "weights" in engine.released_tags:
+            return web.json_response({"success": False, "message": "weights are released; call "
+                                      "/resume_memory_occupation with tags=['weights'] first"}, status=400)
+        await maybe_abort_all(body)
+        try:
+            # one engine TP rank here: entry 0 (SGLang hands entry i to its TP rank i)
+            msg = await run_blocking(load_from_tensor_handles, entries[0], body.get("weight_version"))
+        except Exception as exc:
+            return web.json_response({"success": False, "message": f"update_weights_from_tensor failed: {exc}"},
+                                     status=400)
+        return web.json_response({"success": True, "message": msg})
 
     def parse_tags(body) -> list[str]:
         tags = body.get("tags")

@@ -284,18 +284,19 @@ def build_update_weights_from_distributed_payload(names: Sequence[str], dtypes: 
 
 
 def serialize_named_tensors_for_sglang(named_tensors: Sequence[tuple[str, torch.Tensor]], tp_size: int = 1) -> list:
-    """Build ``serialized_named_tensors`` for ``/update_weights_from_tensor`` (CUDA-IPC handles).
+    """Build ``serialized_named_tensors`` for ``/update_weights_from_tensor``: one entry per engine TP rank.
 
-    Uses ``sglang.srt.utils.MultiprocessingSerializer.serialize(..., output_str=True)`` once per
-    TP rank, as SGLang's HTTP test-suite does; only meaningful for CUDA tensors on the same node.
+    Each entry is :func:`megatron_dapo.rollout.tensor_ipc.serialize_named_tensors` of the same list (SGLang's
+    ``MultiprocessingSerializer`` format: base64 text of a ForkingPickler pickle); CUDA tensors travel as
+    CUDA-IPC handles, CPU tensors as shared-memory names. No ``sglang`` import is needed.
 
     Raises:
-        ImportError: sglang is not installed (GPU-only dependency).
+        ValueError: ``tp_size < 1``.
+        TypeError: an entry is not a ``(str, Tensor)`` pair.
     """
-    try:
-        from sglang.srt.utils import MultiprocessingSerializer  # type: ignore
-    except ImportError as exc:
-        raise ImportError("update_weights_from_tensor needs the `sglang` package (GPU nodes only) to "
-                          "serialise CUDA-IPC tensor handles; on CPU use update_weights_from_disk or "
-                          "update_weights_from_distributed") from exc
-    return [MultiprocessingSerializer.serialize(list(named_tensors), output_str=True) for _ in range(tp_size)]
+    from .tensor_ipc import serialize_named_tensors
+
+    if int(tp_size) < 1:
+        raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+    one = serialize_named_tensors(list(named_tensors))
+    return [one] * int(tp_size)

@@ -317,7 +317,13 @@ class DistributedTransport:
 
 
 class TensorTransport:
-    """``/update_weights_from_tensor`` with CUDA-IPC handles (colocated engines on this node)."""
+    """``/update_weights_from_tensor`` with tensor handles (colocated engines on this node).
+
+    On GPU each bucket's tensors are moved to this rank's device and pass as CUDA-IPC handles; on CPU they
+    are copied into one shared-memory segment per dtype (:func:`~megatron_dapo.rollout.tensor_ipc.share_bucket`)
+    and pass as segment names. Either way the engine maps the memory and copies it into its weights; the
+    bucket is kept alive until the engine has answered.
+    """
 
     name = "tensor"
 
@@ -328,13 +334,23 @@ class TensorTransport:
 
     def send(self, buckets: Iterator, weight_version: str) -> None:
         from ..rollout.client import serialize_named_tensors_for_sglang
+        from ..rollout.tensor_ipc import share_bucket
 
         if self.tp_per_engine is None:
+            remote = [u for u in getattr(self.client, "control_urls", []) if not url_is_on_this_host(u)]
+            if remote:
+                raise WeightSyncError(
+                    f"weight_sync.transport=tensor passes memory handles, which only engines on this node (rank "
+                    f"0's) can open; {len(remote)} engine(s) are elsewhere, e.g. {remote[0]}. Use "
+                    f"weight_sync.transport=distributed for engines on several nodes")
             self.tp_per_engine = ranks_per_engine(self.client, self.engine_world_size)
-        dev = torch.device("cuda", torch.cuda.current_device())
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         for bucket, last in buckets:
-            tensors = [(n, t if t.device == dev else t.to(dev)) for n, t in bucket]
-            torch.cuda.synchronize()
+            if dev is not None:
+                tensors = [(n, t if t.device == dev else t.to(dev)) for n, t in bucket]
+                torch.cuda.synchronize()
+            else:
+                tensors = share_bucket(bucket)
             payload = serialize_named_tensors_for_sglang(tensors, tp_size=self.tp_per_engine)
             try:
                 self.client.update_weights_from_tensor(payload, flush_cache=last,
@@ -347,14 +363,42 @@ class TensorTransport:
         return None
 
 
-def check_tensor_transport_available() -> None:
-    """Raise :class:`~megatron_dapo.backend.MissingBackendError` unless sglang and CUDA are present."""
-    from ..backend import MissingBackendError, has_cuda, require
+def url_is_on_this_host(url: str) -> bool:
+    """Whether ``url``'s host is an address of this machine (resolved, then bound to a free port: binding
+    succeeds only for local addresses). Unresolvable hosts count as remote."""
+    import socket
+    from urllib.parse import urlsplit
 
-    require("sglang", "weight_sync.transport=tensor (CUDA-IPC weight updates)")
-    if not has_cuda():
-        raise MissingBackendError("weight_sync.transport=tensor passes CUDA-IPC handles and needs a GPU; "
-                                  "on CPU use weight_sync.transport=disk or distributed")
+    host = urlsplit(url).hostname or ""
+    if host in ("localhost", "127.0.0.1", "::1", "0.0.0.0"):
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    for family, _, _, _, addr in infos:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.bind((addr[0], 0))
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def check_tensor_transport_available() -> None:
+    """Raise :class:`~megatron_dapo.backend.MissingBackendError` where tensor handles cannot be shared.
+
+    CUDA tensors need CUDA-IPC; CPU tensors need the ``file_system`` sharing strategy of
+    ``torch.multiprocessing`` (POSIX shared memory), which every Linux build has.
+    """
+    import torch.multiprocessing as tmp
+
+    from ..backend import MissingBackendError, has_cuda
+
+    if not has_cuda() and "file_system" not in tmp.get_all_sharing_strategies():
+        raise MissingBackendError("weight_sync.transport=tensor on CPU needs torch.multiprocessing's "
+                                  "file_system sharing strategy (POSIX shared memory); use disk or distributed")
 
 
 # --------------------------------------------------------------------------------------------
