@@ -227,7 +227,10 @@ class Trainer:
                                       bucket_mb=cfg.weight_sync.bucket_mb, dtype=dtype,
                                       work_dir=cfg.run_dir / "weight_sync",
                                       engine_world_size=r.num_engines * r.engine_tp_size,
-                                      offload_actor=cfg.actor.offload)
+                                      offload_actor=cfg.actor.offload,
+                                      # tensor transport: every node's sender builds its own engine client
+                                      # (URLs come from rank 0's client at the first sync; the key from here)
+                                      api_key=r.api_key)
         self._stack.callback(self.weight_sync.close)
         self.val_rows = val_rows(cfg)
         # Colocated engines share the GPUs with the actor: they sleep (release weights + KV cache) while the

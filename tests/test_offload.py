@@ -288,15 +288,9 @@ def test_actor_offload_contract(actor_results, nproc, case):
 
 # ---------------------------------------------------------------------------------------------- worker
 def _make_batch():
-    from megatron_dapo.actor.batching import build_actor_batch
+    from dist_scripts.ckpt_worker import make_batch  # the checkpoint tests' fixed batch
 
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 7, 3, 9)]
-    resps = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (6, 2, 8, 4)]
-    b = build_actor_batch(prompts, resps)
-    b.old_logprobs = (torch.randn(b.input_ids.shape, generator=g) * 0.1 - 5.0) * b.response_mask
-    b.advantages = torch.randn(len(prompts), 1, generator=g).expand(b.input_ids.shape).contiguous() * b.response_mask
-    return b
+    return make_batch()
 
 
 def _build(case):
