@@ -274,7 +274,7 @@ def test_bad_arguments(tiny_hf, tmp_path):
         WeightSync(actor, None, work_dir=tmp_path)
     with pytest.raises(ValueError, match="bucket_mb"):
         WeightSync(actor, RecordingClient(), bucket_mb=-5, work_dir=tmp_path)
-    from megatron_dapo.sync.weight_sync import ranks_per_engine
+    from megatron_dapo.sync.transports import ranks_per_engine
 
     two = RecordingClient()  # engine_world_size counts all engine ranks: num_engines x tp_size
     assert ranks_per_engine(two, 4) == 2 and ranks_per_engine(two, 2) == 1
@@ -286,7 +286,7 @@ def test_bad_arguments(tiny_hf, tmp_path):
 
 def test_tensor_transport_refuses_engines_on_other_hosts(tiny_hf, tmp_path):
     """Memory handles only open on the sender's node: a remote engine URL is a clear error, not a hang."""
-    from megatron_dapo.sync.weight_sync import url_is_on_this_host
+    from megatron_dapo.sync.transports import url_is_on_this_host
 
     assert url_is_on_this_host("http://127.0.0.1:30000") and url_is_on_this_host("http://localhost:1")
     assert not url_is_on_this_host("http://192.0.2.1:30000")  # TEST-NET-1: never a local address

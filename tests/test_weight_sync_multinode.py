@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from megatron_dapo.sync import WeightSyncError
-from megatron_dapo.sync.weight_sync import (ENGINE_NODES_ENV, NODE_ID_ENV, _NodePlan, assign_engines_to_nodes,
-                                            local_node_id, parse_engine_nodes)
+from megatron_dapo.sync.nodes import (ENGINE_NODES_ENV, NODE_ID_ENV, _NodePlan, assign_engines_to_nodes,
+                                      local_node_id, parse_engine_nodes)
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "sync_scripts" / "multinode_worker.py"

@@ -5,74 +5,31 @@ Flow of one :meth:`WeightSync.sync` (collective over every trainer rank)::
     rank 0: pause generation (POST /abort_request {"abort_all": true}; POST /flush_cache)
     all   : actor.iter_hf_tensors(dtype)        # TP all-gather in the owning stage, PP broadcast
     rank 0: iter_buckets(...) -> transport      # one bucket + one tensor in memory at a time
-            (tensor across nodes: one sender per node, see below)
+            (tensor across nodes: one sender per node, :mod:`megatron_dapo.sync.nodes`)
     rank 0: flush cache, GET /get_weight_version on every engine == weight_version
     all   : metrics / error broadcast from rank 0
 
-Transports (SGLang native HTTP API, ``python/sglang/srt/entrypoints/http_server.py`` and
-``managers/io_struct.py``):
-
-* ``disk`` — rank 0 streams buckets into safetensors shards of a temporary directory under
-  ``work_dir`` (plus ``model.safetensors.index.json`` and the HF config files), renames it atomically
-  to ``work_dir/weights-<version>`` and calls ``/update_weights_from_disk`` (``model_path``,
-  ``weight_version``). ``work_dir`` must be visible to every engine (shared file system).
-* ``distributed`` — once, rank 0 creates a weight-update group with ``/init_weights_update_group``
-  (engine ``e`` gets ``rank_offset = 1 + e * tp_size``; gloo on CPU, NCCL on GPU); then per
-  bucket ``/update_weights_from_distributed`` (names / dtypes / shapes) while rank 0 broadcasts each
-  tensor in the same order.
-* ``tensor`` — colocated engines: ``/update_weights_from_tensor`` with SGLang's serialised tensor
-  handles (``MultiprocessingSerializer``): CUDA-IPC on GPU, shared-memory segment names on CPU. Handles
-  only open on the sender's node, so with engines on several nodes every node feeds its own engines:
-
-  Multi-node ``tensor`` sync (e.g. 16 colocated nodes; NCCL ``distributed`` is impossible there because a
-  trainer rank and an engine rank on one GPU cannot share a communicator). At the first sync every rank
-  all-gathers its node id (env ``MEGATRON_DAPO_NODE_ID``, else the host name) and whether its actor stream
-  is full (data-parallel rank 0); rank 0 shares its engine URLs (and API key). Each engine is assigned to
-  one node: ``MEGATRON_DAPO_ENGINE_NODES`` / ``engine_nodes`` (one node id per URL), else the node whose
-  lowest rank finds the URL local; an engine claimed by no node or by several is a
-  :class:`WeightSyncError` naming it. The sender of a node is its lowest rank; it builds its own engine
-  client over its node's engines. Senders that are data-parallel rank 0 bucket their own (full) stream
-  exactly as rank 0 does; the others get each bucket from rank 0 over a relay group
-  ``G = {0} + those senders`` (created once with ``dist.new_group`` on all ranks): per bucket one
-  ``broadcast_object_list`` of names/shapes/dtypes/is_last, then one flat tensor per dtype. Every sender
-  posts its buckets like the single-node path (weight version + cache flush with the last bucket); each
-  rank's error is all-gathered, so all ranks raise the same error naming node and engines; rank 0 then
-  checks every engine's weight version. When every engine is on rank 0's node nothing changes: rank 0
-  sends alone and no relay group exists.
-
-The ``weight_version`` is sent with the last bucket only, so an engine reports the new version only
-once it holds the complete new weights.
+The transports (``disk``, ``distributed``, ``tensor``) are in :mod:`megatron_dapo.sync.transports`.
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
-import re
-import shutil
-import socket
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
-from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
 
 from .bucketing import bucket_bytes_from_mb, bucket_nbytes, iter_buckets_with_last, resolve_dtype
+from .nodes import (_NodePlan, _relay_recv, _relay_send, assign_engines_to_nodes, local_node_id, node_leaders,
+                    parse_engine_nodes)
+from .transports import (ENGINE_NODES_ENV, TRANSPORTS, DiskTransport, DistributedTransport, TensorTransport,
+                         WeightSyncError, check_tensor_transport_available, tp_from_engine_world_size,
+                         url_is_on_this_host)
 
 logger = logging.getLogger(__name__)
-
-TRANSPORTS = ("disk", "distributed", "tensor")
-_CONFIG_FILES = ("config.json", "generation_config.json")
-_DIR_PREFIX = "weights-"
-_TMP_PREFIX = ".tmp-weights-"
-
-
-class WeightSyncError(RuntimeError):
-    """A weight sync failed; the message names the engine(s) / tensor(s) involved."""
-
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -92,73 +49,6 @@ def _share_from_rank0(obj: Any) -> Any:
     return box[0]
 
 
-def _safe_version(weight_version: str) -> str:
-    """File-system-safe form of a weight version (directory names)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", weight_version).strip("._") or "v"
-    return safe[:80]
-
-
-def _is_loopback(host: Optional[str]) -> bool:
-    if not host or host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def address_towards(urls: list[str]) -> str:
-    """The local IP address engines at ``urls`` can reach this process on (for the update group).
-
-    ``127.0.0.1`` when every engine is local; otherwise the source address the kernel would use to
-    reach the first remote engine (a UDP ``connect`` sends no packet).
-
-    Raises:
-        WeightSyncError: no route to the engine host.
-    """
-    remote = [urlparse(u) for u in urls if not _is_loopback(urlparse(u).hostname)]
-    if not remote:
-        return "127.0.0.1"
-    target = remote[0]
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((target.hostname, target.port or 80))
-            return s.getsockname()[0]
-    except OSError as exc:
-        raise WeightSyncError(f"cannot find a local address that reaches engine {target.geturl()}: {exc}") from exc
-
-
-def ranks_per_engine(client, engine_world_size: Optional[int]) -> int:
-    """Ranks of ONE engine in the update group (SGLang ``tp_size``).
-
-    ``engine_world_size`` is the total over all engines (``num_engines * tp_size``; the update group has
-    ``1 + engine_world_size`` ranks). ``None``: read ``tp_size`` from each engine's ``/get_server_info``
-    (1 when an engine does not report it, like the CPU engine).
-
-    Raises:
-        ValueError: ``engine_world_size`` not a positive multiple of the number of engines.
-        WeightSyncError: engines report different ``tp_size`` values.
-    """
-    urls = list(client.control_urls)
-    if engine_world_size is not None:
-        ews = int(engine_world_size)
-        if ews < len(urls) or ews % len(urls):
-            raise ValueError(f"engine_world_size={ews} must be a positive multiple of the number of engines "
-                             f"({len(urls)}): it counts all engine ranks (num_engines x tp_size)")
-        return ews // len(urls)
-    sizes = set()
-    for url in urls:
-        try:
-            info = client.get_server_info(urls=[url])[url]
-        except Exception:
-            info = None
-        tp = info.get("tp_size", 1) if isinstance(info, dict) else 1
-        sizes.add(int(tp or 1))
-    if len(sizes) != 1:
-        raise WeightSyncError(f"engines report different tp_size values {sorted(sizes)}; pass engine_world_size")
-    return sizes.pop()
-
-
 class _Stats:
     """Export / transfer timing and volume of one sync (driver rank)."""
 
@@ -167,6 +57,13 @@ class _Stats:
         self.bytes = 0
         self.num_buckets = 0
         self.num_tensors = 0
+
+    def metrics(self, total_s: float, pause_s: float) -> dict[str, float]:
+        """The ``weight_sync/*`` scalars of one sync (seconds, bytes, buckets, export / transfer / pause)."""
+        return {"weight_sync/seconds": total_s, "weight_sync/bytes": float(self.bytes),
+                "weight_sync/num_buckets": float(self.num_buckets), "weight_sync/export_s": self.export_s,
+                "weight_sync/transfer_s": max(total_s - pause_s - self.export_s, 0.0),
+                "weight_sync/pause_s": pause_s}
 
 
 def _timed_buckets(buckets: Iterator, stats: _Stats) -> Iterator:
@@ -199,428 +96,6 @@ def _checked_names(stream: Iterator[tuple[str, torch.Tensor]], expected: Optiona
         missing = [n for n in expected if n not in seen]
         if missing:
             raise WeightSyncError(f"actor export misses {len(missing)} tensor(s), e.g. {missing[:5]}")
-
-
-# --------------------------------------------------------------------------------------------
-# transports (run on the driver rank only)
-# --------------------------------------------------------------------------------------------
-
-
-class DiskTransport:
-    """safetensors shards in an atomically renamed directory + ``/update_weights_from_disk``."""
-
-    name = "disk"
-
-    def __init__(self, client, work_dir: Path, hf_path: Optional[Path] = None, shard_bytes: int = 0) -> None:
-        self.client = client
-        self.shard_bytes = int(shard_bytes)
-        self.work_dir = Path(work_dir)
-        self.hf_path = Path(hf_path) if hf_path is not None else None
-        self.current: Optional[Path] = None
-        self._tmp_dirs: set[Path] = set()
-
-    def write(self, buckets: Iterator, weight_version: str) -> Path:
-        """Write the buckets as safetensors shards (one per bucket) + index + config files into a temporary
-        directory; return the final directory (atomic rename)."""
-        from ..models.export import copy_side_files, write_safetensors_shards
-
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        safe = _safe_version(weight_version)
-        tmp = self.work_dir / f"{_TMP_PREFIX}{safe}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        self._tmp_dirs.add(tmp)
-        try:
-            named = ((n, t) for bucket, _ in buckets for n, t in bucket)
-            try:  # buckets are already sized: the writer's shard limit regroups them identically
-                write_safetensors_shards(named, tmp, max_shard_bytes=self.shard_bytes,
-                                         index_metadata={"weight_version": weight_version})
-            except ValueError as e:
-                if str(e) != "no tensors to write":  # bucketing errors (duplicate name, bad dtype) pass through
-                    raise
-                raise WeightSyncError("the actor exported no tensors") from None
-            if self.hf_path is not None:
-                copy_side_files(self.hf_path, tmp, _CONFIG_FILES)
-            final = self.work_dir / f"{_DIR_PREFIX}{safe}"
-            if final.exists():
-                stale = self.work_dir / f"{_TMP_PREFIX}stale-{uuid.uuid4().hex[:8]}"
-                os.replace(final, stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            os.replace(tmp, final)
-            self._tmp_dirs.discard(tmp)
-            return final
-        finally:
-            if tmp in self._tmp_dirs:
-                shutil.rmtree(tmp, ignore_errors=True)
-                self._tmp_dirs.discard(tmp)
-
-    def send(self, buckets: Iterator, weight_version: str) -> None:
-        final = self.write(buckets, weight_version)
-        try:
-            self.client.update_weights_from_disk(str(final), weight_version)
-        except Exception as exc:
-            raise WeightSyncError(f"/update_weights_from_disk({final}) failed: {exc}") from exc
-        previous, self.current = self.current, final
-        if previous is not None and previous != final:
-            shutil.rmtree(previous, ignore_errors=True)
-
-    def close(self) -> None:
-        for d in list(self._tmp_dirs) + ([self.current] if self.current is not None else []):
-            shutil.rmtree(d, ignore_errors=True)
-        self._tmp_dirs.clear()
-        self.current = None
-
-
-class DistributedTransport:
-    """Weight-update group (``/init_weights_update_group``) + per-bucket ``/update_weights_from_distributed``
-    with a broadcast of each tensor from rank 0."""
-
-    name = "distributed"
-
-    def __init__(self, client, *, engine_world_size: Optional[int], timeout_s: float,
-                 master_address: Optional[str] = None, group_name: Optional[str] = None) -> None:
-        self.client = client
-        self.engine_world_size = engine_world_size
-        self.timeout_s = float(timeout_s)
-        self.master_address = master_address
-        self.group_name = group_name or f"megatron_dapo_sync_{uuid.uuid4().hex[:8]}"
-        self.backend = "nccl" if torch.cuda.is_available() else "gloo"
-        self.group = None
-
-    def _resolve_engine_tp(self) -> int:
-        return ranks_per_engine(self.client, self.engine_world_size)
-
-    def connect(self) -> None:
-        """Create the group once (rank 0 = this process; engine ranks offset per engine)."""
-        from ..rollout.launch import find_free_ports
-
-        ews = self._resolve_engine_tp()
-        addr = self.master_address or address_towards(list(self.client.control_urls))
-        port = find_free_ports(1, "0.0.0.0")[0]
-        try:
-            self.group = self.client.connect_weight_update_group(
-                addr, port, group_name=self.group_name, backend=self.backend, tp_size=ews,
-                timeout_s=self.timeout_s)
-        except Exception as exc:
-            raise WeightSyncError(f"creating weight update group {self.group_name!r} on {addr}:{port} "
-                                  f"with engines {list(self.client.control_urls)} failed: {exc}") from exc
-        logger.info("weight update group %s ready (%s, %d engine rank(s) per engine)", self.group_name,
-                    self.backend, ews)
-
-    def send(self, buckets: Iterator, weight_version: str) -> None:
-        if self.group is None:
-            self.connect()
-        dev = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
-        for bucket, last in buckets:
-            tensors = [(n, t if t.device == dev else t.to(dev)) for n, t in bucket]
-            try:
-                self.client.push_weights_distributed(self.group, tensors, group_name=self.group_name,
-                                                     weight_version=weight_version if last else None)
-            except Exception as exc:
-                # a half-finished broadcast leaves the communicator in an unknown state: rebuild next time
-                self._teardown()
-                raise WeightSyncError(f"/update_weights_from_distributed failed: {exc}") from exc
-
-    def _teardown(self) -> None:
-        group, self.group = self.group, None
-        if group is None:
-            return
-        try:
-            self.client.destroy_weights_update_group(self.group_name)
-        except Exception as exc:  # an engine that is gone has no group to destroy
-            logger.warning("destroy_weights_update_group %s: %s", self.group_name, exc)
-        group.destroy()
-
-    def close(self) -> None:
-        self._teardown()
-
-
-class TensorTransport:
-    """``/update_weights_from_tensor`` with tensor handles (engines on the sending rank's node).
-
-    On GPU each bucket's tensors are moved to this rank's device and pass as CUDA-IPC handles; on CPU they
-    are copied into one shared-memory segment per dtype (:func:`~megatron_dapo.rollout.tensor_ipc.share_bucket`)
-    and pass as segment names. Either way the engine maps the memory and copies it into its weights; the
-    bucket is kept alive until the engine has answered.
-
-    Args:
-        client: engine client over the engines THIS rank feeds (all of them on a single node; one node's
-            engines in the multi-node layout of :class:`WeightSync`).
-        engine_world_size: engine ranks over the engines of ``client`` (``len(urls) * tp_size``), or
-            ``None`` to ask the engines (``/get_server_info``); ignored when ``tp_per_engine`` is given.
-        tp_per_engine: SGLang ``tp_size`` of one engine (number of serialized entries per request).
-        node: this sender's node id (only used in error messages).
-    """
-
-    name = "tensor"
-
-    def __init__(self, client, *, engine_world_size: Optional[int] = None, tp_per_engine: Optional[int] = None,
-                 node: Optional[str] = None) -> None:
-        self.client = client
-        self.engine_world_size = engine_world_size
-        self.tp_per_engine: Optional[int] = int(tp_per_engine) if tp_per_engine is not None else None
-        self.node = node
-        self._checked = False
-
-    @property
-    def urls(self) -> list[str]:
-        return list(getattr(self.client, "control_urls", []))
-
-    def _where(self) -> str:
-        return f"node {self.node!r} -> engine(s) {', '.join(self.urls)}" if self.node is not None \
-            else f"engine(s) {', '.join(self.urls)}"
-
-    def prepare(self) -> None:
-        """Check that every engine of ``client`` is on this host, and resolve ``tp_per_engine`` (once).
-
-        Raises:
-            WeightSyncError: an engine on another host (memory handles cannot reach it), or engines that
-                disagree on ``tp_size``.
-        """
-        if self._checked:
-            return
-        remote = [u for u in self.urls if not url_is_on_this_host(u)]
-        if remote:
-            who = "rank 0's node" if self.node is None else f"node {self.node!r}"
-            raise WeightSyncError(
-                f"weight_sync.transport=tensor passes memory handles, which only engines on the sender's node "
-                f"({who}) can open; {len(remote)} engine(s) are elsewhere, e.g. {remote[0]}. Fix the "
-                f"engine-to-node mapping ({ENGINE_NODES_ENV}) or use weight_sync.transport=distributed")
-        if self.tp_per_engine is None:
-            self.tp_per_engine = ranks_per_engine(self.client, self.engine_world_size)
-        self._checked = True
-
-    def post(self, bucket: list[tuple[str, torch.Tensor]], last: bool, weight_version: str) -> None:
-        """Send one bucket to every engine of ``client``; the last one also flushes the cache and sets
-        ``weight_version``.
-
-        Raises:
-            WeightSyncError: an engine refused or could not be reached (names the node and engines).
-        """
-        from ..rollout.client import serialize_named_tensors_for_sglang
-        from ..rollout.tensor_ipc import share_bucket
-
-        self.prepare()
-        if torch.cuda.is_available():
-            dev = torch.device("cuda", torch.cuda.current_device())
-            tensors = [(n, t if t.device == dev else t.to(dev)) for n, t in bucket]
-            torch.cuda.synchronize()
-        else:
-            tensors = share_bucket(bucket)
-        payload = serialize_named_tensors_for_sglang(tensors, tp_size=self.tp_per_engine)
-        try:
-            self.client.update_weights_from_tensor(payload, flush_cache=last,
-                                                   weight_version=weight_version if last else None)
-        except Exception as exc:
-            raise WeightSyncError(f"/update_weights_from_tensor on {self._where()} failed: {exc}") from exc
-        del tensors, payload
-
-    def send(self, buckets: Iterator, weight_version: str) -> None:
-        self.prepare()
-        for bucket, last in buckets:
-            self.post(bucket, last, weight_version)
-
-    def close(self) -> None:
-        return None
-
-
-def url_is_on_this_host(url: str) -> bool:
-    """Whether ``url``'s host is an address of this machine (resolved, then bound to a free port: binding
-    succeeds only for local addresses). Unresolvable hosts count as remote."""
-    import socket
-    from urllib.parse import urlsplit
-
-    host = urlsplit(url).hostname or ""
-    if host in ("localhost", "127.0.0.1", "::1", "0.0.0.0"):
-        return True
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError:
-        return False
-    for family, _, _, _, addr in infos:
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as sock:
-                sock.bind((addr[0], 0))
-            return True
-        except OSError:
-            continue
-    return False
-
-
-def check_tensor_transport_available() -> None:
-    """Raise :class:`~megatron_dapo.backend.MissingBackendError` where tensor handles cannot be shared.
-
-    CUDA tensors need CUDA-IPC; CPU tensors need the ``file_system`` sharing strategy of
-    ``torch.multiprocessing`` (POSIX shared memory), which every Linux build has.
-    """
-    import torch.multiprocessing as tmp
-
-    from ..backend import MissingBackendError, has_cuda
-
-    if not has_cuda() and "file_system" not in tmp.get_all_sharing_strategies():
-        raise MissingBackendError("weight_sync.transport=tensor on CPU needs torch.multiprocessing's "
-                                  "file_system sharing strategy (POSIX shared memory); use disk or distributed")
-
-
-# --------------------------------------------------------------------------------------------
-# tensor transport across nodes: node identity, engine -> node assignment, bucket relay
-# --------------------------------------------------------------------------------------------
-
-NODE_ID_ENV = "MEGATRON_DAPO_NODE_ID"
-ENGINE_NODES_ENV = "MEGATRON_DAPO_ENGINE_NODES"
-
-
-def local_node_id() -> str:
-    """This process's node id: env ``MEGATRON_DAPO_NODE_ID`` when set (tests simulate several nodes on
-    one host with it), else ``socket.gethostname()``."""
-    value = os.environ.get(NODE_ID_ENV, "").strip()
-    return value or socket.gethostname()
-
-
-def parse_engine_nodes(text: Optional[str], num_engines: int) -> Optional[list[str]]:
-    """Parse ``MEGATRON_DAPO_ENGINE_NODES``: comma-separated node ids, one per engine URL, same order.
-
-    Returns:
-        ``None`` for an unset/blank value, else the list of ``num_engines`` node ids.
-
-    Raises:
-        WeightSyncError: wrong count or an empty entry (names the variable and the engine index).
-    """
-    if text is None or not str(text).strip():
-        return None
-    items = [x.strip() for x in str(text).split(",")]
-    if len(items) != num_engines:
-        raise WeightSyncError(f"{ENGINE_NODES_ENV}={text!r} names {len(items)} node(s) but there are "
-                              f"{num_engines} engine URL(s); give one node id per engine, in URL order")
-    for i, item in enumerate(items):
-        if not item:
-            raise WeightSyncError(f"{ENGINE_NODES_ENV}={text!r}: entry {i} (engine {i}) is empty")
-    return items
-
-
-def assign_engines_to_nodes(urls: list[str], nodes: list[str], *, engine_nodes: Optional[list[str]] = None,
-                            claims: Optional[dict[str, list[str]]] = None) -> dict[str, str]:
-    """Which node feeds each engine (``tensor`` transport across nodes).
-
-    Args:
-        urls: every engine URL (the same list on every rank).
-        nodes: the trainer's node ids (each node appears once; order irrelevant).
-        engine_nodes: explicit node id per URL (``MEGATRON_DAPO_ENGINE_NODES`` / the ``engine_nodes``
-            argument); wins over ``claims``.
-        claims: ``{node: [urls that node's sender finds on its host]}`` (:func:`url_is_on_this_host`).
-
-    Returns:
-        ``{url: node}`` covering every URL.
-
-    Raises:
-        WeightSyncError: an engine claimed by no node or by several nodes, or mapped to a node that runs
-            no trainer rank; the message names every such engine.
-        ValueError: neither ``engine_nodes`` nor ``claims`` given, or ``engine_nodes`` of the wrong length.
-    """
-    known = set(nodes)
-    problems: list[str] = []
-    out: dict[str, str] = {}
-    if engine_nodes is not None:
-        if len(engine_nodes) != len(urls):
-            raise ValueError(f"engine_nodes has {len(engine_nodes)} entries for {len(urls)} engine URL(s)")
-        for i, (url, node) in enumerate(zip(urls, engine_nodes)):
-            if node not in known:
-                problems.append(f"engine {i} ({url}) is mapped to node {node!r}, which runs no trainer rank "
-                                f"(nodes: {', '.join(sorted(known))})")
-            out[url] = node
-    elif claims is not None:
-        for i, url in enumerate(urls):
-            owners = sorted(n for n in known if url in set(claims.get(n, ())))
-            if not owners:
-                problems.append(f"engine {i} ({url}) is claimed by no node: no trainer node finds it on its own "
-                                f"host (nodes: {', '.join(sorted(known))})")
-            elif len(owners) > 1:
-                problems.append(f"engine {i} ({url}) is claimed by several nodes ({', '.join(owners)}): use "
-                                f"routable host names in the engine URLs or set {ENGINE_NODES_ENV}")
-            else:
-                out[url] = owners[0]
-    else:
-        raise ValueError("assign_engines_to_nodes needs engine_nodes or claims")
-    if problems:
-        raise WeightSyncError("; ".join(problems) + ". weight_sync.transport=tensor needs every engine fed by "
-                              "exactly one trainer node (tensor handles only open on the engine's own node); "
-                              "otherwise use weight_sync.transport=distributed")
-    return out
-
-
-class _NodePlan:
-    """Who sends what in a ``tensor`` sync (identical on every rank; built once by :meth:`WeightSync._plan`).
-
-    ``rank_nodes[r]``: node id of global rank ``r``; ``engine_node``: ``{url: node}``; ``senders``:
-    ``{rank: [urls]}`` (the lowest rank of each node that has engines); ``receivers``: senders whose actor
-    stream is empty (data-parallel rank != 0), fed by rank 0 over ``group``; ``single``: every engine is on
-    rank 0's node (rank 0 sends alone, as in the single-node protocol).
-    """
-
-    def __init__(self, urls: list[str], rank_nodes: list[str], full_stream: list[bool],
-                 engine_node: dict[str, str]) -> None:
-        self.urls = list(urls)
-        self.rank_nodes = list(rank_nodes)
-        self.full_stream = list(full_stream)
-        self.engine_node = dict(engine_node)
-        leaders: dict[str, int] = {}
-        for r, node in enumerate(rank_nodes):
-            leaders.setdefault(node, r)
-        self.leaders = leaders
-        self.senders: dict[int, list[str]] = {}
-        for url in urls:
-            self.senders.setdefault(leaders[engine_node[url]], []).append(url)
-        self.single = set(self.senders) <= {0}
-        self.receivers = sorted(r for r in self.senders if not full_stream[r])
-        self.group = None
-
-    def describe(self) -> str:
-        return "; ".join(f"node {self.rank_nodes[r]!r} (rank {r}{', via relay' if r in self.receivers else ''}) "
-                         f"-> {', '.join(u)}" for r, u in sorted(self.senders.items()))
-
-
-def _stream_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _relay_send(group, bucket: Optional[list], last: bool, abort: Optional[str] = None) -> None:
-    """Rank 0: broadcast one bucket (or an abort notice) to the relay group.
-
-    One ``broadcast_object_list`` of ``{names, shapes, dtypes, last, abort}``, then one flat tensor per
-    dtype (in order of first appearance) on this rank's device.
-    """
-    bucket = bucket or []
-    meta = {"names": [n for n, _ in bucket], "shapes": [tuple(t.shape) for _, t in bucket],
-            "dtypes": [t.dtype for _, t in bucket], "last": bool(last), "abort": abort}
-    dist.broadcast_object_list([meta], src=0, group=group)
-    if abort is not None:
-        return
-    dev = _stream_device()
-    for dtype in dict.fromkeys(meta["dtypes"]):
-        flat = torch.cat([t.reshape(-1).to(dev) for _, t in bucket if t.dtype == dtype])
-        dist.broadcast(flat, src=0, group=group)
-        del flat
-
-
-def _relay_recv(group) -> tuple[Optional[list[tuple[str, torch.Tensor]]], bool, Optional[str]]:
-    """A relay receiver: the next bucket from rank 0 as ``(bucket, is_last, abort)``; ``bucket`` is
-    ``None`` (and ``is_last`` True) when rank 0 aborted the stream (``abort`` says why)."""
-    box: list = [None]
-    dist.broadcast_object_list(box, src=0, group=group)
-    meta = box[0]
-    if meta["abort"] is not None:
-        return None, True, meta["abort"]
-    dev = _stream_device()
-    out: list = [None] * len(meta["names"])
-    for dtype in dict.fromkeys(meta["dtypes"]):
-        idx = [i for i, d in enumerate(meta["dtypes"]) if d == dtype]
-        sizes = [int(torch.Size(meta["shapes"][i]).numel()) for i in idx]
-        flat = torch.empty(sum(sizes), dtype=dtype, device=dev)
-        dist.broadcast(flat, src=0, group=group)
-        off = 0
-        for i, n in zip(idx, sizes):
-            out[i] = (meta["names"][i], flat[off: off + n].view(meta["shapes"][i]))
-            off += n
-    return out, bool(meta["last"]), None
 
 
 def _default_client_factory(urls: list[str], api_key: Optional[str]):
@@ -747,6 +222,17 @@ class WeightSync:
                     raise WeightSyncError(f"/flush_cache kept failing: {exc}") from exc
                 time.sleep(0.2)
 
+    def _pause_on_driver(self, pause: bool) -> Optional[BaseException]:
+        """Rank 0 with ``pause``: :meth:`_pause`; returns its exception instead of raising (the other
+        ranks must still take part in the export's collectives)."""
+        if not (self.is_driver and pause):
+            return None
+        try:
+            self._pause()
+        except Exception as exc:
+            return exc
+        return None
+
     def _pause(self) -> None:
         try:
             self.client.abort_all()
@@ -813,12 +299,7 @@ class WeightSync:
                 return self._sync_nodes(weight_version, pause=pause, plan=plan)
         t0 = time.perf_counter()
         stats = _Stats()
-        err: Optional[BaseException] = None
-        if self.is_driver and pause:
-            try:
-                self._pause()
-            except Exception as exc:
-                err = exc
+        err = self._pause_on_driver(pause)
         pause_s = time.perf_counter() - t0
         stream = self.actor.iter_hf_tensors(self.dtype)
         if self.is_driver and err is None:
@@ -846,17 +327,8 @@ class WeightSync:
             logger.error("weight sync %s failed: %s", weight_version, err)
         payload = None
         if self.is_driver:
-            payload = {
-                "error": None if err is None else f"{type(err).__name__}: {err}",
-                "metrics": {
-                    "weight_sync/seconds": total,
-                    "weight_sync/bytes": float(stats.bytes),
-                    "weight_sync/num_buckets": float(stats.num_buckets),
-                    "weight_sync/export_s": stats.export_s,
-                    "weight_sync/transfer_s": max(total - pause_s - stats.export_s, 0.0),
-                    "weight_sync/pause_s": pause_s,
-                },
-            }
+            payload = {"error": None if err is None else f"{type(err).__name__}: {err}",
+                       "metrics": stats.metrics(total, pause_s)}
         payload = _share_from_rank0(payload)
         if plan is not None:
             self.last_senders = [{"rank": 0, "node": plan.rank_nodes[0], "engines": list(plan.urls), "relay": False,
@@ -908,9 +380,7 @@ class WeightSync:
         engine_nodes = parse_engine_nodes(raw, len(urls))
         claims = None
         if engine_nodes is None:
-            leaders: dict[str, int] = {}
-            for r, node in enumerate(rank_nodes):
-                leaders.setdefault(node, r)
+            leaders = node_leaders(rank_nodes)
             local = [u for u in urls if url_is_on_this_host(u)] if self.rank in leaders.values() else None
             if on:
                 gathered: list = [None] * len(rank_nodes)
@@ -934,11 +404,7 @@ class WeightSync:
             urls = plan.senders[self.rank]
             tp = None
             if self._engine_world_size is not None:  # counts ALL engines' ranks, not just this node's
-                ews, n = self._engine_world_size, len(plan.urls)
-                if ews < n or ews % n:
-                    raise ValueError(f"engine_world_size={ews} must be a positive multiple of the number of "
-                                     f"engines ({n}): it counts all engine ranks (num_engines x tp_size)")
-                tp = ews // n
+                tp = tp_from_engine_world_size(self._engine_world_size, len(plan.urls))
             client = self._client_factory(list(urls), self._api_key)
             self._own_clients.append(client)
             self._node_tx = TensorTransport(client, tp_per_engine=tp, node=plan.rank_nodes[self.rank])
@@ -992,12 +458,7 @@ class WeightSync:
         """``tensor`` sync with engines on several nodes: every node's sender feeds its own engines."""
         t0 = time.perf_counter()
         stats = _Stats()
-        err: Optional[BaseException] = None
-        if self.is_driver and pause:
-            try:
-                self._pause()
-            except Exception as exc:
-                err = exc
+        err = self._pause_on_driver(pause)
         pause_err = _share_from_rank0(None if err is None else f"{type(err).__name__}: {err}")
         pause_s = time.perf_counter() - t0
         stream = self.actor.iter_hf_tensors(self.dtype)
@@ -1053,15 +514,8 @@ class WeightSync:
         total = time.perf_counter() - t0
         payload = None
         if self.is_driver:
-            metrics = {
-                "weight_sync/seconds": total,
-                "weight_sync/bytes": float(stats.bytes),
-                "weight_sync/num_buckets": float(stats.num_buckets),
-                "weight_sync/export_s": stats.export_s,
-                "weight_sync/transfer_s": max(total - pause_s - stats.export_s, 0.0),
-                "weight_sync/pause_s": pause_s,
-                "weight_sync/num_sender_nodes": float(len(plan.senders)),
-            }
+            metrics = stats.metrics(total, pause_s)
+            metrics["weight_sync/num_sender_nodes"] = float(len(plan.senders))
             for info in infos:
                 if info["sender"]:
                     metrics[f"weight_sync/node_bytes/{info['node']}"] = float(info["bytes"])

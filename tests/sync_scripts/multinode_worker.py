@@ -20,12 +20,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-from megatron_dapo.actor.batching import build_actor_batch  # noqa: E402
-from megatron_dapo.actor.megatron_actor import LossSettings, MegatronActor  # noqa: E402
-from megatron_dapo.config import ActorConfig  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 from megatron_dapo.rollout.client import SyncEngineClient  # noqa: E402
 from megatron_dapo.sync import WeightSync, WeightSyncError, rollout_logprob_mismatch  # noqa: E402
-from megatron_dapo.sync.weight_sync import NODE_ID_ENV  # noqa: E402
+from megatron_dapo.sync.nodes import NODE_ID_ENV  # noqa: E402
+from sync_worker import engine_tensor, train_one_step_from_env  # noqa: E402  (same actor + batch)
 
 
 class FailingClient:
@@ -44,34 +44,14 @@ class FailingClient:
         return None
 
 
-def engine_tensor(client, name):
-    res = client.get_weights_by_name(name, truncate_size=1 << 30)
-    return {u: torch.tensor(v, dtype=torch.float64).to(torch.float32) for u, v in res.items()}
-
-
 def main():
     t_start = time.time()
     faulthandler.dump_traceback_later(float(os.environ.get("WORKER_TIMEOUT_S", 150)), exit=True)
     rank = int(os.environ["RANK"])
     nodes = os.environ["NODE_OF_RANK"].split(",")
     os.environ[NODE_ID_ENV] = nodes[rank]
-    ckpt = os.environ["CKPT"]
-    cfg = ActorConfig(tensor_model_parallel_size=int(os.environ.get("TP", 1)),
-                      pipeline_model_parallel_size=int(os.environ.get("PP", 1)), lr=3e-2, lr_warmup_steps=0,
-                      weight_decay=0.0, clip_grad=0.0, max_tokens_per_gpu=64)
-    actor = MegatronActor(ckpt, cfg)
+    actor, prompts, resps, batch, ref, lp = train_one_step_from_env()
     assert dist.get_rank() == rank
-    g = torch.Generator().manual_seed(0)
-    vocab = actor.spec.vocab_size
-    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (5, 7, 3, 9)]
-    resps = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (6, 2, 8, 4)]
-    batch = build_actor_batch(prompts, resps)
-    lp0, _ = actor.compute_logprobs(batch)
-    batch.old_logprobs = lp0
-    batch.advantages = torch.randn(len(prompts), 1, generator=g).expand_as(lp0).contiguous() * batch.response_mask
-    actor.train_step(batch, LossSettings(), apply_update=True)
-    ref = {n: t.clone() for n, t in actor.iter_hf_tensors(torch.float32)}
-    lp, _ = actor.compute_logprobs(batch)
 
     urls = os.environ["ENGINE_URLS"].split(",")
     client = SyncEngineClient(urls) if rank == 0 else None
@@ -81,7 +61,7 @@ def main():
     for bucket_mb in [float(x) for x in os.environ.get("BUCKETS_MB", "0.05,0").split(",")]:
         version = f"tensor-{bucket_mb}"
         if rank == 0:
-            client.update_weights_from_disk(ckpt, "reset")
+            client.update_weights_from_disk(os.environ["CKPT"], "reset")
         ws = WeightSync(actor, client, transport="tensor", bucket_mb=bucket_mb, dtype=torch.float32,
                         work_dir=work, timeout_s=60)
         metrics = ws.sync(version)

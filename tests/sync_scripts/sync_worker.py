@@ -29,10 +29,12 @@ def engine_tensor(client, name):
     return {u: torch.tensor(v, dtype=torch.float64).to(torch.float32) for u, v in res.items()}
 
 
-def main():
-    t_start = time.time()
-    # a hang (e.g. a mismatched collective) dumps every thread's stack and exits instead of blocking CI
-    faulthandler.dump_traceback_later(float(os.environ.get("WORKER_TIMEOUT_S", 200)), exit=True)
+def train_one_step_from_env():
+    """The actor on ``CKPT`` at ``TP``/``PP``/``VPP`` after one DAPO step on a fixed batch.
+
+    Returns ``(actor, prompts, resps, batch, ref, lp)``: ``ref`` the exported fp32 HF tensors after the
+    step and ``lp`` the actor's log-probs of ``batch`` (what the engines must reproduce).
+    """
     ckpt = os.environ["CKPT"]
     vpp = int(os.environ["VPP"]) if os.environ.get("VPP") else None
     cfg = ActorConfig(tensor_model_parallel_size=int(os.environ.get("TP", 1)),
@@ -40,7 +42,6 @@ def main():
                       virtual_pipeline_model_parallel_size=vpp, lr=3e-2, lr_warmup_steps=0, weight_decay=0.0,
                       clip_grad=0.0, max_tokens_per_gpu=int(os.environ.get("MAXTOK", 64)))
     actor = MegatronActor(ckpt, cfg)
-    rank = dist.get_rank()
     g = torch.Generator().manual_seed(0)
     vocab = actor.spec.vocab_size
     prompt_lens, resp_lens = (5, 7, 3, 9), (6, 2, 8, 4)
@@ -56,6 +57,15 @@ def main():
     actor.train_step(batch, LossSettings(), apply_update=True)
     ref = {n: t.clone() for n, t in actor.iter_hf_tensors(torch.float32)}
     lp, _ = actor.compute_logprobs(batch)
+    return actor, prompts, resps, batch, ref, lp
+
+
+def main():
+    t_start = time.time()
+    # a hang (e.g. a mismatched collective) dumps every thread's stack and exits instead of blocking CI
+    faulthandler.dump_traceback_later(float(os.environ.get("WORKER_TIMEOUT_S", 200)), exit=True)
+    actor, prompts, resps, batch, ref, lp = train_one_step_from_env()
+    rank = dist.get_rank()
 
     urls = os.environ["ENGINE_URLS"].split(",")
     client = SyncEngineClient(urls) if rank == 0 else None
@@ -68,7 +78,7 @@ def main():
     for transport, bucket_mb, dtype in cases:
         version = f"{transport}-{bucket_mb}-{str(dtype).split('.')[-1]}"
         if rank == 0:
-            client.update_weights_from_disk(ckpt, "reset")  # back to the pre-training weights
+            client.update_weights_from_disk(os.environ["CKPT"], "reset")  # back to the pre-training weights
             probe = "model.layers.0.mlp.down_proj.weight"
             before = engine_tensor(client, probe)
             assert all(not torch.equal(t, ref[probe]) for t in before.values()), "train step changed nothing"
