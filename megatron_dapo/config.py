@@ -70,6 +70,10 @@ class RolloutConfig:
     base_port: int = 0
     """0 picks free ports."""
     api_key: Optional[str] = None
+    engine_python: Optional[str] = None
+    """Interpreter that runs real SGLang / vLLM servers. ``None``: this interpreter when it can import the
+    engine (GPU nodes, NGC), else the project's own engine venv ``.venv-sglang`` / ``.venv-vllm`` built by
+    ``make engines`` (CPU machines: the engines pin other torch/transformers versions)."""
     rollout_batch_size: int = 8
     """Prompts (groups) per training step after dynamic-sampling filtering."""
     n_samples_per_prompt: int = 8

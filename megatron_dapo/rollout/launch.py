@@ -39,6 +39,46 @@ from typing import Sequence
 from megatron_dapo.backend import MissingBackendError
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+"""The source checkout (engine venvs and the SGLang CPU shims live here on CPU machines)."""
+ENGINE_VENVS = {"sglang": ".venv-sglang", "vllm": ".venv-vllm"}
+"""Engine backend -> its own venv folder under :data:`REPO_ROOT` (``make engines`` builds them)."""
+SGLANG_CPU_SHIMS = REPO_ROOT / "tools" / "engines" / "sglang_shims"
+"""Put on a CPU SGLang server's ``PYTHONPATH``: the import-time ``sgl_kernel`` stand-in and sitecustomize."""
+_ENGINE_MODULES = {"sglang": "sglang", "vllm": "vllm"}
+
+
+def default_engine_python(backend: str, configured: str | None = None) -> str:
+    """The interpreter that runs real ``backend`` servers (``rollout.engine_python``).
+
+    Order: ``configured`` (must be an executable file); this interpreter when it can import the engine
+    package (GPU nodes, NGC containers); else ``$MEGATRON_DAPO_ENGINE_VENV_ROOT/<venv>/bin/python`` or
+    ``REPO_ROOT/<venv>/bin/python`` with ``<venv>`` from :data:`ENGINE_VENVS` (built by ``make engines``).
+
+    Raises:
+        ValueError: ``backend`` is not ``sglang`` or ``vllm``.
+        MissingBackendError: nothing found; the message names ``make engines`` and ``rollout.engine_python``.
+    """
+    if backend not in ENGINE_VENVS:
+        raise ValueError(f"no engine venv for backend {backend!r} (sglang or vllm)")
+    if configured:
+        if not (os.path.isfile(configured) and os.access(configured, os.X_OK)):
+            raise MissingBackendError(f"rollout.engine_python={configured!r} is not an executable file")
+        return configured
+    import importlib.util
+
+    if importlib.util.find_spec(_ENGINE_MODULES[backend]) is not None:
+        return sys.executable
+    roots = [Path(os.environ["MEGATRON_DAPO_ENGINE_VENV_ROOT"])] if os.environ.get("MEGATRON_DAPO_ENGINE_VENV_ROOT") else []
+    for root in roots + [REPO_ROOT]:
+        cand = root / ENGINE_VENVS[backend] / "bin" / "python"
+        if cand.is_file():
+            return str(cand)
+    raise MissingBackendError(
+        f"rollout.backend={backend} needs a {backend} interpreter: run `make engines` (builds "
+        f"{ENGINE_VENVS[backend]}) or set rollout.engine_python")
+
+
 class EngineLaunchError(RuntimeError):
     """An engine process exited or did not become healthy in time (message has its log tail)."""
 
