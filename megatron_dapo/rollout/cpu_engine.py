@@ -483,6 +483,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch-size", type=int, default=64, help="max sequences per decode batch")
     parser.add_argument("--num-threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument("--device", default="cpu",
+                        help="torch device of the model, e.g. cuda or cuda:0 (benchmarks/gpu: CUDA-IPC weight "
+                             "updates); sampling stays on the CPU")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--access-log", action="store_true",
                         help="log every HTTP request (method, path, status) - e.g. to see what a router polls")
@@ -495,7 +498,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.num_threads)
     torch.set_grad_enabled(False)
     engine = CPUEngine(args.model_path, seed=args.seed, max_batch_size=args.max_batch_size,
-                       attn_implementation=args.attn_implementation)
+                       attn_implementation=args.attn_implementation, device=args.device)
     from aiohttp import web
 
     app = build_app(engine, api_key=args.api_key)

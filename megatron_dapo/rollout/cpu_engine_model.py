@@ -69,10 +69,13 @@ class CPUEngine:
 
     Thread model: HTTP handlers (event loop) enqueue jobs; ONE worker thread runs batches under
     ``model_lock``; weight updates take the same lock, so they happen between batches.
+
+    ``device`` (default ``"cpu"``) places the fp32 model and its forward passes, e.g. ``"cuda"`` for the
+    CUDA-IPC check of benchmarks/gpu; logits come back to the CPU, where sampling runs either way.
     """
 
     def __init__(self, model_path: str, *, seed: int = 0, max_batch_size: int = 64,
-                 attn_implementation: str = "sdpa") -> None:
+                 attn_implementation: str = "sdpa", device: str = "cpu") -> None:
         from transformers import AutoModelForCausalLM
 
         self.model_path = os.path.abspath(model_path)
@@ -80,6 +83,8 @@ class CPUEngine:
             raise FileNotFoundError(f"--model-path {model_path!r} is not a directory")
         self.model = AutoModelForCausalLM.from_pretrained(
             self.model_path, dtype=torch.float32, attn_implementation=attn_implementation)
+        self.device = torch.device(device)  # "cuda[:i]": weights and forward passes there; sampling stays on CPU
+        self.model.to(self.device)
         self.model.eval()
         self.config = self.model.config
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
@@ -230,9 +235,10 @@ class CPUEngine:
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                         use_cache=True, logits_to_keep=keep)
-        logits = out.logits.float()  # [B, keep, V]
+        dev = self.device
+        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                         past_key_values=cache, use_cache=True, logits_to_keep=keep)
+        logits = out.logits.float().cpu()  # [B, keep, V]
         for b, s in enumerate(live):
             if s.return_logprob and s.logprob_start_len >= 0:
                 s.input_logprobs = self._score_prompt(logits[b], s, temps[b].item(), keep)
@@ -259,7 +265,7 @@ class CPUEngine:
                 break
             if len(keep_rows) < len(rows):
                 idx = torch.tensor(keep_rows, dtype=torch.long)
-                cache.batch_select_indices(idx)
+                cache.batch_select_indices(idx.to(dev))
                 next_logits = next_logits[idx]
                 cur_mask = cur_mask[idx]
                 last_pos = last_pos[idx]
@@ -285,11 +291,11 @@ class CPUEngine:
                 break
             cur_mask = torch.cat([cur_mask, torch.ones((len(rows), 1), dtype=cur_mask.dtype)], dim=1)
             last_pos = last_pos + 1
-            out = self.model(input_ids=tok.unsqueeze(1), attention_mask=cur_mask,
-                             position_ids=last_pos.unsqueeze(1), past_key_values=cache, use_cache=True,
+            out = self.model(input_ids=tok.unsqueeze(1).to(dev), attention_mask=cur_mask.to(dev),
+                             position_ids=last_pos.unsqueeze(1).to(dev), past_key_values=cache, use_cache=True,
                              logits_to_keep=1)
             cache = out.past_key_values
-            next_logits = out.logits[:, -1, :].float()
+            next_logits = out.logits[:, -1, :].float().cpu()
 
     def _score_prompt(self, logits_b: torch.Tensor, s: SeqRequest, temp: float, keep: int) -> list:
         """Logprobs of prompt tokens ``input_ids[start:]`` from prefill logits (last ``keep`` slots)."""
