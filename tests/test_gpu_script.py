@@ -13,15 +13,15 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(170)
+@pytest.mark.timeout(300)  # ~60 s of CPU time; the wall clock grows with the load of a shared machine
 def test_gpu_script_dry_run(tmp_path):
     from parts import PARTS
 
     env = dict(os.environ, PYTHON=sys.executable)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "run_all.sh"), "--dry-run", "--jobs", "3",
-                           "--budget-s", "150", "--out", str(tmp_path)], capture_output=True, text=True,
-                          env=env, timeout=165)
+                           "--budget-s", "270", "--out", str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=290)
     report_file = tmp_path / "gpu_results.json"
     assert report_file.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(report_file.read_text())

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -425,6 +426,8 @@ def part_sp_gather(dry: bool) -> dict:
 def run_part(name: str, dry: bool) -> dict:
     """Run one part; never raises. Returns its figures plus ``ok``, ``error``, ``seconds``."""
     t0 = time.perf_counter()
+    scratch = tempfile.mkdtemp(prefix=f"gpu_{name}_")
+    tempfile.tempdir = scratch  # checkpoints, engine logs, sync work dirs: removed below
     try:
         if not dry and not _cuda():
             raise RuntimeError("no CUDA device visible (use --dry-run on a CPU machine)")
@@ -437,6 +440,9 @@ def run_part(name: str, dry: bool) -> dict:
         print(tb, file=sys.stderr, flush=True)
         last = tb.strip().splitlines()[-1] if tb.strip() else repr(exc)
         res = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:600] or last}
+    finally:
+        tempfile.tempdir = None
+        shutil.rmtree(scratch, ignore_errors=True)
     res["seconds"] = round(time.perf_counter() - t0, 2)
     return res
 
