@@ -162,6 +162,9 @@ class ActorConfig:
     local attention on CPU. Not supported with ``context_parallel_size > 1``."""
     logprob_chunk_size: int = 1024
     """Sequence positions per chunk for vocab-parallel logprob/entropy (bounds [T, V] memory)."""
+    logprob_tf32: bool = True
+    """bf16/fp16 models on CUDA: LM-head logprob GEMMs on TF32 tensor cores (exact products in forward; see
+    ``megatron_dapo.actor.logprobs.tf32_matmuls``). fp32 models always use plain fp32."""
     optimizer: str = "adam"
     """``adam`` (AdamW, decoupled weight decay) or ``sgd`` (used by the gradient-equivalence tests)."""
     lr: float = 1e-6
@@ -351,6 +354,7 @@ class DAPOConfig:
              f"packing with context_parallel_size={cp} would need each packed row split per CP rank "
              "(THD load balancing), which the actor does not do; set actor.pack_sequences=false or CP=1")
         need(act.logprob_chunk_size >= 1, "actor.logprob_chunk_size", "must be >= 1")
+        need(isinstance(act.logprob_tf32, bool), "actor.logprob_tf32", "must be true or false")
         need(act.optimizer in ("adam", "sgd"), "actor.optimizer", "must be adam or sgd")
         need(act.lr >= 0, "actor.lr", "must be >= 0")
         need(act.lr_decay_style in ("constant", "linear", "cosine"), "actor.lr_decay_style",

@@ -81,14 +81,16 @@ def train_step_flops_per_token(spec, n_params: int, seq: int) -> float:
 
 def measure(*, seq: int = 4096, micro_batch: int = 1, steps: int = 5, warmup: int = 2, layers: int = 16,
             hidden: int = 2048, heads: int = 16, kv_heads: int = 2, ffn: int = 8192, vocab: int = 151936,
-            recompute=None, peak_tflops: float = 989.0, n_seq=None, keep_actor: bool = False) -> dict:
+            recompute=None, peak_tflops: float = 989.0, n_seq=None, keep_actor: bool = False,
+            **actor_cfg) -> dict:
     """Build the random model, run ``warmup`` + ``steps`` bf16 train steps and return the figures.
 
     Runs on CUDA when available, else on CPU (tiny sizes only: the dry run of benchmarks/gpu/run_all.sh).
     Returns a dict with ``device``, ``params``, ``seq``, ``tokens_per_step``, ``step_s`` (seconds per train
     step, mean of ``steps``), ``tokens_per_s``, ``tflops_per_s``, ``mfu`` (fraction of ``peak_tflops``),
     ``peak_mem_gib`` (``torch.cuda.max_memory_allocated``; 0 on CPU), ``loss_finite``; with ``keep_actor``
-    also ``_actor`` (the live actor; the caller closes it).
+    also ``_actor`` (the live actor; the caller closes it). ``actor_cfg``: extra ``ActorConfig`` fields
+    (e.g. ``logprob_tf32=False``).
     """
     import torch
 
@@ -104,7 +106,7 @@ def measure(*, seq: int = 4096, micro_batch: int = 1, steps: int = 5, warmup: in
     n_params = spec.num_parameters()
     cfg = ActorConfig(params_dtype="bf16", lr=1e-6, lr_warmup_steps=0, recompute=recompute,
                       max_tokens_per_gpu=seq * micro_batch, micro_batch_size=micro_batch,
-                      logprob_chunk_size=1024)
+                      logprob_chunk_size=1024, **actor_cfg)
     actor = MegatronActor(tmp, cfg, total_train_steps=steps + warmup)
     g = torch.Generator().manual_seed(0)
     n_seq = n_seq or micro_batch * 4

@@ -307,7 +307,7 @@ class MegatronActor:
             hid, w, tgt, vocab_start=self.tp_rank * vl, true_vocab_size=self.spec.vocab_size,
             temperature=temperature, chunk_size=self.cfg.logprob_chunk_size,
             tp_group=self.ps.get_tensor_model_parallel_group() if self.tp > 1 else None,
-            reduce_grad_hidden=not self.tconfig.sequence_parallel)
+            reduce_grad_hidden=not self.tconfig.sequence_parallel, tf32=self.cfg.logprob_tf32)
         out_lp = torch.zeros(b * l, dtype=torch.float32, device=hidden.device).index_put((flat,), lp)
         out_ent = torch.zeros(b * l, dtype=torch.float32, device=hidden.device).index_put((flat,), ent)
         return out_lp.reshape(b, l), out_ent.reshape(b, l)
