@@ -28,7 +28,7 @@ import torch
 
 from conftest import REPO_ROOT
 from dist_scripts.common import free_port
-from test_e2e import CONFIG, _env, _fail, read_scalars, tiny_model  # noqa: F401  (module fixture)
+from test_e2e import CONFIG, _env, _fail, read_scalars
 
 SCRIPTS = REPO_ROOT / "tests" / "nonfinite_scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -186,6 +186,27 @@ def test_tp2_nonfinite_updates_skip_bit_exact(tmp_path, tiny_hf):
 
 
 # ---------------------------------------------------------------------------------------------- trainer
+@pytest.fixture(scope="module")
+def cpu_engine(tiny_model, tmp_path_factory):
+    """One CPU engine on ``tiny_model`` for the module (the trainer runs use it through rollout.engine_urls)."""
+    from megatron_dapo.rollout.launch import launch_cpu_engines
+
+    procs = launch_cpu_engines(str(tiny_model), 1, seed=0, log_dir=tmp_path_factory.mktemp("engine_logs"),
+                               health_timeout_s=180)
+    with procs:
+        yield procs.urls[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """The demo model of examples/tiny-cpu (random Qwen2 + demo tokenizer), made in-process."""
+    from megatron_dapo.config import load_config
+    from megatron_dapo.trainer import prepare_model
+
+    d = tmp_path_factory.mktemp("model") / "tiny-qwen2"
+    return prepare_model(load_config(CONFIG, [f"model.hf_path={d}"]))
+
+
 def _train(overrides: list[str], env_extra: dict[str, str] | None = None, timeout: int = 400):
     env = _env()
     env.update(env_extra or {})
@@ -196,69 +217,62 @@ def _train(overrides: list[str], env_extra: dict[str, str] | None = None, timeou
 def _small(tmp: Path, model: Path, name: str, steps: int) -> list[str]:
     return [f"output_dir={tmp}", f"run_name={name}", f"model.hf_path={model}", f"trainer.total_steps={steps}",
             "rollout.rollout_batch_size=4", "rollout.n_samples_per_prompt=4", "actor.ppo_mini_batch_size=8",
-            "trainer.eval_interval=0", "trainer.export_hf=false", "weight_sync.transport=disk"]
+            "trainer.eval_interval=0", "trainer.export_hf=false", "weight_sync.transport=disk",
+            "rollout.colocated=false"]  # a shared engine must stay awake for the next test
 
 
 @pytest.mark.slow
-def test_consecutive_nonfinite_updates_stop_with_good_checkpoint(tmp_path, tiny_model):
-    # 2 updates per step; from update 2 on every policy loss is NaN: step 1 trains, step 2 skips both updates
-    # (streak 2) and is saved, step 3's first update makes the streak 3 = max -> one line, exit 2
+def test_consecutive_nonfinite_updates_stop_with_good_checkpoint(tmp_path, tiny_model, cpu_engine):
+    # 2 updates per step; from update 2 on every policy loss is NaN: step 1 trains and is saved, step 2 skips
+    # both updates (streak 2 = max) -> one line, exit 2, no checkpoint of step 2
     inject = {"MEGATRON_DAPO_TEST_NONFINITE": json.dumps({"kind": "loss", "term": "policy_loss", "from_update": 2})}
     proc = _train(_small(tmp_path, tiny_model, "nf", 5) + ["trainer.save_interval=1",
-                                                           "trainer.max_consecutive_nonfinite=3"], inject)
+                                                           "trainer.max_consecutive_nonfinite=2",
+                                                           f'rollout.engine_urls=["{cpu_engine}"]'], inject)
     assert proc.returncode == 2, _fail(proc)
     assert "Traceback" not in proc.stderr, _fail(proc)
     stops = [x for x in proc.stderr.splitlines() if x.startswith("megatron-dapo:")]
-    assert len(stops) == 1 and "3 consecutive optimizer updates were skipped as non-finite at step 3" in stops[0], \
+    assert len(stops) == 1 and "2 consecutive optimizer updates were skipped as non-finite at step 2" in stops[0], \
         _fail(proc)
-    assert "non-finite policy_loss" in stops[0] and "iter_0000002" in stops[0], stops[0]
+    assert "non-finite policy_loss" in stops[0] and "iter_0000001" in stops[0], stops[0]
     run = tmp_path / "nf"
     ckpts = run / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == "iter_0000002"
-    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("iter_")) == ["iter_0000001", "iter_0000002"]
+    assert (ckpts / "latest").read_text().strip() == "iter_0000001"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("iter_")) == ["iter_0000001"]
     sc = read_scalars(run / "tb")
-    assert [v for _, v in sc["actor/update_skipped"]] == [0.0, 2.0]
-    assert [v for _, v in sc["actor/nonfinite_policy_loss"]] == [0.0, 2.0]
-    assert all(math.isfinite(v) for _, v in sc["actor/pg_loss"][:1])
-    # the last checkpoint loads, holds finite weights, equal to step 1's (no update was applied after it)
+    assert [v for _, v in sc["actor/update_skipped"]] == [0.0]
+    assert math.isfinite(sc["actor/pg_loss"][0][1])
+    # the last checkpoint loads and holds finite weights, different from the initial ones (step 1 trained)
     code = (
         "import sys, json, torch; sys.path.insert(0, sys.argv[1])\n"
         "from megatron_dapo.actor.megatron_actor import MegatronActor\n"
         "from megatron_dapo.actor.checkpoint import load_checkpoint\n"
         "from megatron_dapo.config import ActorConfig\n"
-        "a = MegatronActor(sys.argv[2], ActorConfig(params_dtype='fp32'), load_weights=False)\n"
-        "res = {}\n"
-        "for d in sys.argv[3:]:\n"
-        "    st = load_checkpoint(a, d)\n"
-        "    res[d] = (st['step'], {n: t.clone() for n, t in a.iter_hf_tensors()})\n"
-        "(s1, p1), (s2, p2) = res.values()\n"
-        "fin = all(bool(torch.isfinite(t).all()) for t in p2.values())\n"
-        "same = all(torch.equal(p1[n], p2[n]) for n in p1)\n"
-        "print(json.dumps({'steps': [s1, s2], 'finite': fin, 'same': same}))\n")
-    out = subprocess.run([sys.executable, "-c", code, str(REPO_ROOT), str(tiny_model), str(ckpts / "iter_0000001"),
-                          str(ckpts / "iter_0000002")], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True,
-                         timeout=300)
+        "a = MegatronActor(sys.argv[2], ActorConfig(params_dtype='fp32'))\n"
+        "p0 = {n: t.clone() for n, t in a.iter_hf_tensors()}\n"
+        "st = load_checkpoint(a, sys.argv[3])\n"
+        "p1 = {n: t.clone() for n, t in a.iter_hf_tensors()}\n"
+        "fin = all(bool(torch.isfinite(t).all()) for t in p1.values())\n"
+        "moved = any(not torch.equal(p0[n], p1[n]) for n in p0)\n"
+        "print(json.dumps({'step': st['step'], 'finite': fin, 'moved': moved}))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(REPO_ROOT), str(tiny_model), str(ckpts)],
+                         cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res == {"steps": [1, 2], "finite": True, "same": True}, res
+    assert res == {"step": 1, "finite": True, "moved": True}, res
 
 
 # ---------------------------------------------------------------------------------------------- engines
 @pytest.fixture(scope="module", params=["cpu"])
-def upstream_engine(request, tiny_model, tmp_path_factory):
+def upstream_engine(request, tiny_model):
     """``(engine URL, vocab size)`` of a real engine serving ``tiny_model`` for the misbehaving proxy. ``cpu``:
     the project's CPU engine. (The lead adds real SGLang / vLLM upstreams here.)"""
     from megatron_dapo.models.hf_config import spec_from_hf_config
-    from megatron_dapo.rollout.launch import launch_cpu_engines
 
     vocab = spec_from_hf_config(tiny_model).vocab_size
     if request.param == "cpu":
-        procs = launch_cpu_engines(str(tiny_model), 1, seed=0, log_dir=tmp_path_factory.mktemp("engine_logs"),
-                                   health_timeout_s=180)
-        with procs:
-            yield procs.urls[0], vocab
-    else:  # pragma: no cover - placeholder for engines added after the merge
-        raise AssertionError(f"unknown upstream {request.param!r}")
+        return request.getfixturevalue("cpu_engine"), vocab
+    raise AssertionError(f"unknown upstream {request.param!r}")  # pragma: no cover - added after the merge
 
 
 def _collect(url: str, vocab: int, tokenizer_dir: Path, threshold: int = 8):
