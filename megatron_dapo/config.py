@@ -96,6 +96,9 @@ class RolloutConfig:
     router_url: Optional[str] = None
     """An already-running router in front of ``engine_urls`` (e.g. started by the sbatch script);
     exclusive with ``use_router``."""
+    max_consecutive_malformed_per_engine: int = 8
+    """Stop the step when one engine returns this many malformed responses in a row (bad token ids or
+    logprobs, wrong lengths, unknown finish reason); fewer are dropped and counted."""
 
 
 @dataclass
@@ -207,6 +210,8 @@ class TrainerConfig:
     log_interval: int = 1
     keep_last_checkpoints: int = 2
     export_hf: bool = True
+    max_consecutive_nonfinite: int = 3
+    """Stop (exit 2) after this many consecutive optimizer updates skipped for NaN/inf loss or gradients."""
 
 
 @dataclass
@@ -370,6 +375,9 @@ class DAPOConfig:
         need(t.save_interval >= 0, "trainer.save_interval", "must be >= 0")
         need(t.keep_last_checkpoints >= 1, "trainer.keep_last_checkpoints", "must be >= 1")
         need(t.eval_n_samples >= 1, "trainer.eval_n_samples", "must be >= 1")
+        need(t.max_consecutive_nonfinite >= 1, "trainer.max_consecutive_nonfinite", "must be >= 1")
+        need(r.max_consecutive_malformed_per_engine >= 1, "rollout.max_consecutive_malformed_per_engine",
+             "must be >= 1")
         return self
 
     def resolved_algorithm(self) -> dict[str, Any]:

@@ -211,15 +211,19 @@ class Trainer:
         if (self.hf_path / "generation_config.json").exists():
             gen_cfg = json.loads((self.hf_path / "generation_config.json").read_text())
         from .rollout.generation import RolloutSettings, stop_ids_for
+        from .rollout.validate import ResponseValidator
 
         r = cfg.rollout
+        self.response_validator = ResponseValidator(self.actor.spec.vocab_size, r.max_response_length,
+                                                    r.max_consecutive_malformed_per_engine)
+        self.nonfinite_streak = 0  # consecutive skipped (non-finite) optimizer updates
         self.rollout_settings = RolloutSettings(
             n_samples_per_prompt=r.n_samples_per_prompt, max_response_length=r.max_response_length,
             temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, stop_token_ids=stop_ids_for(self.tokenizer, gen_cfg),
             soft_overlong_punishment=bool(self.alg["soft_overlong_punishment"]),
             overlong_buffer_length=cfg.algorithm.overlong_buffer_length,
             overlong_penalty_factor=cfg.algorithm.overlong_penalty_factor, seed=cfg.seed,
-            deterministic=r.deterministic)
+            deterministic=r.deterministic, response_validator=self.response_validator)
         from .sync import WeightSync
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.weight_sync.dtype or cfg.actor.params_dtype]
@@ -318,11 +322,14 @@ class Trainer:
             self._engines_awake = False
 
     def save(self) -> Path:
-        from .actor.checkpoint import prune_checkpoints, save_checkpoint
+        from .actor.checkpoint import NonFiniteCheckpointError, prune_checkpoints, save_checkpoint
 
         self._actor_in_memory()
         with _signals_deferred():
-            path = save_checkpoint(self.actor, self.cfg.ckpt_dir, self.step, self._trainer_state())
+            try:
+                path = save_checkpoint(self.actor, self.cfg.ckpt_dir, self.step, self._trainer_state())
+            except NonFiniteCheckpointError as e:
+                raise TrainingStopped(str(e)) from None
         if self.rank == 0:
             prune_checkpoints(self.cfg.ckpt_dir, self.cfg.trainer.keep_last_checkpoints)
             log.info("checkpoint saved: %s", path)
@@ -340,11 +347,15 @@ class Trainer:
             return kept
 
         from .rollout.generation import collect_batch
+        from .rollout.validate import MalformedEngineOutput
 
         t0 = time.perf_counter()
+        self.response_validator.start_step()
         try:
             groups, stats = collect_batch(self.client, self.sampler, next_prompts, self.tokenizer,
                                           self.rollout_settings, self.step)
+        except MalformedEngineOutput as e:
+            return None, {}, str(e)
         except DynamicSamplingExhausted as e:
             msg = str(e)
             if self.prompt_skips:
@@ -352,6 +363,7 @@ class Trainer:
                         f"{self.cfg.data.max_prompt_length}; raise it if that is most of them.")
             return None, {}, msg
         m = stats.metrics()
+        m.update(self.response_validator.metrics())
         m.update({f"dynamic_sampling/{k}": float(v) for k, v in self.sampler.metrics().items()})
         m["timing/reward_s"] = stats.reward_seconds
         m["timing/rollout_s"] = time.perf_counter() - t0 - stats.reward_seconds
@@ -471,17 +483,26 @@ class Trainer:
         mb_size = cfg.actor.ppo_mini_batch_size
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.step)
         sums: dict[str, float] = {}
-        updates = 0
+        counts: dict[str, float] = {}  # update_skipped / nonfinite_*: counted over all updates
+        updates = applied = 0
         for _epoch in range(cfg.actor.ppo_epochs):
             perm = torch.randperm(n, generator=gen)
             for s in range(0, n, mb_size):
                 mb = batch.select(perm[s: s + mb_size])
                 m = self.actor.train_step(mb, self.loss)
+                updates += 1
+                for k in [k for k in m if k == "update_skipped" or k.startswith("nonfinite_")]:
+                    counts[k] = counts.get(k, 0.0) + m.pop(k)
+                if self.actor.last_nonfinite is not None and self.actor.last_nonfinite.skipped:
+                    self._nonfinite_update_skipped()
+                    continue  # its (non-finite) loss figures stay out of the averages
+                self.nonfinite_streak = 0
+                applied += 1
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
-                updates += 1
         for k, v in sums.items():
-            metrics[f"actor/{k}"] = v / max(updates, 1)
+            metrics[f"actor/{k}"] = v / max(applied, 1)
+        metrics.update({f"actor/{k}": v for k, v in counts.items()})
         metrics["actor/num_updates"] = float(updates)
         metrics["timing/train_s"] = time.perf_counter() - t0
 
@@ -489,6 +510,21 @@ class Trainer:
         self.step += 1
         metrics["timing/step_s"] = time.perf_counter() - t_step
         return metrics
+
+    def _nonfinite_update_skipped(self) -> None:
+        """Count a skipped update; stop after ``trainer.max_consecutive_nonfinite`` in a row (every rank
+        sees the same skip, so every rank raises)."""
+        from .actor.checkpoint import latest_checkpoint
+
+        self.nonfinite_streak += 1
+        limit = self.cfg.trainer.max_consecutive_nonfinite
+        if self.nonfinite_streak >= limit:
+            last = latest_checkpoint(self.cfg.ckpt_dir)
+            raise TrainingStopped(
+                f"{self.nonfinite_streak} consecutive optimizer updates were skipped as non-finite at step "
+                f"{self.step + 1} (last: {self.actor.last_nonfinite.describe()}); no update was applied, the "
+                f"latest checkpoint is {last or 'none'} (trainer.max_consecutive_nonfinite={limit}); lower "
+                f"actor.lr, check the data and rewards, or resume from an earlier checkpoint")
 
     def evaluate(self) -> dict[str, float]:
         """avg@k / pass@k on ``data.val_files`` with the current engine weights (rank 0; others wait)."""

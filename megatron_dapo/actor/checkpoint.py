@@ -64,6 +64,11 @@ class CheckpointLayoutError(CheckpointError):
     """The requested optimizer-state load needs the parallel layout the checkpoint was saved with."""
 
 
+class NonFiniteCheckpointError(CheckpointError):
+    """:func:`save_checkpoint` refused to write NaN/inf weights or optimizer state (the message names the
+    first offending tensor); the previous checkpoint stays the latest."""
+
+
 def iter_dir_name(step: int) -> str:
     """``iter_0000005`` for ``step=5`` (zero-padded to 7 digits)."""
     if step < 0:
@@ -286,6 +291,41 @@ def _maybe_kill(point: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- save
+def _first_nonfinite_tensor(actor) -> Optional[str]:
+    """Name of the first local tensor holding NaN/inf among the model parameters, the optimizer's fp32
+    main parameters and its state (Adam moments), or ``None``."""
+    for ci, chunk in enumerate(actor.chunks):
+        for name, p in chunk.named_parameters():
+            if not bool(torch.isfinite(p.detach()).all()):
+                return f"parameter {name} (model chunk {ci})"
+    for oi, opt in enumerate(getattr(actor.optimizer, "chained_optimizers", [actor.optimizer])):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for gi, group in enumerate(inner.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if not bool(torch.isfinite(p.detach()).all()):
+                    return f"optimizer {oi} main parameter {gi}.{pi} of shape {tuple(p.shape)}"
+                for key, v in inner.state.get(p, {}).items():
+                    if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                        return f"optimizer {oi} state {key!r} of main parameter {gi}.{pi}"
+    return None
+
+
+def check_finite_state(actor) -> None:
+    """Collective: raise :class:`NonFiniteCheckpointError` on every rank when any rank holds a NaN/inf
+    parameter, fp32 main parameter or optimizer-state tensor (the message names rank and tensor)."""
+    bad = _first_nonfinite_tensor(actor)
+    found: list[Any] = [bad]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, bad)
+    for rank, what in enumerate(found):
+        if what is not None:
+            raise NonFiniteCheckpointError(f"refusing to save a checkpoint: rank {rank} holds NaN/inf in {what}; "
+                                           f"the previous checkpoint stays the latest")
+
+
 def save_checkpoint(actor, root: str | Path, step: int, trainer_state: dict) -> Path:
     """Save model, optimizer, LR scheduler, RNG states and ``trainer_state`` as ``root/iter_<step>``.
 
@@ -303,6 +343,8 @@ def save_checkpoint(actor, root: str | Path, step: int, trainer_state: dict) -> 
 
     Raises:
         TypeError: ``trainer_state`` is not JSON-serialisable (raised before anything is written).
+        NonFiniteCheckpointError: some rank's weights or optimizer state hold NaN/inf (checked by
+            :func:`check_finite_state` before anything is written).
     """
     from megatron.core import dist_checkpointing
 
@@ -311,6 +353,7 @@ def save_checkpoint(actor, root: str | Path, step: int, trainer_state: dict) -> 
     root = Path(root)
     name = iter_dir_name(step)
     state_text = json.dumps(trainer_state, indent=2, sort_keys=True)  # fail early, before any I/O
+    check_finite_state(actor)  # never a checkpoint of NaN weights (issue 16)
     rank = dist.get_rank() if dist.is_initialized() else 0
     tmp_name = _broadcast_str(f"{name}.tmp-{uuid.uuid4().hex[:10]}" if rank == 0 else None)
     tmp = root / tmp_name
