@@ -446,5 +446,13 @@ def test_sigusr1_checkpoints_requeues_and_resumes_with_the_next_batch(preemption
     ref_ckpt = latest_checkpoint(ref_run.run_dir / "checkpoints")
     state, ref_state = (json.loads((c / "trainer_state.json").read_text()) for c in (ckpt, ref_ckpt))
     assert state["step"] == total and state["dataset"] == ref_state["dataset"], (state["dataset"], ref_state["dataset"])
+    # the final weights, optimizer moments, LR scheduler and trainer state equal the uninterrupted job's,
+    # bit for bit (TP=2: both jobs save the same sharded layout)
+    from test_resume import bit_differences, checkpoint_contents
+
+    got_ckpt = checkpoint_contents(ckpt, run.run_dir / "dcp-compare")
+    ref_ckpt_contents = checkpoint_contents(ref_ckpt, run.run_dir / "dcp-compare-ref")
+    assert sum(k.startswith("shards/optimizer.state.exp_avg.") for k in got_ckpt) > 5
+    assert bit_differences(ref_ckpt_contents, got_ckpt) == []
     scalars = read_scalars(run.run_dir / "tb")
     assert [s for s, _ in scalars["actor/pg_loss"]] == list(range(1, total + 1)), scalars["actor/pg_loss"]
