@@ -11,7 +11,9 @@ value, otherwise verl's DAPO recipe conventions.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -378,7 +380,55 @@ class DAPOConfig:
         need(t.max_consecutive_nonfinite >= 1, "trainer.max_consecutive_nonfinite", "must be >= 1")
         need(r.max_consecutive_malformed_per_engine >= 1, "rollout.max_consecutive_malformed_per_engine",
              "must be >= 1")
+        self._validate_ranges(need, local)
         return self
+
+    def _validate_ranges(self, need, local: bool) -> None:
+        """Finite numbers everywhere; ranges, paths and URLs of the keys the rules above leave open."""
+        for sec in dataclasses.fields(self):
+            val = getattr(self, sec.name)
+            items = ([(f"{sec.name}.{f.name}", getattr(val, f.name)) for f in dataclasses.fields(val)]
+                     if dataclasses.is_dataclass(val) else [(sec.name, val)])
+            for key, v in items:
+                if isinstance(v, float):
+                    need(math.isfinite(v), key, f"must be a finite number (got {v!r})")
+        m, d, r, act, t = self.model, self.data, self.rollout, self.actor, self.trainer
+        for k in ("tiny_hidden_size", "tiny_num_layers", "tiny_num_attention_heads", "tiny_num_key_value_heads",
+                  "tiny_intermediate_size"):
+            need(getattr(m, k) >= 1, f"model.{k}", "must be >= 1")
+        for k in ("tokenizer_path", "megatron_ckpt", "tiny_tokenizer_dir"):
+            v = getattr(m, k)
+            need(v is None or not local or Path(v).exists(), f"model.{k}", f"not found: {v!r}")
+        for i, f in enumerate(d.val_files):
+            need(not local or Path(f).exists(), f"data.val_files[{i}]", f"file not found: {f}")
+            need(str(f).endswith((".parquet", ".jsonl", ".json")), f"data.val_files[{i}]",
+                 "must be .parquet or .jsonl")
+        need(d.demo_num_val_rows >= 0, "data.demo_num_val_rows", "must be >= 0")
+        for i, u in enumerate(r.engine_urls):
+            need(str(u).startswith(("http://", "https://")), f"rollout.engine_urls[{i}]",
+                 f"must start with http:// or https:// (got {u!r})")
+        need(re.fullmatch(r"[A-Za-z0-9._:\-]+", r.host or "") is not None, "rollout.host",
+             f"must be a host name or IP address (got {r.host!r})")
+        need(r.engine_tp_size >= 1, "rollout.engine_tp_size", "must be >= 1")
+        need(0 <= r.base_port <= 65535, "rollout.base_port", "must be a port number, or 0 to pick free ports")
+        need(r.engine_python is None or not local or (os.path.isfile(r.engine_python)
+                                                      and os.access(r.engine_python, os.X_OK)),
+             "rollout.engine_python", f"must be an executable file (got {r.engine_python!r})")
+        need(r.request_timeout_s > 0, "rollout.request_timeout_s", "must be > 0")
+        need(r.health_timeout_s > 0, "rollout.health_timeout_s", "must be > 0")
+        need(r.max_retries >= 0, "rollout.max_retries", "must be >= 0")
+        need(act.make_vocab_size_divisible_by >= 1, "actor.make_vocab_size_divisible_by", "must be >= 1")
+        need(0 <= act.min_lr <= max(act.lr, 0.0), "actor.min_lr", f"must be in [0, actor.lr={act.lr}]")
+        need(act.weight_decay >= 0, "actor.weight_decay", "must be >= 0")
+        need(0 <= act.adam_beta1 < 1, "actor.adam_beta1", "must be in [0, 1)")
+        need(0 <= act.adam_beta2 < 1, "actor.adam_beta2", "must be in [0, 1)")
+        need(act.adam_eps > 0, "actor.adam_eps", "must be > 0")
+        need(act.clip_grad >= 0, "actor.clip_grad", "must be >= 0 (0 = no clipping)")
+        need(t.eval_interval >= 0, "trainer.eval_interval", "must be >= 0 (0 = no periodic evaluation)")
+        need(t.eval_max_prompts >= 0, "trainer.eval_max_prompts", "must be >= 0 (0 = all)")
+        need(t.eval_temperature >= 0, "trainer.eval_temperature", "must be >= 0")
+        need(0 < t.eval_top_p <= 1, "trainer.eval_top_p", "must be in (0, 1]")
+        need(t.log_interval >= 1, "trainer.log_interval", "must be >= 1")
 
     def resolved_algorithm(self) -> dict[str, Any]:
         """The preset's switches with every explicitly set ``algorithm.*`` key applied on top."""
@@ -390,7 +440,8 @@ class DAPOConfig:
         try:
             return resolve_preset(self.algorithm.preset, explicit)
         except ValueError as e:
-            raise ConfigError(f"algorithm: {e}") from None
+            named = re.match(r"switch '(\w+)' (.*)", str(e), flags=re.S)
+            raise ConfigError(f"algorithm.{named.group(1)}: {named.group(2)}" if named else f"algorithm: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
