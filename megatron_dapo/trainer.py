@@ -261,10 +261,14 @@ class Trainer:
             elif r.backend == "sglang":
                 from .rollout.launch import launch_sglang_servers
 
+                # on CPU: the .venv-sglang server with the CPU flags, in the dtype the weights are synced in
+                engine_dtype = {"fp32": "float32", "bf16": "bfloat16"}[self.cfg.weight_sync.dtype
+                                                                       or self.cfg.actor.params_dtype]
                 procs = launch_sglang_servers(str(self.hf_path), num_engines=r.num_engines, tp_size=r.engine_tp_size,
                                               mem_fraction_static=r.mem_fraction_static, colocated=r.colocated,
-                                              host=r.host, base_port=r.base_port or 30000, api_key=r.api_key,
-                                              log_dir=logs, health_timeout_s=r.health_timeout_s)
+                                              host=r.host, base_port=r.base_port or None, api_key=r.api_key,
+                                              log_dir=logs, health_timeout_s=r.health_timeout_s,
+                                              engine_python=r.engine_python, dtype=engine_dtype)
             else:
                 raise TrainingStopped("rollout.backend=vllm needs running servers: set rollout.engine_urls")
             self._stack.enter_context(procs)
