@@ -97,6 +97,9 @@ def test_seed_capability_is_what_the_engine_does(engine):
     a, b = sample(), sample()
     if engine.has("honours_seed"):
         assert a == b, "declared honours_seed, but the same seed gave different samples"
+        sp["sampling_seed"] = 4321
+        assert sample() != a, "another seed gave the same samples"
+        assert len({tuple(x) for x in a}) > 1, "the 3 items of one request share a seed"
     else:  # e.g. SGLang on CPU ignores sampling_seed (rollout.deterministic warns for it)
         assert a != b, "declared without honours_seed, but 36 seeded tokens repeated exactly"
 
@@ -122,6 +125,20 @@ def test_abort_returns_the_in_flight_request(engine):
     assert sent >= 1 and outs[0].finish_reason == "abort"
     assert len(outs[0].output_ids) < 1500 and len(outs[0].output_logprobs) == len(outs[0].output_ids)
     wait_until(lambda: engine.inflight() == 0, 60, "the engine to drain after the abort")
+
+
+def test_abort_all_returns_every_in_flight_request(engine):
+    async def go(c):
+        task = asyncio.ensure_future(c.generate([PROMPTS[0], PROMPTS[1]], {"max_new_tokens": 1500, "ignore_eos": True}))
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, lambda: wait_until(lambda: engine.inflight() >= 2 or task.done(), 120,
+                                                            "both requests in flight"))
+        await c.abort_all()
+        return await asyncio.wait_for(task, timeout=120)
+
+    outs = engine.run(go)
+    assert [o.finish_reason for o in outs] == ["abort", "abort"]
+    wait_until(lambda: engine.inflight() == 0, 60, "the engine to drain after abort_all")
 
 
 # ------------------------------------------------------------------------------------ weight updates
