@@ -771,10 +771,31 @@ def wait_router_routing(router_url: str, worker_urls: Sequence[str], timeout_s: 
         time.sleep(poll_s)
 
 
+def _serve_sglang(args) -> int:
+    """``serve-sglang``: replace this process by the SGLang server (slurm/engines_on_node.sh runs it per
+    engine, so the step's signals reach the server itself).  A missing engine venv: one line, exit 2."""
+    if args.device is None:
+        from megatron_dapo.backend import has_cuda
+
+        args.device = "cuda" if has_cuda() else "cpu"
+    try:
+        python = default_engine_python("sglang", args.engine_python)
+        cmd = build_sglang_command(args.model_path, port=args.port, host=args.host, tp_size=args.tp_size,
+                                   mem_fraction_static=None, python=python, device=args.device, dtype=args.dtype,
+                                   extra_args=args.extra)
+    except (MissingBackendError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    env = sglang_cpu_env() if args.device == "cpu" else dict(os.environ)
+    sys.stdout.flush()
+    os.execve(cmd[0], cmd, env)
+    return 0  # not reached
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m megatron_dapo.rollout.launch router-command|wait-router ...`` (used by the sbatch
-    scripts): print the ``sglang-router`` argv one argument per line / wait until it routes (exit 1
-    with the missing workers on stderr)."""
+    """``python -m megatron_dapo.rollout.launch router-command|wait-router|serve-sglang ...`` (used by the
+    sbatch scripts): print the ``sglang-router`` argv one argument per line / wait until it routes (exit 1
+    with the missing workers on stderr) / exec an SGLang server (on CPU from ``.venv-sglang``)."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m megatron_dapo.rollout.launch")
@@ -787,13 +808,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key", default=None)
     p.add_argument("--prometheus-port", type=int, default=None)
     p.add_argument("--request-timeout-s", type=float, default=None)
+    p = sub.add_parser("serve-sglang", help="exec one SGLang server (CPU: .venv-sglang, CPU flags and env)")
+    p.add_argument("model_path")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when torch sees a GPU")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--tp-size", type=int, default=1)
+    p.add_argument("--engine-python", default=None, help="rollout.engine_python")
+    p.epilog = "arguments after -- go to sglang.launch_server"
     p = sub.add_parser("wait-router", help="wait until the router lists every worker as healthy")
     p.add_argument("router_url")
     p.add_argument("worker_urls", help="comma-separated engine URLs")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--pid", type=int, default=None, help="give up when this process (the router step) exits")
     p.add_argument("--api-key", default=None, help="the router's --api-key (it guards /workers too)")
-    args = ap.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []  # serve-sglang: passed to launch_server
+    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if args.cmd == "serve-sglang":
+        args.extra = extra
+        return _serve_sglang(args)
     urls = [u for u in args.worker_urls.split(",") if u]
     if args.cmd == "router-command":
         try:
