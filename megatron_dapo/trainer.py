@@ -161,6 +161,10 @@ class Trainer:
         self._stack = ExitStack()
         self.preempt = preempt or _Preemption()
         self.alg = cfg.resolved_algorithm()
+        if cfg.rollout.backend == "sglang" and not cfg.rollout.engine_urls:  # a missing engine venv fails fast
+            from .rollout.launch import default_engine_python
+
+            default_engine_python("sglang", cfg.rollout.engine_python)
         self.hf_path = prepare_model(cfg)
 
         from .actor.megatron_actor import LossSettings, MegatronActor
@@ -585,8 +589,13 @@ def run_training(cfg: DAPOConfig) -> int:
         from .models.hf_config import UnsupportedModelError
         from .models.mapping import MappingError
 
+        from .rollout.launch import EngineLaunchError
+        from .rollout.transport import EngineError
+        from .sync.transports import WeightSyncError
+
+        # an engine that dies or cannot start (after the client's retries on the other engines) is a known stop
         known = (TrainingStopped, ConfigError, RowValidationError, UnsupportedModelError, MappingError,
-                 MissingBackendError, FileNotFoundError)
+                 MissingBackendError, FileNotFoundError, EngineError, EngineLaunchError, WeightSyncError)
         if not isinstance(e, known):
             raise
         rank = dist.get_rank() if dist.is_initialized() else 0

@@ -160,6 +160,7 @@ class _HandleUnpickler(pickle.Unpickler):
                                  f"global (refused)")
 
 
+_ALIGN = 16
 _BUCKET_GLOBALS = {
     # what our sender writes (no sglang import needed on either side) ...
     ("types", "SimpleNamespace"): types.SimpleNamespace,
@@ -179,7 +180,8 @@ def serialize_flattened_bucket(named_tensors: Sequence[tuple[str, torch.Tensor]]
     """One ``serialized_named_tensors`` entry in SGLang's ``load_format="flattened_bucket"`` format.
 
     The tensors are copied once, byte by byte, into ONE ``uint8`` tensor (shared memory on CPU, a new
-    allocation on the tensors' GPU) and described by :class:`BucketEntry`-shaped records (pickled as
+    allocation on the tensors' GPU; each entry starts on a 16-byte boundary, as a view of mixed dtypes
+    needs - SGLang's own bucket packs them back to back and reads entries by their byte range) and described by :class:`BucketEntry`-shaped records (pickled as
     ``types.SimpleNamespace``, which SGLang's ``SafeUnpickler`` admits; SGLang reads them by attribute).
     Layout and field meanings: :data:`FLATTENED_BUCKET`; it equals what
     ``FlattenedTensorBucket(named_tensors=...).get_flattened_tensor() / get_metadata()`` produce.
@@ -199,18 +201,21 @@ def serialize_flattened_bucket(named_tensors: Sequence[tuple[str, torch.Tensor]]
     devices = {t.device for _, t in items}
     if len(devices) != 1:
         raise ValueError(f"a flattened bucket holds tensors of one device, got {sorted(map(str, devices))}")
-    total = sum(t.numel() * t.element_size() for _, t in items)
-    flat = torch.empty(total, dtype=torch.uint8, device=devices.pop())
+    starts, off = [], 0
+    for _, t in items:  # each entry starts on a multiple of _ALIGN bytes (a byte view needs dtype alignment)
+        off = -(-off // _ALIGN) * _ALIGN
+        starts.append(off)
+        off += t.numel() * t.element_size()
+    flat = torch.zeros(off, dtype=torch.uint8, device=devices.pop())
     if not flat.is_cuda:
         with _file_system_sharing():
             flat.share_memory_()
-    meta, off = [], 0
-    for name, t in items:
+    meta = []
+    for (name, t), off in zip(items, starts):
         nbytes = t.numel() * t.element_size()
         flat[off: off + nbytes].copy_(t.contiguous().reshape(-1).view(torch.uint8))
         meta.append(types.SimpleNamespace(name=name, shape=torch.Size(t.shape), dtype=t.dtype, start_idx=off,
                                           end_idx=off + nbytes, numel=nbytes))
-        off += nbytes
     return _pickle_b64({"flattened_tensor": flat, "metadata": meta})
 
 
