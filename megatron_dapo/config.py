@@ -58,6 +58,17 @@ class DataConfig:
     shuffle: bool = True
 
 
+class DeterminismWarning(UserWarning):
+    """A setting asks for reproducible samples the chosen engine cannot promise."""
+
+
+SGLANG_DETERMINISM_WARNING = (
+    "rollout.deterministic=true with rollout.backend=sglang: SGLang ignores sampling_seed on CPU (and its "
+    "--enable-deterministic-inference refuses the torch_native attention), so rollouts are ordered but NOT "
+    "reproducible and an exact resume cannot replay them; use rollout.backend=cpu (or vllm, which honours "
+    "seeds) when samples must repeat")
+
+
 @dataclass
 class RolloutConfig:
     backend: str = "cpu"
@@ -86,7 +97,9 @@ class RolloutConfig:
     top_k: int = -1
     deterministic: bool = False
     """Reproducible rollouts: each round is one ordered request, groups scored in prompt order, no
-    mid-round abort (CPU demo and exact-resume tests). Cluster runs keep it off for throughput."""
+    mid-round abort (CPU demo and exact-resume tests). Cluster runs keep it off for throughput. Needs an
+    engine that honours per-request seeds (cpu, vllm); with ``sglang`` ``validate()`` warns
+    (:class:`DeterminismWarning`): SGLang ignores ``sampling_seed`` on CPU."""
     request_timeout_s: float = 600.0
     max_retries: int = 2
     health_timeout_s: float = 300.0
@@ -285,6 +298,10 @@ class DAPOConfig:
         need(r.temperature > 0, "rollout.temperature", "must be > 0")
         need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         need(r.num_engines >= 1, "rollout.num_engines", "must be >= 1")
+        if r.deterministic and r.backend == "sglang":
+            import warnings
+
+            warnings.warn(SGLANG_DETERMINISM_WARNING, DeterminismWarning, stacklevel=2)
         need(0 < r.mem_fraction_static < 1, "rollout.mem_fraction_static", "must be in (0, 1)")
         from .rollout.launch import ROUTER_POLICIES
 

@@ -573,18 +573,19 @@ def eval_main(argv: list[str] | None = None) -> int:
                                                base_port=r.base_port or None, api_key=r.api_key, seed=cfg.seed,
                                                log_dir=log_dir, health_timeout_s=r.health_timeout_s)
                 else:
-                    import importlib.util
-
-                    if importlib.util.find_spec("sglang") is None:
-                        print("megatron-dapo eval: error: rollout.backend=sglang but the sglang package is not "
-                              "installed here; install it on the GPU node or pass --engine-url", file=sys.stderr)
-                        return 2
+                    from megatron_dapo.backend import MissingBackendError
                     from megatron_dapo.rollout.launch import launch_sglang_servers
 
-                    procs = launch_sglang_servers(settings["model"], num_engines=r.num_engines,
-                                                  tp_size=r.engine_tp_size, mem_fraction_static=r.mem_fraction_static,
-                                                  host=r.host, base_port=r.base_port or 30000, api_key=r.api_key,
-                                                  log_dir=log_dir, health_timeout_s=r.health_timeout_s)
+                    try:
+                        procs = launch_sglang_servers(settings["model"], num_engines=r.num_engines,
+                                                      tp_size=r.engine_tp_size,
+                                                      mem_fraction_static=r.mem_fraction_static, host=r.host,
+                                                      base_port=r.base_port or None, api_key=r.api_key,
+                                                      log_dir=log_dir, health_timeout_s=r.health_timeout_s,
+                                                      engine_python=r.engine_python)
+                    except MissingBackendError as exc:
+                        print(f"megatron-dapo eval: error: {exc} (or pass --engine-url)", file=sys.stderr)
+                        return 2
                 stack.enter_context(procs)
                 urls = procs.urls
             if r.backend == "vllm":

@@ -161,6 +161,10 @@ class Trainer:
         self._stack = ExitStack()
         self.preempt = preempt or _Preemption()
         self.alg = cfg.resolved_algorithm()
+        if cfg.rollout.backend == "sglang" and not cfg.rollout.engine_urls:  # a missing engine venv fails fast
+            from .rollout.launch import default_engine_python
+
+            default_engine_python("sglang", cfg.rollout.engine_python)
         self.hf_path = prepare_model(cfg)
 
         from .actor.megatron_actor import LossSettings, MegatronActor
@@ -265,10 +269,14 @@ class Trainer:
             elif r.backend == "sglang":
                 from .rollout.launch import launch_sglang_servers
 
+                # on CPU: the .venv-sglang server with the CPU flags, in the dtype the weights are synced in
+                engine_dtype = {"fp32": "float32", "bf16": "bfloat16"}[self.cfg.weight_sync.dtype
+                                                                       or self.cfg.actor.params_dtype]
                 procs = launch_sglang_servers(str(self.hf_path), num_engines=r.num_engines, tp_size=r.engine_tp_size,
                                               mem_fraction_static=r.mem_fraction_static, colocated=r.colocated,
-                                              host=r.host, base_port=r.base_port or 30000, api_key=r.api_key,
-                                              log_dir=logs, health_timeout_s=r.health_timeout_s)
+                                              host=r.host, base_port=r.base_port or None, api_key=r.api_key,
+                                              log_dir=logs, health_timeout_s=r.health_timeout_s,
+                                              engine_python=r.engine_python, dtype=engine_dtype)
             else:
                 raise TrainingStopped("rollout.backend=vllm needs running servers: set rollout.engine_urls")
             self._stack.enter_context(procs)
@@ -617,8 +625,13 @@ def run_training(cfg: DAPOConfig) -> int:
         from .models.hf_config import UnsupportedModelError
         from .models.mapping import MappingError
 
+        from .rollout.launch import EngineLaunchError
+        from .rollout.transport import EngineError
+        from .sync.transports import WeightSyncError
+
+        # an engine that dies or cannot start (after the client's retries on the other engines) is a known stop
         known = (TrainingStopped, ConfigError, RowValidationError, UnsupportedModelError, MappingError,
-                 MissingBackendError, FileNotFoundError)
+                 MissingBackendError, FileNotFoundError, EngineError, EngineLaunchError, WeightSyncError)
         if not isinstance(e, known):
             raise
         rank = dist.get_rank() if dist.is_initialized() else 0
