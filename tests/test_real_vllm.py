@@ -123,6 +123,22 @@ def _prompts(model_dir: Path, k: int = 2) -> list[list[int]]:
     return [render_prompt(tok, row["prompt"], 256) for row in generate_tasks(k, seed=11)]
 
 
+def _wait_idle(url: str, timeout_s: float = 30.0) -> None:
+    """Until ``/metrics`` reports no running request (the gauge is refreshed by the engine loop)."""
+    deadline = time.monotonic() + timeout_s
+    while _running(url) > 0:
+        assert time.monotonic() < deadline, f"{_running(url)} requests still running after {timeout_s} s"
+        time.sleep(0.1)
+
+
+def _server_log(tmp: Path, n: int = 60) -> str:
+    logs = sorted(tmp.glob("logs/vllm_*.log"))
+    if not logs:
+        return "(no server log)"
+    lines = [ln for ln in logs[0].read_text(errors="replace").splitlines() if "ERROR" in ln or "Error" in ln]
+    return "\n--- vLLM server log (errors) ---\n" + "\n".join(lines[-n:])
+
+
 def _running(url: str) -> float:
     with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
         text = r.read().decode()
@@ -207,7 +223,7 @@ def test_abort_in_flight_returns_partial_tokens(vllm_server):
         assert o.finish_reason == "abort", o.finish_reason
         assert 0 < len(o.output_ids) < 400 and len(o.output_logprobs) == len(o.output_ids)
     assert len(outs_two) == 4
-    assert _running(url) == 0
+    _wait_idle(url)
 
 
 @pytest.mark.slow
@@ -405,9 +421,9 @@ def _train(tmp: Path, name: str, model: Path, url: str, extra: list[str], timeou
 def test_trainer_on_vllm_syncs_by_disk_reload(vllm_server, tmp_path):
     """3 steps of the demo recipe on real vLLM (deterministic rollouts): the engine's logprobs equal the
     actor's after every sync (fp32, <= 1e-4) and the reported weight version follows the steps."""
-    url, models, _ = vllm_server
+    url, models, server_tmp = vllm_server
     proc = _train(tmp_path, "det", models["base"], url, ["trainer.total_steps=3"])
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, _fail(proc) + _server_log(server_tmp)
     sc = _scalars(tmp_path / "det" / "tb") if (tmp_path / "det" / "tb").is_dir() else _scalars(
         next(tmp_path.glob("**/tb")))
     diffs = [v for _, v in sc["weight_sync/engine_actor_logprob_max_abs_diff"]]
@@ -422,18 +438,18 @@ def test_trainer_on_vllm_syncs_by_disk_reload(vllm_server, tmp_path):
 def test_trainer_on_vllm_concurrent_rollout_counts_aborts(vllm_server, tmp_path):
     """The default non-deterministic rollout on real vLLM: one request per prompt, concurrently, the rest
     aborted once the dynamic sampler is full - the aborted requests come back and are counted."""
-    url, models, _ = vllm_server
+    url, models, server_tmp = vllm_server
     proc = _train(tmp_path, "nondet", models["base"], url, [
         "trainer.total_steps=3", "rollout.deterministic=false", "rollout.rollout_batch_size=2",
         "rollout.n_samples_per_prompt=4", "algorithm.oversample_factor=4.0", "rollout.max_response_length=200",
         "algorithm.overlong_buffer_length=16", "actor.ppo_mini_batch_size=8"])
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, _fail(proc) + _server_log(server_tmp)
     sc = _scalars(next(tmp_path.glob("**/tb")))
     aborted = sum(v for _, v in sc["dynamic_sampling/aborted_requests"])
     print("aborted requests per step:", sc["dynamic_sampling/aborted_requests"])
     assert aborted > 0
     assert max(v for _, v in sc["weight_sync/engine_actor_logprob_max_abs_diff"]) <= TOL
-    assert _running(url) == 0
+    _wait_idle(url)
 
 
 def test_missing_vllm_interpreter_is_one_line_exit_2(tmp_path):
@@ -446,3 +462,88 @@ def test_missing_vllm_interpreter_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr, _fail(proc)
     lines = [ln for ln in proc.stderr.splitlines() if "make engines" in ln]
     assert len(lines) == 1 and "rollout.engine_python" in lines[0], _fail(proc)
+
+
+# ---- pure: no server ----------------------------------------------------------------------------
+def test_vllm_command_generate_payload_and_parse():
+    from megatron_dapo.rollout.launch import build_vllm_command, vllm_env
+    from megatron_dapo.rollout.vllm_backend import (
+        build_nccl_init_info, build_reload_payload, build_vllm_generate_payload, parse_vllm_generate_response,
+    )
+
+    gpu = build_vllm_command("/m", port=8000, tp_size=2, enable_sleep_mode=True, python="py")
+    assert gpu[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"] and "processed_logprobs" in gpu
+    assert "--enable-sleep-mode" in gpu and "--tensor-parallel-size" in gpu
+    cpu = build_vllm_command("/m", port=8000, enable_sleep_mode=True, python="py", cpu=True)
+    assert not {"--enable-sleep-mode", "--tensor-parallel-size", "--gpu-memory-utilization"} & set(cpu)
+    env = vllm_env({}, cpu=True)
+    assert env["VLLM_SERVER_DEV_MODE"] == "1" and env["OMP_NUM_THREADS"] == "1"
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind" and env["HF_HUB_OFFLINE"] == "1"
+
+    body = build_vllm_generate_payload([1, 2, 3], {"max_new_tokens": 5, "sampling_seed": 3, "n": 2, "top_k": -1,
+                                                   "min_new_tokens": 1, "stop_token_ids": [7]}, request_id="r-0")
+    assert body == {"request_id": "r-0", "token_ids": [1, 2, 3], "sampling_params": {
+        "max_tokens": 5, "seed": 3, "n": 2, "top_k": 0, "min_tokens": 1, "stop_token_ids": [7], "logprobs": 0}}
+    with pytest.raises(ValueError, match="regex"):
+        build_vllm_generate_payload([1], {"regex": "a+"}, request_id="x")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        build_vllm_generate_payload([1], {"max_tokens": 3}, request_id="x")  # SGLang names only
+    ans = {"request_id": "generate-tokens-r-0", "choices": [
+        {"index": 1, "finish_reason": "abort", "token_ids": [9],
+         "logprobs": {"content": [{"token_id": 9, "logprob": -0.3}]}},
+        {"index": 0, "finish_reason": "stop", "token_ids": [4, 7], "stop_reason": 7,
+         "logprobs": {"content": [{"token_id": 4, "logprob": -0.1}, {"token_id": 7, "logprob": -0.2}]},
+         "weight_versions": [{"version": "1", "start": 0, "end": 1}, {"version": "2", "start": 1, "end": 2}]}]}
+    outs = parse_vllm_generate_response(ans, prompt_len=3)
+    assert [o.output_ids for o in outs] == [[4, 7], [9]] and [o.finish_reason for o in outs] == ["stop", "abort"]
+    assert outs[0].output_logprobs == [-0.1, -0.2] and outs[0].weight_version == "2" and outs[1].weight_version is None
+    bad = json.loads(json.dumps(ans))
+    bad["choices"][1]["logprobs"]["content"][0]["token_id"] = 8
+    with pytest.raises(ValueError, match="token ids"):
+        parse_vllm_generate_response(bad, prompt_len=3)
+    assert build_reload_payload("/ckpt/step3") == {"method": "reload_weights", "kwargs": {"weights_path": "/ckpt/step3"}}
+    assert build_nccl_init_info("h", 29500, 3, 5)["rank_offset"] == 3
+    with pytest.raises(ValueError, match="rank_offset"):
+        build_nccl_init_info("h", 29500, 5, 5)
+
+
+def test_untie_and_output_layer_copy(tmp_path):
+    """The served untied copy computes the same function as the tied source; a reload directory gets an
+    explicit ``lm_head.weight`` equal to the embedding, listed in the index."""
+    import transformers
+    from safetensors import safe_open
+
+    from megatron_dapo.data.tiny_checkpoint import make_tiny_checkpoint
+    from megatron_dapo.models.export import add_output_layer_copy, untie_hf_checkpoint
+
+    src = make_tiny_checkpoint(tmp_path / "tied", hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
+                               num_layers=1, demo_vocab_size=120)
+    before = sorted(p.name for p in src.iterdir())
+    out = untie_hf_checkpoint(src, tmp_path / "untied")
+    assert sorted(p.name for p in src.iterdir()) == before  # source untouched
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    a = transformers.AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    b = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert b.lm_head.weight.data_ptr() != b.model.embed_tokens.weight.data_ptr()
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        untie_hf_checkpoint(out, tmp_path / "again")
+    reload_dir = shutil.copytree(src, tmp_path / "reload")
+    assert add_output_layer_copy(reload_dir) is True and add_output_layer_copy(reload_dir) is False
+    index = json.loads((reload_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index["lm_head.weight"] == "lm_head.safetensors"
+    with safe_open(str(reload_dir / "lm_head.safetensors"), framework="pt") as f:
+        assert torch.equal(f.get_tensor("lm_head.weight"), a.model.embed_tokens.weight)
+    with pytest.raises(FileNotFoundError):
+        add_output_layer_copy(tmp_path / "nothing-here")
+
+
+def test_config_rejects_tiny_head_size_vllm_cannot_run():
+    from megatron_dapo.config import ConfigError, load_config
+
+    cfg = load_config(CONFIG, ["rollout.backend=vllm"])  # the demo shape (head size 32) runs everywhere
+    assert cfg.model.tiny_hidden_size // cfg.model.tiny_num_attention_heads == 32
+    with pytest.raises(ConfigError, match="model.tiny_num_attention_heads.*head size 16"):
+        load_config(CONFIG, ["rollout.backend=vllm", "model.tiny_num_attention_heads=4"])

@@ -209,7 +209,17 @@ def untie_hf_checkpoint(src_hf_dir: str | Path, out_dir: str | Path) -> Path:
             shutil.copy2(p, tmp / p.name)
     cfg["tie_word_embeddings"] = False
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    add_output_layer_copy(tmp)  # replaces the (linked) index file by a new one: the source stays as it was
+    single = tmp / "model.safetensors"
+    if single.is_file() and not (tmp / "model.safetensors.index.json").is_file():
+        # one file: rewrite it with the output layer inside (loaders read a lone model.safetensors, not an index)
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(single))
+        tensors.setdefault(OUTPUT_LAYER_NAME, tensors[TIED_EMBEDDING_NAME].clone())
+        single.unlink()  # a hard link to the source: do not write through it
+        save_file(tensors, str(single), metadata={"format": "pt"})
+    else:
+        add_output_layer_copy(tmp)  # replaces the (linked) index file by a new one: the source stays as it was
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
     return out

@@ -247,6 +247,11 @@ def launch_vllm_servers(model_path: str, *, num_engines: int = 1, tp_size: int =
     :data:`VLLM_SERVED_MODEL_NAME`, in the environment of :func:`vllm_env`. Engine ``i`` listens on
     ``base_port + i`` (``None``: free ports) and logs to ``log_dir/vllm_<i>.log``.
 
+    CPU: chunked prefill is switched off (``--no-enable-chunked-prefill``, ``--max-num-batched-tokens``
+    >= the context): when a seeded request's prompt is prefilled in parts, vLLM 0.32 rewinds its torch
+    generator with ``set_offset``, which CPU generators lack (``RuntimeError: CPU Generator does not use
+    offset``), and the engine dies (measured: 40 seeded requests of 164 prompt tokens).
+
     Tied embeddings: vLLM 0.32's in-place reload does not refresh a tied output layer, so a checkpoint
     with ``tie_word_embeddings: true`` is served as an untied copy written to ``untie_dir`` (default
     ``log_dir/untied-model``) by :func:`megatron_dapo.models.export.untie_hf_checkpoint`; the client
@@ -297,6 +302,9 @@ def launch_vllm_servers(model_path: str, *, num_engines: int = 1, tp_size: int =
                      "--max-logprobs", "-1"]
             if max_model_len is not None:
                 flags += ["--max-model-len", str(int(max_model_len))]
+            if on_cpu:  # seeded requests + a chunked (partial) prefill kill vLLM 0.32's CPU engine (see above)
+                budget = max(8192, int(max_model_len or cfg.get("max_position_embeddings") or 0))
+                flags += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(budget)]
             if not on_cpu and weight_transfer_backend:
                 flags += ["--weight-transfer-config", json.dumps({"backend": weight_transfer_backend})]
             cmd = build_vllm_command(str(serve_path), port=port, host=host, tp_size=tp_size,
