@@ -431,7 +431,8 @@ def test_trainer_on_vllm_syncs_by_disk_reload(vllm_server, tmp_path):
     assert len(diffs) >= 3 and max(diffs) <= TOL, diffs
     assert [s for s, _ in sc["rollout/reward_mean"]] == [1, 2, 3]
     with urllib.request.urlopen(url + "/weight_info", timeout=5) as r:
-        assert json.loads(r.read())["weight_version"] == "3"
+        # the sync closing step k sends weight_version str(k - 1) (the trainer's step before its increment)
+        assert json.loads(r.read())["weight_version"] == "2"
 
 
 @pytest.mark.slow
@@ -447,7 +448,7 @@ def test_trainer_on_vllm_concurrent_rollout_counts_aborts(vllm_server, tmp_path)
     sc = _scalars(next(tmp_path.glob("**/tb")))
     aborted = sum(v for _, v in sc["dynamic_sampling/aborted_requests"])
     print("aborted requests per step:", sc["dynamic_sampling/aborted_requests"])
-    assert aborted > 0
+    assert aborted > 0  # (partial outputs of aborted requests: test_abort_in_flight_returns_partial_tokens)
     assert max(v for _, v in sc["weight_sync/engine_actor_logprob_max_abs_diff"]) <= TOL
     _wait_idle(url)
 
