@@ -39,7 +39,8 @@ class ModelConfig:
     tiny_family: str = "qwen2"
     tiny_hidden_size: int = 64
     tiny_num_layers: int = 2
-    tiny_num_attention_heads: int = 4
+    tiny_num_attention_heads: int = 2
+    """head size = tiny_hidden_size / tiny_num_attention_heads = 32: the smallest vLLM's CPU attention runs."""
     tiny_num_key_value_heads: int = 2
     tiny_intermediate_size: int = 128
     tiny_tokenizer_dir: Optional[str] = None
@@ -282,6 +283,11 @@ class DAPOConfig:
         need(not local or m.make_tiny or Path(m.hf_path, "config.json").exists(), "model.hf_path",
              f"{m.hf_path!r} has no config.json (set model.make_tiny=true to create a tiny random model)")
         need(m.tiny_family in ("qwen2", "llama", "qwen3"), "model.tiny_family", "must be qwen2, llama or qwen3")
+        if m.make_tiny and self.rollout.backend == "vllm":  # vLLM's CPU attention kernels: these head sizes only
+            head = m.tiny_hidden_size // max(m.tiny_num_attention_heads, 1)
+            need(head in (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512), "model.tiny_num_attention_heads",
+                 f"gives head size {head} (tiny_hidden_size / tiny_num_attention_heads); rollout.backend=vllm "
+                 f"needs 32, 64, 80, 96, 112, 128, 160, 192, 224, 256 or 512")
         d = self.data
         for i, f in enumerate(d.train_files):
             need(not local or Path(f).exists(), f"data.train_files[{i}]", f"file not found: {f}")

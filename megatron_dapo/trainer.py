@@ -231,7 +231,13 @@ class Trainer:
         from .sync import WeightSync
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.weight_sync.dtype or cfg.actor.params_dtype]
-        self.weight_sync = WeightSync(self.actor, self.client, transport=cfg.weight_sync.transport,
+        transport = cfg.weight_sync.transport
+        if r.backend == "vllm" and transport != "disk":  # distributed / tensor are SGLang's protocol
+            if self.rank == 0:
+                log.warning("rollout.backend=vllm: weights sync by disk reload (weight_sync.transport=%s is "
+                            "SGLang's protocol)", transport)
+            transport = "disk"
+        self.weight_sync = WeightSync(self.actor, self.client, transport=transport,
                                       bucket_mb=cfg.weight_sync.bucket_mb, dtype=dtype,
                                       work_dir=cfg.run_dir / "weight_sync",
                                       engine_world_size=r.num_engines * r.engine_tp_size,
@@ -277,8 +283,14 @@ class Trainer:
                                               host=r.host, base_port=r.base_port or None, api_key=r.api_key,
                                               log_dir=logs, health_timeout_s=r.health_timeout_s,
                                               engine_python=r.engine_python, dtype=engine_dtype)
-            else:
-                raise TrainingStopped("rollout.backend=vllm needs running servers: set rollout.engine_urls")
+            else:  # vllm: its own venv on CPU (rollout.engine_python), the served copy untied if tied
+                from .rollout.launch import default_engine_python, launch_vllm_servers
+
+                procs = launch_vllm_servers(str(self.hf_path), num_engines=r.num_engines, tp_size=r.engine_tp_size,
+                                            host=r.host, base_port=r.base_port or None, api_key=r.api_key,
+                                            seed=self.cfg.seed, colocated=r.colocated,
+                                            python=default_engine_python("vllm", r.engine_python),
+                                            log_dir=logs, health_timeout_s=r.health_timeout_s)
             self._stack.enter_context(procs)
             urls = procs.urls
             log.info("rollout engines: %s (logs in %s)", ", ".join(urls), logs)
@@ -294,7 +306,9 @@ class Trainer:
             router_url = router.url
             log.info("sglang-router (%s) at %s in front of %d engine(s) (log %s)", r.router_policy, router_url,
                      len(urls), router_log)
-        client = SyncEngineClient(urls, router_url=router_url, api_key=r.api_key,
+        from .rollout.vllm_backend import make_sync_client
+
+        client = make_sync_client(r.backend, urls, router_url=router_url, api_key=r.api_key,
                                   request_timeout_s=r.request_timeout_s, max_retries=r.max_retries)
         self._stack.callback(client.close)
         return client
@@ -445,9 +459,9 @@ class Trainer:
         if self.rank == 0:
             urls = self.client.control_urls
             for url in urls:
-                from .rollout.client import SyncEngineClient
+                from .rollout.vllm_backend import make_sync_client
 
-                one = SyncEngineClient([url], api_key=self.cfg.rollout.api_key)
+                one = make_sync_client(self.cfg.rollout.backend, [url], api_key=self.cfg.rollout.api_key)
                 try:
                     eng = one.score([seq], start_lens=prompt_len, temperature=temp)[0]
                 finally:
