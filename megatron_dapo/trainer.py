@@ -388,6 +388,9 @@ class Trainer:
             return None, {}, str(e)
         except DynamicSamplingExhausted as e:
             msg = str(e)
+            if self.response_validator.groups_dropped:
+                msg += (f" Note: {self.response_validator.groups_dropped} groups were dropped for malformed engine "
+                        f"responses (e.g. {self.response_validator.examples[0]}).")
             if self.prompt_skips:
                 msg += (f" Note: {self.prompt_skips} prompts were skipped as longer than data.max_prompt_length="
                         f"{self.cfg.data.max_prompt_length}; raise it if that is most of them.")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -330,3 +329,16 @@ def test_trainer_step_trains_on_the_rest_through_proxy(tmp_path, upstream_engine
     assert one["rollout/malformed/token_id"] == one["rollout/malformed/logprob_nonfinite"] == 1
     assert one["rollout/malformed/logprob_count"] == 1
     assert one["actor/num_updates"] == 2 and one["actor/update_skipped"] == 0 and math.isfinite(one["actor/pg_loss"])
+
+
+@pytest.mark.slow
+def test_trainer_stops_on_an_engine_that_keeps_misbehaving(tmp_path, upstream_engine, tiny_model):
+    url, vocab = upstream_engine
+    with MisbehavingProxy(url, vocab_size=vocab, corrupt_all="oov") as p:
+        proc = _train(_small(tmp_path, tiny_model, "bad", 1) + [f'rollout.engine_urls=["{p.url}"]', "resume=none",
+                                                                "rollout.max_consecutive_malformed_per_engine=4"])
+    assert proc.returncode == 2, _fail(proc)
+    assert "Traceback" not in proc.stderr, _fail(proc)
+    stops = [x for x in proc.stderr.splitlines() if x.startswith("megatron-dapo:")]
+    assert len(stops) == 1 and f"engine {p.url} returned 4 malformed responses in a row" in stops[0], _fail(proc)
+    assert not (tmp_path / "bad" / "checkpoints").exists()

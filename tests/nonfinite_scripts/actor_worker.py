@@ -8,7 +8,9 @@ For each variant: actor A runs good, [NaN policy loss in micro-batch 1 of the la
 one parameter shard of rank 1 only], [NaN ratio], [NaN entropy], good; actor B (fresh, same weights) runs
 good, good. Every bad update must be skipped on all ranks with the local state (parameters, fp32 master
 parameters, Adam moments and step, LR scheduler) bit-equal to the state before it; A's final state must equal
-B's bit for bit. The test hook is ``actor.test_injection`` (see megatron_actor.TEST_NONFINITE_ENV).
+B's bit for bit. The test hook is ``actor.test_injection`` (see megatron_actor.TEST_NONFINITE_ENV). Then, on
+the last variant's clean actor: the checkpoint save guard (with ``CKPT``) and, as a control, megatron-core's
+unguarded ``optimizer.step()`` on NaN gradients.
 """
 import json
 import os
@@ -104,7 +106,8 @@ def run_variant(variant, tp, b, ls):
         changed = diff(before, local_state(actor))
         rep["updates"].append({"name": name, "skipped": chk.skipped, "terms": list(chk.terms),
                                "grad_norm_flag": chk.grad_norm, "micro_batches": chk.micro_batches,
-                               "metrics": {k: v for k, v in m.items() if k.startswith(("update_skipped", "nonfinite_"))},
+                               "metrics": {k: v for k, v in m.items()
+                                           if k.startswith(("update_skipped", "nonfinite_"))},
                                "grad_norm": m["grad_norm"], "changed": len(changed), "changed_keys": changed[:5],
                                "describe": chk.describe()})
     final_a = local_state(actor)
@@ -136,7 +139,7 @@ def main():
         report[variant] = gather(rep)
         if variant != os.environ["VARIANTS"].split(",")[-1]:
             ref.close()
-    # control: megatron-core's own step() with a NaN gradient turns the weights into NaN (issue premise)
+    # save guard: a NaN in one rank's parameters -> every rank refuses, the previous checkpoint stays latest
     if os.environ.get("CKPT"):
         root = os.environ["CKPT"]
         ck.save_checkpoint(ref, root, 1, {"step": 1})
@@ -150,6 +153,7 @@ def main():
             err = str(e)
         report["save_guard"] = gather({"error": err, "latest": str(ck.latest_checkpoint(root)),
                                        "entries": sorted(p.name for p in Path(root).iterdir())})
+    # control: megatron-core's own step() with a NaN gradient reports success and writes NaN (issue premise)
     for m in ref.chunks:
         m.zero_grad_buffer()
     for p in ref.chunks[0].parameters():
