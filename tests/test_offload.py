@@ -151,6 +151,8 @@ def test_forced_offload_frees_and_onload_restores_bit_exact():
     _step(ref_ddp, ref_opt, x2)
     got, ref = _snapshot([ddp], opt), _snapshot([ref_ddp], ref_opt)
     assert [k for k in ref if not _bit_equal(got[k], ref[k])] == []
+    # the compared step happened: it moved the parameters
+    assert [k for k in got if k in after and not _bit_equal(got[k], after[k])]
 
 
 def test_offload_without_force_on_cpu_moves_nothing():
