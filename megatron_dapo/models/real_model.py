@@ -13,9 +13,8 @@ without its ``quantization_config``), ``generation_config.json``, the tokenizer 
 the Hub checkpoint).  The result is an ordinary HF directory every other part of the project reads:
 the converters, the Megatron actor, the CPU engine, real SGLang / vLLM.
 
-The dequantised weights are the Q4_1 values exactly (Q4_1 blocks are ``scale * q + min`` with fp16 scale and
-min; products are exact in fp32), so the checkpoint is deterministic: two ``prepare`` runs give identical
-files.
+Dequantisation is a fixed arithmetic on the stored blocks (Q4_1: ``scale * q + min`` per 32 weights, fp16
+scale and min, in the ``gguf`` package), with no randomness; the checkpoint depends only on the GGUF file.
 """
 from __future__ import annotations
 
