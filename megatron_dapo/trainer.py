@@ -268,8 +268,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ engines
     def _start_engines(self):
-        from .rollout.client import SyncEngineClient
-
         r = self.cfg.rollout
         urls = list(r.engine_urls)
         if not urls:
