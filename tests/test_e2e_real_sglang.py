@@ -6,7 +6,8 @@ fp32).  The runs use the session's SGLang server of ``tests/engine_fixtures.py``
 whole suite, started by the same ``launch_sglang_servers`` the trainer calls for ``rollout.backend=sglang``)
 through ``rollout.engine_urls``; each run's weights are replaced by the protocol model's afterwards.  The default non-deterministic rollout runs throughout (concurrent requests, abort once the
 dynamic sampler is full): aborted requests must come back and be counted.  The last test kills the
-engine mid-rollout: the step stops with one clear line and exit code 2.
+engine mid-rollout: the step stops with one clear line and exit code 2, and the server's scheduler and
+detokenizer processes go with it.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
+from megatron_dapo.rollout.launch import descendant_pids
 from tests.engine_fixtures import wait_until
 
 CONFIG = str(REPO_ROOT / "examples" / "tiny-cpu" / "dapo.yaml")
@@ -62,6 +64,15 @@ def _check_run(tmp: Path, steps: int = 3) -> dict:
     assert max(v for _, v in diffs) <= TOL, diffs
     assert [st for st, _ in s["actor/pg_loss"]] == list(range(1, steps + 1))
     return s
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +128,10 @@ def test_engine_killed_mid_rollout_stops_the_step_with_one_line(tmp_path, sglang
         wait_until(lambda: proc.poll() is not None or sglang.inflight() >= 1, 300,
                    "the trainer's first rollout requests on SGLang", poll_s=0.1)
         assert proc.poll() is None, _fail(subprocess.CompletedProcess(proc.args, proc.returncode, *proc.communicate()))
+        family = descendant_pids(sglang.procs.engines[0].proc.pid)
+        assert len(family) >= 2, f"expected SGLang's scheduler and detokenizer under the server, found {family}"
         sglang.procs.kill(0)
+        wait_until(lambda: not any(_alive(p) for p in family), 30, "SGLang's child processes to be gone")
         out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:

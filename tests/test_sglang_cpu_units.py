@@ -43,6 +43,16 @@ def test_cpu_command_flags_and_env():
         launch.sglang_cpu_args("fp32")
 
 
+def test_auto_dtype_is_the_checkpoints(tmp_path):
+    """SGLang's --dtype auto serves fp32 checkpoints in fp16; the launchers pass the checkpoint's dtype."""
+    (tmp_path / "config.json").write_text('{"dtype": "float32"}')
+    assert launch.checkpoint_dtype(str(tmp_path)) == "float32"
+    (tmp_path / "config.json").write_text('{"torch_dtype": "bfloat16"}')
+    assert launch.checkpoint_dtype(str(tmp_path)) == "bfloat16"
+    assert launch.checkpoint_dtype(str(tmp_path), "float16") == "float16"
+    assert launch.checkpoint_dtype(str(tmp_path / "nope")) == "auto"
+
+
 def test_missing_engine_venv_names_make_engines(tmp_path, monkeypatch):
     from megatron_dapo.backend import MissingBackendError
 

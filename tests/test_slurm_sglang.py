@@ -26,7 +26,10 @@ def test_cpu_smoke_job_with_real_sglang_engines(tmp_path):
         default_engine_python("sglang")
     except Exception as exc:
         unavailable(str(exc))
-    env = {**probe, "DAPO_ENGINE_BACKEND": "sglang"}
+    import sys
+
+    # the job's Python is this one (a checkout without .venv would fall back to python3)
+    env = {**probe, "DAPO_ENGINE_BACKEND": "sglang", "DAPO_PYTHON": probe.get("DAPO_PYTHON", sys.executable)}
     run = SmokeRun(tmp_path, tmp_path / "model" / "tiny-qwen2", "sglang",
                    ["trainer.total_steps=2", "rollout.deterministic=false", "weight_sync.check_logprobs=true"])
     r = run.submit(env, wait=True, timeout=900)

@@ -146,6 +146,9 @@ async def _fill(client, sampler: DynamicSampler, next_prompts: Callable[[int], l
     finally:
         for t in pending:
             t.cancel()
+        for t in tasks:  # the first failure propagates; mark the others' as seen (no asyncio traceback)
+            if t.done() and not t.cancelled():
+                t.exception()
 
 
 def _make_group(idx: int, row: dict, ids: list[int], outs, tokenizer, s: RolloutSettings,

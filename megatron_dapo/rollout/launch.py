@@ -124,6 +124,25 @@ def sglang_cpu_args(dtype: str = "auto", max_total_tokens: int = SGLANG_CPU_MAX_
             "--max-total-tokens", str(int(max_total_tokens)), "--skip-server-warmup", "--dtype", dtype]
 
 
+def checkpoint_dtype(model_path: str, dtype: str = "auto") -> str:
+    """``dtype`` unless it is ``auto``; then the checkpoint's own ``config.json`` dtype (``dtype`` /
+    ``torch_dtype``: ``float32``, ``bfloat16``, ``float16``), else ``auto``.
+
+    SGLang's ``--dtype auto`` serves a float32 checkpoint in float16 (as vLLM does), which breaks the
+    fp32 logprob check (~1e-4 .. 1e-1 off), so the launchers pass the checkpoint's dtype explicitly.
+    """
+    if dtype != "auto":
+        return dtype
+    import json
+
+    try:
+        cfg = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "auto"
+    found = str(cfg.get("dtype") or cfg.get("torch_dtype") or "auto").replace("torch.", "")
+    return found if found in ("float32", "bfloat16", "float16") else "auto"
+
+
 def sglang_cpu_env(base: dict | None = None) -> dict:
     """Environment of a CPU SGLang server: ``SGLANG_USE_CPU_ENGINE=1``, one OpenMP / MKL thread (the
     machine is shared with the trainer), no tokenizer threads, and :data:`SGLANG_CPU_SHIMS` first on
@@ -595,7 +614,8 @@ def launch_sglang_servers(model_path: str, *, num_engines: int = 1, tp_size: int
             ``default_engine_python("sglang", engine_python)``.
         engine_python: ``rollout.engine_python``.
         device: ``cuda`` / ``cpu``; ``None``: ``cuda`` when torch sees a GPU.
-        dtype, max_total_tokens: see :func:`build_sglang_command`.
+        dtype, max_total_tokens: see :func:`build_sglang_command`; ``dtype="auto"`` becomes the
+            checkpoint's dtype (:func:`checkpoint_dtype`).
 
     Returns:
         :class:`EngineProcesses` (use as a context manager); stopping it also reaps each server's
@@ -612,6 +632,7 @@ def launch_sglang_servers(model_path: str, *, num_engines: int = 1, tp_size: int
 
         device = "cuda" if has_cuda() else "cpu"
     python = python or default_engine_python("sglang", engine_python)
+    dtype = checkpoint_dtype(model_path, dtype)
     run_env = sglang_cpu_env(env) if device == "cpu" else (None if env is None else dict(env))
     ports = find_free_ports(num_engines, host) if base_port is None else \
         [base_port + i * port_stride for i in range(num_engines)]
@@ -906,7 +927,8 @@ def _serve_sglang(args) -> int:
     try:
         python = default_engine_python("sglang", args.engine_python)
         cmd = build_sglang_command(args.model_path, port=args.port, host=args.host, tp_size=args.tp_size,
-                                   mem_fraction_static=None, python=python, device=args.device, dtype=args.dtype,
+                                   mem_fraction_static=None, python=python, device=args.device,
+                                   dtype=checkpoint_dtype(args.model_path, args.dtype),
                                    extra_args=args.extra)
     except (MissingBackendError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -938,7 +960,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when torch sees a GPU")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto: the checkpoint's config.json dtype")
     p.add_argument("--tp-size", type=int, default=1)
     p.add_argument("--engine-python", default=None, help="rollout.engine_python")
     p.epilog = "arguments after -- go to sglang.launch_server"
