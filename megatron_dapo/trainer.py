@@ -66,7 +66,8 @@ def val_rows(cfg: DAPOConfig) -> list[dict]:
 
 
 def prepare_model(cfg: DAPOConfig, wait_s: float = 600.0) -> Path:
-    """Make sure ``model.hf_path`` exists; create the tiny random checkpoint when ``model.make_tiny``.
+    """Make sure ``model.hf_path`` exists; create the tiny random checkpoint when ``model.make_tiny``, or
+    dequantise the GGUF named by ``model.from_gguf`` (:mod:`megatron_dapo.models.real_model`).
 
     Creation is atomic (temporary directory, then rename) and done by one process per node; the others
     wait for it. Returns the model directory.
@@ -74,9 +75,16 @@ def prepare_model(cfg: DAPOConfig, wait_s: float = 600.0) -> Path:
     path = Path(cfg.model.hf_path)
     if (path / "config.json").exists():
         return path
-    if not cfg.model.make_tiny:
+    if not (cfg.model.make_tiny or cfg.model.from_gguf):
         raise TrainingStopped(f"model.hf_path={path} has no config.json (set model.make_tiny=true for a demo model)")
-    if _local_rank0():
+    if _local_rank0() and cfg.model.from_gguf:
+        from .models.real_model import MissingExtraError, prepare_from_gguf
+
+        try:
+            prepare_from_gguf(cfg.model.from_gguf, path)
+        except MissingExtraError as e:
+            raise TrainingStopped(str(e)) from None
+    elif _local_rank0():
         from .data import make_tiny_checkpoint
 
         m = cfg.model
@@ -161,6 +169,10 @@ class Trainer:
         self._stack = ExitStack()
         self.preempt = preempt or _Preemption()
         self.alg = cfg.resolved_algorithm()
+        if cfg.rollout.backend == "sglang" and not cfg.rollout.engine_urls:  # a missing engine venv fails fast
+            from .rollout.launch import default_engine_python
+
+            default_engine_python("sglang", cfg.rollout.engine_python)
         self.hf_path = prepare_model(cfg)
 
         from .actor.megatron_actor import LossSettings, MegatronActor
@@ -211,19 +223,29 @@ class Trainer:
         if (self.hf_path / "generation_config.json").exists():
             gen_cfg = json.loads((self.hf_path / "generation_config.json").read_text())
         from .rollout.generation import RolloutSettings, stop_ids_for
+        from .rollout.validate import ResponseValidator
 
         r = cfg.rollout
+        self.response_validator = ResponseValidator(self.actor.spec.vocab_size, r.max_response_length,
+                                                    r.max_consecutive_malformed_per_engine)
+        self.nonfinite_streak = 0  # consecutive skipped (non-finite) optimizer updates
         self.rollout_settings = RolloutSettings(
             n_samples_per_prompt=r.n_samples_per_prompt, max_response_length=r.max_response_length,
             temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, stop_token_ids=stop_ids_for(self.tokenizer, gen_cfg),
             soft_overlong_punishment=bool(self.alg["soft_overlong_punishment"]),
             overlong_buffer_length=cfg.algorithm.overlong_buffer_length,
             overlong_penalty_factor=cfg.algorithm.overlong_penalty_factor, seed=cfg.seed,
-            deterministic=r.deterministic)
+            deterministic=r.deterministic, response_validator=self.response_validator)
         from .sync import WeightSync
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.weight_sync.dtype or cfg.actor.params_dtype]
-        self.weight_sync = WeightSync(self.actor, self.client, transport=cfg.weight_sync.transport,
+        transport = cfg.weight_sync.transport
+        if r.backend == "vllm" and transport != "disk":  # distributed / tensor are SGLang's protocol
+            if self.rank == 0:
+                log.warning("rollout.backend=vllm: weights sync by disk reload (weight_sync.transport=%s is "
+                            "SGLang's protocol)", transport)
+            transport = "disk"
+        self.weight_sync = WeightSync(self.actor, self.client, transport=transport,
                                       bucket_mb=cfg.weight_sync.bucket_mb, dtype=dtype,
                                       work_dir=cfg.run_dir / "weight_sync",
                                       engine_world_size=r.num_engines * r.engine_tp_size,
@@ -246,8 +268,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ engines
     def _start_engines(self):
-        from .rollout.client import SyncEngineClient
-
         r = self.cfg.rollout
         urls = list(r.engine_urls)
         if not urls:
@@ -261,12 +281,22 @@ class Trainer:
             elif r.backend == "sglang":
                 from .rollout.launch import launch_sglang_servers
 
+                # on CPU: the .venv-sglang server with the CPU flags, in the dtype the weights are synced in
+                engine_dtype = {"fp32": "float32", "bf16": "bfloat16"}[self.cfg.weight_sync.dtype
+                                                                       or self.cfg.actor.params_dtype]
                 procs = launch_sglang_servers(str(self.hf_path), num_engines=r.num_engines, tp_size=r.engine_tp_size,
                                               mem_fraction_static=r.mem_fraction_static, colocated=r.colocated,
-                                              host=r.host, base_port=r.base_port or 30000, api_key=r.api_key,
-                                              log_dir=logs, health_timeout_s=r.health_timeout_s)
-            else:
-                raise TrainingStopped("rollout.backend=vllm needs running servers: set rollout.engine_urls")
+                                              host=r.host, base_port=r.base_port or None, api_key=r.api_key,
+                                              log_dir=logs, health_timeout_s=r.health_timeout_s,
+                                              engine_python=r.engine_python, dtype=engine_dtype)
+            else:  # vllm: its own venv on CPU (rollout.engine_python), the served copy untied if tied
+                from .rollout.launch import default_engine_python, launch_vllm_servers
+
+                procs = launch_vllm_servers(str(self.hf_path), num_engines=r.num_engines, tp_size=r.engine_tp_size,
+                                            host=r.host, base_port=r.base_port or None, api_key=r.api_key,
+                                            seed=self.cfg.seed, colocated=r.colocated,
+                                            python=default_engine_python("vllm", r.engine_python),
+                                            log_dir=logs, health_timeout_s=r.health_timeout_s)
             self._stack.enter_context(procs)
             urls = procs.urls
             log.info("rollout engines: %s (logs in %s)", ", ".join(urls), logs)
@@ -282,7 +312,9 @@ class Trainer:
             router_url = router.url
             log.info("sglang-router (%s) at %s in front of %d engine(s) (log %s)", r.router_policy, router_url,
                      len(urls), router_log)
-        client = SyncEngineClient(urls, router_url=router_url, api_key=r.api_key,
+        from .rollout.vllm_backend import make_sync_client
+
+        client = make_sync_client(r.backend, urls, router_url=router_url, api_key=r.api_key,
                                   request_timeout_s=r.request_timeout_s, max_retries=r.max_retries)
         self._stack.callback(client.close)
         return client
@@ -318,11 +350,14 @@ class Trainer:
             self._engines_awake = False
 
     def save(self) -> Path:
-        from .actor.checkpoint import prune_checkpoints, save_checkpoint
+        from .actor.checkpoint import NonFiniteCheckpointError, prune_checkpoints, save_checkpoint
 
         self._actor_in_memory()
         with _signals_deferred():
-            path = save_checkpoint(self.actor, self.cfg.ckpt_dir, self.step, self._trainer_state())
+            try:
+                path = save_checkpoint(self.actor, self.cfg.ckpt_dir, self.step, self._trainer_state())
+            except NonFiniteCheckpointError as e:
+                raise TrainingStopped(str(e)) from None
         if self.rank == 0:
             prune_checkpoints(self.cfg.ckpt_dir, self.cfg.trainer.keep_last_checkpoints)
             log.info("checkpoint saved: %s", path)
@@ -340,18 +375,26 @@ class Trainer:
             return kept
 
         from .rollout.generation import collect_batch
+        from .rollout.validate import MalformedEngineOutput
 
         t0 = time.perf_counter()
+        self.response_validator.start_step()
         try:
             groups, stats = collect_batch(self.client, self.sampler, next_prompts, self.tokenizer,
                                           self.rollout_settings, self.step)
+        except MalformedEngineOutput as e:
+            return None, {}, str(e)
         except DynamicSamplingExhausted as e:
             msg = str(e)
+            if self.response_validator.groups_dropped:
+                msg += (f" Note: {self.response_validator.groups_dropped} groups were dropped for malformed engine "
+                        f"responses (e.g. {self.response_validator.examples[0]}).")
             if self.prompt_skips:
                 msg += (f" Note: {self.prompt_skips} prompts were skipped as longer than data.max_prompt_length="
                         f"{self.cfg.data.max_prompt_length}; raise it if that is most of them.")
             return None, {}, msg
         m = stats.metrics()
+        m.update(self.response_validator.metrics())
         m.update({f"dynamic_sampling/{k}": float(v) for k, v in self.sampler.metrics().items()})
         m["timing/reward_s"] = stats.reward_seconds
         m["timing/rollout_s"] = time.perf_counter() - t0 - stats.reward_seconds
@@ -425,9 +468,9 @@ class Trainer:
         if self.rank == 0:
             urls = self.client.control_urls
             for url in urls:
-                from .rollout.client import SyncEngineClient
+                from .rollout.vllm_backend import make_sync_client
 
-                one = SyncEngineClient([url], api_key=self.cfg.rollout.api_key)
+                one = make_sync_client(self.cfg.rollout.backend, [url], api_key=self.cfg.rollout.api_key)
                 try:
                     eng = one.score([seq], start_lens=prompt_len, temperature=temp)[0]
                 finally:
@@ -471,17 +514,26 @@ class Trainer:
         mb_size = cfg.actor.ppo_mini_batch_size
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.step)
         sums: dict[str, float] = {}
-        updates = 0
+        counts: dict[str, float] = {}  # update_skipped / nonfinite_*: counted over all updates
+        updates = applied = 0
         for _epoch in range(cfg.actor.ppo_epochs):
             perm = torch.randperm(n, generator=gen)
             for s in range(0, n, mb_size):
                 mb = batch.select(perm[s: s + mb_size])
                 m = self.actor.train_step(mb, self.loss)
+                updates += 1
+                for k in [k for k in m if k == "update_skipped" or k.startswith("nonfinite_")]:
+                    counts[k] = counts.get(k, 0.0) + m.pop(k)
+                if self.actor.last_nonfinite is not None and self.actor.last_nonfinite.skipped:
+                    self._nonfinite_update_skipped()
+                    continue  # its (non-finite) loss figures stay out of the averages
+                self.nonfinite_streak = 0
+                applied += 1
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
-                updates += 1
         for k, v in sums.items():
-            metrics[f"actor/{k}"] = v / max(updates, 1)
+            metrics[f"actor/{k}"] = v / max(applied, 1)
+        metrics.update({f"actor/{k}": v for k, v in counts.items()})
         metrics["actor/num_updates"] = float(updates)
         metrics["timing/train_s"] = time.perf_counter() - t0
 
@@ -489,6 +541,21 @@ class Trainer:
         self.step += 1
         metrics["timing/step_s"] = time.perf_counter() - t_step
         return metrics
+
+    def _nonfinite_update_skipped(self) -> None:
+        """Count a skipped update; stop after ``trainer.max_consecutive_nonfinite`` in a row (every rank
+        sees the same skip, so every rank raises)."""
+        from .actor.checkpoint import latest_checkpoint
+
+        self.nonfinite_streak += 1
+        limit = self.cfg.trainer.max_consecutive_nonfinite
+        if self.nonfinite_streak >= limit:
+            last = latest_checkpoint(self.cfg.ckpt_dir)
+            raise TrainingStopped(
+                f"{self.nonfinite_streak} consecutive optimizer updates were skipped as non-finite at step "
+                f"{self.step + 1} (last: {self.actor.last_nonfinite.describe()}); no update was applied, the "
+                f"latest checkpoint is {last or 'none'} (trainer.max_consecutive_nonfinite={limit}); lower "
+                f"actor.lr, check the data and rewards, or resume from an earlier checkpoint")
 
     def evaluate(self) -> dict[str, float]:
         """avg@k / pass@k on ``data.val_files`` with the current engine weights (rank 0; others wait)."""
@@ -581,8 +648,13 @@ def run_training(cfg: DAPOConfig) -> int:
         from .models.hf_config import UnsupportedModelError
         from .models.mapping import MappingError
 
+        from .rollout.launch import EngineLaunchError
+        from .rollout.transport import EngineError
+        from .sync.transports import WeightSyncError
+
+        # an engine that dies or cannot start (after the client's retries on the other engines) is a known stop
         known = (TrainingStopped, ConfigError, RowValidationError, UnsupportedModelError, MappingError,
-                 MissingBackendError, FileNotFoundError)
+                 MissingBackendError, FileNotFoundError, EngineError, EngineLaunchError, WeightSyncError)
         if not isinstance(e, known):
             raise
         rank = dist.get_rank() if dist.is_initialized() else 0

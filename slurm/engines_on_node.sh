@@ -3,7 +3,7 @@
 # DAPO_ENGINES_PER_NODE rollout engines on this node, one port apart from DAPO_ENGINE_PORT, and
 # waits. SIGTERM stops them all; if any engine dies the others are stopped and the task fails.
 #
-# Inputs (environment): DAPO_ENGINE_KIND (sglang|cpu), DAPO_ENGINES_PER_NODE, DAPO_ENGINE_TP,
+# Inputs (environment): DAPO_ENGINE_KIND (sglang|sglang-cpu|cpu), DAPO_ENGINES_PER_NODE, DAPO_ENGINE_TP,
 # DAPO_ENGINE_PORT, DAPO_MEM_FRACTION, DAPO_MODEL_PATH, DAPO_MEMORY_SAVER (1: --enable-memory-saver,
 # for engines colocated with the trainer), DAPO_ENGINE_LOG_DIR, DAPO_PY, DAPO_ENGINE_EXTRA_ARGS.
 # Engine logs are appended to, so a requeued job (same job id) adds to the files of its first run.
@@ -37,11 +37,15 @@ for ((i = 0; i < per_node; i++)); do
     CUDA_VISIBLE_DEVICES=$devices "$py" -m sglang.launch_server --model-path "$model" --tp-size "$tp" \
       --mem-fraction-static "${DAPO_MEM_FRACTION:-0.6}" "${saver[@]}" --host 0.0.0.0 --port "$port" \
       "${extra[@]}" >> "$log" 2>&1 &
+  elif [ "$kind" = sglang-cpu ]; then  # real SGLang on a CPU node (.venv-sglang, CPU flags; ~2 min start-up)
+    echo "engines_on_node[$node]: sglang (CPU) port $port -> $log"
+    "$py" -m megatron_dapo.rollout.launch serve-sglang "$model" --device cpu --host 0.0.0.0 --port "$port" \
+      -- "${extra[@]}" >> "$log" 2>&1 &
   elif [ "$kind" = cpu ]; then
     echo "engines_on_node[$node]: cpu engine port $port -> $log"
     "$py" -m megatron_dapo.rollout.cpu_engine --model-path "$model" --host 0.0.0.0 --port "$port" >> "$log" 2>&1 &
   else
-    echo "engines_on_node[$node]: unknown engine kind '$kind' (sglang or cpu)" >&2
+    echo "engines_on_node[$node]: unknown engine kind '$kind' (sglang, sglang-cpu or cpu)" >&2
     exit 1
   fi
   pids+=($!)

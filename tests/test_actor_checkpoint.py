@@ -42,10 +42,11 @@ def runs(tmp_path_factory):
     proc, res["kill"] = _run(1, hf, [{"op": "kill_save", "ckpt": kill_root, "at": "before_rename"}],
                              str(root / "kill.pt"), check=False)
     res["kill_rc"] = proc.returncode
+    res["kill_ref"] = torch.load(str(root / "kill.pt") + ".ref", weights_only=False)
     res["kill_latest_after_kill"] = latest_checkpoint(kill_root)
     res["kill_tmp_after_kill"] = sorted(p.name for p in Path(kill_root).glob("iter_*.tmp-*"))
     _, res["one"] = _run(1, hf, [
-        {"op": "load", "ckpt": kill_root, "load_optimizer": 1},
+        {"op": "load", "ckpt": kill_root, "load_optimizer": 1, "snapshot": 1},
         {"op": "save", "ckpt": kill_root, "step": 3},
         {"op": "save", "ckpt": c1, "step": 1},
         {"op": "load", "ckpt": c1}], str(root / "one.pt"))
@@ -73,6 +74,14 @@ def runs(tmp_path_factory):
 NEXT_STEP_TOL = 1e-4
 
 
+def _assert_stepped(*results):
+    """The "next step" each result compares really moved the parameters (an optimizer step happened)."""
+    for r in results:
+        before, after = r["params_before_next"], r["params_next"]
+        changed = [k for k in after if not torch.equal(before[k], after[k])]
+        assert len(changed) >= len(after) // 2, f"next step changed only {changed}"
+
+
 def _max_param_diff(a, b):
     assert set(a) == set(b)
     return max(float((a[k] - b[k]).abs().max()) for k in a)
@@ -80,20 +89,54 @@ def _max_param_diff(a, b):
 
 @pytest.mark.slow
 def test_kill_during_save_keeps_previous_checkpoint(runs):
+    """A real kill (os._exit mid-save): the previous checkpoint loads, tensor by tensor identical."""
+    from dist_scripts.ckpt_kill_worker import diff
+
     assert runs["kill_rc"] != 0
     assert runs["kill_latest_after_kill"].name == "iter_0000001"
     assert len(runs["kill_tmp_after_kill"]) == 1
     loaded = runs["one"][0]
     assert loaded["trainer_state"] == {"step": 1}
-    assert torch.isfinite(loaded["logprobs"]).all() and loaded["logprobs"].abs().sum() > 0
+    ref = runs["kill_ref"]
+    assert sum(k.startswith("model/") for k in ref) > 10 and any(k.startswith("optimizer/state/") for k in ref)
+    assert diff(ref, loaded["state"]) == []
     # next save cleaned the stale tmp dir and moved latest
     assert runs["kill_tmp_after_save"] == []
     assert runs["kill_latest_after_save"].name == "iter_0000003"
 
 
 @pytest.mark.slow
+def test_kill_at_every_point_loads_previous_checkpoint(tmp_path):
+    """The disk state a crash leaves at each of checkpoint.KILL_POINTS (copied there by the test-only
+    hook): the checkpoint that loads is the previous complete one, compared tensor by tensor (model,
+    every optimizer state tensor, LR scheduler, trainer state); see dist_scripts/ckpt_kill_worker.py."""
+    from megatron_dapo.actor.checkpoint import KILL_POINTS
+
+    models = make_models(tmp_path / "models")
+    (tmp_path / "run").mkdir()
+    torchrun("ckpt_kill_worker.py", 1, {"HF": str(models["qwen2"]), "ROOT": str(tmp_path / "run"),
+                                        "OUT": str(tmp_path / "report.json")})
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert len(rep["params_changed_by_step"]) > 10  # the step between the two saves really trained
+    want = {f"a/{p}" for p in KILL_POINTS if p != "after_old_moved_aside"} | {f"b/{p}" for p in KILL_POINTS}
+    assert set(rep["points"]) == want
+    for key, r in rep["points"].items():
+        assert r["trainer_state"] == {"step": r["expected_step"]}, (key, r)
+        assert r["compared"] > 100 and r["mismatched"] == [], (key, r)
+        assert r["mismatched_other"] > 10, (key, r)  # the other candidate state really differs
+        assert r["latest"].startswith(f"iter_{r['expected_step']:07d}"), (key, r)
+    assert rep["points"]["b/after_old_moved_aside"]["latest"].startswith("iter_0000002.tmp-old-")
+    # the next save after that crash restored the moved-aside checkpoint and cleaned up
+    assert rep["b_after_next_save"] == ["iter_0000001", "iter_0000002", "iter_0000003", "latest"]
+    # control: an uninterrupted save loads the new state, and it differs from the previous one
+    assert rep["control"]["trainer_state"] == {"step": 2}
+    assert rep["control"]["mismatched_vs_new"] == [] and rep["control"]["mismatched_vs_old"] > 10
+
+
+@pytest.mark.slow
 def test_exact_resume_same_layout(runs):
     save, load = runs["one"][2], runs["one"][3]
+    _assert_stepped(save, load)
     assert load["trainer_state"] == {"step": 1, "data_pos": 17}
     assert torch.equal(save["logprobs"], load["logprobs"])
     assert save["lr_next"] == load["lr_next"]
@@ -116,6 +159,7 @@ def test_exact_resume_distributed_optimizer(runs, save_i, load_i):
     # regression: megatron-core 0.16.1 shares one Adam 'step' tensor across all parameters after a load
     # (torch Adam then advanced it once per parameter: next-step params were off by ~3e-3)
     save, load = runs["two"][save_i], runs["two"][load_i]
+    _assert_stepped(save, load)
     assert torch.equal(save["logprobs"], load["logprobs"])
     for k in save["params_next"]:
         assert torch.equal(save["params_next"][k], load["params_next"][k]), k
@@ -125,6 +169,7 @@ def test_exact_resume_distributed_optimizer(runs, save_i, load_i):
 def test_distributed_optimizer_fully_reshardable_other_layout(runs):
     # saved at DP=2 with the distributed optimizer, loaded at TP=2 (DP=1): Adam moments resharded
     save, load = runs["two"][7], runs["two"][9]
+    _assert_stepped(save, load)
     assert (save["logprobs"] - load["logprobs"]).abs().max() <= 1e-5
     assert save["lr_next"] == load["lr_next"]
     assert _max_param_diff(save["params_next"], load["params_next"]) <= NEXT_STEP_TOL
@@ -133,6 +178,7 @@ def test_distributed_optimizer_fully_reshardable_other_layout(runs):
 @pytest.mark.slow
 def test_reshard_tp1_to_tp2(runs):
     save, load = runs["one"][2], runs["two"][0]
+    _assert_stepped(save, load)
     assert (save["logprobs"] - load["logprobs"]).abs().max() <= 1e-5
     assert _max_param_diff(save["params_next"], load["params_next"]) <= NEXT_STEP_TOL
 

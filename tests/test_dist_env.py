@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SLURM_START, require
 from megatron_dapo.launch import REQUEUE_EXIT_CODE
 from megatron_dapo.launch.dist_env import (
     DistEnvError,
@@ -44,21 +45,16 @@ def test_expand_nodelist_rejects_malformed(bad):
 
 def test_expand_nodelist_matches_scontrol():
     """Cross-check against Slurm's own parser when a cluster is reachable."""
-    if shutil.which("scontrol") is None:
-        pytest.skip("scontrol not installed")
+    require(shutil.which("scontrol") is not None, "Slurm's scontrol", SLURM_START)
     env = dict(os.environ)
     if "SLURM_CONF" not in env and os.path.exists("/tmp/local-slurm/etc/slurm.conf"):
         env["SLURM_CONF"] = "/tmp/local-slurm/etc/slurm.conf"
-    if not Path(env.get("SLURM_CONF", "/etc/slurm/slurm.conf")).exists():
-        pytest.skip("no Slurm config (scontrol would retry for 60 s)")
+    conf = Path(env.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
+    require(conf.exists(), f"a Slurm config at {conf} (scontrol would retry for 60 s)", SLURM_START)
     for expr in ["node[1-3,5],gpu07", "r[1-2]n[01-02]", "x[001-3],y[1,3]", "gpu[08-11]"]:
-        try:
-            r = subprocess.run(["scontrol", "show", "hostnames", expr], capture_output=True, text=True, env=env,
-                               timeout=20)
-        except subprocess.TimeoutExpired:
-            pytest.skip("scontrol timed out")
-        if r.returncode != 0:
-            pytest.skip(f"scontrol unusable here: {r.stderr.strip()}")
+        r = subprocess.run(["scontrol", "show", "hostnames", expr], capture_output=True, text=True, env=env,
+                           timeout=60)
+        assert r.returncode == 0, f"scontrol show hostnames {expr}: {r.stderr.strip()}"
         assert r.stdout.split() == expand_nodelist(expr), expr
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, SLURM_START, require
 from megatron_dapo.launch.nemo import LaunchError, build_launch_plan, main, render_dry_run
 
 CFG = "examples/qwen2.5-7b/dapo.yaml"
@@ -84,8 +84,7 @@ def _probe():
 
 def _slurm_env():
     probe = _probe()
-    if isinstance(probe, str):
-        pytest.skip(probe)
+    require(not isinstance(probe, str), f"Slurm cluster with GPU nodes ({probe})", SLURM_START)
     return dict(probe)
 
 
@@ -99,7 +98,6 @@ def test_plan_sbatch_test_only():
 
 
 def test_nemo_run_dry_run_is_equivalent(tmp_path):
-    pytest.importorskip("nemo_run")
     # Separate process: nemo-run's local tunnel (invoke) reads stdin, which pytest captures.
     r = subprocess.run([sys.executable, "-m", "megatron_dapo.launch.nemo", CFG,
                         "trainer.total_steps=3", "--nodes", "2", "--time", "02:00:00", "--backend", "nemo",
@@ -116,10 +114,7 @@ def test_nemo_run_dry_run_is_equivalent(tmp_path):
     assert f"exec bash {REPO_ROOT}/slurm/dapo.sbatch {CFG} trainer.total_steps=3" in script
     assert f"export DAPO_ROOT={REPO_ROOT}" in script
     # and Slurm accepts the generated script
-    try:
-        env = _slurm_env()
-    except pytest.skip.Exception:
-        return
+    env = _slurm_env()
     path = tmp_path / "nemo_sbatch.sh"
     path.write_text(script)
     r = subprocess.run(["sbatch", "--test-only", str(path)], env=env, capture_output=True, text=True, timeout=60)
@@ -141,7 +136,6 @@ def test_nemo_run_submits_cpu_smoke_job(tmp_path):
     """`launch(plan, backend="nemo")` for the CPU smoke job: nemo-run's SlurmExecutor (LocalTunnel, job dir
     under $NEMORUN_HOME/experiments, plain Packager) submits it to the cluster; the job runs
     slurm/cpu_smoke.sbatch (engine + TP=2 trainer on 2 nodes) for one step and completes."""
-    pytest.importorskip("nemo_run")
     from test_slurm_e2e import diagnose, sacct_history, slurm_env, wait_job_done
 
     env = slurm_env()
@@ -184,5 +178,4 @@ def test_nemo_run_submits_cpu_smoke_job(tmp_path):
     assert [s["step"] for s in steps] == [1]
     assert (tmp_path / "out" / "nemo" / "checkpoints" / "iter_0000001" / "trainer_state.json").exists()
     history = sacct_history(env, job)
-    if history is not None:
-        assert history == [("COMPLETED", "0:0")], history
+    assert history == [("COMPLETED", "0:0")], history

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("matplotlib")
+import matplotlib  # noqa: F401,E402 - a test dependency (setup.py extras "test")
 
 _SPEC = importlib.util.spec_from_file_location("plot_run", Path(__file__).resolve().parents[1] / "tools" / "plot_run.py")
 plot_run = importlib.util.module_from_spec(_SPEC)

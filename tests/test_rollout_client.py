@@ -68,7 +68,11 @@ def test_killed_engine_mid_rollout_is_retried_then_clear_error(engines):
     async def go():
         async with EngineClient(engines.urls, api_key=KEY, max_retries=3, retry_backoff_s=0.05) as c:
             task = asyncio.ensure_future(c.generate([[1, 5, 6]] * 6, {"max_new_tokens": 600, "ignore_eos": True}))
-            await asyncio.sleep(0.5)
+            # event-driven: kill engine 0 once it reports requests in flight (generous upper bound)
+            deadline = time.monotonic() + 120
+            while (await c.get_server_info([engines.urls[0]]))[engines.urls[0]].get("inflight_requests", 0) < 1:
+                assert time.monotonic() < deadline and not task.done(), "engine 0 never reported work in flight"
+                await asyncio.sleep(0.05)
             assert c.outstanding[engines.urls[0]] > 0
             engines.kill(0)
             outs = await asyncio.wait_for(task, timeout=120)

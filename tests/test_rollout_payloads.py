@@ -1,4 +1,4 @@
-"""Pure tests: SGLang / vLLM payload builders and parsers, commands, sampling, update group."""
+"""Pure tests: SGLang payload builders and parsers, commands, sampling, update group (vLLM's: test_real_vllm.py)."""
 from __future__ import annotations
 
 import threading
@@ -23,13 +23,8 @@ from megatron_dapo.rollout.cpu_engine import (
     parse_sampling_params,
     truncated_sample,
 )
-from megatron_dapo.rollout.launch import build_cpu_engine_command, build_sglang_command, build_vllm_command
+from megatron_dapo.rollout.launch import build_cpu_engine_command, build_sglang_command
 from megatron_dapo.rollout.update_group import create_weight_update_group, dtype_to_str, parse_torch_dtype
-from megatron_dapo.rollout.vllm_backend import (
-    build_vllm_completions_payload,
-    build_vllm_reload_payloads,
-    parse_vllm_completions_response,
-)
 
 # Fields documented for SGLang's GenerateReqInput (docs/basic_usage/sampling_params.md).
 GENERATE_REQ_FIELDS = {"text", "input_ids", "input_embeds", "image_data", "audio_data", "sampling_params", "rid",
@@ -167,30 +162,6 @@ def test_sglang_and_cpu_commands():
         build_sglang_command("/m", port=1, mem_fraction_static=1.5)
     cpu = build_cpu_engine_command("/m", port=5, api_key="k", seed=4, python="py")
     assert cpu[:3] == ["py", "-m", "megatron_dapo.rollout.cpu_engine"] and "--seed" in cpu and "k" in cpu
-
-
-def test_vllm_command_payload_and_parse():
-    cmd = build_vllm_command("/m", port=8000, tp_size=2, enable_sleep_mode=True, python="py")
-    assert cmd[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"]
-    assert "--enable-sleep-mode" in cmd and "--tensor-parallel-size" in cmd and "processed_logprobs" in cmd
-    body = build_vllm_completions_payload([1, 2, 3], {"max_new_tokens": 5, "sampling_seed": 3, "n": 2,
-                                                      "temperature": 0.9, "stop_token_ids": [7]}, model="m")
-    assert body["prompt"] == [1, 2, 3] and body["max_tokens"] == 5 and body["seed"] == 3 and body["n"] == 2
-    assert body["logprobs"] == 1 and body["return_tokens_as_token_ids"] and body["stop_token_ids"] == [7]
-    resp = {"id": "cmpl-1", "choices": [
-        {"index": 1, "text": "b", "finish_reason": None,
-         "logprobs": {"tokens": ["token_id:9"], "token_logprobs": [-0.3]}},
-        {"index": 0, "text": "a", "finish_reason": "stop", "token_ids": [4, 7],
-         "logprobs": {"tokens": ["token_id:4", "token_id:7"], "token_logprobs": [-0.1, -0.2]}},
-    ]}
-    outs = parse_vllm_completions_response(resp, prompt_len=3)
-    assert [o.output_ids for o in outs] == [[4, 7], [9]] and [o.finish_reason for o in outs] == ["stop", "abort"]
-    assert outs[0].output_logprobs == [-0.1, -0.2] and outs[0].prompt_tokens == 3
-    with pytest.raises(ValueError, match="token_id"):
-        parse_vllm_completions_response({"choices": [{"finish_reason": "stop", "logprobs": {
-            "tokens": ["hello"], "token_logprobs": [-1.0]}}]}, prompt_len=1)
-    reload = build_vllm_reload_payloads("/ckpt/step3")
-    assert reload[0]["method"] == "update_config" and reload[1] == {"method": "reload_weights"}
 
 
 def test_truncated_sample_topk_topp_and_distribution():

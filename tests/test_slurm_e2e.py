@@ -4,7 +4,8 @@ The job is the real thing at tiny scale: `megatron-dapo prepare`, the CPU rollou
 `srun --overlap` step on the first node, and a TP=2 Megatron trainer as two tasks, one per node, with
 weights synced through disk. It needs a cluster with at least two nodes: the local test cluster of
 ../shared/tools/local-slurm (`bash start_local_slurm.sh`; its two "nodes" share this machine) or any CPU
-partition. Without `sbatch`, or when `sinfo` does not answer, every test here skips.
+partition. Without `sbatch`, or when `sinfo` does not answer, every test here skips locally and FAILS
+under `CI=true` (conftest.require).
 
 Two jobs run the same 4-step config: one uninterrupted (the smoke test's job, and the reference), one
 sent SIGUSR1 after its first step, requeued, and resumed; their steps must agree exactly. The
@@ -33,7 +34,7 @@ from typing import Optional
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, SLURM_START, require
 
 pytestmark = pytest.mark.slow
 
@@ -74,10 +75,10 @@ def _probe() -> "dict | str":
 
 
 def slurm_env() -> dict:
-    """Environment for Slurm commands; skips the calling test when no 2-node cluster answers."""
+    """Environment for Slurm commands; skips (locally) or fails (CI=true) the calling test when no 2-node
+    cluster answers."""
     probe = _probe()
-    if isinstance(probe, str):
-        pytest.skip(probe)
+    require(not isinstance(probe, str), f"2-node Slurm cluster ({probe})", SLURM_START)
     return dict(probe)
 
 
@@ -94,13 +95,22 @@ def job_fields(env: dict, job: str) -> dict[str, str]:
     return dict(tok.split("=", 1) for tok in r.stdout.split() if "=" in tok)
 
 
-def sacct_history(env: dict, job: str) -> Optional[list[tuple[str, str]]]:
+_SACCT_FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")
+
+
+def sacct_history(env: dict, job: str, timeout: float = 60.0) -> list[tuple[str, str]]:
     """[(state, exit code)] of every run of ``job``, oldest first (``sacct -D``: requeued runs are
-    kept as duplicates); None without job accounting."""
-    r = _run(["sacct", "-n", "-P", "-X", "-D", "-j", job, "-o", "State,ExitCode"], env)
-    if r.returncode != 0:
-        return None
-    return [tuple(line.split("|")[:2]) for line in r.stdout.splitlines() if line.strip()]
+    kept as duplicates). Polls until accounting has recorded the job's final state (slurmdbd lags the
+    controller); job accounting is required (local-slurm starts slurmdbd)."""
+    deadline = time.time() + timeout
+    while True:
+        r = _run(["sacct", "-n", "-P", "-X", "-D", "-j", job, "-o", "State,ExitCode"], env)
+        require(r.returncode == 0, f"Slurm job accounting (sacct: {r.stderr.strip()[:200]})",
+                "start local Slurm with accounting (SLURM_LOCAL_ACCOUNTING=1, the default): " + SLURM_START)
+        hist = [tuple(line.split("|")[:2]) for line in r.stdout.splitlines() if line.strip()]
+        if (hist and hist[-1][0].split()[0] in _SACCT_FINAL) or time.time() > deadline:
+            return hist
+        time.sleep(1.0)
 
 
 def wait_job_done(env: dict, job: str, timeout: float) -> dict[str, str]:
@@ -297,8 +307,7 @@ def test_cpu_smoke_job_trains_and_writes_tensorboard_and_checkpoint(reference):
     assert (run.run_dir / "hf" / "config.json").exists() and list((run.run_dir / "hf").glob("*.safetensors"))
 
     history = sacct_history(env, run.job)
-    if history is not None:
-        assert history == [("COMPLETED", "0:0")], history
+    assert history == [("COMPLETED", "0:0")], history
 
 
 PREEMPT_TEST = "test_sigusr1_checkpoints_requeues_and_resumes_with_the_next_batch"
@@ -394,8 +403,7 @@ def test_sigusr1_checkpoints_requeues_and_resumes_with_the_next_batch(preemption
     optimizer state all came back from the checkpoint and reached the engine.
     """
     env = slurm_env()
-    if preemption is None:
-        pytest.skip("preemption scenario not started")
+    assert preemption is not None, "the preemption fixture did not start its job although a cluster answers"
     run = preemption.run
     out = preemption.future.result(timeout=900)
     before, final = out["before"], out["final"]
@@ -413,9 +421,8 @@ def test_sigusr1_checkpoints_requeues_and_resumes_with_the_next_batch(preemption
                    f"iter_{k:07d} at step {k}", "trainer exited with 0"):
         assert needle in log, f"{needle!r} not in the job log\n{run.diagnose()}"
     assert log.index("trainer exited with 3") < log.index(f"iter_{k:07d} at step {k}")
-    history = sacct_history(env, run.job)
-    if history is not None:  # accounting keeps both runs: REQUEUED, then COMPLETED
-        assert [s for s, _ in history] == ["REQUEUED", "COMPLETED"], history
+    history = sacct_history(env, run.job)  # accounting keeps both runs: REQUEUED, then COMPLETED
+    assert [s for s, _ in history] == ["REQUEUED", "COMPLETED"], history
 
     steps = run.steps()
     assert [s["step"] for s in steps] == list(range(1, total + 1)), f"steps after resume: {steps}"
@@ -439,5 +446,13 @@ def test_sigusr1_checkpoints_requeues_and_resumes_with_the_next_batch(preemption
     ref_ckpt = latest_checkpoint(ref_run.run_dir / "checkpoints")
     state, ref_state = (json.loads((c / "trainer_state.json").read_text()) for c in (ckpt, ref_ckpt))
     assert state["step"] == total and state["dataset"] == ref_state["dataset"], (state["dataset"], ref_state["dataset"])
+    # the final weights, optimizer moments, LR scheduler and trainer state equal the uninterrupted job's,
+    # bit for bit (TP=2: both jobs save the same sharded layout)
+    from test_resume import bit_differences, checkpoint_contents
+
+    got_ckpt = checkpoint_contents(ckpt, run.run_dir / "dcp-compare")
+    ref_ckpt_contents = checkpoint_contents(ref_ckpt, run.run_dir / "dcp-compare-ref")
+    assert sum(k.startswith("shards/optimizer.state.exp_avg.") for k in got_ckpt) > 5
+    assert bit_differences(ref_ckpt_contents, got_ckpt) == []
     scalars = read_scalars(run.run_dir / "tb")
     assert [s for s, _ in scalars["actor/pg_loss"]] == list(range(1, total + 1)), scalars["actor/pg_loss"]

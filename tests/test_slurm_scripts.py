@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, SLURM_START, require
 
 SLURM = REPO_ROOT / "slurm"
 SCRIPTS = sorted([*SLURM.glob("*.sbatch"), *SLURM.glob("*.sh"), *REPO_ROOT.glob("examples/qwen2.5-*/submit.sh")])
@@ -89,8 +89,7 @@ def _probe_cluster():
 
 def _cluster_env():
     probe = _probe_cluster()
-    if isinstance(probe, str):
-        pytest.skip(probe)
+    require(not isinstance(probe, str), f"Slurm cluster with GPU nodes ({probe})", SLURM_START)
     env, nodes = probe
     return dict(env), nodes
 
@@ -214,8 +213,7 @@ def _run_cluster_job(root: Path, env: dict, extra_env: dict, wait: bool):
 
 def _cluster_for_runs():
     env, available = _cluster_env()
-    if available < 2:
-        pytest.skip("needs a 2-node cluster")
+    require(available >= 2, f"a 2-node Slurm cluster (sinfo shows {available})", SLURM_START)
     return env
 
 

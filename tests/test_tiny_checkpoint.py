@@ -14,7 +14,7 @@ from megatron_dapo.data.tasks import generate_tasks
 from megatron_dapo.data.tiny_checkpoint import make_tiny_checkpoint
 from megatron_dapo.data.tokenizer import last_answer_integer, load_tokenizer
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402 - a hard dependency (setup.py)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,10 @@
 The checkpoint is layout-agnostic (any TP/PP/VPP loads it); config.json and the tokenizer files are
 copied into ``--out`` for the way back (tools/convert_megatron_to_hf.py). ``--verify`` reloads the
 written checkpoint at TP=PP=1 and prints the max abs difference of logits and log-probs against
-transformers on a fixed batch (fp32 models: expect ≤ 1e-5; exit code 1 above ``--tolerance``).
+transformers on a fixed batch (fp32 models: expect ≤ 1e-5; exit code 1 above ``--tolerance``). Above it the
+comparison is repeated in float64 (deep real models: fp32 rounding alone exceeds 1e-5, e.g. 7.7e-5 for
+SmolLM2-135M); it then passes when fp64 agrees to 1e-9 and Megatron's fp32 error is at most twice
+transformers' own.
 Works from a checkout without installation.
 """
 import argparse
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
             print(f"wrote Megatron torch_dist checkpoint to {out} (saved at TP={args.tp} PP={args.pp})")
         rc = 0
         if args.verify:
-            diff = verify_against_hf(hf, out)
+            diff = verify_against_hf(hf, out, fp64_if_above=args.tolerance)
             rc = report_verify(diff, args.tolerance) if rank == 0 else \
                 (0 if diff["max_abs_logprobs"] <= args.tolerance else 1)
         return rc

@@ -15,6 +15,9 @@ Atomicity: every rank writes into ``root/iter_0000005.tmp-<nonce>/``; after a ba
 it to ``iter_0000005`` and then replaces ``root/latest`` with ``os.replace`` (atomic on POSIX). A
 process killed at any point leaves the previous checkpoint complete and ``latest`` pointing at it;
 leftover ``*.tmp-*`` directories are ignored by :func:`latest_checkpoint` and removed by the next save.
+Re-saving the step ``latest`` names moves the old directory aside (``*.tmp-old-*``) before the new
+one takes its name; a crash in between leaves the old copy, which :func:`latest_checkpoint` returns
+and the next save moves back.
 
 Resharding: model tensors are saved by megatron-core as *global* tensors (keys carry global layer
 indices; vocabulary-padded embeddings are marked ``allow_shape_mismatch``), so a checkpoint saved at
@@ -53,7 +56,14 @@ LATEST_FILE = "latest"
 TRAINER_STATE_FILE = "trainer_state.json"
 LAYOUT_FILE = "layout.json"
 _KILL_ENV = "MEGATRON_DAPO_CKPT_KILL_AT"
-"""Test hook: ``before_rename`` / ``before_latest`` makes rank 0 exit (``os._exit(17)``) at that point."""
+"""Test-only hook (never set in production): naming one of :data:`KILL_POINTS` makes rank 0 of
+:func:`save_checkpoint` exit (``os._exit(17)``) at that point, as a crash would."""
+#: Every point of :func:`save_checkpoint` a crash can interrupt, in order (tests kill at each):
+#: tmp dir created | shards written, before rng/trainer state | before tmp -> iter rename |
+#: an existing same-step dir moved aside, before tmp -> iter | before ``latest`` is written |
+#: ``latest.tmp`` written and synced, before it replaces ``latest``.
+KILL_POINTS = ("after_tmp_created", "after_shards", "before_rename", "after_old_moved_aside",
+               "before_latest", "before_latest_replace")
 
 
 class CheckpointError(RuntimeError):
@@ -62,6 +72,11 @@ class CheckpointError(RuntimeError):
 
 class CheckpointLayoutError(CheckpointError):
     """The requested optimizer-state load needs the parallel layout the checkpoint was saved with."""
+
+
+class NonFiniteCheckpointError(CheckpointError):
+    """:func:`save_checkpoint` refused to write NaN/inf weights or optimizer state (the message names the
+    first offending tensor); the previous checkpoint stays the latest."""
 
 
 def iter_dir_name(step: int) -> str:
@@ -73,6 +88,23 @@ def iter_dir_name(step: int) -> str:
 
 def _is_complete(d: Path) -> bool:
     return d.is_dir() and (d / "metadata.json").is_file() and (d / TRAINER_STATE_FILE).is_file()
+
+
+def _moved_aside(root: Path, name: str) -> Optional[Path]:
+    """The complete ``<name>.tmp-old-*`` copy a crashed same-step re-save left, when ``name`` is gone."""
+    if not ITER_RE.match(name) or (root / name).exists():
+        return None
+    return next((p for p in sorted(root.glob(f"{name}.tmp-old-*")) if _is_complete(p)), None)
+
+
+def _restore_moved_aside(root: Path) -> None:
+    """Rank 0, before a save: put back the checkpoint ``latest`` names if a crash left it moved aside."""
+    lf = root / LATEST_FILE
+    if lf.is_file():
+        name = lf.read_text().strip()
+        aside = _moved_aside(root, name)
+        if aside is not None:
+            aside.rename(root / name)
 
 
 def latest_checkpoint(root: str | Path) -> Optional[Path]:
@@ -90,6 +122,9 @@ def latest_checkpoint(root: str | Path) -> Optional[Path]:
         name = lf.read_text().strip()
         if ITER_RE.match(name) and _is_complete(root / name):
             return root / name
+        aside = _moved_aside(root, name)
+        if aside is not None:  # a crash while re-saving that step: its old copy is still complete
+            return aside
     done = sorted((p for p in root.iterdir() if ITER_RE.match(p.name) and _is_complete(p)),
                   key=lambda p: int(ITER_RE.match(p.name).group(1)))
     return done[-1] if done else None
@@ -275,8 +310,19 @@ def _broadcast_str(s: Optional[str]) -> str:
     return obj[0]
 
 
-def _maybe_kill(point: str) -> None:
-    if os.environ.get(_KILL_ENV) == point and (not dist.is_initialized() or dist.get_rank() == 0):
+def _maybe_kill(point: str, root: Path) -> None:
+    """Test-only crash hook (:data:`_KILL_ENV` unset in production: returns at once).
+
+    ``<point>``: rank 0 exits with code 17 here. ``copy:<dir>``: rank 0 copies ``root`` to
+    ``<dir>/<point>`` at every point (the disk state a crash there would leave) and carries on.
+    """
+    armed = os.environ.get(_KILL_ENV)
+    if not armed or (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    if armed.startswith("copy:"):
+        shutil.copytree(root, Path(armed[len("copy:"):]) / point, symlinks=True)
+        return
+    if armed == point:
         import multiprocessing
 
         # dist_checkpointing keeps a multiprocessing Manager process; a hard exit would orphan it
@@ -286,6 +332,41 @@ def _maybe_kill(point: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- save
+def _first_nonfinite_tensor(actor) -> Optional[str]:
+    """Name of the first local tensor holding NaN/inf among the model parameters, the optimizer's fp32
+    main parameters and its state (Adam moments), or ``None``."""
+    for ci, chunk in enumerate(actor.chunks):
+        for name, p in chunk.named_parameters():
+            if not bool(torch.isfinite(p.detach()).all()):
+                return f"parameter {name} (model chunk {ci})"
+    for oi, opt in enumerate(getattr(actor.optimizer, "chained_optimizers", [actor.optimizer])):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for gi, group in enumerate(inner.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if not bool(torch.isfinite(p.detach()).all()):
+                    return f"optimizer {oi} main parameter {gi}.{pi} of shape {tuple(p.shape)}"
+                for key, v in inner.state.get(p, {}).items():
+                    if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                        return f"optimizer {oi} state {key!r} of main parameter {gi}.{pi}"
+    return None
+
+
+def check_finite_state(actor) -> None:
+    """Collective: raise :class:`NonFiniteCheckpointError` on every rank when any rank holds a NaN/inf
+    parameter, fp32 main parameter or optimizer-state tensor (the message names rank and tensor)."""
+    bad = _first_nonfinite_tensor(actor)
+    found: list[Any] = [bad]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, bad)
+    for rank, what in enumerate(found):
+        if what is not None:
+            raise NonFiniteCheckpointError(f"refusing to save a checkpoint: rank {rank} holds NaN/inf in {what}; "
+                                           f"the previous checkpoint stays the latest")
+
+
 def save_checkpoint(actor, root: str | Path, step: int, trainer_state: dict) -> Path:
     """Save model, optimizer, LR scheduler, RNG states and ``trainer_state`` as ``root/iter_<step>``.
 
@@ -303,6 +384,8 @@ def save_checkpoint(actor, root: str | Path, step: int, trainer_state: dict) -> 
 
     Raises:
         TypeError: ``trainer_state`` is not JSON-serialisable (raised before anything is written).
+        NonFiniteCheckpointError: some rank's weights or optimizer state hold NaN/inf (checked by
+            :func:`check_finite_state` before anything is written).
     """
     from megatron.core import dist_checkpointing
 
@@ -311,18 +394,23 @@ def save_checkpoint(actor, root: str | Path, step: int, trainer_state: dict) -> 
     root = Path(root)
     name = iter_dir_name(step)
     state_text = json.dumps(trainer_state, indent=2, sort_keys=True)  # fail early, before any I/O
+    check_finite_state(actor)  # never a checkpoint of NaN weights (issue 16)
     rank = dist.get_rank() if dist.is_initialized() else 0
     tmp_name = _broadcast_str(f"{name}.tmp-{uuid.uuid4().hex[:10]}" if rank == 0 else None)
     tmp = root / tmp_name
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
+        _restore_moved_aside(root)
         for stale in root.glob("iter_*.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
+        _maybe_kill("after_tmp_created", root)
     _barrier()
     with device_remap():
         sd = _sharded_state_dict(actor, with_optimizer=True, is_loading=False)
         dist_checkpointing.save(sd, str(tmp))
+    if rank == 0:
+        _maybe_kill("after_shards", root)
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0:
@@ -331,19 +419,21 @@ def save_checkpoint(actor, root: str | Path, step: int, trainer_state: dict) -> 
     _barrier()
     final = root / name
     if rank == 0:
-        _maybe_kill("before_rename")
+        _maybe_kill("before_rename", root)
         if final.exists():
             old = root / f"{name}.tmp-old-{uuid.uuid4().hex[:6]}"
             final.rename(old)
+            _maybe_kill("after_old_moved_aside", root)
             tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
-        _maybe_kill("before_latest")
+        _maybe_kill("before_latest", root)
         lf_tmp = root / f"{LATEST_FILE}.tmp-{uuid.uuid4().hex[:6]}"
         lf_tmp.write_text(name + "\n")
         with open(lf_tmp, "rb") as f:
             os.fsync(f.fileno())
+        _maybe_kill("before_latest_replace", root)
         os.replace(lf_tmp, root / LATEST_FILE)
     _barrier()
     return final
@@ -429,6 +519,9 @@ def load_checkpoint(actor, ckpt_dir_or_root: str | Path, *, load_optimizer: bool
             with _step_tolerant_param_state_load(actor.optimizer):
                 actor.optimizer.load_state_dict(loaded["optimizer"])
             _unshare_adam_steps(actor.optimizer)
+            # Megatron's load_state_dict advances the current step count by the saved one: start from 0
+            # so loading into an actor that already trained (or loaded) gives the saved LR, not a sum
+            actor.scheduler.num_steps = 0
             actor.scheduler.load_state_dict(loaded["opt_param_scheduler"])
     actor._owners = None
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -1,6 +1,6 @@
 """The DAPO algorithm (arXiv 2503.14476) in pure torch: advantages, losses, reward shaping,
 dynamic sampling and presets.  No Megatron, no I/O, no logging."""
-from .advantages import compute_group_advantages
+from .advantages import NonFiniteAdvantageError, compute_group_advantages
 from .dynamic_sampling import DynamicSampler, DynamicSamplingExhausted, Group
 from .policy_loss import (
     KL_PENALTY_KINDS,
@@ -27,6 +27,7 @@ __all__ = [
     "Group",
     "KL_PENALTY_KINDS",
     "LOSS_AGG_MODES",
+    "NonFiniteAdvantageError",
     "PRESETS",
     "SWITCH_KEYS",
     "TABLE1_ABLATION",

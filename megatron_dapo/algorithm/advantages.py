@@ -3,7 +3,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["compute_group_advantages"]
+__all__ = ["NonFiniteAdvantageError", "compute_group_advantages"]
+
+
+class NonFiniteAdvantageError(ValueError):
+    """NaN/inf in rewards or advantages: a bug in reward shaping or advantage estimation (the rules
+    produce finite numbers by construction). The message names the group (row of ``rewards``) and its values."""
+
+
+def _first_bad_row(t: torch.Tensor) -> int:
+    return int((~torch.isfinite(t).all(dim=-1)).nonzero()[0, 0])
 
 
 def compute_group_advantages(
@@ -32,8 +41,9 @@ def compute_group_advantages(
 
     Raises:
         TypeError: ``rewards`` is not a tensor.
-        ValueError: ``rewards`` is not 2-D, is empty, holds NaN/inf (the first bad group is named),
-            or ``eps`` is not positive.
+        ValueError: ``rewards`` is not 2-D, is empty, or ``eps`` is not positive.
+        NonFiniteAdvantageError: NaN/inf in ``rewards`` or in the computed advantages (the first bad
+            group is named; a bug, see the class).
     """
     if not isinstance(rewards, torch.Tensor):
         raise TypeError(f"rewards must be a torch.Tensor [num_groups, G], got {type(rewards).__name__}")
@@ -45,10 +55,10 @@ def compute_group_advantages(
         raise ValueError(f"eps must be > 0, got {eps}")
     if not rewards.is_floating_point():
         rewards = rewards.to(torch.float32)
-    finite = torch.isfinite(rewards).all(dim=-1)
-    if not bool(finite.all()):
-        g = int((~finite).nonzero()[0, 0])
-        raise ValueError(f"rewards of group {g} contain NaN/inf: {rewards[g].tolist()}")
+    if not bool(torch.isfinite(rewards).all()):
+        g = _first_bad_row(rewards)
+        raise NonFiniteAdvantageError(f"bug: rewards of group {g} (row {g} of rewards) contain NaN/inf: "
+                                      f"{rewards[g].tolist()}; the reward rules and shaping must give finite values")
     rewards = rewards.detach()
     num_groups, group_size = rewards.shape
     if num_groups == 0:
@@ -65,4 +75,9 @@ def compute_group_advantages(
         adv = centred
     # Identical rewards: force exact zeros (the mean may differ from the values by one ulp).
     constant = (rewards == rewards[:, :1]).all(dim=-1, keepdim=True)
-    return torch.where(constant, torch.zeros((), dtype=adv.dtype), adv)
+    adv = torch.where(constant, torch.zeros((), dtype=adv.dtype), adv)
+    if not bool(torch.isfinite(adv).all()):  # e.g. rewards so large that their spread overflows
+        g = _first_bad_row(adv)
+        raise NonFiniteAdvantageError(f"bug: advantages of group {g} are NaN/inf ({adv[g].tolist()}) for finite "
+                                      f"rewards {rewards[g].tolist()}")
+    return adv

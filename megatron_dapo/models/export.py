@@ -114,3 +114,112 @@ def save_hf_checkpoint(actor, out_dir: str | Path, *, src_hf_dir: str | Path,
     if dist.is_initialized():
         dist.barrier()
     return out if rank == 0 else None
+
+
+TIED_EMBEDDING_NAME = "model.embed_tokens.weight"
+"""HF name of the input embedding that a tied output layer shares (Qwen2 / Llama / Qwen3 layouts)."""
+OUTPUT_LAYER_NAME = "lm_head.weight"
+"""HF name of the output projection (``[vocab, hidden]``)."""
+
+
+def _weight_files(hf_dir: Path) -> dict[str, str]:
+    """``{tensor name: file name}`` of a HF checkpoint (index file, else the single ``model.safetensors``)."""
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return dict(json.loads(index.read_text())["weight_map"])
+    single = hf_dir / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{hf_dir} has neither model.safetensors nor model.safetensors.index.json")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return {k: "model.safetensors" for k in f.keys()}
+
+
+def add_output_layer_copy(weights_dir: str | Path) -> bool:
+    """Give a tied checkpoint an explicit ``lm_head.weight`` (a copy of ``model.embed_tokens.weight``).
+
+    Writes ``lm_head.safetensors`` next to the shards and lists it in ``model.safetensors.index.json``
+    (created for a single-file checkpoint). Nothing is done when ``lm_head.weight`` already exists or
+    there is no ``model.embed_tokens.weight``. Used for engines that serve an untied copy of a tied model
+    (vLLM's in-place reload loads only the names present on disk, so a tied output layer would keep its
+    old weights: :mod:`megatron_dapo.rollout.vllm_backend`).
+
+    Returns:
+        ``True`` when the copy was written.
+
+    Raises:
+        FileNotFoundError: ``weights_dir`` holds no safetensors checkpoint.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    d = Path(weights_dir)
+    files = _weight_files(d)
+    if OUTPUT_LAYER_NAME in files or TIED_EMBEDDING_NAME not in files:
+        return False
+    with safe_open(str(d / files[TIED_EMBEDDING_NAME]), framework="pt") as f:
+        emb = f.get_tensor(TIED_EMBEDDING_NAME).contiguous()
+    tmp = d / "lm_head.safetensors.tmp"
+    save_file({OUTPUT_LAYER_NAME: emb}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, d / "lm_head.safetensors")
+    index = d / "model.safetensors.index.json"
+    meta: dict = {}
+    if index.is_file():
+        meta = json.loads(index.read_text()).get("metadata", {})
+    files[OUTPUT_LAYER_NAME] = "lm_head.safetensors"
+    if "total_size" in meta:
+        meta["total_size"] = int(meta["total_size"]) + emb.numel() * emb.element_size()
+    tmp_index = d / "model.safetensors.index.json.tmp"
+    tmp_index.write_text(json.dumps({"metadata": meta, "weight_map": files}, indent=1))
+    os.replace(tmp_index, index)
+    return True
+
+
+def untie_hf_checkpoint(src_hf_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write an untied copy of a tied HF checkpoint: every file of ``src_hf_dir`` (weights hard-linked
+    or copied), ``config.json`` with ``tie_word_embeddings: false`` and an explicit ``lm_head.weight``
+    equal to ``model.embed_tokens.weight`` (:func:`add_output_layer_copy`). The copy computes exactly
+    the same function as the source. Atomic: written to a temporary sibling, then renamed.
+
+    Returns:
+        ``Path(out_dir)``.
+
+    Raises:
+        FileNotFoundError: ``src_hf_dir`` has no ``config.json`` or no safetensors weights.
+        ValueError: the source is not tied (``tie_word_embeddings`` false) - nothing to untie.
+    """
+    src, out = Path(src_hf_dir), Path(out_dir)
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{src} has no config.json")
+    cfg = json.loads(cfg_path.read_text())
+    if not cfg.get("tie_word_embeddings", False):
+        raise ValueError(f"{src}: tie_word_embeddings is not true, there is nothing to untie")
+    _weight_files(src)  # raises when there are no weights
+    tmp = out.with_name(out.name + ".tmp-untie")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for p in src.iterdir():
+        if not p.is_file() or p.name == "config.json":
+            continue
+        try:
+            os.link(p, tmp / p.name)
+        except OSError:
+            shutil.copy2(p, tmp / p.name)
+    cfg["tie_word_embeddings"] = False
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    single = tmp / "model.safetensors"
+    if single.is_file() and not (tmp / "model.safetensors.index.json").is_file():
+        # one file: rewrite it with the output layer inside (loaders read a lone model.safetensors, not an index)
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(single))
+        tensors.setdefault(OUTPUT_LAYER_NAME, tensors[TIED_EMBEDDING_NAME].clone())
+        single.unlink()  # a hard link to the source: do not write through it
+        save_file(tensors, str(single), metadata={"format": "pt"})
+    else:
+        add_output_layer_copy(tmp)  # replaces the (linked) index file by a new one: the source stays as it was
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(tmp, out)
+    return out

@@ -6,32 +6,37 @@ own timeout relies on ``signal.alarm`` (main thread only). So model text is neve
 trainer process: each item is sent to a worker process, and a worker that has not answered within
 ``timeout_s`` is killed (SIGKILL) and replaced. The item scores as a timeout.
 
-Workers are started lazily with the ``forkserver`` start method (``spawn`` where forkserver is not
-available), never ``fork``: the trainer may hold CUDA contexts, NCCL communicators and threads that
-must not be duplicated. The forkserver preloads ``math_verify`` so a replacement worker is ready in
-a fraction of a second. Only :class:`math_verify.LatexExtractionConfig` is used, whose parser is an
-ANTLR grammar: it never ``eval``s text (the ``ExprExtractionConfig`` path calls SymPy's
-``parse_expr``, which does, and is therefore not used).
+Workers are separate Python interpreters started lazily with :class:`subprocess.Popen`
+(``python -c`` running :func:`_worker_entry` of this module), never ``fork``: the trainer may hold
+CUDA contexts, NCCL communicators and threads that must not be duplicated. Unlike
+``multiprocessing``'s ``spawn``/``forkserver``, a worker never re-imports the caller's ``__main__``
+module, so scoring works from any script (guarded by ``if __name__ == "__main__":`` or not), a
+notebook or a Ray worker. Parent and worker talk over a socket pair wrapped in
+:class:`multiprocessing.connection.Connection`. Only :class:`math_verify.LatexExtractionConfig`
+is used, whose parser is an ANTLR grammar: it never ``eval``s text (the ``ExprExtractionConfig``
+path calls SymPy's ``parse_expr``, which does, and is therefore not used).
 
-As with any ``spawn``/``forkserver`` multiprocessing, a script that reaches the math-verify path
-must guard its entry point with ``if __name__ == "__main__":`` (workers re-import ``__main__``).
-Calling ``set_forkserver_preload`` is process-global; it only takes effect if the forkserver has
-not been started yet by other code.
+A worker that cannot start (math-verify missing, a broken interpreter) is an error:
+:meth:`MathVerifyPool.verify_many` raises :class:`MathVerifyWorkerError` after 3 consecutive
+start-up failures instead of scoring items as parse errors.
 """
 from __future__ import annotations
 
 import atexit
 import logging
-import multiprocessing as mp
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Sequence
 
-__all__ = ["MathVerifyPool", "get_pool", "shutdown_pool", "verify_in_worker"]
+__all__ = ["MathVerifyPool", "MathVerifyWorkerError", "get_pool", "shutdown_pool", "verify_in_worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,12 +134,81 @@ def _worker_main(conn) -> None:  # pragma: no cover - runs in a child process
             return
 
 
+def _worker_entry(fd: int) -> None:  # pragma: no cover - runs in a child process
+    """Entry point of a worker interpreter: serve :func:`_worker_main` on the inherited socket ``fd``."""
+    conn = Connection(fd)
+    try:
+        _worker_main(conn)
+    finally:
+        conn.close()
+
+
 # --------------------------------------------------------------------------------------------
 # Parent side
 # --------------------------------------------------------------------------------------------
+class MathVerifyWorkerError(RuntimeError):
+    """math-verify workers cannot be started; scoring stops instead of returning wrong rewards."""
+
+
+#: Directory holding the ``megatron_dapo`` package, put first on a worker's ``PYTHONPATH``.
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+_WORKER_CODE = ("import sys; from megatron_dapo.reward.math_verify_pool import _worker_entry; "
+                "_worker_entry(int(sys.argv[1]))")
+
+
+class _WorkerProcess:
+    """The handful of ``multiprocessing.Process`` methods the pool uses, over a ``Popen``."""
+
+    def __init__(self, popen: subprocess.Popen):
+        self._popen = popen
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._popen.poll()
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    def kill(self) -> None:
+        if self._popen.poll() is None:
+            self._popen.kill()
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self._popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _launch_worker() -> tuple[_WorkerProcess, Connection]:
+    """Start one worker interpreter; returns (process, parent end of its connection).
+
+    The worker runs ``python -c`` with this module's :func:`_worker_entry`; the caller's
+    ``__main__`` is never imported in it.
+    """
+    parent_sock, child_sock = socket.socketpair()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    fd = child_sock.fileno()
+    try:
+        popen = subprocess.Popen([sys.executable or "python3", "-c", _WORKER_CODE, str(fd)],
+                                 pass_fds=(fd,), env=env, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, close_fds=True)
+    except BaseException:
+        parent_sock.close()
+        child_sock.close()
+        raise
+    child_sock.close()
+    return _WorkerProcess(popen), Connection(parent_sock.detach())
+
+
 @dataclass
 class _Worker:
-    proc: mp.process.BaseProcess
+    proc: _WorkerProcess
     conn: object
     state: str = "starting"  # starting | idle | busy
     deadline: float = 0.0
@@ -152,18 +226,6 @@ class PoolStats:
     workers_started: int = 0
     startup_failures: int = 0
     last_startup_error: str = ""
-
-
-def _context():
-    methods = mp.get_all_start_methods()
-    if "forkserver" in methods:
-        ctx = mp.get_context("forkserver")
-        try:
-            ctx.set_forkserver_preload(["math_verify", "megatron_dapo.reward.math_verify_pool"])
-        except Exception:  # noqa: BLE001 - preload is an optimisation only
-            pass
-        return ctx
-    return mp.get_context("spawn")
 
 
 class MathVerifyPool:
@@ -189,18 +251,14 @@ class MathVerifyPool:
         self.stats = PoolStats()
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
-        self._ctx = None
         self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _start_worker(self) -> _Worker:
-        if self._ctx is None:
-            self._ctx = _context()
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=_worker_main, args=(child_conn,), daemon=True,
-                                 name="math-verify-worker")
-        proc.start()
-        child_conn.close()
+        try:
+            proc, parent_conn = _launch_worker()
+        except OSError as e:
+            raise MathVerifyWorkerError(f"cannot start a math-verify worker: {e}") from e
         w = _Worker(proc=proc, conn=parent_conn, deadline=time.monotonic() + self.startup_timeout_s)
         self._workers.append(w)
         self.stats.workers_started += 1
@@ -239,14 +297,14 @@ class MathVerifyPool:
         """Start all workers now and wait until they are ready (otherwise done on first use).
 
         Raises:
-            RuntimeError: a worker failed to start (e.g. math-verify is not installed).
+            MathVerifyWorkerError: a worker failed to start (e.g. math-verify is not installed).
         """
         with self._lock:
             self._ensure_workers(self.num_workers)
             while any(w.state == "starting" for w in self._workers):
                 self._poll(deque(), [], [])
                 if not self._workers:
-                    raise RuntimeError("math-verify worker failed to start: "
+                    raise MathVerifyWorkerError("math-verify worker failed to start: "
                                        + self.stats.last_startup_error)
 
     def close(self) -> None:
@@ -338,11 +396,12 @@ class MathVerifyPool:
         ``timeout_s`` is the hard wall-clock limit per item, counted from when the item is handed
         to a ready worker (worker start-up is not counted). A timed-out item gives
         ``("timeout", False)`` and its worker is killed and replaced. If workers cannot be started
-        (math-verify missing, 3 consecutive start-up failures), remaining items give
-        ``("parse_error", False)`` and an error is logged.
+        (math-verify missing, 3 consecutive start-up failures), scoring stops with an error:
+        a wrong reward is never returned silently.
 
         Raises:
             ValueError: ``timeout_s <= 0``.
+            MathVerifyWorkerError: workers cannot be started.
         """
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
@@ -357,12 +416,12 @@ class MathVerifyPool:
             while pending or any(w.state == "busy" for w in self._workers):
                 if pending:
                     if self.stats.startup_failures - failures_at_start >= 3:
-                        logger.error("math-verify workers cannot start (%s); %d items scored as "
-                                     "parse errors", self.stats.last_startup_error, len(pending))
-                        for j in pending:
-                            results[j] = (PARSE_ERROR, False)
-                        pending.clear()
-                        continue
+                        for w in [w for w in self._workers if w.state == "busy"]:
+                            self._kill(w)
+                        raise MathVerifyWorkerError(
+                            f"math-verify workers cannot start "
+                            f"({self.stats.last_startup_error}); {len(pending)} of {n} items "
+                            "unscored (is math-verify installed in this interpreter?)")
                     self._ensure_workers(len(pending) + sum(
                         w.state == "busy" for w in self._workers))
                 self._poll(pending, items, results)

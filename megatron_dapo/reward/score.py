@@ -200,6 +200,7 @@ def compute_score(response: str, ground_truth: str, *, data_source: str = "math_
     Raises:
         TypeError: ``response``/``ground_truth`` of the wrong type.
         ValueError: a GSM8K reference that is not a number; ``timeout_s <= 0``.
+        MathVerifyWorkerError: the math-verify worker processes cannot be started.
     """
     res, job = _score_one_local(response, ground_truth, data_source, strict)
     if res is not None:
@@ -224,6 +225,7 @@ def score_batch(responses: Sequence[str], ground_truths: Sequence[str],
 
     Raises:
         ValueError: the sequences differ in length, ``num_workers < 1`` or ``timeout_s <= 0``.
+        MathVerifyWorkerError: the math-verify worker processes cannot be started.
     """
     n = len(responses)
     if isinstance(data_sources, str):

@@ -40,6 +40,29 @@ from megatron_dapo.rollout.payloads import (  # noqa: F401
 from megatron_dapo.rollout.transport import EngineError, EngineTransport, _is_retryable_exc, logger  # noqa: F401
 
 
+WEIGHT_UPDATE_BRACKET_SINCE = (0, 5, 23)
+"""SGLang versions from this one on reject ``/update_weights_from_tensor`` and
+``/update_weights_from_distributed`` (HTTP 400) unless they run between ``POST /begin_weight_update``
+and ``POST /end_weight_update`` (``BeginWeightUpdateReqInput`` / ``EndWeightUpdateReqInput``); older
+servers have no such routes."""
+
+
+def parse_server_version(version) -> tuple[int, ...] | None:
+    """``"0.5.23"`` / ``"0.5.10rc0"`` / ``"0.5.3.post1"`` -> ``(0, 5, 23)`` / ``(0, 5, 10)`` / ``(0, 5, 3)``;
+    ``None`` when absent or not a dotted number (the CPU engine reports none)."""
+    import re
+
+    m = re.match(r"\s*v?(\d+(?:\.\d+)*)", str(version)) if version is not None else None
+    return tuple(int(x) for x in m.group(1).split(".")) if m else None
+
+
+def needs_weight_update_bracket(server_info) -> bool:
+    """Whether a server whose ``/get_server_info`` answered ``server_info`` needs the
+    begin/end bracket around tensor / distributed weight updates (SGLang >= :data:`WEIGHT_UPDATE_BRACKET_SINCE`)."""
+    version = parse_server_version(server_info.get("version")) if isinstance(server_info, dict) else None
+    return version is not None and version >= WEIGHT_UPDATE_BRACKET_SINCE
+
+
 class EngineClient(EngineTransport):
     """Async client for one or more SGLang-API engines (see module docstring).
 
@@ -138,8 +161,10 @@ class EngineClient(EngineTransport):
                     temperature: float = 1.0) -> list[list[float | None]]:
         """Score given sequences: ``input_token_logprobs`` of tokens ``seq[start:]``.
 
-        Sends ``max_new_tokens = 0``, ``return_logprob = True``, ``logprob_start_len = start``.
-        Position 0 (no context) scores ``None``.
+        Sends ``max_new_tokens = 0``, ``return_logprob = True``, ``logprob_start_len = max(start - 1, 0)``
+        and drops the extra first entry: SGLang 0.5.x answers ``None`` for the first position it
+        reports whatever ``logprob_start_len`` is, so asking one position earlier makes
+        ``seq[start]`` scored on every engine.  Position 0 (no context) scores ``None``.
 
         Returns:
             per sequence, ``len(seq) - start`` logprobs.
@@ -154,15 +179,16 @@ class EngineClient(EngineTransport):
         for i, (s, st) in enumerate(zip(seqs, starts)):
             if not 0 <= st < len(s):
                 raise ValueError(f"start_lens[{i}]={st} outside [0, {len(s)})")
+        asked = [max(st - 1, 0) for st in starts]
         payload = build_generate_payload(seqs, {"max_new_tokens": 0, "temperature": float(temperature)},
-                                         return_logprob=True, logprob_start_len=starts)
+                                         return_logprob=True, logprob_start_len=asked)
         url, outs = await self._post_generate(payload)
         res = []
         for i, o in enumerate(outs):
-            if o.input_logprobs is None or len(o.input_logprobs) != len(seqs[i]) - starts[i]:
+            if o.input_logprobs is None or len(o.input_logprobs) != len(seqs[i]) - asked[i]:
                 raise EngineError(f"/generate on {url}: input_token_logprobs missing or of wrong length for "
                                   f"sequence {i}", urls=[url])
-            res.append(o.input_logprobs)
+            res.append([None] + o.input_logprobs[1:] if starts[i] == 0 else o.input_logprobs[1:])
         return res
 
     async def abort(self, rid: str | None = None) -> int:
@@ -327,13 +353,13 @@ class EngineClient(EngineTransport):
                                               group_name: str = "weight_update_group",
                                               weight_version: str | None = None, flush_cache: bool = True,
                                               abort_all_requests: bool = False) -> dict[str, Any]:
-        """``POST /update_weights_from_distributed`` on every engine; they then receive each tensor by
-        broadcast from rank 0 in the order of ``names`` (the trainer must broadcast concurrently -
-        see :meth:`push_weights_distributed`)."""
+        """``POST /update_weights_from_distributed`` on every engine (inside begin/end_weight_update
+        where the server needs it); they then receive each tensor by broadcast from rank 0 in the
+        order of ``names`` (the trainer must broadcast concurrently - see :meth:`push_weights_distributed`)."""
         body = build_update_weights_from_distributed_payload(
             names, dtypes, shapes, group_name=group_name, flush_cache=flush_cache,
             weight_version=weight_version, abort_all_requests=abort_all_requests)
-        return await self._control("POST", "/update_weights_from_distributed", body)
+        return await self._bracketed("/update_weights_from_distributed", body)
 
     async def push_weights_distributed(self, group, named_tensors: Iterable[tuple[str, torch.Tensor]], *,
                                        group_name: str = "weight_update_group",
@@ -361,13 +387,87 @@ class EngineClient(EngineTransport):
     async def update_weights_from_tensor(self, serialized_named_tensors: list, *, load_format: str | None = None,
                                          flush_cache: bool = True, weight_version: str | None = None) -> dict[str, Any]:
         """``POST /update_weights_from_tensor`` (``UpdateWeightsFromTensorReqInput``: one serialized
-        string per TP rank, see :func:`serialize_named_tensors_for_sglang`): CUDA-IPC handles on GPU,
-        shared-memory handles for the CPU engine on the same host."""
+        string per TP rank, see :func:`serialize_named_tensors_for_sglang`; ``load_format`` ``None`` for a
+        list of ``(name, tensor)`` or ``"flattened_bucket"`` for
+        :func:`~megatron_dapo.rollout.tensor_ipc.serialize_flattened_bucket`): CUDA-IPC handles on GPU,
+        shared-memory handles on CPU (same host).  Bracketed by begin/end_weight_update where the
+        server needs it (:meth:`weight_update_session`)."""
         body: dict[str, Any] = {"serialized_named_tensors": list(serialized_named_tensors),
                                 "load_format": load_format, "flush_cache": bool(flush_cache)}
         if weight_version is not None:
             body["weight_version"] = str(weight_version)
-        return await self._control("POST", "/update_weights_from_tensor", body)
+        return await self._bracketed("/update_weights_from_tensor", body)
+
+    # ---- weight-update sessions (SGLang >= 0.5.23) ------------------------------------------------
+    async def weight_update_bracket(self, urls: Sequence[str] | None = None) -> dict[str, bool]:
+        """``{url: needs begin/end_weight_update}`` from each engine's ``/get_server_info`` version
+        (cached per URL; an engine whose info cannot be read counts as not needing it)."""
+        urls = list(urls) if urls is not None else self.control_urls
+        cache = self.__dict__.setdefault("_bracket", {})
+        todo = [u for u in urls if u not in cache]
+
+        async def one(u):
+            try:
+                status, data = await self._http("GET", u, "/get_server_info", None, self.control_timeout_s)
+            except Exception:
+                return u, False
+            return u, status < 400 and needs_weight_update_bracket(data)
+
+        for u, need in await asyncio.gather(*(one(u) for u in todo)):
+            cache[u] = need
+        return {u: cache[u] for u in urls}
+
+    async def begin_weight_update(self, urls: Sequence[str] | None = None) -> dict[str, Any]:
+        """``POST /begin_weight_update {}`` (SGLang ``BeginWeightUpdateReqInput``) on ``urls``.
+
+        Raises:
+            EngineError: an engine refused (e.g. a session is already open) or failed."""
+        return await self._control("POST", "/begin_weight_update", {}, urls=urls)
+
+    async def end_weight_update(self, urls: Sequence[str] | None = None) -> dict[str, Any]:
+        """``POST /end_weight_update {}`` (SGLang ``EndWeightUpdateReqInput``) on ``urls``.
+
+        Raises:
+            EngineError: an engine refused (no session open) or failed."""
+        return await self._control("POST", "/end_weight_update", {}, urls=urls)
+
+    async def _bracketed(self, path: str, body: dict, urls: Sequence[str] | None = None) -> dict[str, Any]:
+        """POST a tensor / distributed weight update to every engine, each inside its own
+        begin/end_weight_update session where it needs one.  A server that answers HTTP 400 naming
+        ``begin_weight_update`` (a version this client did not recognise) is marked and retried
+        bracketed - only for tensor updates: a distributed update's broadcast cannot be replayed.
+
+        Raises:
+            EngineError: any engine failed (the update's error wins over a failing end call).
+        """
+        urls = list(urls) if urls is not None else self.control_urls
+        need = await self.weight_update_bracket(urls)
+
+        async def one(url):
+            if need[url]:
+                await self.begin_weight_update([url])
+                try:
+                    return await self._control("POST", path, body, urls=[url])
+                finally:
+                    try:
+                        await self.end_weight_update([url])
+                    except EngineError as exc:
+                        logger.warning("end_weight_update on %s: %s", url, exc)
+            try:
+                return await self._control("POST", path, body, urls=[url])
+            except EngineError as exc:
+                if path != "/update_weights_from_tensor" or "begin_weight_update" not in str(exc):
+                    raise
+            self._bracket[url] = need[url] = True
+            return await one(url)
+
+        results = await asyncio.gather(*(one(u) for u in urls), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            if len(errors) == 1 or not all(isinstance(e, EngineError) for e in errors):
+                raise errors[0]
+            raise EngineError("; ".join(str(e) for e in errors), urls=[u for e in errors for u in e.urls])
+        return {k: v for d in results for k, v in d.items()}
 
 
 class SyncEngineClient:

@@ -379,10 +379,10 @@ def build_app(engine: CPUEngine, *, api_key: str | None = None):
             values = table[name].detach()[:truncate].tolist()
         return web.json_response(values)
 
-    def load_from_tensor_handles(serialized: str, version):
-        from .tensor_ipc import deserialize_named_tensors
+    def load_from_tensor_handles(serialized: str, version, load_format=None):
+        from .tensor_ipc import deserialize_payload
 
-        named = deserialize_named_tensors(serialized)  # maps the sender's shared memory (no copy yet)
+        named = deserialize_payload(serialized, load_format)  # maps the sender's shared memory (no copy yet)
         names = [n for n, _ in named]
         if len(set(names)) != len(names):
             raise ValueError("a tensor name appears twice in one update")
@@ -398,8 +398,9 @@ def build_app(engine: CPUEngine, *, api_key: str | None = None):
             entries = body.get("serialized_named_tensors")
             if not (isinstance(entries, list) and entries and all(isinstance(e, str) for e in entries)):
                 raise RequestError("serialized_named_tensors must be a non-empty list of strings (one per TP rank)")
-            if body.get("load_format") not in (None, "direct"):
-                raise RequestError(f"load_format={body['load_format']!r} unsupported by the CPU engine (use null)")
+            if body.get("load_format") not in (None, "direct", "flattened_bucket"):
+                raise RequestError(f"load_format={body['load_format']!r} unsupported by the CPU engine (null, "
+                                   f"'direct' or 'flattened_bucket')")
         except RequestError as exc:
             return _json_error(400, str(exc))
         if "weights" in engine.released_tags:
@@ -408,7 +409,9 @@ def build_app(engine: CPUEngine, *, api_key: str | None = None):
         await maybe_abort_all(body)
         try:
             # one engine TP rank here: entry 0 (SGLang hands entry i to its TP rank i)
-            msg = await run_blocking(load_from_tensor_handles, entries[0], body.get("weight_version"))
+            fmt = body.get("load_format")
+            msg = await run_blocking(load_from_tensor_handles, entries[0], body.get("weight_version"),
+                                     None if fmt == "direct" else fmt)
         except Exception as exc:
             return web.json_response({"success": False, "message": f"update_weights_from_tensor failed: {exc}"},
                                      status=400)

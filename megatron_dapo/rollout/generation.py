@@ -18,6 +18,7 @@ import torch
 
 from ..algorithm import DynamicSampler, Group, soft_overlong_penalty
 from ..reward import score_batch
+from .validate import screen_group
 
 
 @dataclass
@@ -37,6 +38,8 @@ class RolloutSettings:
     deterministic: bool = False
     """Send each round as one ordered request and score groups in prompt order (no mid-round abort):
     reproducible rollouts for exact resume and tests. ``False``: score as groups complete, abort on full."""
+    response_validator: Optional[object] = None
+    """A :class:`~megatron_dapo.rollout.validate.ResponseValidator`: malformed responses drop their group."""
 
 
 @dataclass
@@ -128,7 +131,8 @@ async def _fill(client, sampler: DynamicSampler, next_prompts: Callable[[int], l
                 if any(o.finish_reason == "abort" for o in outs):
                     sampler.record_aborted(1, sum(len(o.output_ids) for o in outs))
                     continue
-                sampler.add_group(_make_group(idx, row, ids, outs, tokenizer, s, stats))
+                if screen_group(s, outs):
+                    sampler.add_group(_make_group(idx, row, ids, outs, tokenizer, s, stats))
             if sampler.is_full and pending:
                 for t in pending:
                     await client.abort(rid=f"{rid_base}-{tasks[t]}")
@@ -142,6 +146,9 @@ async def _fill(client, sampler: DynamicSampler, next_prompts: Callable[[int], l
     finally:
         for t in pending:
             t.cancel()
+        for t in tasks:  # the first failure propagates; mark the others' as seen (no asyncio traceback)
+            if t.done() and not t.cancelled():
+                t.exception()
 
 
 def _make_group(idx: int, row: dict, ids: list[int], outs, tokenizer, s: RolloutSettings,
@@ -179,7 +186,8 @@ async def _fill_ordered(client, sampler: DynamicSampler, next_prompts, tokenizer
         client.prompts_per_request = saved
     g = s.n_samples_per_prompt
     for i, (idx, row, ids) in enumerate(prompts):
-        sampler.add_group(_make_group(idx, row, ids, outs[i * g:(i + 1) * g], tokenizer, s, stats))
+        if screen_group(s, outs[i * g:(i + 1) * g]):
+            sampler.add_group(_make_group(idx, row, ids, outs[i * g:(i + 1) * g], tokenizer, s, stats))
 
 
 def collect_batch(sync_client, sampler: DynamicSampler, next_prompts, tokenizer,

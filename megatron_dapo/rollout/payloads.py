@@ -194,8 +194,9 @@ def parse_generate_response(obj: Any, *, engine_url: str | None = None) -> list[
     in ``meta_info.output_token_logprobs``); logprobs from ``output_token_logprobs[i][0]``.
 
     Raises:
-        ValueError: missing fields, unknown finish reason, or logprobs / ids length mismatch
-            (names the item index).
+        ValueError: missing fields, unknown finish reason, or token ids differing between
+            ``output_ids`` and ``output_token_logprobs`` (names the item index). A logprob list of
+            another length than ``output_ids`` is returned as is (the rollout validator drops it).
     """
     items = obj if isinstance(obj, list) else [obj]
     outs = []
@@ -215,10 +216,9 @@ def parse_generate_response(obj: Any, *, engine_url: str | None = None) -> list[
         logprobs = None
         if lp_entries is not None:
             logprobs = [float(e[0]) for e in lp_entries]
-            if len(logprobs) != len(ids):
-                raise ValueError(f"{where}: {len(logprobs)} output_token_logprobs for {len(ids)} output_ids")
+            # a count mismatch is returned as is: megatron_dapo.rollout.validate drops that one response
             lp_ids = [int(e[1]) for e in lp_entries]
-            if lp_ids != ids:
+            if len(logprobs) == len(ids) and lp_ids != ids:
                 raise ValueError(f"{where}: token ids in output_token_logprobs differ from output_ids")
         in_lp = meta.get("input_token_logprobs")
         outs.append(GenerateOutput(

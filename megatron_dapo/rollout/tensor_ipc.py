@@ -25,6 +25,8 @@ import binascii
 import contextlib
 import io
 import pickle
+import types
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -122,29 +124,179 @@ def serialize_named_tensors(named_tensors: Sequence[tuple[str, torch.Tensor]]) -
     Raises:
         TypeError: an entry is not a ``(str, Tensor)`` pair.
     """
-    import torch.multiprocessing.reductions  # noqa: F401  (registers the tensor reducers)
-    from multiprocessing.reduction import ForkingPickler
+    return _pickle_b64(_check_named(named_tensors))
 
-    items = []
-    for i, item in enumerate(named_tensors):
-        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
-                and isinstance(item[1], torch.Tensor)):
-            raise TypeError(f"named_tensors[{i}] must be a (str, torch.Tensor) pair, got {type(item).__name__}")
-        items.append((item[0], item[1].detach()))
-    buf = io.BytesIO()
-    with _file_system_sharing():
-        ForkingPickler(buf).dump(items)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+FLATTENED_BUCKET = "flattened_bucket"
+"""``load_format`` of SGLang's flattened-bucket payload: ONE pickled dict ``{"flattened_tensor": uint8
+tensor, "metadata": [entry, ...]}`` where each entry has ``name``, ``shape`` (``torch.Size``), ``dtype``,
+``start_idx``, ``end_idx`` (byte offsets into the flat tensor) and ``numel`` (bytes) - the fields of
+``sglang.srt.weight_sync.tensor_bucket.FlattenedTensorMetadata``, read by attribute in
+``WeightUpdater._update_weights_from_flattened_bucket`` (SGLang 0.5.x)."""
+
+
+@dataclass
+class BucketEntry:
+    """One tensor of a flattened bucket (the fields of SGLang's ``FlattenedTensorMetadata``): bytes
+    ``[start_idx, end_idx)`` of the flat ``uint8`` tensor viewed as ``dtype`` and reshaped to ``shape``."""
+
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype
+    start_idx: int
+    end_idx: int
+    numel: int
 
 
 class _HandleUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
+        if (module, name) in _BUCKET_GLOBALS:
+            return _BUCKET_GLOBALS[(module, name)]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise TensorPayloadError(f"serialized tensors reference {module}.{name}, which is not a tensor-handle "
                                  f"global (refused)")
+
+
+_ALIGN = 16
+_BUCKET_GLOBALS = {
+    # what our sender writes (no sglang import needed on either side) ...
+    ("types", "SimpleNamespace"): types.SimpleNamespace,
+    # ... and what SGLang's own FlattenedTensorBucket pickles (a dataclass rebuilt field by field)
+    ("sglang.srt.weight_sync.tensor_bucket", "FlattenedTensorMetadata"): BucketEntry,
+    ("copyreg", "__newobj__"): lambda cls, *args: _new_bucket_entry(cls, *args),
+}
+
+
+def _new_bucket_entry(cls, *args):
+    if cls is not BucketEntry:
+        raise TensorPayloadError(f"serialized tensors construct {cls!r}, which is not a bucket entry (refused)")
+    return cls.__new__(cls, *args)
+
+
+def serialize_flattened_bucket(named_tensors: Sequence[tuple[str, torch.Tensor]]) -> str:
+    """One ``serialized_named_tensors`` entry in SGLang's ``load_format="flattened_bucket"`` format.
+
+    The tensors are copied once, byte by byte, into ONE ``uint8`` tensor (shared memory on CPU, a new
+    allocation on the tensors' GPU; each entry starts on a 16-byte boundary, as a view of mixed dtypes
+    needs - SGLang's own bucket packs them back to back and reads entries by their byte range) and described by :class:`BucketEntry`-shaped records (pickled as
+    ``types.SimpleNamespace``, which SGLang's ``SafeUnpickler`` admits; SGLang reads them by attribute).
+    Layout and field meanings: :data:`FLATTENED_BUCKET`; it equals what
+    ``FlattenedTensorBucket(named_tensors=...).get_flattened_tensor() / get_metadata()`` produce.
+
+    Args:
+        named_tensors: non-empty ``(hf_name, tensor)`` pairs, all on one device (any dtypes).
+
+    Returns:
+        ASCII text (``MultiprocessingSerializer.serialize(obj, output_str=True)``'s format).
+
+    Raises:
+        ValueError: empty list or tensors on different devices.  TypeError: not ``(str, Tensor)`` pairs.
+    """
+    items = _check_named(named_tensors)
+    if not items:
+        raise ValueError("a flattened bucket needs at least one tensor")
+    devices = {t.device for _, t in items}
+    if len(devices) != 1:
+        raise ValueError(f"a flattened bucket holds tensors of one device, got {sorted(map(str, devices))}")
+    starts, off = [], 0
+    for _, t in items:  # each entry starts on a multiple of _ALIGN bytes (a byte view needs dtype alignment)
+        off = -(-off // _ALIGN) * _ALIGN
+        starts.append(off)
+        off += t.numel() * t.element_size()
+    flat = torch.zeros(off, dtype=torch.uint8, device=devices.pop())
+    if not flat.is_cuda:
+        with _file_system_sharing():
+            flat.share_memory_()
+    meta = []
+    for (name, t), off in zip(items, starts):
+        nbytes = t.numel() * t.element_size()
+        flat[off: off + nbytes].copy_(t.contiguous().reshape(-1).view(torch.uint8))
+        meta.append(types.SimpleNamespace(name=name, shape=torch.Size(t.shape), dtype=t.dtype, start_idx=off,
+                                          end_idx=off + nbytes, numel=nbytes))
+    return _pickle_b64({"flattened_tensor": flat, "metadata": meta})
+
+
+def _check_named(named_tensors) -> list[tuple[str, torch.Tensor]]:
+    items = []
+    for i, item in enumerate(named_tensors):
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], torch.Tensor)):
+            raise TypeError(f"named_tensors[{i}] must be a (str, torch.Tensor) pair, got {type(item).__name__}")
+        items.append((item[0], item[1].detach()))
+    return items
+
+
+def _pickle_b64(obj) -> str:
+    import torch.multiprocessing.reductions  # noqa: F401  (registers the tensor reducers)
+    from multiprocessing.reduction import ForkingPickler
+
+    buf = io.BytesIO()
+    with _file_system_sharing():
+        ForkingPickler(buf).dump(obj)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def unflatten_bucket(obj) -> list[tuple[str, torch.Tensor]]:
+    """``[(name, tensor)]`` views of a flattened-bucket dict (see :data:`FLATTENED_BUCKET`).
+
+    Raises:
+        TensorPayloadError: not such a dict, or an entry outside the flat tensor / of the wrong size.
+    """
+    if not (isinstance(obj, dict) and isinstance(obj.get("flattened_tensor"), torch.Tensor)
+            and isinstance(obj.get("metadata"), list)):
+        raise TensorPayloadError("a flattened bucket must be a dict with a 'flattened_tensor' tensor and a "
+                                 "'metadata' list")
+    flat = obj["flattened_tensor"]
+    if flat.dtype != torch.uint8 or flat.dim() != 1:
+        raise TensorPayloadError(f"flattened_tensor must be 1-D uint8, got {flat.dtype} of shape {tuple(flat.shape)}")
+    out = []
+    for i, m in enumerate(obj["metadata"]):
+        try:
+            name, shape, dtype = str(m.name), torch.Size(m.shape), m.dtype
+            start, end = int(m.start_idx), int(m.end_idx)
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise TensorPayloadError(f"metadata[{i}] is not a bucket entry: {exc}") from None
+        if not isinstance(dtype, torch.dtype):
+            raise TensorPayloadError(f"metadata[{i}].dtype is not a torch dtype")
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if not (0 <= start <= end <= flat.numel()) or end - start != shape.numel() * itemsize:
+            raise TensorPayloadError(f"metadata[{i}] ({name}): bytes [{start}, {end}) do not fit shape "
+                                     f"{tuple(shape)} of {dtype} inside {flat.numel()} bytes")
+        out.append((name, flat[start:end].view(dtype).reshape(shape)))
+    return out
+
+
+def deserialize_payload(data: str | bytes, load_format: str | None = None) -> list[tuple[str, torch.Tensor]]:
+    """Read one ``serialized_named_tensors`` entry of either format (``load_format`` ``None`` or
+    :data:`FLATTENED_BUCKET`) as ``[(name, tensor)]`` (engine side).
+
+    Raises:
+        TensorPayloadError: see :func:`deserialize_named_tensors` / :func:`unflatten_bucket`;
+            ``ValueError`` for another ``load_format``.
+    """
+    if load_format is None:
+        return deserialize_named_tensors(data)
+    if load_format != FLATTENED_BUCKET:
+        raise ValueError(f"load_format={load_format!r} unsupported (null or {FLATTENED_BUCKET!r})")
+    return unflatten_bucket(_load(data))
+
+
+def _load(data: str | bytes):
+    import torch.multiprocessing.reductions  # noqa: F401  (the rebuild functions must be importable)
+
+    try:
+        raw = base64.b64decode(data, validate=True) if isinstance(data, str) else bytes(data)
+    except (binascii.Error, ValueError) as exc:
+        raise TensorPayloadError(f"serialized tensors are not base64 text: {exc}") from None
+    try:
+        return _HandleUnpickler(io.BytesIO(raw)).load()
+    except TensorPayloadError:
+        raise
+    except Exception as exc:  # truncated pickle, missing shared-memory segment, CUDA handle on CPU, ...
+        raise TensorPayloadError(f"cannot open serialized tensors: {type(exc).__name__}: {exc}") from None
 
 
 def deserialize_named_tensors(data: str | bytes) -> list[tuple[str, torch.Tensor]]:
@@ -157,18 +309,7 @@ def deserialize_named_tensors(data: str | bytes) -> list[tuple[str, torch.Tensor
         TensorPayloadError: not base64, not a pickle of ``list[(str, Tensor)]``, a global outside the
             tensor-handle allowlist, or a handle that cannot be opened (e.g. another host's segment).
     """
-    import torch.multiprocessing.reductions  # noqa: F401  (the rebuild functions must be importable)
-
-    try:
-        raw = base64.b64decode(data, validate=True) if isinstance(data, str) else bytes(data)
-    except (binascii.Error, ValueError) as exc:
-        raise TensorPayloadError(f"serialized tensors are not base64 text: {exc}") from None
-    try:
-        obj = _HandleUnpickler(io.BytesIO(raw)).load()
-    except TensorPayloadError:
-        raise
-    except Exception as exc:  # truncated pickle, missing shared-memory segment, CUDA handle on CPU, ...
-        raise TensorPayloadError(f"cannot open serialized tensors: {type(exc).__name__}: {exc}") from None
+    obj = _load(data)
     if not isinstance(obj, list):
         raise TensorPayloadError(f"serialized tensors must be a list of (name, tensor), got {type(obj).__name__}")
     for i, item in enumerate(obj):

@@ -11,7 +11,12 @@ builds the NCCL group inside its server; this helper is what the *trainer* side 
 what the CPU engine (:mod:`megatron_dapo.rollout.cpu_engine`) uses on both sides.
 
 Rendezvous: rank 0 hosts a ``torch.distributed.TCPStore`` on ``master_address:master_port``;
-the other ranks connect to it.  Keys are namespaced by ``group_name`` with a ``PrefixStore``.
+the other ranks connect to it.  The store keys are laid out exactly as SGLang's side lays them out,
+so a trainer using this module and a real SGLang server meet: ``sglang.srt.utils.init_custom_process_group``
+wraps the rendezvous store in ``PrefixStore(group_name, store)`` and hands it to torch's
+``_new_process_group_helper``, which adds ``PrefixStore(f"{group_name}/", .)`` and
+``PrefixStore(f"{device}/", .)`` (gloo: ``cpu``, nccl: ``cuda``), under which it builds the group's one
+backend and sets its sequence number.  :func:`store_prefixes` names that layout.
 Creating the group blocks until all ``world_size`` ranks have joined (or ``timeout_s`` passes).
 """
 from __future__ import annotations
@@ -28,6 +33,17 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 _SUPPORTED_BACKENDS = ("gloo", "nccl")
+BACKEND_DEVICE = {"gloo": "cpu", "nccl": "cuda"}
+"""The device prefix under which torch builds a group's one backend: the first device of
+``Backend.backend_capability`` (gloo: cpu, cuda; nccl: cuda) - torch registers that single backend
+for every device when they all map to the same backend."""
+
+
+def store_prefixes(group_name: str, device: str) -> list[str]:
+    """The ``PrefixStore`` prefixes, outermost first, under which a weight-update group's ``device``
+    backend keeps its rendezvous keys - those of ``sglang.srt.utils.init_custom_process_group``
+    (``group_name``) followed by torch's ``_new_process_group_helper`` (``group_name/``, ``device/``)."""
+    return [group_name, f"{group_name}/", f"{device}/"]
 
 
 def parse_torch_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -141,9 +157,9 @@ def create_weight_update_group(
 ) -> WeightUpdateGroup:
     """Create (join) the weight-update group without touching the default process group.
 
-    Rank 0 hosts the ``TCPStore``; every rank then builds a ``ProcessGroupGloo`` (or, on GPU,
-    ``ProcessGroupNCCL``) directly from ``PrefixStore(group_name, store)``.  Blocks until all
-    ``world_size`` ranks joined.
+    Rank 0 hosts the ``TCPStore``; every rank then builds its backend under the store prefixes of
+    :func:`store_prefixes` - the layout SGLang's ``init_custom_process_group`` produces, so either side
+    may be a real SGLang server.  Blocks until all ``world_size`` ranks joined.
 
     Args:
         master_address: host of rank 0 (the trainer), e.g. ``"127.0.0.1"``.
@@ -153,7 +169,7 @@ def create_weight_update_group(
         backend: ``"gloo"`` (CPU) or ``"nccl"`` (CUDA; requires a CUDA build of torch with
             ``torch.distributed.ProcessGroupNCCL``; SGLang builds its own side itself).
         timeout_s: rendezvous and per-collective timeout in seconds.
-        group_name: key namespace in the store (SGLang's ``group_name``).
+        group_name: SGLang's ``group_name`` (the store namespace, see :func:`store_prefixes`).
 
     Returns:
         A :class:`WeightUpdateGroup`.
@@ -187,13 +203,16 @@ def create_weight_update_group(
         timeout=timeout,
         wait_for_workers=False,
     )
-    prefixed = dist.PrefixStore(f"megatron_dapo/{group_name}", store)
+    device_store = store
+    for prefix in store_prefixes(group_name, BACKEND_DEVICE[backend]):
+        device_store = dist.PrefixStore(prefix, device_store)
     if backend == "gloo":
-        pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+        pg = dist.ProcessGroupGloo(device_store, rank, world_size, timeout)
     else:
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
-        pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, opts)
+        pg = dist.ProcessGroupNCCL(device_store, rank, world_size, opts)
+    pg._set_sequence_number_for_group()  # a store round-trip SGLang's side makes too
     group = WeightUpdateGroup(rank=rank, world_size=world_size, backend=backend, group_name=group_name,
                               _pg=pg, _store=store)
     # ProcessGroupGloo's constructor already performs the full-mesh rendezvous (bounded by

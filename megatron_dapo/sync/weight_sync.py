@@ -98,6 +98,25 @@ def _checked_names(stream: Iterator[tuple[str, torch.Tensor]], expected: Optiona
             raise WeightSyncError(f"actor export misses {len(missing)} tensor(s), e.g. {missing[:5]}")
 
 
+TIED_OUTPUT_NAME = "lm_head.weight"
+"""HF name of the output layer; never sent when the embeddings are tied (see :meth:`WeightSync._engine_tensors`)."""
+
+
+def tied_embeddings(actor) -> bool:
+    """Whether ``actor``'s model ties the output layer to the input embedding: ``actor.spec.tie_word_embeddings``,
+    else ``tie_word_embeddings`` of ``actor.hf_path/config.json`` (transformers' default ``True`` when
+    absent there), else ``False``."""
+    spec = getattr(actor, "spec", None)
+    if spec is not None and hasattr(spec, "tie_word_embeddings"):
+        return bool(spec.tie_word_embeddings)
+    hf_path = getattr(actor, "hf_path", None)
+    if hf_path is not None and (Path(hf_path) / "config.json").is_file():
+        import json
+
+        return bool(json.loads((Path(hf_path) / "config.json").read_text()).get("tie_word_embeddings", True))
+    return False
+
+
 def _default_client_factory(urls: list[str], api_key: Optional[str]):
     from ..rollout.client import SyncEngineClient
 
@@ -181,6 +200,7 @@ class WeightSync:
         if transport == "tensor":
             check_tensor_transport_available()
         spec = getattr(actor, "spec", None)
+        self.tied_embeddings = tied_embeddings(actor)
         self._expected: Optional[list[str]] = None
         if spec is not None:
             from ..models import mapping
@@ -207,6 +227,15 @@ class WeightSync:
             else:
                 self._transport = TensorTransport(client, engine_world_size=engine_world_size)
         self._closed = False
+
+    def _engine_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The actor's ``(hf_name, tensor)`` stream as engines load it: with tied embeddings
+        (``tie_word_embeddings``) ``lm_head.weight`` is left out - SGLang's model has no such
+        parameter then and its loader fails on it; the engine's output layer IS ``embed_tokens``."""
+        for name, t in self.actor.iter_hf_tensors(self.dtype):
+            if self.tied_embeddings and name == TIED_OUTPUT_NAME:
+                continue
+            yield name, t
 
     # ---- engine control (driver) -----------------------------------------------------------
     def _flush_cache(self) -> None:
@@ -301,7 +330,7 @@ class WeightSync:
         stats = _Stats()
         err = self._pause_on_driver(pause)
         pause_s = time.perf_counter() - t0
-        stream = self.actor.iter_hf_tensors(self.dtype)
+        stream = self._engine_tensors()
         if self.is_driver and err is None:
             buckets = _timed_buckets(iter_buckets_with_last(_checked_names(stream, self._expected),
                                                             self.bucket_bytes, dtype=self.dtype), stats)
@@ -461,7 +490,7 @@ class WeightSync:
         err = self._pause_on_driver(pause)
         pause_err = _share_from_rank0(None if err is None else f"{type(err).__name__}: {err}")
         pause_s = time.perf_counter() - t0
-        stream = self.actor.iter_hf_tensors(self.dtype)
+        stream = self._engine_tensors()
         node = plan.rank_nodes[self.rank]
         sender = self.rank in plan.senders
         posted_bytes = posted_buckets = 0

@@ -9,7 +9,9 @@
   no HF weights), log-probs, and with the optimizer one more step and the resulting parameters;
 * ``{"op": "layout_error", ...}``: load with the optimizer expecting ``CheckpointLayoutError``;
 * ``{"op": "kill_save", "ckpt": root, "at": "before_rename"|"before_latest"}``: save step 1, then
-  save step 2 with the kill hook armed (rank 0 exits with code 17 mid-save).
+  save step 2 with the kill hook armed (rank 0 exits with code 17 mid-save); the full state after the
+  first save (ckpt_kill_worker.snapshot) goes to ``OUT.ref``. ``"snapshot": 1`` on a load adds the
+  loaded full state as ``state``.
 
 Rank 0 writes the list of per-step results to ``OUT`` (torch.save) after every step.
 """
@@ -19,6 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def make_batch():
@@ -71,15 +74,20 @@ def main():
             actor.train_step(b, ls)
             ck.save_checkpoint(actor, step["ckpt"], step.get("step", 1), {"step": step.get("step", 1), "data_pos": 17})
             r["logprobs"] = actor.compute_logprobs(b)[0]
+            r["params_before_next"] = params(actor)
             r["lr_next"] = actor.train_step(b, ls)["lr"]
             r["params_next"] = params(actor)
             r["rng_next"] = torch.rand(3)
         elif op == "load":
             lo = bool(step.get("load_optimizer", 1))
             r["trainer_state"] = ck.load_checkpoint(actor, step["ckpt"], load_optimizer=lo)
+            if step.get("snapshot"):
+                from ckpt_kill_worker import snapshot
+                r["state"] = snapshot(actor)
             r["rng_next"] = torch.rand(3)
             r["logprobs"] = actor.compute_logprobs(b)[0]
             if lo:
+                r["params_before_next"] = params(actor)
                 r["lr_next"] = actor.train_step(b, ls)["lr"]
                 r["params_next"] = params(actor)
         elif op == "layout_error":
@@ -91,6 +99,8 @@ def main():
         elif op == "kill_save":
             actor.train_step(b, ls)
             ck.save_checkpoint(actor, step["ckpt"], 1, {"step": 1})
+            from ckpt_kill_worker import snapshot
+            torch.save(snapshot(actor), os.environ["OUT"] + ".ref")  # the state a load must restore
             actor.train_step(b, ls)
             os.environ["MEGATRON_DAPO_CKPT_KILL_AT"] = step["at"]
             ck.save_checkpoint(actor, step["ckpt"], 2, {"step": 2})

@@ -1,0 +1,71 @@
+"""End to end through the real CLI, on the paths the cluster examples use and the tiny demo does not:
+
+* the default rollout path (``rollout.deterministic=false``: one request per prompt, concurrent,
+  abort when the dynamic sampler is full) with overlong filtering, for 3 steps;
+* each algorithm preset: ``dapo`` (above) and ``grpo``. Today ``algorithm.preset=grpo`` turns on the
+  KL loss, which needs a reference model the recipe does not run: the run must stop with exit 2 and
+  one line saying so (no traceback); with ``algorithm.kl_loss=false`` the grpo preset trains.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_e2e import _fail, read_scalars, run_train, tiny_model  # noqa: F401  (fixture)
+
+SMALL = ["rollout.rollout_batch_size=4", "rollout.n_samples_per_prompt=4", "actor.ppo_mini_batch_size=16",
+         "trainer.export_hf=false", "trainer.save_interval=0", "trainer.eval_interval=0"]
+
+
+def _base(tmp, model, name, steps):
+    return [f"output_dir={tmp}", f"run_name={name}", f"model.hf_path={model}",
+            f"trainer.total_steps={steps}"] + SMALL
+
+
+@pytest.mark.slow
+def test_default_rollout_path_with_overlong_filtering_trains_3_steps(tmp_path, tiny_model):  # noqa: F811
+    proc = run_train(_base(tmp_path, tiny_model, "nd", 3) + [
+        "rollout.deterministic=false", "algorithm.overlong_filtering=true", "algorithm.preset=dapo"])
+    assert proc.returncode == 0, _fail(proc)
+    run = tmp_path / "nd"
+    cfg_text = (run / "config.yaml").read_text()
+    assert "deterministic: false" in cfg_text and "overlong_filtering: true" in cfg_text
+    steps = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    for s in steps:
+        assert len(s["prompt_indices"]) == 4 and len(set(s["prompt_indices"])) == 4
+    sc = read_scalars(run / "tb")
+    kept = [v for _, v in sc["dynamic_sampling/kept_groups"]]
+    tried = [v for _, v in sc["dynamic_sampling/prompts_tried"]]
+    gen = [v for _, v in sc["dynamic_sampling/generated_response_tokens"]]
+    batch = [v for _, v in sc["dynamic_sampling/batch_response_tokens"]]
+    assert len(kept) == 3 and all(k >= 4 for k in kept) and all(t >= k for t, k in zip(tried, kept))
+    # every generated token is accounted for: the batch's, filtered groups', surplus and aborted ones
+    assert all(g >= b > 0 for g, b in zip(gen, batch))
+    assert [s for s, _ in sc["actor/pg_loss"]] == [1, 2, 3]
+    # the engine answered aborts (if any) without breaking the run; the counter is reported each step
+    assert len(sc["dynamic_sampling/aborted_requests"]) == 3
+
+
+@pytest.mark.slow
+def test_grpo_preset_needs_kl_reference_stops_with_one_line(tmp_path, tiny_model):  # noqa: F811
+    proc = run_train(_base(tmp_path, tiny_model, "grpo", 1) + ["algorithm.preset=grpo"])
+    assert proc.returncode == 2, _fail(proc)
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, _fail(proc)
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "kl_loss" in ln]
+    assert any("algorithm.kl_loss" in ln and "reference model" in ln for ln in lines), _fail(proc)
+
+
+@pytest.mark.slow
+def test_grpo_preset_without_kl_trains(tmp_path, tiny_model):  # noqa: F811
+    proc = run_train(_base(tmp_path, tiny_model, "grpo_nokl", 1) + ["algorithm.preset=grpo",
+                                                                   "algorithm.kl_loss=false"])
+    assert proc.returncode == 0, _fail(proc)
+    run = tmp_path / "grpo_nokl"
+    steps = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1]
+    sc = read_scalars(run / "tb")
+    # grpo: no dynamic-sampling filter, so every tried prompt is kept and one round fills the batch
+    assert [v for _, v in sc["dynamic_sampling/num_gen_batches"]] == [1.0]
+    assert [v for _, v in sc["dynamic_sampling/kept_groups"]] == [4.0]

@@ -1,0 +1,143 @@
+"""End to end with REAL SGLang (0.5.x, CPU): the trainer runs >= 3 steps for each weight-sync transport.
+
+Three runs cover the three transports and both colocation modes; after every sync the engine's logprobs
+of a fixed sequence must equal the actor's (``weight_sync/engine_actor_logprob_max_abs_diff`` <= 1e-4,
+fp32).  The runs use the session's SGLang server of ``tests/engine_fixtures.py`` (one start-up for the
+whole suite, started by the same ``launch_sglang_servers`` the trainer calls for ``rollout.backend=sglang``)
+through ``rollout.engine_urls``; each run's weights are replaced by the protocol model's afterwards.  The default non-deterministic rollout runs throughout (concurrent requests, abort once the
+dynamic sampler is full): aborted requests must come back and be counted.  The last test kills the
+engine mid-rollout: the step stops with one clear line and exit code 2, and the server's scheduler and
+detokenizer processes go with it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+from megatron_dapo.rollout.launch import descendant_pids
+from tests.engine_fixtures import wait_until
+
+CONFIG = str(REPO_ROOT / "examples" / "tiny-cpu" / "dapo.yaml")
+TOL = 1e-4
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _overrides(tmp: Path, model: Path, transport: str, colocated: bool, steps: int = 3) -> list[str]:
+    return [f"output_dir={tmp}", "run_name=sgl", f"model.hf_path={model}", f"trainer.total_steps={steps}",
+            "rollout.backend=sglang", "rollout.deterministic=false", f"rollout.colocated={str(colocated).lower()}",
+            f"weight_sync.transport={transport}", "weight_sync.check_logprobs=true", "trainer.save_interval=0",
+            "trainer.eval_interval=0", "resume=none"]
+
+
+def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
+def _train(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "megatron_dapo.cli", "train", CONFIG] + args
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _fail(proc) -> str:
+    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-5000:]}"
+
+
+def _check_run(tmp: Path, steps: int = 3) -> dict:
+    s = _scalars(tmp / "sgl")
+    diffs = s.get("weight_sync/engine_actor_logprob_max_abs_diff", [])
+    assert len(diffs) >= steps, f"expected a logprob check after each of {steps} syncs, got {diffs}"
+    assert max(v for _, v in diffs) <= TOL, diffs
+    assert [st for st, _ in s["actor/pg_loss"]] == list(range(1, steps + 1))
+    return s
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def sglang(engine_pool):
+    """The session's real SGLang server (one start-up shared with the protocol suite)."""
+    return engine_pool("sglang")
+
+
+@pytest.fixture(scope="module")
+def aborted_counts():
+    return []
+
+
+@pytest.fixture
+def restore_engine(sglang):
+    """Runs on the shared server change its weights: put the protocol model back afterwards."""
+    yield
+    from megatron_dapo.rollout.client import SyncEngineClient
+
+    with SyncEngineClient([sglang.url]) as c:
+        c.update_weights_from_disk(str(sglang.model_dir), weight_version="restored")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport,colocated", [("disk", True), ("distributed", False), ("tensor", True)])
+def test_transports_against_the_shared_server(tmp_path, sglang, transport, colocated, aborted_counts,
+                                              restore_engine):
+    args = _overrides(tmp_path, sglang.model_dir, transport, colocated) + [f"rollout.engine_urls=[{sglang.url}]"]
+    proc = _train(args)
+    assert proc.returncode == 0, _fail(proc)
+    s = _check_run(tmp_path)
+    aborted_counts.append(sum(v for _, v in s.get("dynamic_sampling/aborted_requests", [])))
+
+
+@pytest.mark.slow
+def test_aborted_requests_were_counted(aborted_counts):
+    """Across the runs above (9 steps, concurrent requests, abort when the dynamic sampler is full) some
+    requests were aborted by the trainer, came back from SGLang and were counted."""
+    assert len(aborted_counts) == 3, "run the whole module"
+    assert sum(aborted_counts) >= 1, aborted_counts
+
+
+@pytest.mark.slow
+@pytest.mark.kills_engine
+def test_engine_killed_mid_rollout_stops_the_step_with_one_line(tmp_path, sglang):
+    """The only engine dies while requests are in flight: no retry target, so the step stops with one
+    clear line and exit code 2 (no traceback)."""
+    args = _overrides(tmp_path, sglang.model_dir, "disk", False, steps=50) + [f"rollout.engine_urls=[{sglang.url}]",
+                                                                              "rollout.max_retries=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_dapo.cli", "train", CONFIG] + args, cwd=REPO_ROOT,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: proc.poll() is not None or sglang.inflight() >= 1, 300,
+                   "the trainer's first rollout requests on SGLang", poll_s=0.1)
+        assert proc.poll() is None, _fail(subprocess.CompletedProcess(proc.args, proc.returncode, *proc.communicate()))
+        family = descendant_pids(sglang.procs.engines[0].proc.pid)
+        assert len(family) >= 2, f"expected SGLang's scheduler and detokenizer under the server, found {family}"
+        sglang.procs.kill(0)
+        wait_until(lambda: not any(_alive(p) for p in family), 30, "SGLang's child processes to be gone")
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{out[-2000:]}\n{err[-4000:]}"
+    stops = [line for line in err.splitlines() if line.startswith("megatron-dapo:")]
+    assert len(stops) == 1 and "Traceback" not in err, err[-4000:]
+    assert sglang.url in stops[0], stops[0]

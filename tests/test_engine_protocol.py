@@ -1,0 +1,354 @@
+"""One protocol suite for every rollout engine (our CPU engine, real SGLang, real vLLM when enabled).
+
+Each test runs once per engine kind of ``tests/engine_fixtures.py`` (one server per kind per session).
+What an engine lacks is a declared capability, and the test checks that declaration against the engine
+(e.g. without ``honours_seed`` the same seed must give different samples; without ``memory_release`` a
+released engine still generates).  After every weight update the engine's logprobs must equal those of
+a transformers fp32 forward of the pushed weights (<= 1e-4).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_dapo.rollout.client import EngineError, serialize_named_tensors_for_sglang
+from megatron_dapo.rollout.launch import find_free_ports
+from megatron_dapo.rollout.tensor_ipc import serialize_flattened_bucket, share_bucket
+from tests.engine_fixtures import unavailable, wait_until
+
+TOL = 1e-4
+SEQ = [3, 17, 22, 40, 5, 9, 60, 11, 100, 7, 33, 12, 45, 8, 70, 21]
+PROMPTS = [[3, 17, 22, 40], [5, 9, 60]]
+
+
+def hf_logprobs(model, seq, start, temperature=1.0):
+    """log_softmax(logits / T)[p - 1, seq[p]] for p in [start, len(seq)) (transformers fp32 forward)."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([seq])).logits[0].float()
+    lp = torch.log_softmax(logits / temperature, dim=-1)
+    return [float(lp[p - 1, seq[p]]) for p in range(start, len(seq))]
+
+
+def perturbed_model(base, seed, scale=0.2):
+    """A copy of ``base`` with seeded noise on every parameter (tied embeddings stay tied)."""
+    import copy
+
+    m = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in m.named_parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return m.eval()
+
+
+def engine_tensors(model):
+    """What an engine loads: every HF parameter except the tied ``lm_head.weight``."""
+    return [(n, p.detach().clone().contiguous()) for n, p in model.named_parameters() if n != "lm_head.weight"]
+
+
+def max_diff(engine, model, seq=SEQ, start=4):
+    got = engine.run(lambda c: c.score([seq], start))[0]
+    ref = hf_logprobs(model, seq, start)
+    assert len(got) == len(ref) and all(x is not None for x in got)
+    return max(abs(a - b) for a, b in zip(got, ref))
+
+
+@pytest.fixture
+def restore(engine, protocol_hf):
+    """Put the protocol model's weights back after a test that changed them (disk update)."""
+    yield
+    if engine.has("disk_update"):
+        engine.run(lambda c: c.update_weights_from_disk(str(engine.model_dir), weight_version="restored"))
+        assert max_diff(engine, protocol_hf) <= TOL
+
+
+# ------------------------------------------------------------------------------------ generation
+def test_generate_samples_and_logprobs_match_hf(engine, protocol_hf):
+    outs = engine.run(lambda c: c.generate(PROMPTS, {"max_new_tokens": 6, "n": 3, "temperature": 0.8,
+                                                     "ignore_eos": True}, rid=f"gen-{uuid.uuid4().hex[:6]}"))
+    assert len(outs) == 6  # prompt-major: outs[i * n + j]
+    for k, o in enumerate(outs):
+        prompt = PROMPTS[k // 3]
+        assert o.finish_reason == "length" and len(o.output_ids) == 6 and len(o.output_logprobs) == 6
+        assert o.prompt_tokens == len(prompt)
+        ref = hf_logprobs(protocol_hf, prompt + o.output_ids, len(prompt), temperature=0.8)
+        assert max(abs(a - b) for a, b in zip(o.output_logprobs, ref)) <= TOL
+
+
+def test_score_matches_hf_from_any_start(engine, protocol_hf):
+    for start in (1, 4, 9):
+        assert max_diff(engine, protocol_hf, start=start) <= TOL
+    first = engine.run(lambda c: c.score([SEQ[:5]], 0))[0]
+    assert first[0] is None and len(first) == 5
+
+
+def test_seed_capability_is_what_the_engine_does(engine):
+    sp = {"max_new_tokens": 12, "temperature": 1.0, "ignore_eos": True, "sampling_seed": 1234}
+
+    def sample():
+        return [o.output_ids for o in engine.run(lambda c: c.generate([PROMPTS[0]] * 3, sp))]
+
+    a, b = sample(), sample()
+    if engine.has("honours_seed"):
+        assert a == b, "declared honours_seed, but the same seed gave different samples"
+        sp["sampling_seed"] = 4321
+        assert sample() != a, "another seed gave the same samples"
+        assert len({tuple(x) for x in a}) > 1, "the 3 items of one request share a seed"
+    else:  # e.g. SGLang on CPU ignores sampling_seed (rollout.deterministic warns for it)
+        assert a != b, "declared without honours_seed, but 36 seeded tokens repeated exactly"
+
+
+# ------------------------------------------------------------------------------------ abort
+def test_abort_returns_the_in_flight_request(engine):
+    assert engine.has("abort")
+    rid = f"abort-{uuid.uuid4().hex[:6]}"
+
+    async def go(c):
+        task = asyncio.ensure_future(c.generate([PROMPTS[1]], {"max_new_tokens": 1500, "ignore_eos": True,
+                                                               "temperature": 1.0}, rid=rid))
+        loop = asyncio.get_running_loop()
+        # event-driven: the engine reports the request as running before we abort it
+        await loop.run_in_executor(None, lambda: wait_until(lambda: engine.inflight() >= 1 or task.done(), 120,
+                                                            "the engine to report the request in flight"))
+        assert not task.done(), "the 1500-token request finished before it could be aborted"
+        sent = await c.abort(rid)
+        outs = await asyncio.wait_for(task, timeout=120)
+        return sent, outs
+
+    sent, outs = engine.run(go)
+    assert sent >= 1 and outs[0].finish_reason == "abort"
+    assert len(outs[0].output_ids) < 1500 and len(outs[0].output_logprobs) == len(outs[0].output_ids)
+    wait_until(lambda: engine.inflight() == 0, 60, "the engine to drain after the abort")
+
+
+def test_abort_all_returns_every_in_flight_request(engine):
+    async def go(c):
+        task = asyncio.ensure_future(c.generate([PROMPTS[0], PROMPTS[1]], {"max_new_tokens": 1500, "ignore_eos": True}))
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, lambda: wait_until(lambda: engine.inflight() >= 2 or task.done(), 120,
+                                                            "both requests in flight"))
+        await c.abort_all()
+        return await asyncio.wait_for(task, timeout=120)
+
+    outs = engine.run(go)
+    assert [o.finish_reason for o in outs] == ["abort", "abort"]
+    wait_until(lambda: engine.inflight() == 0, 60, "the engine to drain after abort_all")
+
+
+# ------------------------------------------------------------------------------------ weight updates
+def _push_disk(engine, model, tmp_path, version):
+    model.save_pretrained(str(tmp_path / "w"), safe_serialization=True)
+    return engine.run(lambda c: c.update_weights_from_disk(str(tmp_path / "w"), weight_version=version))
+
+
+def _push_distributed(engine, model, tmp_path, version):
+    group_name = f"proto_{uuid.uuid4().hex[:8]}"
+    port = find_free_ports(1)[0]
+
+    async def go(c):
+        group = await c.connect_weight_update_group("127.0.0.1", port, backend="gloo", group_name=group_name,
+                                                    timeout_s=120)
+        try:
+            return await c.push_weights_distributed(group, engine_tensors(model), group_name=group_name,
+                                                    weight_version=version)
+        finally:
+            group.destroy()
+            await c.destroy_weights_update_group(group_name)
+
+    return engine.run(go, control_timeout_s=180)
+
+
+def _push_tensor(engine, model, tmp_path, version):
+    bucket = share_bucket(engine_tensors(model))
+    payload = serialize_named_tensors_for_sglang(bucket)
+    return engine.run(lambda c: c.update_weights_from_tensor(payload, weight_version=version))
+
+
+def _push_flattened(engine, model, tmp_path, version):
+    payload = [serialize_flattened_bucket(engine_tensors(model))]
+    return engine.run(lambda c: c.update_weights_from_tensor(payload, load_format="flattened_bucket",
+                                                             weight_version=version))
+
+
+PUSHES = {"disk_update": _push_disk, "distributed_update": _push_distributed, "tensor_update": _push_tensor,
+          "flattened_bucket": _push_flattened}
+
+
+@pytest.mark.parametrize("how", list(PUSHES))
+def test_weight_update_then_logprobs_equal_pushed_weights(engine, protocol_hf, tmp_path, how, restore):
+    new = perturbed_model(protocol_hf, seed=list(PUSHES).index(how) + 11)
+    version = f"{how}-{uuid.uuid4().hex[:4]}"
+    if not engine.has(how):
+        with pytest.raises((EngineError, NotImplementedError, AttributeError)):
+            PUSHES[how](engine, new, tmp_path, version)
+        return
+    before = max_diff(engine, new)
+    assert before > 1e-2, "the perturbation is too small to prove anything"
+    PUSHES[how](engine, new, tmp_path, version)
+    assert max_diff(engine, new) <= TOL
+    assert engine.run(lambda c: c.get_weight_version())[engine.url] == version
+
+
+def test_weight_update_bracket_is_what_the_engine_needs(engine, protocol_hf, tmp_path, restore):
+    """SGLang >= 0.5.23 answers 400 to an unbracketed tensor update (bug 1); the client detects it."""
+    need = engine.run(lambda c: c.weight_update_bracket())[engine.url]
+    assert need == engine.has("weight_update_bracket")
+    if not engine.has("tensor_update"):
+        return
+    new = perturbed_model(protocol_hf, seed=77)
+    payload = serialize_named_tensors_for_sglang(share_bucket(engine_tensors(new)))
+
+    async def raw(c):  # the unbracketed request the client used to send
+        return await c._control("POST", "/update_weights_from_tensor",
+                                {"serialized_named_tensors": payload, "load_format": None, "flush_cache": True})
+
+    if need:
+        with pytest.raises(EngineError, match="begin_weight_update"):
+            engine.run(raw)
+        _push_tensor(engine, new, tmp_path, "bracketed")
+    else:
+        engine.run(raw)
+    assert max_diff(engine, new) <= TOL
+
+
+def test_tied_lm_head_is_not_sent_through_weight_sync(engine, protocol_hf, tmp_path, restore):
+    """Bug 4: WeightSync drops lm_head.weight of a tied model (SGLang has no such parameter)."""
+    from megatron_dapo.sync import WeightSync
+
+    new = perturbed_model(protocol_hf, seed=5)
+
+    class TiedActor:  # exports lm_head.weight too, like a converter that materialises the tied output layer
+        rank = 0
+        hf_path = engine.model_dir
+
+        def iter_hf_tensors(self, dtype=None):
+            for n, p in new.named_parameters():
+                yield n, p.detach().to(dtype or torch.float32)
+            yield "lm_head.weight", new.get_output_embeddings().weight.detach().clone()
+
+    transport = "tensor" if engine.has("tensor_update") else "disk"
+    from megatron_dapo.rollout.client import SyncEngineClient
+
+    with SyncEngineClient([engine.url]) as client:
+        ws = WeightSync(TiedActor(), client, transport=transport, dtype="fp32", work_dir=tmp_path / "ws",
+                        engine_world_size=1)
+        assert ws.tied_embeddings
+        ws.sync("tied-1")
+        ws.close()
+    assert max_diff(engine, new) <= TOL
+
+
+# ------------------------------------------------------------------------------------ release / resume
+def test_release_resume_cycle(engine, protocol_hf):
+    async def go(c):
+        await c.release_memory_occupation(["weights", "kv_cache"])
+        try:
+            if engine.has("memory_release"):
+                with pytest.raises(EngineError):
+                    await c.generate([PROMPTS[0]], {"max_new_tokens": 2})
+            else:  # a no-op (SGLang without --enable-memory-saver, which needs CUDA)
+                outs = await c.generate([PROMPTS[0]], {"max_new_tokens": 2})
+                assert len(outs[0].output_ids) >= 1
+        finally:
+            await c.resume_memory_occupation(["weights", "kv_cache"])
+        return await c.generate([PROMPTS[0]], {"max_new_tokens": 3, "ignore_eos": True})
+
+    outs = engine.run(go)
+    assert len(outs[0].output_ids) == 3
+    assert max_diff(engine, protocol_hf) <= TOL
+
+
+# ------------------------------------------------------------------------------------ payloads vs SGLang
+VALIDATE_SCRIPT = r'''
+import base64, json, sys
+import torch
+from pydantic import TypeAdapter
+from sglang.srt.managers import io_struct
+from sglang.srt.utils import MultiprocessingSerializer
+from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket, FlattenedTensorMetadata
+cases = json.load(sys.stdin)
+out = []
+for case in cases:
+    try:
+        obj = TypeAdapter(getattr(io_struct, case["cls"])).validate_python(case["payload"])
+        res = {"ok": True}
+        if case.get("tensors") == "list":
+            named = MultiprocessingSerializer.deserialize(obj.serialized_named_tensors[0])
+            res["tensors"] = [[n, str(t.dtype).replace("torch.", ""), list(t.shape), float(t.double().sum())] for n, t in named]
+        elif case.get("tensors") == "bucket":
+            d = MultiprocessingSerializer.deserialize(obj.serialized_named_tensors[0])
+            meta = [FlattenedTensorMetadata(name=m.name, shape=m.shape, dtype=m.dtype, start_idx=m.start_idx,
+                                            end_idx=m.end_idx, numel=m.numel) for m in d["metadata"]]
+            named = FlattenedTensorBucket(flattened_tensor=d["flattened_tensor"], metadata=meta).reconstruct_tensors()
+            res["tensors"] = [[n, str(t.dtype).replace("torch.", ""), list(t.shape), float(t.double().sum())] for n, t in named]
+    except Exception as exc:
+        res = {"ok": False, "error": type(exc).__name__ + ": " + str(exc)[:300]}
+    out.append(res)
+print("RESULT " + json.dumps(out))
+'''
+
+
+def test_payloads_validate_against_sglang_request_classes(tmp_path):
+    """Every JSON body the client builds parses as SGLang's own request class, and SGLang's
+    ``MultiprocessingSerializer`` / ``FlattenedTensorBucket`` read our tensor handles (one subprocess)."""
+    from megatron_dapo.rollout.launch import default_engine_python
+    from megatron_dapo.rollout.payloads import (build_generate_payload, build_init_weights_update_group_payload,
+                                                build_update_weights_from_distributed_payload)
+    try:
+        python = default_engine_python("sglang")
+    except Exception as exc:
+        unavailable(f"{exc}")
+    named = [("model.norm.weight", torch.arange(8, dtype=torch.float32)),
+             ("model.layers.0.mlp.up_proj.weight", torch.ones(4, 6, dtype=torch.bfloat16) * 0.5),
+             ("model.embed_tokens.weight", torch.randn(5, 8))]
+    bucket = share_bucket(named)
+    list_payload = serialize_named_tensors_for_sglang(bucket)
+    flat_payload = [serialize_flattened_bucket(named)]
+    gen = build_generate_payload(PROMPTS, {"max_new_tokens": 5, "temperature": 0.7, "top_p": 0.9, "top_k": 20,
+                                           "n": 2, "stop_token_ids": [2], "ignore_eos": False,
+                                           "sampling_seed": 3}, rid="r", logprob_start_len=[1, 0])
+    cases = [
+        {"cls": "GenerateReqInput", "payload": gen},
+        {"cls": "GenerateReqInput", "payload": build_generate_payload([SEQ], {"max_new_tokens": 0},
+                                                                      logprob_start_len=3)},
+        {"cls": "InitWeightsUpdateGroupReqInput",
+         "payload": build_init_weights_update_group_payload("127.0.0.1", 29500, 1, 2, "g", "gloo")},
+        {"cls": "UpdateWeightsFromDistributedReqInput",
+         "payload": build_update_weights_from_distributed_payload([n for n, _ in named], [t.dtype for _, t in named],
+                                                                  [list(t.shape) for _, t in named],
+                                                                  group_name="g", weight_version="v")},
+        {"cls": "UpdateWeightsFromTensorReqInput", "tensors": "list",
+         "payload": {"serialized_named_tensors": list_payload, "load_format": None, "flush_cache": True,
+                     "weight_version": "v"}},
+        {"cls": "UpdateWeightsFromTensorReqInput", "tensors": "bucket",
+         "payload": {"serialized_named_tensors": flat_payload, "load_format": "flattened_bucket",
+                     "flush_cache": False}},
+        {"cls": "UpdateWeightFromDiskReqInput",
+         "payload": {"model_path": str(tmp_path), "abort_all_requests": False, "weight_version": "v"}},
+        {"cls": "ReleaseMemoryOccupationReqInput", "payload": {"tags": ["weights", "kv_cache"]}},
+        {"cls": "ResumeMemoryOccupationReqInput", "payload": {"tags": None}},
+        {"cls": "DestroyWeightsUpdateGroupReqInput", "payload": {"group_name": "g"}},
+        {"cls": "BeginWeightUpdateReqInput", "payload": {}},
+        {"cls": "EndWeightUpdateReqInput", "payload": {}},
+        {"cls": "AbortReq", "payload": {"rid": "r-0"}},
+        {"cls": "AbortReq", "payload": {"abort_all": True}},
+        {"cls": "GetWeightsByNameReqInput", "payload": {"name": "model.norm.weight", "truncate_size": 10}},
+    ]
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([python, "-c", VALIDATE_SCRIPT], input=json.dumps(cases), capture_output=True, text=True,
+                          timeout=300, env=env)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"validator failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    results = json.loads(lines[-1][len("RESULT "):])
+    bad = [(c["cls"], r["error"]) for c, r in zip(cases, results) if not r["ok"]]
+    assert not bad, bad
+    expect = [[n, str(t.dtype).replace("torch.", ""), list(t.shape), float(t.double().sum())] for n, t in named]
+    for c, r in zip(cases, results):
+        if "tensors" in c:
+            assert r["tensors"] == expect, c["tensors"]
