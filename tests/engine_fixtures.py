@@ -39,7 +39,7 @@ CAPABILITIES = {
 }
 """Every capability name an engine kind may declare (and what it means)."""
 
-DEFAULT_KINDS = ("cpu", "sglang")
+DEFAULT_KINDS = ("cpu", "sglang", "vllm")
 """Kinds run when ``MEGATRON_DAPO_TEST_ENGINES`` is unset (add ``vllm`` once its client is merged)."""
 
 MODEL_KW = dict(hidden_size=64, num_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=128,
@@ -100,10 +100,11 @@ def _sglang_client(urls, **kw):
     return EngineClient(urls, **kw)
 
 
-def _vllm_client(urls, model: str, **kw):
+def _vllm_client(urls, **kw):
+    """vLLM's client; no ``model``: the servers of ``launch_vllm_servers`` serve one model (``policy``)."""
     from megatron_dapo.rollout.vllm_backend import VLLMClient
 
-    return VLLMClient(urls, model=model, **kw)
+    return VLLMClient(urls, **kw)
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,6 @@ class EngineKind:
         inflight: ``url -> number of requests the engine is working on`` (event-driven abort tests).
         capabilities: subset of :data:`CAPABILITIES` keys.
         needs: how to make it startable (in the failure / skip message).
-        client_needs_model: the client takes ``model=<model dir>`` (vLLM's OpenAI routes name the model).
     """
 
     name: str
@@ -126,7 +126,6 @@ class EngineKind:
     inflight: Callable[[str], int]
     capabilities: frozenset = field(default_factory=frozenset)
     needs: str = ""
-    client_needs_model: bool = False
 
 
 ENGINE_KINDS: dict[str, EngineKind] = {
@@ -137,8 +136,7 @@ ENGINE_KINDS: dict[str, EngineKind] = {
         {"disk_update", "distributed_update", "tensor_update", "flattened_bucket", "weight_update_bracket",
          "abort"}), needs="`make engines` (builds .venv-sglang)"),
     "vllm": EngineKind("vllm", _start_vllm, _vllm_client, inflight_vllm, frozenset(
-        {"honours_seed", "disk_update", "abort"}), needs="`make engines` (builds .venv-vllm)",
-        client_needs_model=True),
+        {"honours_seed", "disk_update", "abort"}), needs="`make engines` (builds .venv-vllm)"),
 }
 """The registry: one line per engine kind."""
 
@@ -177,9 +175,13 @@ class RunningEngine:
 
     def client(self, **kw):
         """A fresh async client for this engine (use as ``async with``)."""
-        if self.kind.client_needs_model:
-            kw.setdefault("model", str(self.model_dir))
         return self.kind.make_client([self.url], **kw)
+
+    def sync_client(self, **kw):
+        """The blocking client the trainer builds for this kind (``make_sync_client(kind name, ...)``)."""
+        from megatron_dapo.rollout.vllm_backend import make_sync_client
+
+        return make_sync_client(self.kind.name, [self.url], **kw)
 
     def run(self, fn, **kw):
         """``asyncio.run(fn(client))`` with a fresh client."""

@@ -233,9 +233,7 @@ def test_tied_lm_head_is_not_sent_through_weight_sync(engine, protocol_hf, tmp_p
             yield "lm_head.weight", new.get_output_embeddings().weight.detach().clone()
 
     transport = "tensor" if engine.has("tensor_update") else "disk"
-    from megatron_dapo.rollout.client import SyncEngineClient
-
-    with SyncEngineClient([engine.url]) as client:
+    with engine.sync_client() as client:
         ws = WeightSync(TiedActor(), client, transport=transport, dtype="fp32", work_dir=tmp_path / "ws",
                         engine_world_size=1)
         assert ws.tied_embeddings
