@@ -10,7 +10,7 @@ drift from the engines.
 Kinds: ``cpu`` (the project's CPU engine), ``sglang`` (real SGLang 0.5.x from ``.venv-sglang``, ~2 min
 start-up on CPU) and ``vllm`` (real vLLM; written against ``launch_vllm_servers`` /
 ``VLLMClient`` of :mod:`megatron_dapo.rollout.launch` / :mod:`megatron_dapo.rollout.vllm_backend` and
-collected only when enabled).  ``MEGATRON_DAPO_TEST_ENGINES`` (comma-separated) selects kinds; default
+in :data:`DEFAULT_KINDS`).  ``MEGATRON_DAPO_TEST_ENGINES`` (comma-separated) selects kinds; default
 :data:`DEFAULT_KINDS`.  Under ``CI=true`` an engine that cannot start (missing venv) FAILS its tests with
 what to run; elsewhere they are skipped with the same message.
 """
@@ -30,17 +30,18 @@ import torch
 CAPABILITIES = {
     "honours_seed": "same sampling_seed -> same sample",
     "memory_release": "release_memory_occupation really releases (generation refused until resumed)",
-    "disk_update": "/update_weights_from_disk",
+    "disk_update": "update_weights_from_disk (SGLang /update_weights_from_disk, vLLM /collective_rpc reload_weights)",
     "distributed_update": "/init_weights_update_group + /update_weights_from_distributed over gloo",
     "tensor_update": "/update_weights_from_tensor with CPU shared-memory handles",
     "flattened_bucket": "/update_weights_from_tensor with load_format='flattened_bucket'",
     "weight_update_bracket": "tensor/distributed updates only between begin/end_weight_update",
-    "abort": "/abort_request returns the in-flight request with finish_reason abort",
+    "abort": "abort(rid) returns the in-flight request with finish_reason abort (SGLang /abort_request, "
+             "vLLM /abort_requests)",
 }
 """Every capability name an engine kind may declare (and what it means)."""
 
 DEFAULT_KINDS = ("cpu", "sglang", "vllm")
-"""Kinds run when ``MEGATRON_DAPO_TEST_ENGINES`` is unset (add ``vllm`` once its client is merged)."""
+"""Kinds run when ``MEGATRON_DAPO_TEST_ENGINES`` is unset."""
 
 MODEL_KW = dict(hidden_size=64, num_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=128,
                 max_position_embeddings=2048, initializer_range=0.3, seed=0)
@@ -135,6 +136,8 @@ ENGINE_KINDS: dict[str, EngineKind] = {
     "sglang": EngineKind("sglang", _start_sglang, _sglang_client, inflight_sglang, frozenset(
         {"disk_update", "distributed_update", "tensor_update", "flattened_bucket", "weight_update_bracket",
          "abort"}), needs="`make engines` (builds .venv-sglang)"),
+    # vLLM 0.32 on CPU: no memory_release (/sleep is a no-op there), no SGLang tensor / distributed routes
+    # (its native weight transfer is CUDA-only); VLLMClient.capabilities names the same set (tests/test_real_vllm.py)
     "vllm": EngineKind("vllm", _start_vllm, _vllm_client, inflight_vllm, frozenset(
         {"honours_seed", "disk_update", "abort"}), needs="`make engines` (builds .venv-vllm)"),
 }
