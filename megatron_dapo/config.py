@@ -445,7 +445,8 @@ class DAPOConfig:
         need(0 <= r.base_port <= 65535, "rollout.base_port", "must be a port number, or 0 to pick free ports")
         need(r.engine_python is None or not local or (os.path.isfile(r.engine_python)
                                                       and os.access(r.engine_python, os.X_OK)),
-             "rollout.engine_python", f"must be an executable file (got {r.engine_python!r})")
+             "rollout.engine_python", f"must be an executable file (got {r.engine_python!r}); unset, the "
+             f"engine venv built by `make engines` is used")
         need(r.request_timeout_s > 0, "rollout.request_timeout_s", "must be > 0")
         need(r.health_timeout_s > 0, "rollout.health_timeout_s", "must be > 0")
         need(r.max_retries >= 0, "rollout.max_retries", "must be >= 0")

@@ -10,7 +10,7 @@ drift from the engines.
 Kinds: ``cpu`` (the project's CPU engine), ``sglang`` (real SGLang 0.5.x from ``.venv-sglang``, ~2 min
 start-up on CPU) and ``vllm`` (real vLLM; written against ``launch_vllm_servers`` /
 ``VLLMClient`` of :mod:`megatron_dapo.rollout.launch` / :mod:`megatron_dapo.rollout.vllm_backend` and
-collected only when enabled).  ``MEGATRON_DAPO_TEST_ENGINES`` (comma-separated) selects kinds; default
+in :data:`DEFAULT_KINDS`).  ``MEGATRON_DAPO_TEST_ENGINES`` (comma-separated) selects kinds; default
 :data:`DEFAULT_KINDS`.  Under ``CI=true`` an engine that cannot start (missing venv) FAILS its tests with
 what to run; elsewhere they are skipped with the same message.
 """
@@ -30,17 +30,18 @@ import torch
 CAPABILITIES = {
     "honours_seed": "same sampling_seed -> same sample",
     "memory_release": "release_memory_occupation really releases (generation refused until resumed)",
-    "disk_update": "/update_weights_from_disk",
+    "disk_update": "update_weights_from_disk (SGLang /update_weights_from_disk, vLLM /collective_rpc reload_weights)",
     "distributed_update": "/init_weights_update_group + /update_weights_from_distributed over gloo",
     "tensor_update": "/update_weights_from_tensor with CPU shared-memory handles",
     "flattened_bucket": "/update_weights_from_tensor with load_format='flattened_bucket'",
     "weight_update_bracket": "tensor/distributed updates only between begin/end_weight_update",
-    "abort": "/abort_request returns the in-flight request with finish_reason abort",
+    "abort": "abort(rid) returns the in-flight request with finish_reason abort (SGLang /abort_request, "
+             "vLLM /abort_requests)",
 }
 """Every capability name an engine kind may declare (and what it means)."""
 
-DEFAULT_KINDS = ("cpu", "sglang")
-"""Kinds run when ``MEGATRON_DAPO_TEST_ENGINES`` is unset (add ``vllm`` once its client is merged)."""
+DEFAULT_KINDS = ("cpu", "sglang", "vllm")
+"""Kinds run when ``MEGATRON_DAPO_TEST_ENGINES`` is unset."""
 
 MODEL_KW = dict(hidden_size=64, num_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=128,
                 max_position_embeddings=2048, initializer_range=0.3, seed=0)
@@ -100,10 +101,11 @@ def _sglang_client(urls, **kw):
     return EngineClient(urls, **kw)
 
 
-def _vllm_client(urls, model: str, **kw):
+def _vllm_client(urls, **kw):
+    """vLLM's client; no ``model``: the servers of ``launch_vllm_servers`` serve one model (``policy``)."""
     from megatron_dapo.rollout.vllm_backend import VLLMClient
 
-    return VLLMClient(urls, model=model, **kw)
+    return VLLMClient(urls, **kw)
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,6 @@ class EngineKind:
         inflight: ``url -> number of requests the engine is working on`` (event-driven abort tests).
         capabilities: subset of :data:`CAPABILITIES` keys.
         needs: how to make it startable (in the failure / skip message).
-        client_needs_model: the client takes ``model=<model dir>`` (vLLM's OpenAI routes name the model).
     """
 
     name: str
@@ -126,7 +127,6 @@ class EngineKind:
     inflight: Callable[[str], int]
     capabilities: frozenset = field(default_factory=frozenset)
     needs: str = ""
-    client_needs_model: bool = False
 
 
 ENGINE_KINDS: dict[str, EngineKind] = {
@@ -136,9 +136,10 @@ ENGINE_KINDS: dict[str, EngineKind] = {
     "sglang": EngineKind("sglang", _start_sglang, _sglang_client, inflight_sglang, frozenset(
         {"disk_update", "distributed_update", "tensor_update", "flattened_bucket", "weight_update_bracket",
          "abort"}), needs="`make engines` (builds .venv-sglang)"),
+    # vLLM 0.32 on CPU: no memory_release (/sleep is a no-op there), no SGLang tensor / distributed routes
+    # (its native weight transfer is CUDA-only); VLLMClient.capabilities names the same set (tests/test_real_vllm.py)
     "vllm": EngineKind("vllm", _start_vllm, _vllm_client, inflight_vllm, frozenset(
-        {"honours_seed", "disk_update", "abort"}), needs="`make engines` (builds .venv-vllm)",
-        client_needs_model=True),
+        {"honours_seed", "disk_update", "abort"}), needs="`make engines` (builds .venv-vllm)"),
 }
 """The registry: one line per engine kind."""
 
@@ -177,9 +178,13 @@ class RunningEngine:
 
     def client(self, **kw):
         """A fresh async client for this engine (use as ``async with``)."""
-        if self.kind.client_needs_model:
-            kw.setdefault("model", str(self.model_dir))
         return self.kind.make_client([self.url], **kw)
+
+    def sync_client(self, **kw):
+        """The blocking client the trainer builds for this kind (``make_sync_client(kind name, ...)``)."""
+        from megatron_dapo.rollout.vllm_backend import make_sync_client
+
+        return make_sync_client(self.kind.name, [self.url], **kw)
 
     def run(self, fn, **kw):
         """``asyncio.run(fn(client))`` with a fresh client."""

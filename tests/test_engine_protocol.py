@@ -60,11 +60,16 @@ def max_diff(engine, model, seq=SEQ, start=4):
 
 
 @pytest.fixture
-def restore(engine, protocol_hf):
-    """Put the protocol model's weights back after a test that changed them (disk update)."""
+def restore(engine, protocol_hf, tmp_path):
+    """Put the protocol model's weights back after a test that changed them (disk update), from a copy:
+    a client may add files to the directory it loads (vLLM's ``lm_head.safetensors``) and the protocol
+    model is shared by every engine kind."""
     yield
     if engine.has("disk_update"):
-        engine.run(lambda c: c.update_weights_from_disk(str(engine.model_dir), weight_version="restored"))
+        import shutil
+
+        src = shutil.copytree(engine.model_dir, tmp_path / "restore")
+        engine.run(lambda c: c.update_weights_from_disk(str(src), weight_version="restored"))
         assert max_diff(engine, protocol_hf) <= TOL
 
 
@@ -233,9 +238,7 @@ def test_tied_lm_head_is_not_sent_through_weight_sync(engine, protocol_hf, tmp_p
             yield "lm_head.weight", new.get_output_embeddings().weight.detach().clone()
 
     transport = "tensor" if engine.has("tensor_update") else "disk"
-    from megatron_dapo.rollout.client import SyncEngineClient
-
-    with SyncEngineClient([engine.url]) as client:
+    with engine.sync_client() as client:
         ws = WeightSync(TiedActor(), client, transport=transport, dtype="fp32", work_dir=tmp_path / "ws",
                         engine_world_size=1)
         assert ws.tied_embeddings

@@ -37,7 +37,10 @@ Control (all routes of vLLM's RL router ``vllm/entrypoints/rl/online/api_router.
   ``.venv-vllm``).
 * sleep / wake (``/sleep?level=1``, ``/wake_up?tags=..``): GPU memory only; vLLM answers 200 but does
   nothing on CPU, so the CPU lifecycle never relies on them (:attr:`VLLMClient.capabilities` lacks
-  ``release_memory`` there and the calls are skipped).
+  ``memory_release`` there and the calls are skipped).
+* SGLang-only routes (``/update_weights_from_tensor``, ``/init_weights_update_group``,
+  ``/begin_weight_update``, ``/get_weights_by_name``, ...) are never sent: those methods raise
+  :class:`EngineError` without a request, and :meth:`VLLMClient.weight_update_bracket` answers ``False``.
 
 Every failing control call raises :class:`~megatron_dapo.rollout.transport.EngineError` naming the URL.
 """
@@ -71,11 +74,14 @@ DEFAULT_MAX_TOKENS = 128
 
 CAPABILITIES_COMMON = frozenset({
     "generate", "logprobs", "score", "abort", "abort_all", "pause", "weight_version",
-    "update_weights_from_disk", "flush_cache", "weight_versions_per_token", "seeded_sampling",
+    "disk_update", "flush_cache", "weight_versions_per_token", "honours_seed",
 })
-"""What every vLLM server behind :class:`VLLMClient` does (CPU and GPU)."""
-CAPABILITIES_GPU = frozenset({"release_memory", "weight_transfer_nccl", "weight_transfer_ipc"})
-"""Only with CUDA: sleep / wake up that frees memory, and the native weight-transfer engines."""
+"""What every vLLM server behind :class:`VLLMClient` does (CPU and GPU). Names shared with the protocol
+suite's capability table (``tests/engine_fixtures.py``): ``abort`` (``/abort_requests``), ``disk_update``
+(``/collective_rpc reload_weights``), ``honours_seed`` (``SamplingParams.seed``)."""
+CAPABILITIES_GPU = frozenset({"memory_release", "weight_transfer_nccl", "weight_transfer_ipc"})
+"""Only with CUDA: ``memory_release`` (``/sleep`` / ``/wake_up`` that free memory) and the native
+weight-transfer engines (``/init_weight_transfer_engine`` with ``nccl`` / ``ipc``)."""
 
 
 def to_vllm_sampling_params(sampling_params: dict, *, return_logprob: bool = True) -> dict:
@@ -595,6 +601,23 @@ class VLLMClient(EngineClient):
     async def shutdown_weight_transfer(self) -> dict[str, Any]:
         """``POST /shutdown_weight_transfer_engine`` on every engine."""
         return await self._control("POST", "/shutdown_weight_transfer_engine", None, check_success=False)
+
+    async def weight_update_bracket(self, urls: Sequence[str] | None = None) -> dict[str, bool]:
+        """``{url: False}`` without a request: vLLM has no SGLang ``/begin_weight_update`` bracket (its own
+        ``/start_weight_update`` / ``/finish_weight_update`` belong to the native weight transfer)."""
+        return {u: False for u in (list(urls) if urls is not None else self.control_urls)}
+
+    async def begin_weight_update(self, *args, **kwargs):
+        """Not a vLLM route: raises :class:`EngineError` (use :meth:`start_weight_update`)."""
+        await self._unsupported("/begin_weight_update")
+
+    async def end_weight_update(self, *args, **kwargs):
+        """Not a vLLM route: raises :class:`EngineError` (use :meth:`finish_weight_update`)."""
+        await self._unsupported("/end_weight_update")
+
+    async def get_weights_by_name(self, *args, **kwargs):
+        """Not a vLLM route: raises :class:`EngineError`."""
+        await self._unsupported("/get_weights_by_name")
 
     async def _unsupported(self, what: str):
         raise EngineError(f"{what} is SGLang's protocol; vLLM servers use the weight-transfer API "

@@ -2,11 +2,13 @@
 
 Flow of one :meth:`WeightSync.sync` (collective over every trainer rank)::
 
-    rank 0: pause generation (POST /abort_request {"abort_all": true}; POST /flush_cache)
+    rank 0: pause generation (client.abort_all(); client.flush_cache(): each client speaks its engine's
+            routes - SGLang / CPU engine POST /abort_request {"abort_all": true} + /flush_cache,
+            vLLM POST /abort_requests {} + /reset_prefix_cache)
     all   : actor.iter_hf_tensors(dtype)        # TP all-gather in the owning stage, PP broadcast
     rank 0: iter_buckets(...) -> transport      # one bucket + one tensor in memory at a time
             (tensor across nodes: one sender per node, :mod:`megatron_dapo.sync.nodes`)
-    rank 0: flush cache, GET /get_weight_version on every engine == weight_version
+    rank 0: flush cache, client.get_weight_version() on every engine == weight_version
     all   : metrics / error broadcast from rank 0
 
 The transports (``disk``, ``distributed``, ``tensor``) are in :mod:`megatron_dapo.sync.transports`.
@@ -137,8 +139,9 @@ class WeightSync:
             ``.iter_hf_tensors(dtype)`` (collective generator of ``(hf_name, tensor)``; rank 0 must
             receive every tensor).  ``.hf_path`` (optional) supplies config files for ``disk``;
             ``.offload()`` / ``.onload()`` are used by the colocated helpers.
-        client: :class:`~megatron_dapo.rollout.client.SyncEngineClient` over ALL engines; required on
-            rank 0, ignored (may be ``None``) elsewhere.
+        client: the blocking engine client over ALL engines
+            (:func:`~megatron_dapo.rollout.vllm_backend.make_sync_client` of the rollout backend); required
+            on rank 0, ignored (may be ``None``) elsewhere.
         transport: ``disk`` | ``distributed`` | ``tensor`` (``weight_sync.transport``).
         bucket_mb: bucket capacity in MiB (fractions allowed; ``0`` = one unbounded bucket).
         dtype: engine dtype (``torch.dtype`` or ``fp32``/``bf16``/``fp16``); ``None`` = the actor's
@@ -239,8 +242,8 @@ class WeightSync:
 
     # ---- engine control (driver) -----------------------------------------------------------
     def _flush_cache(self) -> None:
-        """``/flush_cache`` on every engine, retried while requests are still draining (SGLang answers
-        an error until its running batch is empty)."""
+        """``client.flush_cache()`` on every engine (SGLang ``/flush_cache``, vLLM ``/reset_prefix_cache``),
+        retried while requests are still draining (both answer an error until their running batch is empty)."""
         deadline = time.monotonic() + min(self.timeout_s, 60.0)
         while True:
             try:
@@ -248,7 +251,7 @@ class WeightSync:
                 return
             except Exception as exc:
                 if time.monotonic() > deadline:
-                    raise WeightSyncError(f"/flush_cache kept failing: {exc}") from exc
+                    raise WeightSyncError(f"flush_cache kept failing: {exc}") from exc
                 time.sleep(0.2)
 
     def _pause_on_driver(self, pause: bool) -> Optional[BaseException]:
