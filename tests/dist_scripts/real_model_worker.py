@@ -1,8 +1,9 @@
 """torchrun worker for tests/test_real_model.py: SmolLM2-135M-Instruct (a real pretrained model) at one layout.
 
 Env: ``HF_DIR`` (the prepared HF checkpoint), ``CKPT`` (the Megatron checkpoint tools/convert_hf_to_megatron.py
-wrote from it), ``TP``, ``PP``, ``OUT`` (torch.save of a dict, written by global rank 0), ``HF_REF=1`` to add
-transformers' reference values (single-process launch only).
+wrote from it; unset or empty: no fp64 Megatron logits, the fp32 actor log-probs only), ``TP``, ``PP``, ``OUT``
+(torch.save of a dict, written by global rank 0), ``HF_REF=1`` to add transformers' reference values
+(single-process launch only).
 
 Two checks per layout, on real token ids (chat-template prompts + answers, see :func:`real_batch`):
 
@@ -124,12 +125,13 @@ def main():
     lp, _ = actor.compute_logprobs(batch)
     res["actor_logprobs"] = lp.double()
     actor.close()
-    logits = meg64_logits(hf_dir, os.environ["CKPT"], tokens, tp, pp)
-    # the last pipeline stage's TP rank 0 holds the logits: collect them on global rank 0
-    box = [logits if logits is not None and (dist.get_rank() % tp == 0) else None]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, box[0])
-    res["meg64_logits"] = next(g for g in gathered if g is not None)
+    if os.environ.get("CKPT"):
+        logits = meg64_logits(hf_dir, os.environ["CKPT"], tokens, tp, pp)
+        # the last pipeline stage's TP rank 0 holds the logits: collect them on global rank 0
+        box = [logits if logits is not None and (dist.get_rank() % tp == 0) else None]
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, box[0])
+        res["meg64_logits"] = next(g for g in gathered if g is not None)
     if os.environ.get("HF_REF") == "1":
         res.update(hf_reference(hf_dir, batch, tokens))
     res["tokens"] = tokens

