@@ -44,7 +44,7 @@ def _client(kind: str, urls, model: str):
     if kind == "vllm":
         from megatron_dapo.rollout.vllm_backend import VLLMClient
 
-        return VLLMClient(urls, model=model, request_timeout_s=1800)
+        return VLLMClient(urls, request_timeout_s=1800)  # the launcher serves one model, named "policy"
     from megatron_dapo.rollout.client import EngineClient
 
     return EngineClient(urls, request_timeout_s=1800)

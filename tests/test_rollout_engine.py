@@ -104,6 +104,7 @@ def test_stop_token_ids_eos_and_greedy(engine):
     assert out.output_ids == greedy.output_ids[:first + 1]  # stop token included
     # EOS stops unless ignore_eos: force EOS via a sampled stream and check the rule holds
     outs = run(_gen(engine, [[1, 2, 3]] * 6, {"max_new_tokens": 40, "temperature": 1.5, "sampling_seed": 3}))
+    assert any(EOS in o.output_ids for o in outs), "no sample hit EOS: the rule below would go unchecked"
     for o in outs:
         if EOS in o.output_ids:
             assert o.output_ids[-1] == EOS and o.output_ids.index(EOS) == len(o.output_ids) - 1

@@ -311,9 +311,9 @@ def test_colocated_cycle_order_and_timings(tiny_hf, tmp_path):
     assert kinds == [("resume", ("weights",)), "update_weights_from_disk", "get_weight_version",
                      ("resume", ("kv_cache",))]
     assert actor.calls == ["onload", "offload"]
-    for k in ("colocate/engine_resume_weights_s", "colocate/sync_s", "colocate/actor_offload_s",
-              "colocate/engine_resume_kv_cache_s", "weight_sync/seconds"):
-        assert out[k] >= 0.0, k
+    # every phase of the cycle reports its duration (the order of the phases is checked above)
+    assert {"colocate/engine_resume_weights_s", "colocate/sync_s", "colocate/actor_offload_s",
+            "colocate/engine_resume_kv_cache_s", "weight_sync/seconds"} <= set(out)
     ws.close()
 
 
