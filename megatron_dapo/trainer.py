@@ -558,7 +558,13 @@ class Trainer:
                 f"actor.lr, check the data and rewards, or resume from an earlier checkpoint")
 
     def evaluate(self) -> dict[str, float]:
-        """avg@k / pass@k on ``data.val_files`` with the current engine weights (rank 0; others wait)."""
+        """avg@k / pass@k on ``data.val_files`` with the current engine weights (rank 0; others wait).
+
+        Colocated engines put to sleep by a checkpoint or an HF export are woken with the current weights first
+        (collective), so evaluating at the step of a save works.
+        """
+        if self.colocated and not self._engines_awake:
+            self._sync_weights()
         metrics: dict[str, float] = {}
         if self.rank == 0 and self.val_rows:
             from .evaluation import evaluate, log_eval_to_tensorboard

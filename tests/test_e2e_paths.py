@@ -69,3 +69,17 @@ def test_grpo_preset_without_kl_trains(tmp_path, tiny_model):  # noqa: F811
     # grpo: no dynamic-sampling filter, so every tried prompt is kept and one round fills the batch
     assert [v for _, v in sc["dynamic_sampling/num_gen_batches"]] == [1.0]
     assert [v for _, v in sc["dynamic_sampling/kept_groups"]] == [4.0]
+
+
+@pytest.mark.slow
+def test_eval_at_the_step_of_a_save_with_colocated_engines(tmp_path, tiny_model):  # noqa: F811
+    """Every GPU example saves and evaluates at the same step; with colocated engines the save puts them to
+    sleep, and evaluation must wake them (it used to die with an EngineError from the sleeping engine)."""
+    args = [a for a in _base(tmp_path, tiny_model, "save_eval", 2) if not a.startswith(("trainer.save_interval",
+                                                                                        "trainer.eval_interval"))]
+    proc = run_train(args + ["rollout.colocated=true", "trainer.save_interval=1", "trainer.eval_interval=1"])
+    assert proc.returncode == 0, _fail(proc)
+    sc = read_scalars(tmp_path / "save_eval" / "tb")
+    evals = [k for k in sc if k.startswith("val/") and "avg@" in k]
+    assert evals and all([s for s, _ in sc[k]] == [1, 2] for k in evals), sorted(sc)
+    assert (tmp_path / "save_eval" / "checkpoints" / "iter_0000001").is_dir()
