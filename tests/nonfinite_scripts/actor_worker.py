@@ -18,20 +18,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dist_scripts"))
 
-
-def make_batch():
-    import torch
-
-    from megatron_dapo.actor.batching import build_actor_batch
-
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (5, 7, 3, 9)]
-    resps = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (6, 2, 8, 4)]
-    b = build_actor_batch(prompts, resps)
-    b.old_logprobs = (torch.randn(b.input_ids.shape, generator=g) * 0.1 - 5.0) * b.response_mask
-    b.advantages = torch.randn(len(prompts), 1, generator=g).expand(b.input_ids.shape).contiguous() * b.response_mask
-    return b
+from ckpt_worker import make_batch  # noqa: E402  (the checkpoint tests' batch: same seed, shapes and fields)
 
 
 def build(variant, tp):
