@@ -110,40 +110,59 @@ def test_seed_capability_is_what_the_engine_does(engine):
 
 
 # ------------------------------------------------------------------------------------ abort
+LONG = 2000  # new tokens per sample: the protocol model's context is 2048
+SAMPLES_PER_TRY = (4, 16, 64)  # a fast engine may finish a request before it is seen in flight: go bigger
+
+
+def _abort_in_flight(engine, prompts, abort, what):
+    """Start a long request (``n`` samples of :data:`LONG` tokens per prompt), wait until the engine reports
+    all of its prompts' work in flight, call ``abort(client, rid)`` and return ``(abort's result, outputs,
+    n)``. When the request ends before the engine reports it in flight (a fast engine, a slow ``/metrics``)
+    the same is tried with more samples; after the last try the test fails."""
+    for n in SAMPLES_PER_TRY:
+        rid = f"abort-{uuid.uuid4().hex[:6]}"
+
+        async def go(c):
+            task = asyncio.ensure_future(c.generate(prompts, {"max_new_tokens": LONG, "ignore_eos": True,
+                                                              "temperature": 1.0, "n": n}, rid=rid))
+            loop = asyncio.get_running_loop()
+            # event-driven: the engine reports the requests as running before we abort them
+            await loop.run_in_executor(None, lambda: wait_until(
+                lambda: engine.inflight() >= len(prompts) or task.done(), 120, what))
+            if task.done():
+                return None, await task
+            sent = await abort(c, rid)
+            return sent, await asyncio.wait_for(task, timeout=120)
+
+        sent, outs = engine.run(go)
+        if sent is not None:
+            wait_until(lambda: engine.inflight() == 0, 60, "the engine to drain after the abort")
+            return sent, outs, n
+        wait_until(lambda: engine.inflight() == 0, 60, "the engine to drain")
+    pytest.fail(f"{len(prompts)} prompt(s) x {SAMPLES_PER_TRY[-1]} samples x {LONG} tokens finished before the "
+                f"engine reported them in flight")
+
+
 def test_abort_returns_the_in_flight_request(engine):
     assert engine.has("abort")
-    rid = f"abort-{uuid.uuid4().hex[:6]}"
 
-    async def go(c):
-        task = asyncio.ensure_future(c.generate([PROMPTS[1]], {"max_new_tokens": 1500, "ignore_eos": True,
-                                                               "temperature": 1.0}, rid=rid))
-        loop = asyncio.get_running_loop()
-        # event-driven: the engine reports the request as running before we abort it
-        await loop.run_in_executor(None, lambda: wait_until(lambda: engine.inflight() >= 1 or task.done(), 120,
-                                                            "the engine to report the request in flight"))
-        assert not task.done(), "the 1500-token request finished before it could be aborted"
-        sent = await c.abort(rid)
-        outs = await asyncio.wait_for(task, timeout=120)
-        return sent, outs
+    async def abort(c, rid):
+        return await c.abort(rid)
 
-    sent, outs = engine.run(go)
-    assert sent >= 1 and outs[0].finish_reason == "abort"
-    assert len(outs[0].output_ids) < 1500 and len(outs[0].output_logprobs) == len(outs[0].output_ids)
-    wait_until(lambda: engine.inflight() == 0, 60, "the engine to drain after the abort")
+    sent, outs, n = _abort_in_flight(engine, [PROMPTS[1]], abort, "the engine to report the request in flight")
+    assert sent >= 1 and len(outs) == n
+    assert all(o.finish_reason == "abort" for o in outs), [o.finish_reason for o in outs]
+    for o in outs:
+        assert len(o.output_ids) < LONG and len(o.output_logprobs) == len(o.output_ids)
 
 
 def test_abort_all_returns_every_in_flight_request(engine):
-    async def go(c):
-        task = asyncio.ensure_future(c.generate([PROMPTS[0], PROMPTS[1]], {"max_new_tokens": 1500, "ignore_eos": True}))
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, lambda: wait_until(lambda: engine.inflight() >= 2 or task.done(), 120,
-                                                            "both requests in flight"))
-        await c.abort_all()
-        return await asyncio.wait_for(task, timeout=120)
+    async def abort(c, rid):
+        return await c.abort_all()
 
-    outs = engine.run(go)
-    assert [o.finish_reason for o in outs] == ["abort", "abort"]
-    wait_until(lambda: engine.inflight() == 0, 60, "the engine to drain after abort_all")
+    _, outs, n = _abort_in_flight(engine, [PROMPTS[0], PROMPTS[1]], abort, "both requests in flight")
+    assert len(outs) == 2 * n
+    assert all(o.finish_reason == "abort" for o in outs), [o.finish_reason for o in outs]
 
 
 # ------------------------------------------------------------------------------------ weight updates
