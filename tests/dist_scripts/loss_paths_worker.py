@@ -114,7 +114,8 @@ def main():
     fresh.rollout_logprobs = fresh.old_logprobs.clone()
     rep["zero_staleness_grad_diff"] = max_diff(grads(fresh, every), grads(batch_of(ga, False), ls))
     # ... and a row whose (constant) ratio w is outside [0.7, 2.8] (no ratio on a bound) is dropped by either
-    # rule: the gradient is the plain one with that row's advantages zeroed (times min(w, cap) for the kept rows with TIS)
+    # rule: the gradient is the plain one with that row's advantages zeroed (times min(w, cap) for the kept
+    # rows with TIS)
     keep = ((w >= 0.7) & (w <= 2.8)).to(torch.float32)
     for name, settings, scale in (
             ("seq", LossSettings(seq_is_mask_low=0.7, seq_is_mask_high=2.8), keep),
