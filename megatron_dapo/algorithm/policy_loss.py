@@ -248,8 +248,9 @@ def compute_policy_loss(
 
     Args:
         logprobs: ``[B, T]`` floating; log pi_theta(o_t | q, o_<t) of the sampled tokens (carries grad).
-        old_logprobs: ``[B, T]`` floating; log-probs under the policy that generated the rollout
-            (pi_theta_old); treated as constant (detached).
+        old_logprobs: ``[B, T]`` floating; log-probs under pi_theta_old (the trainer recomputes them
+            with the actor before the step's first update: the proximal policy of
+            :func:`compute_decoupled_policy_loss`); treated as constant (detached).
         advantages: ``[B, T]``, ``[B, 1]`` or ``[B]`` floating; broadcast per token; detached.
         response_mask: ``[B, T]`` bool (or 0/1); False/0 positions are ignored entirely, even when
             any input holds NaN/inf there.

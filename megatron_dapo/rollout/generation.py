@@ -65,7 +65,9 @@ class RoundStats:
     no_answer: int = 0
     per_source_correct: dict = field(default_factory=dict)
     scoring_in_flight: int = 0
+    """Groups being scored right now (kept by :meth:`scoring_started` / :meth:`scoring_finished`)."""
     scoring_since: float = 0.0
+    """``time.perf_counter()`` when the current busy interval began (scoring_in_flight went 0 -> 1)."""
 
     def scoring_started(self, now: Optional[float] = None) -> None:
         """A group's scoring begins (``now``: ``time.perf_counter()`` seconds, default the current time)."""
