@@ -124,17 +124,16 @@ def test_group_b_generates_while_group_a_is_scored(monkeypatch):
     async def run():
         loop = asyncio.get_running_loop()
         a_scoring = asyncio.Event()  # B's request finishes only once A's scoring has begun
-        engine = FakeEngine(names, log, gates={"B": a_scoring})
+
+        def engine_log(event):
+            log(event)
+            if event == "gen B done":
+                b_generated.set()
+
+        engine = FakeEngine(names, engine_log, gates={"B": a_scoring})
         scorer = FakeScorer(log, waits={"A": b_generated},  # A's scoring ends only once B has generated
                             on_start={"A": lambda: loop.call_soon_threadsafe(a_scoring.set)})
         monkeypatch.setattr(generation, "score_batch", scorer)
-        orig_log = engine.log
-
-        def engine_log(event):
-            orig_log(event)
-            if event == "gen B done":
-                b_generated.set()
-        engine.log = engine_log
         sampler = DynamicSampler(2, G)
         sampler.start_step()
         stats = RoundStats()
@@ -200,9 +199,8 @@ def test_a_group_being_scored_when_the_sampler_fills_is_kept_not_aborted(monkeyp
     async def run():
         a_scoring = asyncio.Event()
         # A generates first and is still being scored when B fills the sampler; C is generating and gets aborted
-        engine = FakeEngine(names, log, gates={"B": None}, until_abort={"C"})
+        engine = FakeEngine(names, log, gates={"B": a_scoring}, until_abort={"C"})
         loop = asyncio.get_running_loop()
-        engine.gates["B"] = a_scoring
         scorer = FakeScorer(log, waits={"A": engine.abort_seen},
                             on_start={"A": lambda: loop.call_soon_threadsafe(a_scoring.set)})
         monkeypatch.setattr(generation, "score_batch", scorer)
