@@ -143,7 +143,21 @@ class AlgorithmConfig:
     kl_loss_type: str = "k3"
     entropy_coeff: float = 0.0
     tis_cap: Optional[float] = None
-    """Truncated importance sampling cap on pi_old / pi_rollout; ``None`` = off."""
+    """Truncated importance sampling cap on pi_old / pi_rollout; ``None`` = off. pi_old is the actor before this
+    step's update (recomputed every step), so this is the behaviour weight of AReaL's decoupled objective
+    (:func:`~megatron_dapo.algorithm.compute_decoupled_policy_loss`): it corrects both stale (off-policy) samples
+    and engine/trainer mismatch."""
+    seq_is_mask_low: Optional[float] = None
+    """Sequence-level masked IS: drop a sequence whose geometric-mean pi_old / pi_rollout is below this
+    (e.g. 0.999; ``None`` = no lower bound). See :func:`~megatron_dapo.algorithm.geometric_seq_is_mask`."""
+    seq_is_mask_high: Optional[float] = None
+    """Sequence-level masked IS: drop a sequence whose geometric-mean pi_old / pi_rollout is above this
+    (e.g. 1.001; ``None`` = no upper bound)."""
+    icepop_low: Optional[float] = None
+    """IcePop: tokens with pi_old / pi_rollout below this get no loss (alpha, e.g. 0.5; ``None`` = no lower bound).
+    See :func:`~megatron_dapo.algorithm.icepop_token_mask`."""
+    icepop_high: Optional[float] = None
+    """IcePop: tokens with pi_old / pi_rollout above this get no loss (beta, e.g. 5.0; ``None`` = no upper bound)."""
     clip_higher: Optional[bool] = None
     token_level_loss: Optional[bool] = None
 
@@ -344,6 +358,12 @@ class DAPOConfig:
         need(a.oversample_factor >= 1.0, "algorithm.oversample_factor", "must be >= 1")
         need(a.kl_loss_type in ("k1", "k2", "k3"), "algorithm.kl_loss_type", "must be k1, k2 or k3")
         need(a.tis_cap is None or a.tis_cap > 0, "algorithm.tis_cap", "must be > 0 or null")
+        for key in ("seq_is_mask_low", "icepop_low"):
+            v = getattr(a, key)
+            need(v is None or 0 <= v <= 1, f"algorithm.{key}", f"must be in [0, 1] or null (got {v})")
+        for key in ("seq_is_mask_high", "icepop_high"):
+            v = getattr(a, key)
+            need(v is None or v >= 1, f"algorithm.{key}", f"must be >= 1 or null (got {v})")
         act = self.actor
         tp, pp, vpp, cp = (act.tensor_model_parallel_size, act.pipeline_model_parallel_size,
                            act.virtual_pipeline_model_parallel_size, act.context_parallel_size)

@@ -200,6 +200,9 @@ class Trainer:
                                  entropy_coeff=cfg.algorithm.entropy_coeff,
                                  kl_loss_coef=float(self.alg.get("kl_loss_coef") or 0.0) if self.alg.get("kl_loss") else 0.0,
                                  kl_loss_type=cfg.algorithm.kl_loss_type, tis_cap=cfg.algorithm.tis_cap,
+                                 seq_is_mask_low=cfg.algorithm.seq_is_mask_low,
+                                 seq_is_mask_high=cfg.algorithm.seq_is_mask_high,
+                                 icepop_low=cfg.algorithm.icepop_low, icepop_high=cfg.algorithm.icepop_high,
                                  temperature=cfg.rollout.temperature)
         if self.loss.kl_loss_coef:
             raise TrainingStopped("algorithm.kl_loss=true needs a reference model, which this recipe does not run "

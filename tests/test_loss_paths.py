@@ -38,3 +38,16 @@ def test_tis_cap_weights_the_loss_by_min_ratio_cap(report):
     assert report["tis_vs_scaled"] <= 1e-6 * max(1.0, report["grad_scale"])
     # and it is neither the uncapped nor the unweighted gradient
     assert report["tis_vs_uncapped"] > 1e-3 and report["tis_vs_none"] > 1e-3
+
+
+@pytest.mark.slow
+def test_off_policy_corrections_through_the_actor(report):
+    # zero staleness (rollout_logprobs == old_logprobs): TIS + sequence mask + IcePop change nothing, bit for bit
+    assert report["zero_staleness_grad_diff"] == 0.0
+    # a row outside the bounds is dropped: the gradient is the plain one with its advantages zeroed
+    for name in ("seq", "icepop", "icepop_tis"):
+        assert report[f"{name}_vs_scaled"] <= 1e-6 * max(1.0, report["grad_scale"]), name
+    # what was masked reaches the train_step metrics (token fraction over the mini-batch)
+    assert 0 < report["expected_masked_frac"] < 1
+    for name in ("seq", "icepop", "icepop_tis"):
+        assert report[f"{name}_masked_frac"] == pytest.approx(report["expected_masked_frac"]), name

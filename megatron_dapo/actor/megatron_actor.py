@@ -102,6 +102,10 @@ class LossSettings:
     kl_loss_coef: float = 0.0
     kl_loss_type: str = "k3"
     tis_cap: Optional[float] = None
+    seq_is_mask_low: Optional[float] = None
+    seq_is_mask_high: Optional[float] = None
+    icepop_low: Optional[float] = None
+    icepop_high: Optional[float] = None
     temperature: float = 1.0
 
 
@@ -497,7 +501,7 @@ class MegatronActor:
         inf/nan for a skipped update), ``update_skipped`` (0/1), ``nonfinite_grad_norm`` and
         ``nonfinite_<term>`` (0/1) for each term of :data:`NONFINITE_TERMS`.
         """
-        from ..algorithm import agg_loss, compute_policy_loss, kl_penalty
+        from ..algorithm import agg_loss, compute_decoupled_policy_loss, kl_penalty
 
         ensure_onloaded(self, "train_step")
         for m in self.chunks:
@@ -522,13 +526,13 @@ class MegatronActor:
                 old_lp = old_lp.clone()
                 r, c = (mask > 0).nonzero()[0].tolist()
                 old_lp[r, c] = bad[1]
-            is_w = None
-            if loss.tis_cap is not None and mb.rollout_logprobs is not None:
-                is_w = torch.exp(mb.old_logprobs - mb.rollout_logprobs).clamp(max=loss.tis_cap).to(lp.device) * mask
-            pg, metrics = compute_policy_loss(
-                lp, old_lp, mb.advantages.to(lp.device), mask,
+            pg, metrics = compute_decoupled_policy_loss(
+                lp, old_lp, mb.rollout_logprobs, mb.advantages.to(lp.device), mask,
+                tis_cap=loss.tis_cap,
+                seq_is_mask_low=loss.seq_is_mask_low, seq_is_mask_high=loss.seq_is_mask_high,
+                icepop_low=loss.icepop_low, icepop_high=loss.icepop_high,
                 clip_ratio_low=loss.clip_ratio_low, clip_ratio_high=loss.clip_ratio_high,
-                clip_ratio_c=loss.clip_ratio_c, loss_agg_mode=loss.loss_agg_mode, rollout_is_weights=is_w, **norm)
+                clip_ratio_c=loss.clip_ratio_c, loss_agg_mode=loss.loss_agg_mode, **norm)
             if bad and bad[0] == "policy_loss":
                 pg = pg * bad[1]
             total = pg
@@ -644,7 +648,7 @@ class MegatronActor:
         """Sum additive terms (pg_loss, entropy, kl: already global-normalised contributions), token-weight
         the fractions, over micro-batches and DP ranks; share with every rank."""
         keys = ["pg_loss", "entropy", "kl_loss", "pg_clipfrac", "pg_clipfrac_high", "pg_clipfrac_low",
-                "pg_clipfrac_dual", "approx_kl", "ratio_mean", "_tokens"]
+                "pg_clipfrac_dual", "approx_kl", "ratio_mean", "seq_is_masked_frac", "icepop_masked_frac", "_tokens"]
         additive = {"pg_loss", "entropy", "kl_loss", "_tokens"}
         vec = torch.zeros(len(keys), dtype=torch.float64)
         if self.ps.is_pipeline_last_stage(ignore_virtual=True) and self.tp_rank == 0:

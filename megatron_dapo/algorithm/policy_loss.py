@@ -7,6 +7,18 @@ Contents
 * :func:`compute_policy_loss` -- decoupled-clip surrogate (DAPO eq. 10, "Clip-Higher"), optional
   dual clip (Ye et al. 2020, "Mastering complex control in MOBA games", eq. 5) and optional
   truncated importance-sampling weights for rollout/trainer mismatch.
+* :func:`compute_decoupled_policy_loss` -- the off-policy (decoupled) objective of AReaL
+  (arXiv 2505.24298, eq. 5): the clip is taken against the proximal policy (``old_logprobs``) and
+  the behaviour policy (the engine's ``rollout_logprobs``) enters only through a detached,
+  truncated importance weight; optionally combined with the two rejection rules below.
+* :func:`truncated_is_weights` -- token-level truncated IS weight ``min(pi_old / pi_rollout, cap)``
+  (TIS; Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training").
+* :func:`geometric_seq_is_mask` -- sequence-level masked IS with the geometric-mean ratio
+  (MIS; Liu, Li et al. 2025, "When Speed Kills Stability: Demystifying RL Collapse from the
+  Training-Inference Mismatch").
+* :func:`icepop_token_mask` -- IcePop token masking (Ling team, "Every Step Evolves: Scaling
+  Reinforcement Learning for Trillion-Scale Thinking Model", arXiv 2510.18855, Sec. IcePop).
+* :func:`rollout_correction_weights` -- the product of the three, as one per-token weight.
 * :func:`kl_penalty` -- k1/k2/k3 per-token KL estimators (Schulman, "Approximating KL
   divergence", 2020; k3 is the "low_var_kl" of verl).
 * :func:`entropy_from_logits` -- per-position entropy of a categorical distribution.
@@ -30,7 +42,12 @@ __all__ = [
     "KL_PENALTY_KINDS",
     "agg_loss",
     "compute_policy_loss",
+    "compute_decoupled_policy_loss",
+    "geometric_seq_is_mask",
+    "icepop_token_mask",
     "kl_penalty",
+    "rollout_correction_weights",
+    "truncated_is_weights",
     "entropy_from_logits",
 ]
 
@@ -231,8 +248,9 @@ def compute_policy_loss(
 
     Args:
         logprobs: ``[B, T]`` floating; log pi_theta(o_t | q, o_<t) of the sampled tokens (carries grad).
-        old_logprobs: ``[B, T]`` floating; log-probs under the policy that generated the rollout
-            (pi_theta_old); treated as constant (detached).
+        old_logprobs: ``[B, T]`` floating; log-probs under pi_theta_old (the trainer recomputes them
+            with the actor before the step's first update: the proximal policy of
+            :func:`compute_decoupled_policy_loss`); treated as constant (detached).
         advantages: ``[B, T]``, ``[B, 1]`` or ``[B]`` floating; broadcast per token; detached.
         response_mask: ``[B, T]`` bool (or 0/1); False/0 positions are ignored entirely, even when
             any input holds NaN/inf there.
@@ -342,6 +360,307 @@ def compute_policy_loss(
         }
     return loss, metrics
 
+
+# --------------------------------------------------------------------------------------------
+# off-policy / rollout-mismatch corrections
+# --------------------------------------------------------------------------------------------
+def _behaviour_log_ratio(
+    old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked ``(log(pi_old / pi_rollout), bool mask)``, both ``[B, T]``; the log-ratio is 0 where
+    ``response_mask`` is False (so masked NaN/inf never reach any arithmetic)."""
+    _check_float(old_logprobs, "old_logprobs")
+    _check_float(rollout_logprobs, "rollout_logprobs")
+    _check_2d(old_logprobs, "old_logprobs")
+    shape = tuple(old_logprobs.shape)
+    if tuple(rollout_logprobs.shape) != shape:
+        raise ValueError(f"rollout_logprobs shape {tuple(rollout_logprobs.shape)} != old_logprobs shape {shape}")
+    mask = _as_bool_mask(response_mask, "response_mask")
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"response_mask shape {tuple(mask.shape)} != old_logprobs shape {shape}")
+    old = old_logprobs.detach()
+    rollout = rollout_logprobs.detach().to(device=old.device, dtype=old.dtype)
+    mask = mask.to(old.device)
+    zero = torch.zeros((), dtype=old.dtype, device=old.device)
+    return torch.where(mask, old - rollout, zero), mask
+
+
+def _check_bounds(low: Optional[float], high: Optional[float], name: str) -> None:
+    if low is None and high is None:
+        raise ValueError(f"{name}: give at least one of the low / high bounds")
+    if low is not None and not (math.isfinite(float(low)) and float(low) >= 0.0):
+        raise ValueError(f"{name}: low bound must be a finite value >= 0, got {low}")
+    if high is not None and not (float(high) > 0.0):
+        raise ValueError(f"{name}: high bound must be > 0, got {high}")
+    if low is not None and high is not None and float(low) > float(high):
+        raise ValueError(f"{name}: low bound {low} > high bound {high}")
+
+
+def _log_in_range(log_value: torch.Tensor, low: Optional[float], high: Optional[float]) -> torch.Tensor:
+    """``low <= exp(log_value) <= high`` (a None or 0 / inf bound is no bound), compared in log space
+    so that no ratio is ever exponentiated; NaN is out of range."""
+    keep = ~torch.isnan(log_value)
+    if low is not None and float(low) > 0.0:
+        keep &= log_value >= math.log(float(low))
+    if high is not None and math.isfinite(float(high)):
+        keep &= log_value <= math.log(float(high))
+    return keep
+
+
+def truncated_is_weights(
+    old_logprobs: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    cap: float,
+) -> torch.Tensor:
+    """Token-level truncated importance weight (TIS) between the proximal and the behaviour policy.
+
+    Per valid token::
+
+        w_t = min(exp(old_logprobs_t - rollout_logprobs_t), cap)      # = min(pi_old / pi_rollout, C)
+
+    Source: Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"
+    (the TIS weight), and the behaviour-policy weight of AReaL's decoupled PPO (Fu et al. 2025,
+    arXiv 2505.24298, eq. 5), which AReaL bounds by dropping tokens above the cap instead (that is
+    :func:`icepop_token_mask` with ``high=cap``).  The log-ratio is clamped to ``[-20, 20]`` before
+    ``exp`` so that no weight overflows.
+
+    Args:
+        old_logprobs: ``[B, T]`` floating; log-probs of the sampled tokens under the proximal policy
+            (the actor before this step's update).
+        rollout_logprobs: ``[B, T]`` floating; the engine's (behaviour policy's) log-probs of the same
+            tokens.
+        response_mask: ``[B, T]`` bool (or 0/1).
+        cap: truncation ``C > 0``.  With ``C >= 1`` a zero-staleness batch (``old == rollout``) has
+            every weight exactly 1.
+
+    Returns:
+        ``[B, T]`` detached weights, dtype of ``old_logprobs``; 0 where ``response_mask`` is False.
+
+    Raises:
+        ValueError: shape mismatch (names the tensor), ``cap <= 0``.  TypeError: non-floating input.
+    """
+    if not (float(cap) > 0.0):
+        raise ValueError(f"tis cap must be > 0, got {cap}")
+    log_ratio, mask = _behaviour_log_ratio(old_logprobs, rollout_logprobs, response_mask)
+    w = torch.exp(log_ratio.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)).clamp(max=float(cap))
+    return torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
+
+
+def geometric_seq_is_mask(
+    old_logprobs: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    low: Optional[float],
+    high: Optional[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence-level masked importance sampling with the geometric-mean ratio.
+
+    Per sequence ``i`` with valid tokens ``t = 1..|y_i|``::
+
+        rho_i = exp( (1 / |y_i|) * sum_t (old_logprobs_it - rollout_logprobs_it) )
+              = (prod_t pi_old(y_it) / pi_rollout(y_it)) ** (1 / |y_i|)
+        keep_i = low <= rho_i <= high
+
+    A sequence outside the bounds gets no loss at all (the caller multiplies its tokens' weights by
+    0).  The geometric mean makes the rule independent of the response length, unlike the full
+    sequence ratio ``prod_t`` which degenerates for long responses.  Source: masked IS (MIS) of Liu,
+    Li et al. 2025, "When Speed Kills Stability: Demystifying RL Collapse from the Training-Inference
+    Mismatch" (building on TIS, Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You
+    Off-Policy RL Training"); the geometric-mean form is the length-normalised sequence ratio of their
+    rejection rule.  A sequence without valid tokens has ``rho = 1``; a NaN ratio is out of range.
+
+    Args:
+        old_logprobs, rollout_logprobs: ``[B, T]`` floating (proximal / behaviour log-probs).
+        response_mask: ``[B, T]`` bool (or 0/1).
+        low: lower bound ``>= 0`` on ``rho`` (None or 0: none), e.g. 0.999.
+        high: upper bound on ``rho`` (None or inf: none), e.g. 1.001.
+
+    Returns:
+        ``(keep, rho)``: ``keep`` ``[B]`` bool, ``rho`` ``[B]`` detached, dtype of ``old_logprobs``.
+
+    Raises:
+        ValueError: shape mismatch, both bounds None, a negative / non-finite low bound, a
+            non-positive high bound, ``low > high``.  TypeError: non-floating input.
+    """
+    _check_bounds(low, high, "seq_is_mask")
+    log_ratio, mask = _behaviour_log_ratio(old_logprobs, rollout_logprobs, response_mask)
+    n_tok = mask.sum(dim=-1).to(log_ratio.dtype).clamp(min=1)
+    mean_log_ratio = log_ratio.sum(dim=-1) / n_tok
+    keep = _log_in_range(mean_log_ratio, low, high)
+    return keep, torch.exp(mean_log_ratio.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
+
+
+def icepop_token_mask(
+    old_logprobs: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    low: Optional[float],
+    high: Optional[float],
+) -> torch.Tensor:
+    """IcePop token masking: tokens whose training/inference probability ratio is outside ``[low, high]``.
+
+    Per valid token, with ``k_t = exp(old_logprobs_t - rollout_logprobs_t)`` (= pi_train / pi_infer
+    under the same weights)::
+
+        keep_t = low <= k_t <= high          # IcePop's M(k; alpha, beta) != 0
+
+    A dropped token contributes no loss and no gradient; the loss normaliser is unchanged (the
+    ``1 / |y_i|`` of the IcePop objective counts every sampled token).  IcePop's full masking function
+    is ``M(k) = k if alpha <= k <= beta else 0``: the in-range weight ``k`` is the truncated IS weight
+    of :func:`truncated_is_weights` with ``cap >= high``.  Source: the Ling team, "Every Step Evolves:
+    Scaling Reinforcement Learning for Trillion-Scale Thinking Model" (Ring-1T), arXiv 2510.18855,
+    IcePop objective (alpha = 0.5, beta = 5 there).  A NaN ratio is out of range.
+
+    Args:
+        old_logprobs, rollout_logprobs: ``[B, T]`` floating (proximal / behaviour log-probs).
+        response_mask: ``[B, T]`` bool (or 0/1).
+        low: ``alpha >= 0`` (None or 0: none).  high: ``beta`` (None or inf: none).
+
+    Returns:
+        ``[B, T]`` bool: True for valid tokens that keep their loss (False outside ``response_mask``).
+
+    Raises:
+        ValueError: shape mismatch, both bounds None, a negative / non-finite low bound, a
+            non-positive high bound, ``low > high``.  TypeError: non-floating input.
+    """
+    _check_bounds(low, high, "icepop")
+    log_ratio, mask = _behaviour_log_ratio(old_logprobs, rollout_logprobs, response_mask)
+    return mask & _log_in_range(log_ratio, low, high)
+
+
+def rollout_correction_weights(
+    old_logprobs: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    tis_cap: Optional[float] = None,
+    seq_is_mask_low: Optional[float] = None,
+    seq_is_mask_high: Optional[float] = None,
+    icepop_low: Optional[float] = None,
+    icepop_high: Optional[float] = None,
+) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]:
+    """One detached per-token weight from the enabled behaviour-policy corrections.
+
+    ::
+
+        w_t = tis_t * seq_keep_i * icepop_keep_t
+
+    with ``tis_t = min(exp(old_t - rollout_t), tis_cap)`` (:func:`truncated_is_weights`; 1 when
+    ``tis_cap`` is None), ``seq_keep_i`` of :func:`geometric_seq_is_mask` (1 when both
+    ``seq_is_mask_*`` are None) and ``icepop_keep_t`` of :func:`icepop_token_mask` (1 when both
+    ``icepop_*`` are None).  Masked tokens get weight 0 and stay in the loss normaliser.  With zero
+    staleness (``rollout_logprobs == old_logprobs``), ``tis_cap >= 1`` and bounds that contain 1, every
+    valid weight is exactly 1.
+
+    Args:
+        old_logprobs, rollout_logprobs: ``[B, T]`` floating (proximal / behaviour log-probs).
+        response_mask: ``[B, T]`` bool (or 0/1).
+        tis_cap, seq_is_mask_low, seq_is_mask_high, icepop_low, icepop_high: see the functions above.
+
+    Returns:
+        ``(weights, metrics)``: ``weights`` ``[B, T]`` (0 outside ``response_mask``), or None when no
+        correction is enabled.  ``metrics`` (0-dim detached tensors, fractions of this call's valid
+        tokens, present for the enabled rules): ``seq_is_masked_frac`` (tokens in sequences dropped by
+        the sequence rule), ``icepop_masked_frac`` (tokens dropped by IcePop).
+
+    Raises:
+        ValueError / TypeError: as the functions above.
+    """
+    use_seq = seq_is_mask_low is not None or seq_is_mask_high is not None
+    use_icepop = icepop_low is not None or icepop_high is not None
+    if tis_cap is None and not use_seq and not use_icepop:
+        return None, {}
+    log_ratio, mask = _behaviour_log_ratio(old_logprobs, rollout_logprobs, response_mask)
+    dtype, device = log_ratio.dtype, log_ratio.device
+    if tis_cap is not None:
+        weights = truncated_is_weights(old_logprobs, rollout_logprobs, mask, tis_cap)
+    else:
+        weights = mask.to(dtype)
+    n_valid = mask.sum().to(dtype).clamp(min=1)
+    metrics: dict[str, torch.Tensor] = {}
+    if use_seq:
+        seq_keep, _ = geometric_seq_is_mask(old_logprobs, rollout_logprobs, mask, seq_is_mask_low, seq_is_mask_high)
+        seq_keep = seq_keep.to(device)
+        weights = weights * seq_keep.unsqueeze(-1).to(dtype)
+        metrics["seq_is_masked_frac"] = (mask & ~seq_keep.unsqueeze(-1)).sum().to(dtype) / n_valid
+    if use_icepop:
+        tok_keep = icepop_token_mask(old_logprobs, rollout_logprobs, mask, icepop_low, icepop_high).to(device)
+        weights = weights * tok_keep.to(dtype)
+        metrics["icepop_masked_frac"] = (mask & ~tok_keep).sum().to(dtype) / n_valid
+    return weights, metrics
+
+
+def compute_decoupled_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    rollout_logprobs: Optional[torch.Tensor],
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    tis_cap: Optional[float] = None,
+    seq_is_mask_low: Optional[float] = None,
+    seq_is_mask_high: Optional[float] = None,
+    icepop_low: Optional[float] = None,
+    icepop_high: Optional[float] = None,
+    clip_ratio_low: float = 0.2,
+    clip_ratio_high: float = 0.28,
+    clip_ratio_c: Optional[float] = None,
+    loss_agg_mode: str = "token-mean",
+    global_num_tokens: CountLike = None,
+    global_num_seqs: CountLike = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Off-policy (decoupled) DAPO loss: the clip against the proximal policy, the behaviour policy
+    only through a detached importance weight.
+
+    Decoupled PPO (Fu et al. 2025, "AReaL: A Large-Scale Asynchronous Reinforcement Learning System
+    for Language Reasoning", arXiv 2505.24298, eq. 5), with three policies: pi_behav generated the
+    tokens (the engine; ``rollout_logprobs``), pi_prox is the actor before this step's update
+    (``old_logprobs``, recomputed by the trainer), pi_theta is being optimised (``logprobs``).  Per
+    valid token, with ``r_t = pi_theta / pi_prox`` and advantage ``A``::
+
+        loss_t = w_t * max(-A * r_t, -A * clip(r_t, 1 - clip_ratio_low, 1 + clip_ratio_high))
+        w_t    = min(pi_prox / pi_behav, tis_cap) * seq_keep_i * icepop_keep_t      (detached)
+
+    (dual clip as in :func:`compute_policy_loss`), aggregated by ``loss_agg_mode``.  The weight is
+    :func:`rollout_correction_weights`: AReaL's behaviour weight truncated at ``tis_cap``
+    (:func:`truncated_is_weights`; AReaL itself drops tokens above the cap, which is
+    ``icepop_high=cap``), times the optional sequence-level geometric-mean mask
+    (:func:`geometric_seq_is_mask`) and IcePop token mask (:func:`icepop_token_mask`).  The same
+    weight corrects both staleness (one-step-off generation) and engine/trainer numerical mismatch.
+
+    Zero staleness: with ``rollout_logprobs == old_logprobs`` every weight is exactly 1 (for
+    ``tis_cap >= 1`` or None and bounds containing 1), so loss and gradient equal
+    :func:`compute_policy_loss` bit for bit.  With ``rollout_logprobs=None`` or no correction enabled
+    this *is* :func:`compute_policy_loss` (today's on-policy loss).
+
+    Args:
+        logprobs: ``[B, T]`` floating, carries the gradient.
+        old_logprobs: ``[B, T]`` floating proximal log-probs (detached).
+        rollout_logprobs: ``[B, T]`` floating behaviour log-probs (detached), or None.
+        advantages: ``[B, T]``, ``[B, 1]`` or ``[B]``.  response_mask: ``[B, T]`` bool (or 0/1).
+        tis_cap, seq_is_mask_low, seq_is_mask_high, icepop_low, icepop_high: the corrections (None: off).
+        clip_ratio_low, clip_ratio_high, clip_ratio_c, loss_agg_mode, global_num_tokens,
+        global_num_seqs: as in :func:`compute_policy_loss`.
+
+    Returns:
+        ``(loss, metrics)``: the metrics of :func:`compute_policy_loss` plus those of
+        :func:`rollout_correction_weights` for the enabled rules.
+
+    Raises:
+        ValueError / TypeError: as :func:`compute_policy_loss` and :func:`rollout_correction_weights`.
+    """
+    weights, corr = None, {}
+    if rollout_logprobs is not None:
+        weights, corr = rollout_correction_weights(
+            old_logprobs, rollout_logprobs, response_mask, tis_cap=tis_cap, seq_is_mask_low=seq_is_mask_low,
+            seq_is_mask_high=seq_is_mask_high, icepop_low=icepop_low, icepop_high=icepop_high)
+    loss, metrics = compute_policy_loss(
+        logprobs, old_logprobs, advantages, response_mask, clip_ratio_low=clip_ratio_low,
+        clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c, loss_agg_mode=loss_agg_mode,
+        global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, rollout_is_weights=weights)
+    metrics.update(corr)
+    return loss, metrics
 
 # --------------------------------------------------------------------------------------------
 # KL and entropy

@@ -1,4 +1,5 @@
-"""Rule-based math rewards for DAPO (arXiv 2503.14476): DAPO integer rule, math-verify, GSM8K."""
+"""Rule-based math rewards for DAPO (arXiv 2503.14476): DAPO integer rule, math-verify, GSM8K; the thread
+pool that scores them off the rollout event loop (:mod:`.executor`)."""
 from .extract import (
     clean_answer,
     find_answer_line,
@@ -7,6 +8,7 @@ from .extract import (
     normalize_integer,
     normalize_number,
 )
+from .executor import DEFAULT_SCORE_THREADS, get_score_executor, shutdown_score_executor
 from .math_verify_pool import MathVerifyPool, get_pool, shutdown_pool
 from .score import (
     STATUSES,
@@ -29,6 +31,9 @@ __all__ = [
     "MathVerifyPool",
     "get_pool",
     "shutdown_pool",
+    "DEFAULT_SCORE_THREADS",
+    "get_score_executor",
+    "shutdown_score_executor",
     "clean_answer",
     "find_answer_line",
     "find_last_boxed",

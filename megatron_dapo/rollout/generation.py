@@ -4,10 +4,16 @@ One round requests ``sampler.num_prompts_to_request()`` prompts; each prompt's `
 request. Groups are scored as they complete (rule-based reward, then overlong shaping) and handed to the
 :class:`~megatron_dapo.algorithm.DynamicSampler`; once it is full the requests still in flight are aborted
 so little is generated for nothing.
+
+Streaming scoring: a group's reward is computed in a worker thread
+(:func:`~megatron_dapo.reward.get_score_executor`) awaited from the event loop, so the other groups'
+requests keep generating while it is scored; a group being scored is past generation and is never
+aborted (when the sampler fills meanwhile it is kept as surplus).
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 import uuid
@@ -17,7 +23,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..algorithm import DynamicSampler, Group, soft_overlong_penalty
-from ..reward import score_batch
+from ..reward import RewardResult, get_score_executor, score_batch
 from .validate import screen_group
 
 
@@ -54,8 +60,32 @@ class RoundStats:
     token_prob_sum: float = 0.0
     token_count: int = 0
     reward_seconds: float = 0.0
+    """Wall-clock seconds during which at least one group was being scored (the union of the scoring
+    intervals: at most the rollout's wall time, although scoring overlaps generation)."""
     no_answer: int = 0
     per_source_correct: dict = field(default_factory=dict)
+    scoring_in_flight: int = 0
+    """Groups being scored right now (kept by :meth:`scoring_started` / :meth:`scoring_finished`)."""
+    scoring_since: float = 0.0
+    """``time.perf_counter()`` when the current busy interval began (scoring_in_flight went 0 -> 1)."""
+
+    def scoring_started(self, now: Optional[float] = None) -> None:
+        """A group's scoring begins (``now``: ``time.perf_counter()`` seconds, default the current time)."""
+        if self.scoring_in_flight == 0:
+            self.scoring_since = time.perf_counter() if now is None else now
+        self.scoring_in_flight += 1
+
+    def scoring_finished(self, now: Optional[float] = None) -> None:
+        """A group's scoring ended; the busy interval is added to :attr:`reward_seconds` when it was the last.
+
+        Raises:
+            RuntimeError: no scoring was in flight.
+        """
+        if self.scoring_in_flight <= 0:
+            raise RuntimeError("RoundStats.scoring_finished without a matching scoring_started")
+        self.scoring_in_flight -= 1
+        if self.scoring_in_flight == 0:
+            self.reward_seconds += (time.perf_counter() if now is None else now) - self.scoring_since
 
     def add(self, group: Group, scores: list[float], statuses: list[str], source: str) -> None:
         self.scores += scores
@@ -114,12 +144,26 @@ async def _fill(client, sampler: DynamicSampler, next_prompts: Callable[[int], l
         return
     sp = _sampling_params(s, round_index)
     rid_base = uuid.uuid4().hex[:12]
+    generated: set[int] = set()  # requests past generation (being screened / scored): never aborted
 
     async def one(i: int, item):
+        """Generate, then score in a worker thread: ``(item, outs, results)``, results None when not scored."""
         idx, row, ids = item
         sp_i = dict(sp, sampling_seed=sp["sampling_seed"] + i * s.n_samples_per_prompt)
         outs = await client.generate([ids], sp_i, return_logprob=True, rid=f"{rid_base}-{i}")
-        return item, outs
+        if any(o.finish_reason == "abort" for o in outs):
+            return item, outs, None
+        generated.add(i)
+        if not screen_group(s, outs):
+            return item, outs, None
+        return item, outs, await _score_group(outs, row, tokenizer, stats)
+
+    def consume(res) -> None:
+        (idx, row, ids), outs, results = res
+        if any(o.finish_reason == "abort" for o in outs):
+            sampler.record_aborted(1, sum(len(o.output_ids) for o in outs))
+        elif results is not None:
+            sampler.add_group(_build_group(idx, row, ids, outs, results, s, stats))
 
     tasks = {asyncio.ensure_future(one(i, it)): i for i, it in enumerate(prompts)}
     pending = set(tasks)
@@ -127,22 +171,21 @@ async def _fill(client, sampler: DynamicSampler, next_prompts: Callable[[int], l
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
-                (idx, row, ids), outs = t.result()
-                if any(o.finish_reason == "abort" for o in outs):
-                    sampler.record_aborted(1, sum(len(o.output_ids) for o in outs))
-                    continue
-                if screen_group(s, outs):
-                    sampler.add_group(_make_group(idx, row, ids, outs, tokenizer, s, stats))
+                consume(t.result())
             if sampler.is_full and pending:
                 for t in pending:
-                    await client.abort(rid=f"{rid_base}-{tasks[t]}")
-                aborted = await asyncio.gather(*pending, return_exceptions=True)
-                for res in aborted:
-                    if isinstance(res, BaseException):
-                        sampler.record_aborted(1)
-                    else:
-                        sampler.record_aborted(1, sum(len(o.output_ids) for o in res[1]))
+                    if tasks[t] not in generated:
+                        await client.abort(rid=f"{rid_base}-{tasks[t]}")
+                rest = list(pending)
+                finished = await asyncio.gather(*rest, return_exceptions=True)
                 pending = set()
+                for t, res in zip(rest, finished):
+                    if not isinstance(res, BaseException):
+                        consume(res)  # aborted: counted; generated before the abort: kept as surplus
+                    elif tasks[t] in generated:
+                        raise res  # a screening / scoring failure is never hidden as an abort
+                    else:
+                        sampler.record_aborted(1)
     finally:
         for t in pending:
             t.cancel()
@@ -151,14 +194,24 @@ async def _fill(client, sampler: DynamicSampler, next_prompts: Callable[[int], l
                 t.exception()
 
 
-def _make_group(idx: int, row: dict, ids: list[int], outs, tokenizer, s: RolloutSettings,
-                stats: RoundStats) -> Group:
+async def _score_group(outs, row: dict, tokenizer, stats: RoundStats) -> list[RewardResult]:
+    """Decode one group's responses and score them in the scoring thread pool (the event loop stays free)."""
     texts = [tokenizer.decode(o.output_ids, skip_special_tokens=True) for o in outs]
     gt = str(row["reward_model"]["ground_truth"])
     src = str(row.get("data_source", "math_dapo"))
-    t0 = time.perf_counter()
-    results = score_batch(texts, [gt] * len(texts), src)
-    stats.reward_seconds += time.perf_counter() - t0
+    loop = asyncio.get_running_loop()
+    stats.scoring_started()
+    try:
+        return await loop.run_in_executor(get_score_executor(),
+                                          functools.partial(score_batch, texts, [gt] * len(texts), src))
+    finally:
+        stats.scoring_finished()
+
+
+def _build_group(idx: int, row: dict, ids: list[int], outs, results: list[RewardResult], s: RolloutSettings,
+                 stats: RoundStats) -> Group:
+    gt = str(row["reward_model"]["ground_truth"])
+    src = str(row.get("data_source", "math_dapo"))
     scores = [r.score for r in results]
     lengths = [len(o.output_ids) for o in outs]
     rollout_lp = [list(o.output_logprobs or []) for o in outs]
@@ -185,9 +238,12 @@ async def _fill_ordered(client, sampler: DynamicSampler, next_prompts, tokenizer
     finally:
         client.prompts_per_request = saved
     g = s.n_samples_per_prompt
-    for i, (idx, row, ids) in enumerate(prompts):
-        if screen_group(s, outs[i * g:(i + 1) * g]):
-            sampler.add_group(_make_group(idx, row, ids, outs[i * g:(i + 1) * g], tokenizer, s, stats))
+    kept = [(idx, row, ids, outs[i * g:(i + 1) * g]) for i, (idx, row, ids) in enumerate(prompts)
+            if screen_group(s, outs[i * g:(i + 1) * g])]
+    # all groups are scored concurrently; they reach the sampler in prompt order, as generated
+    results = await asyncio.gather(*(_score_group(o, row, tokenizer, stats) for _, row, _, o in kept))
+    for (idx, row, ids, o), res in zip(kept, results):
+        sampler.add_group(_build_group(idx, row, ids, o, res, s, stats))
 
 
 def collect_batch(sync_client, sampler: DynamicSampler, next_prompts, tokenizer,

@@ -8,7 +8,10 @@ through the real trainer batch builder and the Megatron actor's ``train_step``.
 * TIS cap: ``rollout_logprobs = old_logprobs - log(w_i)`` per row gives importance weights
   ``min(w_i, cap)``; the gradient must equal the no-TIS gradient of the same batch with advantages
   scaled by ``min(w_i, cap)`` (the policy loss is linear in a positive per-row weight), and differ from
-  the uncapped one.
+  the uncapped one;
+* off-policy corrections (``LossSettings`` ``seq_is_mask_*`` / ``icepop_*``): with ``rollout_logprobs ==
+  old_logprobs`` every correction leaves the gradient bit-identical; rows whose ratio is outside the bounds
+  contribute exactly as if their advantages were 0, and ``train_step`` reports the masked token fraction.
 
 Writes a JSON report to ``OUT``.
 """
@@ -104,6 +107,28 @@ def main():
     rep["tis_vs_uncapped"] = max_diff(with_tis, grads(uncapped, ls))
     rep["tis_vs_none"] = max_diff(with_tis, grads(batch_of(ga, False), ls))
     rep["grad_scale"] = max(float(t.abs().max()) for t in with_tis.values())
+
+    # off-policy corrections through LossSettings: zero staleness changes nothing, bit for bit ...
+    every = LossSettings(tis_cap=2.0, seq_is_mask_low=0.999, seq_is_mask_high=1.001, icepop_low=0.5, icepop_high=5.0)
+    fresh = batch_of(ga, False)
+    fresh.rollout_logprobs = fresh.old_logprobs.clone()
+    rep["zero_staleness_grad_diff"] = max_diff(grads(fresh, every), grads(batch_of(ga, False), ls))
+    # ... and a row whose (constant) ratio w is outside [0.7, 2.8] (no ratio on a bound) is dropped by either
+    # rule: the gradient is the plain one with that row's advantages zeroed (times min(w, cap) for the kept
+    # rows with TIS)
+    keep = ((w >= 0.7) & (w <= 2.8)).to(torch.float32)
+    for name, settings, scale in (
+            ("seq", LossSettings(seq_is_mask_low=0.7, seq_is_mask_high=2.8), keep),
+            ("icepop", LossSettings(icepop_low=0.7, icepop_high=2.8), keep),
+            ("icepop_tis", LossSettings(tis_cap=cap, icepop_low=0.7, icepop_high=2.8), keep * w.clamp(max=cap))):
+        m = actor.train_step(b, settings, apply_update=False)
+        got = {n: t.clone() for n, t in actor.iter_full_grads()}
+        expect_b = batch_of(ga, False)
+        expect_b.advantages = b.advantages * scale.unsqueeze(1)
+        rep[f"{name}_vs_scaled"] = max_diff(got, grads(expect_b, ls))
+        rep[f"{name}_masked_frac"] = m["seq_is_masked_frac" if name == "seq" else "icepop_masked_frac"]
+    rows_tokens = b.response_mask.sum(1)
+    rep["expected_masked_frac"] = float((rows_tokens * (1 - keep)).sum() / rows_tokens.sum())
     actor.close()
     Path(os.environ["OUT"]).write_text(json.dumps(rep, indent=1))
     dist.barrier()
