@@ -12,6 +12,7 @@ from .policy_loss import (
 )
 from .presets import (
     ABLATION_SWITCHES,
+    AlgorithmSwitches,
     PRESETS,
     SWITCH_KEYS,
     TABLE1_ABLATION,
@@ -22,6 +23,7 @@ from .reward_shaping import filter_groups, overlong_filter_mask, soft_overlong_p
 
 __all__ = [
     "ABLATION_SWITCHES",
+    "AlgorithmSwitches",
     "DynamicSampler",
     "DynamicSamplingExhausted",
     "Group",
