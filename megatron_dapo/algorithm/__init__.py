@@ -1,5 +1,5 @@
 """The DAPO algorithm (arXiv 2503.14476) in pure torch: advantages, losses, reward shaping,
-dynamic sampling and presets.  No Megatron, no I/O, no logging."""
+dynamic sampling, presets and the train-batch builder.  No Megatron, no I/O, no logging."""
 from .advantages import NonFiniteAdvantageError, compute_group_advantages
 from .dynamic_sampling import DynamicSampler, DynamicSamplingExhausted, Group
 from .policy_loss import (
@@ -20,6 +20,7 @@ from .presets import (
     table1_config,
 )
 from .reward_shaping import filter_groups, overlong_filter_mask, soft_overlong_penalty
+from .train_batch import build_train_batch, flatten_groups, logprob_mismatch_parts
 
 __all__ = [
     "ABLATION_SWITCHES",
@@ -34,11 +35,14 @@ __all__ = [
     "SWITCH_KEYS",
     "TABLE1_ABLATION",
     "agg_loss",
+    "build_train_batch",
     "compute_group_advantages",
     "compute_policy_loss",
     "entropy_from_logits",
     "filter_groups",
+    "flatten_groups",
     "kl_penalty",
+    "logprob_mismatch_parts",
     "overlong_filter_mask",
     "resolve_preset",
     "soft_overlong_penalty",
