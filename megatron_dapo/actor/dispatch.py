@@ -130,6 +130,7 @@ def _pack(shard: LocalShard) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def _unpack(header: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor) -> LocalShard:
+    """The shard packed by :func:`_pack`; its tensors are views of ``ints`` / ``floats`` (no copy)."""
     n, t, has_rl, n_up, n_up_rows, _ = (int(v) for v in header.tolist())
     sizes = [t, n + 1, n, 3 * n_up, n_up_rows, n]
     tokens, offsets, prompt_lengths, meta, upd_rows, owned = torch.split(ints, sizes)
@@ -140,9 +141,8 @@ def _unpack(header: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor) -> L
     for size, n_tok, n_seq in meta:
         updates.append(LocalUpdate(tuple(flat_rows[k: k + size]), n_tok, n_seq))
         k += size
-    batch = FlatBatch(tokens=tokens.clone(), offsets=offsets.clone(), prompt_lengths=prompt_lengths.clone(),
-                      advantages=adv.clone(), loss_weights=weights.clone(),
-                      rollout_logprobs=rest[0].clone() if has_rl else None)
+    batch = FlatBatch(tokens=tokens, offsets=offsets, prompt_lengths=prompt_lengths, advantages=adv,
+                      loss_weights=weights, rollout_logprobs=rest[0] if has_rl else None)
     return LocalShard(batch=batch, updates=updates, owned=owned.to(torch.bool))
 
 
@@ -184,8 +184,9 @@ class Dispatcher:
     def dispatch(self, flat: Optional[FlatBatch], plan: Optional[StepPlan]) -> LocalShard:
         """This rank's shard. ``flat`` and ``plan`` are read on rank 0 only (None elsewhere).
 
-        Rank 0 packs one DP rank's shard at a time (its peak is the flat batch plus one shard) and
-        broadcasts it in that DP rank's group; a rank receives only its own shard.
+        Rank 0 packs one DP rank's shard at a time (its peak is the flat batch plus one packed shard;
+        its own shard is a view of its packed buffers) and broadcasts it in that DP rank's group; a rank
+        receives only its own shard.
         """
         if not self.distributed:
             return shard_for(flat, plan, 0)
@@ -193,13 +194,11 @@ class Dispatcher:
         for d in range(self.dp_size):
             group = self.groups[d]
             if self.rank == 0:
-                shard = shard_for(flat, plan, d)
+                header, ints, floats = _pack(shard_for(flat, plan, d))
                 if d == self.dp_rank:
-                    mine = shard
+                    mine = _unpack(header, ints, floats)
                 if len(self.members[d]) == 1:
                     continue
-                header, ints, floats = _pack(shard)
-                del shard
             elif group is None:
                 continue
             else:
@@ -215,7 +214,7 @@ class Dispatcher:
             dist.broadcast(floats, src=0, group=group)
             if self.rank != 0:
                 mine = _unpack(header.cpu(), ints.cpu(), floats.cpu())
-            del ints, floats
+            del header, ints, floats
         assert mine is not None
         return mine
 
