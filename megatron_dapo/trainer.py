@@ -412,13 +412,14 @@ class Trainer:
         from .actor.dispatch import plan_step
         from .algorithm import flatten_groups
 
+        dispatcher = self.dispatcher  # built collectively at the first step
         flat = plan = None
         if self.rank == 0:
             flat = flatten_groups(groups, self.alg)
             gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)
             plan = plan_step(flat, mini_batch_size=self.cfg.actor.ppo_mini_batch_size,
-                             ppo_epochs=self.cfg.actor.ppo_epochs, dp_size=self.dispatcher.dp_size, generator=gen)
-        return self.dispatcher.dispatch(flat, plan)
+                             ppo_epochs=self.cfg.actor.ppo_epochs, dp_size=dispatcher.dp_size, generator=gen)
+        return dispatcher.dispatch(flat, plan)
 
     @property
     def dispatcher(self) -> "Dispatcher":
