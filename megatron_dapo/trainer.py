@@ -413,12 +413,18 @@ class Trainer:
         from .algorithm import flatten_groups
 
         dispatcher = self.dispatcher  # built collectively at the first step
-        flat = plan = None
+        flat = plan = failure = None
         if self.rank == 0:
-            flat = flatten_groups(groups, self.alg)
-            gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)
-            plan = plan_step(flat, mini_batch_size=self.cfg.actor.ppo_mini_batch_size,
-                             ppo_epochs=self.cfg.actor.ppo_epochs, dp_size=dispatcher.dp_size, generator=gen)
+            try:
+                flat = flatten_groups(groups, self.alg)
+                gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)
+                plan = plan_step(flat, mini_batch_size=self.cfg.actor.ppo_mini_batch_size,
+                                 ppo_epochs=self.cfg.actor.ppo_epochs, dp_size=dispatcher.dp_size, generator=gen)
+            except ValueError as e:  # e.g. non-finite rewards: every rank raises it, none waits forever
+                failure = e
+        failure = _broadcast(failure)
+        if failure is not None:
+            raise failure
         return dispatcher.dispatch(flat, plan)
 
     @property

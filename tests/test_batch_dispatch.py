@@ -184,3 +184,26 @@ def test_sharded_actor_path_equals_the_full_batch_path_at_dp2(tmp_path):
     for mode in ("token-mean", "seq-mean-token-mean"):
         assert r[mode]["updates"] == 6 and r[mode]["ref_grad_norm"] > 1e-3
         assert r[mode]["grad_rel"] <= 1e-6 and r[mode]["metric_diff"] <= 1e-6, (mode, r[mode])
+
+
+def test_trainer_dispatch_single_process_and_error_on_every_rank():
+    from types import SimpleNamespace
+
+    from megatron_dapo.actor.dispatch import Dispatcher
+    from megatron_dapo.algorithm import NonFiniteAdvantageError
+    from megatron_dapo.config import DAPOConfig
+    from megatron_dapo.trainer import Trainer
+
+    cfg = DAPOConfig()
+    cfg.actor.ppo_mini_batch_size = 4
+    fake = SimpleNamespace(rank=0, alg=resolve_preset("dapo", {}), cfg=cfg, step=3, dispatcher=Dispatcher(0, 1))
+    shard = Trainer._dispatch_batch(fake, _groups())
+    flat = flatten_groups(_groups(), fake.alg)
+    plan = plan_step(flat, mini_batch_size=4, ppo_epochs=1, dp_size=1,
+                     generator=torch.Generator().manual_seed(cfg.seed * 7919 + 3))
+    assert shard.updates == shard_for(flat, plan, 0).updates and len(shard.updates) == 2
+    assert torch.equal(shard.batch.tokens, flat.tokens)  # one DP rank: every row, in order
+    bad = _groups()
+    bad[1].rewards = [1.0, float("nan"), 0.0, 0.0]
+    with pytest.raises(NonFiniteAdvantageError, match="group 1"):
+        Trainer._dispatch_batch(fake, bad)
