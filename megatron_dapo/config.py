@@ -21,6 +21,9 @@ from typing import Any, Optional
 
 import yaml
 
+if typing.TYPE_CHECKING:
+    from .algorithm.presets import AlgorithmSwitches
+
 
 class ConfigError(ValueError):
     """A configuration key is unknown, mistyped or inconsistent; the message names the key."""
@@ -124,7 +127,9 @@ class RolloutConfig:
 @dataclass
 class AlgorithmConfig:
     preset: str = "dapo"
-    """``dapo`` or ``grpo``; explicit keys below override the preset."""
+    """``dapo`` or ``grpo``; explicit keys below override the preset. Every ``Optional`` switch left ``None``
+    takes the preset's value (:data:`megatron_dapo.algorithm.PRESETS`); read the resolved values from
+    :meth:`DAPOConfig.resolved_algorithm`, never from these fields."""
     clip_ratio_low: Optional[float] = None
     clip_ratio_high: Optional[float] = None
     clip_ratio_c: Optional[float] = None
@@ -132,7 +137,9 @@ class AlgorithmConfig:
     norm_adv_by_std: Optional[bool] = None
     soft_overlong_punishment: Optional[bool] = None
     overlong_buffer_length: int = 8
-    overlong_penalty_factor: float = 1.0
+    """``L_cache`` of DAPO eq. 13 (tokens). Owned by the run, not the preset (the presets' 4096 is the paper's
+    value for ``L_max`` = 20480): it always overrides the preset, like ``rollout.max_response_length``."""
+    overlong_penalty_factor: Optional[float] = None
     overlong_filtering: Optional[bool] = None
     dynamic_sampling: Optional[bool] = None
     max_num_gen_batches: int = 10
@@ -140,7 +147,7 @@ class AlgorithmConfig:
     carry_over_surplus: bool = False
     kl_loss: Optional[bool] = None
     kl_loss_coef: Optional[float] = None
-    kl_loss_type: str = "k3"
+    kl_loss_type: Optional[str] = None
     entropy_coeff: float = 0.0
     tis_cap: Optional[float] = None
     """Truncated importance sampling cap on pi_old / pi_rollout; ``None`` = off. pi_old is the actor before this
@@ -347,16 +354,16 @@ class DAPOConfig:
         a = self.algorithm
         need(a.preset in ("dapo", "grpo"), "algorithm.preset", f"must be dapo or grpo (got {a.preset!r})")
         alg = self.resolved_algorithm()
-        need(alg["loss_agg_mode"] in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
-             "algorithm.loss_agg_mode", f"unknown mode {alg['loss_agg_mode']!r}")
-        need(0 <= alg["clip_ratio_low"] < 1, "algorithm.clip_ratio_low", "must be in [0, 1)")
-        need(alg["clip_ratio_high"] >= 0, "algorithm.clip_ratio_high", "must be >= 0")
-        need(a.clip_ratio_c is None or a.clip_ratio_c > 1, "algorithm.clip_ratio_c", "must be > 1 (e.g. 10) or null")
+        need(alg.loss_agg_mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
+             "algorithm.loss_agg_mode", f"unknown mode {alg.loss_agg_mode!r}")
+        need(0 <= alg.clip_ratio_low < 1, "algorithm.clip_ratio_low", "must be in [0, 1)")
+        need(alg.clip_ratio_high >= 0, "algorithm.clip_ratio_high", "must be >= 0")
+        need(alg.clip_ratio_c is None or alg.clip_ratio_c > 1, "algorithm.clip_ratio_c", "must be > 1 (e.g. 10) or null")
         need(0 < a.overlong_buffer_length <= r.max_response_length, "algorithm.overlong_buffer_length",
              f"must be in (0, rollout.max_response_length={r.max_response_length}]")
         need(a.max_num_gen_batches >= 0, "algorithm.max_num_gen_batches", "must be >= 0 (0 = no limit)")
         need(a.oversample_factor >= 1.0, "algorithm.oversample_factor", "must be >= 1")
-        need(a.kl_loss_type in ("k1", "k2", "k3"), "algorithm.kl_loss_type", "must be k1, k2 or k3")
+        need(alg.kl_loss_type in ("k1", "k2", "k3"), "algorithm.kl_loss_type", "must be k1, k2 or k3")
         need(a.tis_cap is None or a.tis_cap > 0, "algorithm.tis_cap", "must be > 0 or null")
         for key in ("seq_is_mask_low", "icepop_low"):
             v = getattr(a, key)
@@ -483,8 +490,13 @@ class DAPOConfig:
         need(0 < t.eval_top_p <= 1, "trainer.eval_top_p", "must be in (0, 1]")
         need(t.log_interval >= 1, "trainer.log_interval", "must be >= 1")
 
-    def resolved_algorithm(self) -> dict[str, Any]:
-        """The preset's switches with every explicitly set ``algorithm.*`` key applied on top."""
+    def resolved_algorithm(self) -> "AlgorithmSwitches":
+        """The preset's switches with every explicitly set (non-``None``) ``algorithm.*`` key applied on top;
+        ``max_response_length`` comes from ``rollout.max_response_length``.
+
+        Raises:
+            ConfigError: an invalid switch value (the ``algorithm.*`` field is named).
+        """
         from .algorithm.presets import ABLATION_SWITCHES, SWITCH_KEYS, resolve_preset
 
         known = set(SWITCH_KEYS) | set(ABLATION_SWITCHES)

@@ -1,7 +1,8 @@
 """The DAPO training loop (arXiv 2503.14476, Algorithm 1) — one readable file.
 
 Every trainer process (one per GPU; gloo processes on CPU) runs this loop in lockstep. Rank 0 alone talks
-to the rollout engines and writes TensorBoard; it broadcasts each step's batch to the other ranks.
+to the rollout engines and writes TensorBoard; it sends each data-parallel rank only its share of each
+step's batch (:mod:`megatron_dapo.actor.dispatch`).
 
 Per step::
 
@@ -26,12 +27,15 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
 
 from .config import DAPOConfig, dump_config
+
+if TYPE_CHECKING:
+    from .actor.dispatch import Dispatcher, LocalShard
 
 log = logging.getLogger("megatron_dapo")
 
@@ -191,15 +195,15 @@ class Trainer:
         rows = load_rows(cfg.data.train_files) if cfg.data.train_files else demo_rows(cfg)
         self.dataset = PromptDataset(rows, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.sampler = DynamicSampler(cfg.rollout.rollout_batch_size, cfg.rollout.n_samples_per_prompt,
-                                      enabled=bool(self.alg["dynamic_sampling"]),
+                                      enabled=self.alg.dynamic_sampling,
                                       oversample_factor=cfg.algorithm.oversample_factor,
                                       max_num_gen_batches=cfg.algorithm.max_num_gen_batches,
                                       carry_over_surplus=cfg.algorithm.carry_over_surplus)
-        self.loss = LossSettings(clip_ratio_low=self.alg["clip_ratio_low"], clip_ratio_high=self.alg["clip_ratio_high"],
-                                 clip_ratio_c=cfg.algorithm.clip_ratio_c, loss_agg_mode=self.alg["loss_agg_mode"],
+        self.loss = LossSettings(clip_ratio_low=self.alg.clip_ratio_low, clip_ratio_high=self.alg.clip_ratio_high,
+                                 clip_ratio_c=self.alg.clip_ratio_c, loss_agg_mode=self.alg.loss_agg_mode,
                                  entropy_coeff=cfg.algorithm.entropy_coeff,
-                                 kl_loss_coef=float(self.alg.get("kl_loss_coef") or 0.0) if self.alg.get("kl_loss") else 0.0,
-                                 kl_loss_type=cfg.algorithm.kl_loss_type, tis_cap=cfg.algorithm.tis_cap,
+                                 kl_loss_coef=float(self.alg.kl_loss_coef) if self.alg.kl_loss else 0.0,
+                                 kl_loss_type=self.alg.kl_loss_type, tis_cap=cfg.algorithm.tis_cap,
                                  seq_is_mask_low=cfg.algorithm.seq_is_mask_low,
                                  seq_is_mask_high=cfg.algorithm.seq_is_mask_high,
                                  icepop_low=cfg.algorithm.icepop_low, icepop_high=cfg.algorithm.icepop_high,
@@ -235,9 +239,9 @@ class Trainer:
         self.rollout_settings = RolloutSettings(
             n_samples_per_prompt=r.n_samples_per_prompt, max_response_length=r.max_response_length,
             temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, stop_token_ids=stop_ids_for(self.tokenizer, gen_cfg),
-            soft_overlong_punishment=bool(self.alg["soft_overlong_punishment"]),
-            overlong_buffer_length=cfg.algorithm.overlong_buffer_length,
-            overlong_penalty_factor=cfg.algorithm.overlong_penalty_factor, seed=cfg.seed,
+            soft_overlong_punishment=self.alg.soft_overlong_punishment,
+            overlong_buffer_length=self.alg.overlong_buffer_length,
+            overlong_penalty_factor=self.alg.overlong_penalty_factor, seed=cfg.seed,
             deterministic=r.deterministic, response_validator=self.response_validator)
         from .sync import WeightSync
 
@@ -404,30 +408,37 @@ class Trainer:
         m["data/prompts_skipped_too_long"] = float(self.prompt_skips)
         return groups, m, None
 
-    def _build_batch(self, groups):
-        """Groups → ActorBatch with advantages, loss mask (overlong filtering) and rollout logprobs."""
-        from .actor.batching import build_actor_batch
-        from .algorithm import compute_group_advantages
+    def _dispatch_batch(self, groups) -> "LocalShard":
+        """This rank's share of the step's batch (collective): rank 0 builds the rows from ``groups``
+        (:func:`~megatron_dapo.algorithm.flatten_groups`), assigns them to the updates and DP ranks
+        (:func:`~megatron_dapo.actor.dispatch.plan_step`) and sends each DP rank only its rows."""
+        from .actor.dispatch import plan_step
+        from .algorithm import flatten_groups
 
-        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
-        adv = compute_group_advantages(rewards, norm_by_std=bool(self.alg["norm_adv_by_std"]))
-        prompts, responses, seq_adv, loss_mask, rollout_lp = [], [], [], [], []
-        for gi, g in enumerate(groups):
-            for j, resp in enumerate(g.responses):
-                prompts.append(g.prompt_ids)
-                responses.append(resp)
-                seq_adv.append(float(adv[gi, j]))
-                truncated = g.finish_reasons[j] == "length"
-                loss_mask.append(0.0 if (self.alg["overlong_filtering"] and truncated) or not resp else 1.0)
-                rollout_lp.append(g.rollout_logprobs[j] if g.rollout_logprobs else None)
-        batch = build_actor_batch(prompts, responses, loss_mask=loss_mask)
-        batch.advantages = torch.tensor(seq_adv).unsqueeze(1) * batch.response_mask
-        if all(lp is not None for lp in rollout_lp):
-            rl = torch.zeros_like(batch.response_mask)
-            for i, (p, lp) in enumerate(zip(prompts, rollout_lp)):
-                rl[i, len(p): len(p) + len(lp)] = torch.tensor(lp, dtype=torch.float32)
-            batch.rollout_logprobs = rl
-        return batch
+        dispatcher = self.dispatcher  # built collectively at the first step
+        flat = plan = failure = None
+        if self.rank == 0:
+            try:
+                flat = flatten_groups(groups, self.alg)
+                gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)
+                plan = plan_step(flat, mini_batch_size=self.cfg.actor.ppo_mini_batch_size,
+                                 ppo_epochs=self.cfg.actor.ppo_epochs, dp_size=dispatcher.dp_size, generator=gen)
+            except ValueError as e:  # e.g. non-finite rewards: every rank raises it, none waits forever
+                failure = e
+        failure = _broadcast(failure)
+        if failure is not None:
+            raise failure
+        return dispatcher.dispatch(flat, plan)
+
+    @property
+    def dispatcher(self) -> "Dispatcher":
+        """Sends each DP rank its rows (built on first use; collective)."""
+        if getattr(self, "_dispatcher", None) is None:
+            from .actor.dispatch import Dispatcher
+
+            dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+            self._dispatcher = Dispatcher(self.actor.dp_rank, self.actor.dp_size, device=dev)
+        return self._dispatcher
 
     def _sync_weights(self) -> dict[str, float]:
         """Weights into the engines; colocated: engines wake up with them and the actor is offloaded."""
@@ -491,49 +502,54 @@ class Trainer:
         if self.colocated and not self._engines_awake:  # after a checkpoint / export
             self._sync_weights()
         groups, metrics, error = self._rollout() if self.rank == 0 else (None, {}, None)
-        groups, metrics, error = _broadcast((groups, metrics, error))
+        metrics, error = _broadcast((metrics, error))  # the groups stay on rank 0: see _dispatch_batch
         if error is not None:
             raise TrainingStopped(error)
         if self.colocated:  # engines sleep, the actor comes back for training
             metrics.update(self.weight_sync.colocated_release())
             self._engines_awake = False
-        batch = self._build_batch(groups)
-        self._batch_ids = [g.prompt_index for g in groups]
+        shard = self._dispatch_batch(groups)
+        self._batch_ids = [g.prompt_index for g in groups] if groups is not None else []
+        batch = shard.batch.to_actor_batch()  # this DP rank's rows, padded
+        del shard.batch  # the flat copy is no longer needed (memory: bench_batch_dispatch.py)
 
         t0 = time.perf_counter()
-        old_lp, old_ent = self.actor.compute_logprobs(batch, temperature=cfg.rollout.temperature)
+        old_lp, old_ent = self.actor.compute_logprobs(batch, temperature=cfg.rollout.temperature, local=True)
         batch.old_logprobs = old_lp
         metrics["timing/old_logprob_s"] = time.perf_counter() - t0
-        mask = batch.response_mask
-        denom = max(float(mask.sum()), 1.0)
-        metrics["actor/old_entropy"] = float((old_ent * mask).sum()) / denom
+        # batch-wide means over the rows each DP rank owns (every row counted once)
+        mask = batch.response_mask * shard.owned.to(torch.float32).unsqueeze(1)
+        parts = [mask.sum(), (old_ent * mask).sum()]
         if batch.rollout_logprobs is not None:
-            diff = ((old_lp - batch.rollout_logprobs).abs() * mask)
-            metrics["rollout/train_rollout_logprob_abs_diff"] = float(diff.sum()) / denom
-            metrics["rollout/train_rollout_logprob_abs_diff_max"] = float(diff.max())
+            from .algorithm import logprob_mismatch_parts
+
+            mis = logprob_mismatch_parts(old_lp, batch.rollout_logprobs, mask)
+            parts += [mis[0], mis[1]]
+        tot = self.dispatcher.sum_over_rows(torch.stack([torch.as_tensor(p, dtype=torch.float64) for p in parts]))
+        metrics["actor/old_entropy"] = float(tot[1]) / max(float(tot[0]), 1.0)
+        if batch.rollout_logprobs is not None:
+            mis_max = self.dispatcher.max_over_ranks(mis[2:3])
+            metrics["rollout/train_rollout_logprob_abs_diff"] = float(tot[2]) / max(float(tot[3]), 1.0)
+            metrics["rollout/train_rollout_logprob_abs_diff_max"] = float(mis_max[0])
 
         t0 = time.perf_counter()
-        n = len(batch)
-        mb_size = cfg.actor.ppo_mini_batch_size
-        gen = torch.Generator().manual_seed(cfg.seed * 7919 + self.step)
         sums: dict[str, float] = {}
         counts: dict[str, float] = {}  # update_skipped / nonfinite_*: counted over all updates
         updates = applied = 0
-        for _epoch in range(cfg.actor.ppo_epochs):
-            perm = torch.randperm(n, generator=gen)
-            for s in range(0, n, mb_size):
-                mb = batch.select(perm[s: s + mb_size])
-                m = self.actor.train_step(mb, self.loss)
-                updates += 1
-                for k in [k for k in m if k == "update_skipped" or k.startswith("nonfinite_")]:
-                    counts[k] = counts.get(k, 0.0) + m.pop(k)
-                if self.actor.last_nonfinite is not None and self.actor.last_nonfinite.skipped:
-                    self._nonfinite_update_skipped()
-                    continue  # its (non-finite) loss figures stay out of the averages
-                self.nonfinite_streak = 0
-                applied += 1
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + v
+        for upd in shard.updates:  # ppo_epochs x mini-batches, this DP rank's rows of each (plan_step)
+            mb = batch.select(list(upd.rows))
+            m = self.actor.train_step(mb, self.loss, global_num_tokens=upd.num_tokens,
+                                      global_num_seqs=upd.num_seqs, local=True)
+            updates += 1
+            for k in [k for k in m if k == "update_skipped" or k.startswith("nonfinite_")]:
+                counts[k] = counts.get(k, 0.0) + m.pop(k)
+            if self.actor.last_nonfinite is not None and self.actor.last_nonfinite.skipped:
+                self._nonfinite_update_skipped()
+                continue  # its (non-finite) loss figures stay out of the averages
+            self.nonfinite_streak = 0
+            applied += 1
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v
         for k, v in sums.items():
             metrics[f"actor/{k}"] = v / max(applied, 1)
         metrics.update({f"actor/{k}": v for k, v in counts.items()})

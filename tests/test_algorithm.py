@@ -4,7 +4,9 @@ Expected values are computed by hand in the comments next to them.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,9 @@ from hypothesis import strategies as st
 from megatron_dapo.algorithm import (
     LOSS_AGG_MODES,
     PRESETS,
+    SWITCH_KEYS,
     TABLE1_ABLATION,
+    AlgorithmSwitches,
     agg_loss,
     compute_group_advantages,
     compute_policy_loss,
@@ -578,26 +582,50 @@ def test_filter_groups():
 # ------------------------------------------------------------------------------------------
 def test_presets_values():
     dapo = resolve_preset("dapo", {})
-    assert (dapo["clip_ratio_low"], dapo["clip_ratio_high"]) == (0.2, 0.28)
-    assert dapo["loss_agg_mode"] == "token-mean"
-    assert dapo["soft_overlong_punishment"] and dapo["dynamic_sampling"]
-    assert not dapo["overlong_filtering"] and not dapo["kl_loss"]
+    assert isinstance(dapo, AlgorithmSwitches)
+    assert (dapo.clip_ratio_low, dapo.clip_ratio_high) == (0.2, 0.28)
+    assert dapo.loss_agg_mode == "token-mean"
+    assert dapo.soft_overlong_punishment and dapo.dynamic_sampling
+    assert not dapo.overlong_filtering and not dapo.kl_loss
     grpo = resolve_preset("grpo", {})
-    assert (grpo["clip_ratio_low"], grpo["clip_ratio_high"]) == (0.2, 0.2)
-    assert grpo["loss_agg_mode"] == "seq-mean-token-mean"
-    assert not any(grpo[k] for k in ("soft_overlong_punishment", "overlong_filtering", "dynamic_sampling"))
-    assert grpo["kl_loss"] and grpo["kl_loss_coef"] == 0.001 and grpo["kl_loss_type"] == "k3"
-    # fresh copies: mutating the result does not touch PRESETS
-    dapo["clip_ratio_high"] = 9.0
-    assert PRESETS["dapo"]["clip_ratio_high"] == 0.28
+    assert (grpo.clip_ratio_low, grpo.clip_ratio_high) == (0.2, 0.2)
+    assert grpo.loss_agg_mode == "seq-mean-token-mean"
+    assert not any((grpo.soft_overlong_punishment, grpo.overlong_filtering, grpo.dynamic_sampling))
+    assert grpo.kl_loss and grpo.kl_loss_coef == 0.001 and grpo.kl_loss_type == "k3"
+    # immutable: a resolved config cannot be changed behind the preset's back
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        dapo.clip_ratio_high = 9.0
+    assert PRESETS["dapo"].clip_ratio_high == 0.28
+    assert dapo.as_dict() == PRESETS["dapo"].as_dict() and set(dapo.as_dict()) == set(SWITCH_KEYS)
+
+
+def test_config_switches_left_unset_take_the_preset_values():
+    from megatron_dapo.config import ConfigError, DAPOConfig, load_config
+
+    cfg = DAPOConfig()
+    cfg.algorithm.preset = "grpo"
+    alg = cfg.resolved_algorithm()
+    assert alg.loss_agg_mode == "seq-mean-token-mean" and alg.kl_loss_type == "k3" and alg.clip_ratio_high == 0.2
+    assert alg.overlong_penalty_factor == PRESETS["grpo"].overlong_penalty_factor
+    # the run supplies L_max / L_cache of eq. 13 (not the paper's 20480 / 4096)
+    assert (alg.max_response_length, alg.overlong_buffer_length) == (cfg.rollout.max_response_length,
+                                                                     cfg.algorithm.overlong_buffer_length)
+    cfg.algorithm.kl_loss_type, cfg.algorithm.overlong_penalty_factor = "k1", 0.5
+    alg = cfg.resolved_algorithm()
+    assert (alg.kl_loss_type, alg.overlong_penalty_factor) == ("k1", 0.5)
+    cfg.algorithm.kl_loss_type = "k9"
+    with pytest.raises(ConfigError, match="algorithm.kl_loss_type"):
+        cfg.resolved_algorithm()
+    for example in sorted(Path(__file__).resolve().parents[1].glob("examples/*/dapo.yaml")):
+        assert isinstance(load_config(example, validate=False).resolved_algorithm(), AlgorithmSwitches), example
 
 
 def test_preset_ablation_switches_and_errors():
     cfg = resolve_preset("grpo", {"clip_higher": True, "token_level_loss": True})
-    assert cfg["clip_ratio_high"] == 0.28 and cfg["loss_agg_mode"] == "token-mean"
+    assert cfg.clip_ratio_high == 0.28 and cfg.loss_agg_mode == "token-mean"
     cfg = resolve_preset("dapo", {"clip_higher": False, "token_level_loss": False})
-    assert cfg["clip_ratio_high"] == 0.2 and cfg["loss_agg_mode"] == "seq-mean-token-mean"
-    assert resolve_preset("dapo", {"clip_higher": True, "clip_ratio_high": 0.28})["clip_ratio_high"] == 0.28
+    assert cfg.clip_ratio_high == 0.2 and cfg.loss_agg_mode == "seq-mean-token-mean"
+    assert resolve_preset("dapo", {"clip_higher": True, "clip_ratio_high": 0.28}).clip_ratio_high == 0.28
     with pytest.raises(ValueError, match="contradicts clip_higher"):
         resolve_preset("dapo", {"clip_higher": True, "clip_ratio_high": 0.3})
     with pytest.raises(ValueError, match="clip_hihger"):
@@ -616,18 +644,19 @@ def test_table1_rows_are_cumulative_and_end_at_dapo():
     scores = [row["aime24_avg32"] for row in TABLE1_ABLATION]
     assert scores == [30, 36, 38, 41, 42, 50]
     cfgs = [table1_config(i) for i in range(len(TABLE1_ABLATION))]
-    assert not cfgs[0]["kl_loss"] and cfgs[0]["clip_ratio_high"] == 0.2
-    assert cfgs[1]["overlong_filtering"] and cfgs[2]["clip_ratio_high"] == 0.28
-    assert cfgs[3]["soft_overlong_punishment"] and cfgs[4]["loss_agg_mode"] == "token-mean"
-    assert not cfgs[4]["dynamic_sampling"] and cfgs[5]["dynamic_sampling"]
+    assert not cfgs[0].kl_loss and cfgs[0].clip_ratio_high == 0.2
+    assert cfgs[1].overlong_filtering and cfgs[2].clip_ratio_high == 0.28
+    assert cfgs[3].soft_overlong_punishment and cfgs[4].loss_agg_mode == "token-mean"
+    assert not cfgs[4].dynamic_sampling and cfgs[5].dynamic_sampling
     # each row differs from the previous one in exactly the switch it adds
-    changed = [{k for k in cfgs[i] if cfgs[i][k] != cfgs[i - 1][k]} for i in range(1, 6)]
+    d = [c.as_dict() for c in cfgs]
+    changed = [{k for k in d[i] if d[i][k] != d[i - 1][k]} for i in range(1, 6)]
     assert changed == [
         {"overlong_filtering"}, {"clip_ratio_high"}, {"soft_overlong_punishment"},
         {"loss_agg_mode"}, {"dynamic_sampling"},
     ]
-    dapo = resolve_preset("dapo", {})
-    assert {k for k in dapo if dapo[k] != cfgs[5][k]} == {"overlong_filtering"}
+    dapo = resolve_preset("dapo", {}).as_dict()
+    assert {k for k in dapo if dapo[k] != d[5][k]} == {"overlong_filtering"}
     assert table1_config("+ Clip-Higher") == cfgs[2]
     with pytest.raises(ValueError, match="row"):
         table1_config(17)

@@ -22,7 +22,7 @@ def report(tmp_path_factory):
 
 @pytest.mark.slow
 def test_overlong_filtering_truncated_responses_get_no_gradient(report):
-    # Trainer._build_batch with algorithm.overlong_filtering: truncated rows have an all-zero loss mask
+    # the trainer's build_train_batch with algorithm.overlong_filtering: truncated rows have an all-zero loss mask
     assert report["mask_rows_truncated"] == [0.0, 0.0]
     assert all(n > 0 for n in report["mask_rows_kept"]) and len(report["mask_rows_kept"]) == 6
     # replacing the truncated responses by other tokens changes nothing in the actor's gradient ...

@@ -1,7 +1,8 @@
 """The Megatron actor: a megatron-core ``GPTModel`` (TP/PP/VPP/DP) with Megatron's DDP and optimizer.
 
 One instance lives in every trainer process (SPMD). All ranks call every public method in the same
-order with the same arguments (the batch is identical on all ranks; each DP rank picks its share).
+order. The batch is either identical on all ranks (each DP rank picks its share) or, with ``local=True``,
+already this DP rank's share (:mod:`megatron_dapo.actor.dispatch`; TP/PP peers hold the same rows).
 
 Loss scaling (exact token-mean across micro-batches and DP): megatron-core divides each micro-batch's
 loss by the number of micro-batches ``M`` (``schedules.forward_step``) and DDP averages gradients over
@@ -398,13 +399,16 @@ class MegatronActor:
         out = model(tokens, pos, causal)
         return out, partial(loss_fn, model, mb)
 
-    def _run(self, batch: ActorBatch, loss_fn, forward_only: bool):
-        """Split ``batch`` over DP, into micro-batches, and run Megatron's schedule. Returns the loss dicts
-        (last stage only) and the local row indices in micro-batch order."""
+    def _run(self, batch: ActorBatch, loss_fn, forward_only: bool, local: bool = False):
+        """Split ``batch`` over DP (unless ``local``: it is this DP rank's share already), into
+        micro-batches, and run Megatron's schedule. Returns the loss dicts (last stage only) and the local
+        row indices in micro-batch order."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         lengths = batch.seq_lengths.tolist()
-        mine = balance_across_ranks(lengths, self.dp_size)[self.dp_rank]
+        if local and not lengths:
+            raise ValueError(f"data-parallel rank {self.dp_rank} received no rows")
+        mine = list(range(len(lengths))) if local else balance_across_ranks(lengths, self.dp_size)[self.dp_rank]
         pack = bool(getattr(self.cfg, "pack_sequences", False))
         if pack:
             enable_local_thd_attention()  # the local layer spec (CPU, or GPU without TE) needs it
@@ -461,8 +465,13 @@ class MegatronActor:
                           micro_batch_size=mb_size, forward_only=forward_only)
         return out, rows
 
-    def compute_logprobs(self, batch: ActorBatch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs and entropies ``[N, L]`` (fp32, zero outside the response mask), on every rank."""
+    def compute_logprobs(self, batch: ActorBatch, temperature: float = 1.0, *,
+                         local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs and entropies ``[N, L]`` (fp32, zero outside the response mask), on every rank.
+
+        With ``local`` the batch is this DP rank's share (no DP split) and the result covers only its rows
+        (shared with the TP/PP peers); otherwise every rank gets the whole batch's result.
+        """
         ensure_onloaded(self, "compute_logprobs")
         for m in self.chunks:
             m.eval()
@@ -472,7 +481,7 @@ class MegatronActor:
             return torch.zeros((), device=hidden.device), {"logprobs": lp.detach().cpu(), "entropy": ent.detach().cpu()}
 
         with torch.no_grad():
-            outs, rows = self._run(batch, loss_fn, forward_only=True)
+            outs, rows = self._run(batch, loss_fn, forward_only=True, local=local)
         N, L = batch.input_ids.shape
         res = torch.zeros(2, N, L, dtype=torch.float32)
         if self.ps.is_pipeline_last_stage(ignore_virtual=True) and self.tp_rank == 0:
@@ -481,13 +490,22 @@ class MegatronActor:
                 res[0, r, :l] = o["logprobs"][: len(r), :l]
                 res[1, r, :l] = o["entropy"][: len(r), :l]
         res = res.to(torch.cuda.current_device()) if cuda_available() else res
-        dist.all_reduce(res)  # exactly one contributor per row (last stage, TP rank 0, owning DP rank)
+        if not local:
+            dist.all_reduce(res)  # exactly one contributor per row (last stage, TP rank 0, owning DP rank)
+        elif self.tp * self.pp > 1:  # one contributor per row among this DP rank's TP x PP peers
+            dist.all_reduce(res, group=self.ps.get_model_parallel_group())
         res = res.cpu()
         return res[0], res[1]
 
     def train_step(self, batch: ActorBatch, loss: LossSettings, *, global_num_tokens: Optional[int] = None,
-                   global_num_seqs: Optional[int] = None, apply_update: bool = True) -> dict[str, float]:
-        """One optimizer step on ``batch`` (a mini-batch; identical on all ranks).
+                   global_num_seqs: Optional[int] = None, apply_update: bool = True,
+                   local: bool = False) -> dict[str, float]:
+        """One optimizer step on ``batch`` (a mini-batch; identical on all ranks, or with ``local`` this DP
+        rank's share of it, when ``global_num_tokens`` and ``global_num_seqs`` must give the whole
+        mini-batch's counts: loss tokens and sequences with at least one).
+
+        Raises:
+            ValueError: ``local`` without both global counts.
 
         With ``apply_update=False`` the reduced gradients stay in the grad buffers (see
         :meth:`iter_full_grads`) and no optimizer step is taken.
@@ -503,6 +521,9 @@ class MegatronActor:
         """
         from ..algorithm import agg_loss, compute_decoupled_policy_loss, kl_penalty
 
+        if local and (global_num_tokens is None or global_num_seqs is None):
+            raise ValueError("train_step(local=True) needs global_num_tokens and global_num_seqs of the whole "
+                             "mini-batch (a local count would mis-normalise the loss across DP ranks)")
         ensure_onloaded(self, "train_step")
         for m in self.chunks:
             m.train()
@@ -557,7 +578,7 @@ class MegatronActor:
             out["_nonfinite"] = float(_nonfinite_bits(out, float(total.detach())))
             return total * self._num_mb * dp, out
 
-        outs, _ = self._run(batch, loss_fn, forward_only=False)
+        outs, _ = self._run(batch, loss_fn, forward_only=False, local=local)
         if not apply_update:
             return self._reduce_metrics(outs, extra={"lr": float(self.optimizer.param_groups[0]["lr"])})
         self.num_updates += 1

@@ -1,5 +1,5 @@
 """The DAPO algorithm (arXiv 2503.14476) in pure torch: advantages, losses, reward shaping,
-dynamic sampling and presets.  No Megatron, no I/O, no logging."""
+dynamic sampling, presets and the train-batch builder.  No Megatron, no I/O, no logging."""
 from .advantages import NonFiniteAdvantageError, compute_group_advantages
 from .dynamic_sampling import DynamicSampler, DynamicSamplingExhausted, Group
 from .policy_loss import (
@@ -17,6 +17,7 @@ from .policy_loss import (
 )
 from .presets import (
     ABLATION_SWITCHES,
+    AlgorithmSwitches,
     PRESETS,
     SWITCH_KEYS,
     TABLE1_ABLATION,
@@ -24,9 +25,11 @@ from .presets import (
     table1_config,
 )
 from .reward_shaping import filter_groups, overlong_filter_mask, soft_overlong_penalty
+from .train_batch import build_train_batch, flatten_groups, logprob_mismatch_parts
 
 __all__ = [
     "ABLATION_SWITCHES",
+    "AlgorithmSwitches",
     "DynamicSampler",
     "DynamicSamplingExhausted",
     "Group",
@@ -37,14 +40,17 @@ __all__ = [
     "SWITCH_KEYS",
     "TABLE1_ABLATION",
     "agg_loss",
+    "build_train_batch",
     "compute_decoupled_policy_loss",
     "compute_group_advantages",
     "compute_policy_loss",
     "entropy_from_logits",
     "filter_groups",
+    "flatten_groups",
     "geometric_seq_is_mask",
     "icepop_token_mask",
     "kl_penalty",
+    "logprob_mismatch_parts",
     "overlong_filter_mask",
     "resolve_preset",
     "rollout_correction_weights",

@@ -1,7 +1,7 @@
 """Algorithm presets: DAPO and the GRPO baseline, plus the switches of the DAPO ablation.
 
-Switches (keys of every resolved config)
-----------------------------------------
+Switches (fields of :class:`AlgorithmSwitches`, the resolved config)
+--------------------------------------------------------------------
 =========================  ==========================================================================
 ``clip_ratio_low``         epsilon_low of the decoupled clip (DAPO eq. 10)
 ``clip_ratio_high``        epsilon_high ("Clip-Higher", Sec. 3.1)
@@ -56,13 +56,15 @@ Use :func:`table1_config` to get a row's config by index or name.
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 from .policy_loss import KL_PENALTY_KINDS, LOSS_AGG_MODES
 
 __all__ = [
+    "AlgorithmSwitches",
     "PRESETS",
     "SWITCH_KEYS",
     "ABLATION_SWITCHES",
@@ -71,43 +73,76 @@ __all__ = [
     "table1_config",
 ]
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "dapo": {
-        "clip_ratio_low": 0.2,
-        "clip_ratio_high": 0.28,
-        "clip_ratio_c": None,
-        "loss_agg_mode": "token-mean",
-        "soft_overlong_punishment": True,
-        "max_response_length": 20480,
-        "overlong_buffer_length": 4096,
-        "overlong_penalty_factor": 1.0,
-        "overlong_filtering": False,
-        "dynamic_sampling": True,
-        "kl_loss": False,
-        "kl_loss_coef": 0.0,
-        "kl_loss_type": "k3",
-        "norm_adv_by_std": True,
-    },
-    "grpo": {
-        "clip_ratio_low": 0.2,
-        "clip_ratio_high": 0.2,
-        "clip_ratio_c": None,
-        "loss_agg_mode": "seq-mean-token-mean",
-        "soft_overlong_punishment": False,
-        "max_response_length": 20480,
-        "overlong_buffer_length": 4096,
-        "overlong_penalty_factor": 1.0,
-        "overlong_filtering": False,
-        "dynamic_sampling": False,
-        "kl_loss": True,
-        "kl_loss_coef": 0.001,
-        "kl_loss_type": "k3",
-        "norm_adv_by_std": True,
-    },
+@dataclass(frozen=True)
+class AlgorithmSwitches:
+    """The resolved algorithm switches (one immutable value per run); see the table in the module docstring.
+
+    Built by :func:`resolve_preset` (validated there); :meth:`as_dict` gives the plain mapping and
+    ``dataclasses.replace`` a modified copy (unvalidated: pass the result through :func:`resolve_preset`
+    when the new values come from a user).
+
+    ``max_response_length`` and ``overlong_buffer_length`` (``L_max`` / ``L_cache`` of eq. 13) are the
+    paper's values in the presets; a run's config always supplies its own (they depend on the model's
+    generation budget, not on the algorithm), see :meth:`megatron_dapo.config.DAPOConfig.resolved_algorithm`.
+    """
+
+    clip_ratio_low: float
+    clip_ratio_high: float
+    clip_ratio_c: Optional[float]
+    loss_agg_mode: str
+    soft_overlong_punishment: bool
+    max_response_length: int
+    overlong_buffer_length: int
+    overlong_penalty_factor: float
+    overlong_filtering: bool
+    dynamic_sampling: bool
+    kl_loss: bool
+    kl_loss_coef: float
+    kl_loss_type: str
+    norm_adv_by_std: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{switch name: value}`` for every field (a fresh dict)."""
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, AlgorithmSwitches] = {
+    "dapo": AlgorithmSwitches(
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.28,
+        clip_ratio_c=None,
+        loss_agg_mode="token-mean",
+        soft_overlong_punishment=True,
+        max_response_length=20480,
+        overlong_buffer_length=4096,
+        overlong_penalty_factor=1.0,
+        overlong_filtering=False,
+        dynamic_sampling=True,
+        kl_loss=False,
+        kl_loss_coef=0.0,
+        kl_loss_type="k3",
+        norm_adv_by_std=True,
+    ),
+    "grpo": AlgorithmSwitches(
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.2,
+        clip_ratio_c=None,
+        loss_agg_mode="seq-mean-token-mean",
+        soft_overlong_punishment=False,
+        max_response_length=20480,
+        overlong_buffer_length=4096,
+        overlong_penalty_factor=1.0,
+        overlong_filtering=False,
+        dynamic_sampling=False,
+        kl_loss=True,
+        kl_loss_coef=0.001,
+        kl_loss_type="k3",
+        norm_adv_by_std=True,
+    ),
 }
 
 #: Every concrete switch a resolved config holds.
-SWITCH_KEYS = tuple(PRESETS["dapo"].keys())
+SWITCH_KEYS = tuple(f.name for f in dataclasses.fields(AlgorithmSwitches))
 
 #: Ablation booleans -> the concrete switch values they stand for.
 ABLATION_SWITCHES: dict[str, dict[bool, dict[str, Any]]] = {
@@ -177,8 +212,8 @@ def _validate(cfg: Mapping[str, Any]) -> None:
         raise ValueError(f"switch 'overlong_penalty_factor' must be a finite number >= 0, got {pf!r}")
 
 
-def resolve_preset(name: str, overrides: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
-    """Return a fresh dict of algorithm switches: preset ``name`` updated with ``overrides``.
+def resolve_preset(name: str, overrides: Optional[Mapping[str, Any]] = None) -> AlgorithmSwitches:
+    """The algorithm switches of preset ``name`` updated with ``overrides``.
 
     ``overrides`` may hold any key of :data:`SWITCH_KEYS` and the ablation booleans of
     :data:`ABLATION_SWITCHES` (``clip_higher``, ``token_level_loss``), which are translated into
@@ -191,7 +226,7 @@ def resolve_preset(name: str, overrides: Optional[Mapping[str, Any]] = None) -> 
     """
     if name not in PRESETS:
         raise ValueError(f"unknown algorithm preset {name!r}; expected one of {sorted(PRESETS)}")
-    cfg = copy.deepcopy(PRESETS[name])
+    cfg = PRESETS[name].as_dict()
     overrides = dict(overrides or {})
     unknown = [k for k in overrides if k not in SWITCH_KEYS and k not in ABLATION_SWITCHES]
     if unknown:
@@ -217,12 +252,12 @@ def resolve_preset(name: str, overrides: Optional[Mapping[str, Any]] = None) -> 
             raise ValueError(
                 f"override {key}={val!r} contradicts {abl}={overrides[abl]!r} (which implies {key}={implied_val!r})"
             )
-        cfg[key] = copy.deepcopy(val)
+        cfg[key] = val
     _validate(cfg)
-    return cfg
+    return AlgorithmSwitches(**cfg)
 
 
-def table1_config(row: Union[int, str], overrides: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+def table1_config(row: Union[int, str], overrides: Optional[Mapping[str, Any]] = None) -> AlgorithmSwitches:
     """Config of one row of :data:`TABLE1_ABLATION` (by 0-based index or row name).
 
     Extra ``overrides`` are applied on top of the row's own overrides.

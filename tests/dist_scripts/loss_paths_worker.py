@@ -2,7 +2,7 @@
 through the real trainer batch builder and the Megatron actor's ``train_step``.
 
 * overlong filtering: groups with truncated responses (``finish_reason == "length"``) go through
-  ``Trainer._build_batch`` with ``overlong_filtering`` on; the actor's gradient (``apply_update=False``,
+  the trainer's batch builder (``build_train_batch``) with ``overlong_filtering`` on; the actor's gradient (``apply_update=False``,
   :meth:`iter_full_grads`) must not change when the truncated responses' tokens and advantages are
   replaced by anything else (no gradient flows from them), and must change when filtering is off;
 * TIS cap: ``rollout_logprobs = old_logprobs - log(w_i)`` per row gives importance weights
@@ -20,7 +20,6 @@ import math
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,8 +31,7 @@ def main():
 
     from ckpt_worker import build
     from megatron_dapo.actor.megatron_actor import LossSettings
-    from megatron_dapo.algorithm import Group
-    from megatron_dapo.trainer import Trainer
+    from megatron_dapo.algorithm import Group, build_train_batch, resolve_preset
 
     actor = build({}, load_weights=True)
     g = torch.Generator().manual_seed(3)
@@ -54,8 +52,7 @@ def main():
         return out
 
     def batch_of(gs, filtering):
-        fake = SimpleNamespace(alg={"overlong_filtering": filtering, "norm_adv_by_std": True})
-        b = Trainer._build_batch(fake, gs)
+        b = build_train_batch(gs, resolve_preset("dapo", {"overlong_filtering": filtering}))
         b.old_logprobs = actor.compute_logprobs(b)[0].detach() * b.response_mask
         return b
 
