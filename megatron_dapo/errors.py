@@ -19,8 +19,7 @@ class MegatronDapoError(Exception):
     """A failure the user can act on; ``str(error)`` is the whole message (names the key, file, URL...)."""
 
 
-def one_line(error: BaseException) -> str:
-    """The message of ``error`` as a single line: ``"<TypeName>: <message>"``, newlines folded to ``"; "``
-    (engine log tails and multi-line reasons stay readable on one line)."""
-    text = "; ".join(part.strip() for part in str(error).splitlines() if part.strip())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+def one_line(message: str) -> str:
+    """``message`` folded onto one line: its non-blank lines stripped and joined with ``"; "`` (an engine's
+    log tail or a multi-line reason stays readable in the single line a stopped run ends with)."""
+    return "; ".join(part.strip() for part in message.splitlines() if part.strip())

@@ -586,7 +586,8 @@ def test_presets_values():
     assert (grpo["clip_ratio_low"], grpo["clip_ratio_high"]) == (0.2, 0.2)
     assert grpo["loss_agg_mode"] == "seq-mean-token-mean"
     assert not any(grpo[k] for k in ("soft_overlong_punishment", "overlong_filtering", "dynamic_sampling"))
-    assert grpo["kl_loss"] and grpo["kl_loss_coef"] == 0.001 and grpo["kl_loss_type"] == "k3"
+    # no reference model in this recipe: the KL term is off; its beta is kept for callers that enable it
+    assert not grpo["kl_loss"] and grpo["kl_loss_coef"] == 0.001 and grpo["kl_loss_type"] == "k3"
     # fresh copies: mutating the result does not touch PRESETS
     dapo["clip_ratio_high"] = 9.0
     assert PRESETS["dapo"]["clip_ratio_high"] == 0.28

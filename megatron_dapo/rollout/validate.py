@@ -143,11 +143,11 @@ class ResponseValidator:
         return ok
 
     def metrics(self) -> dict[str, float]:
-        """This step's ``rollout/malformed_responses``, ``rollout/malformed/<reason>`` and
-        ``rollout/malformed_groups_dropped`` (counts, floats)."""
-        out = {"rollout/malformed_responses": float(sum(self.counts.values())),
-               "rollout/malformed_groups_dropped": float(self.groups_dropped)}
-        out.update({f"rollout/malformed/{r}": float(n) for r, n in self.counts.items()})
+        """This step's counts (floats), unprefixed (the trainer scopes them under ``rollout/``):
+        ``malformed_responses``, ``malformed/<reason>`` and ``malformed_groups_dropped``."""
+        out = {"malformed_responses": float(sum(self.counts.values())),
+               "malformed_groups_dropped": float(self.groups_dropped)}
+        out.update({f"malformed/{r}": float(n) for r, n in self.counts.items()})
         return out
 
 
