@@ -199,8 +199,8 @@ class ActorConfig:
     """Linear LR warm-up, in rollout (trainer) steps: step ``s < W`` trains at ``lr * (s + 1) / W``. The LR
     is constant within a rollout step, whatever the number of optimizer updates per step."""
     lr_decay_style: str = "constant"
-    """``constant``, ``linear`` or ``cosine`` decay after the warm-up, over ``trainer.total_steps``
-    rollout steps (reaching ``min_lr`` at the last step)."""
+    """``constant``, ``linear`` or ``cosine`` decay from ``lr`` towards ``min_lr`` over the rollout steps after
+    the warm-up (``trainer.total_steps - lr_warmup_steps``); see ``MegatronActor.set_lr_step``."""
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999

@@ -240,6 +240,8 @@ class Trainer:
             overlong_buffer_length=cfg.algorithm.overlong_buffer_length,
             overlong_penalty_factor=cfg.algorithm.overlong_penalty_factor, seed=cfg.seed,
             deterministic=r.deterministic, response_validator=self.response_validator)
+        if self.rank == 0:
+            log.info("stop token ids: %s", list(self.rollout_settings.stop_token_ids))
         from .sync import WeightSync
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.weight_sync.dtype or cfg.actor.params_dtype]

@@ -214,9 +214,8 @@ class MegatronActor:
                                params_dtype=torch.bfloat16 if c.params_dtype == "bf16" else torch.float32,
                                use_distributed_optimizer=c.use_distributed_optimizer)
         self.optimizer = get_megatron_optimizer(ocfg, self.chunks)
-        # The schedule counts rollout steps (DAPO: "linear warm-up over 20 rollout steps"); rollout step s
-        # (0-based) trains at the scheduler's position s + 1 (see set_lr_step). megatron-core needs
-        # decay steps > warm-up steps; a run shorter than its warm-up ends inside the warm-up.
+        # The schedule counts rollout steps (DAPO: "linear warm-up over 20 rollout steps"), see set_lr_step.
+        # megatron-core needs decay steps > warm-up steps; a run shorter than its warm-up ends inside it.
         warm = c.lr_warmup_steps
         decay = max(1, total_train_steps, warm + 1)
         self.scheduler = OptimizerParamScheduler(
@@ -226,23 +225,27 @@ class MegatronActor:
         self.set_lr_step(0)
 
     def set_lr_step(self, step: int) -> float:
-        """Put the LR schedule at rollout step ``step`` (0-based) and return the learning rate every optimizer
-        update of that step uses (identical on all ranks).
+        """Put the LR schedule at rollout step ``step`` (0-based) and return the learning rate that every
+        optimizer update of that step uses (the same on all ranks; constant within the step).
 
-        The LR is constant within a rollout step. Position ``step + 1`` of megatron-core's
-        ``OptimizerParamScheduler`` (``get_lr``): during warm-up (``step < actor.lr_warmup_steps = W``)
-        ``lr * (step + 1) / W``, so step ``W - 1`` is the first at the full ``actor.lr``; afterwards
-        ``actor.lr_decay_style`` (``constant``; ``linear``/``cosine`` reach ``actor.min_lr`` at the last
-        step). The position is absolute, so a resumed run (whose checkpoint holds the scheduler) continues
-        exactly; skipped (non-finite) updates do not move it.
+        With ``W = actor.lr_warmup_steps`` and ``T`` the schedule length (``total_train_steps``):
+
+        * warm-up, ``step < W``: ``lr * (step + 1) / W`` (no step trains at LR 0; step ``W - 1`` is the first
+          at the full ``actor.lr``);
+        * then ``actor.lr_decay_style`` from ``actor.lr`` at step ``W``: ``constant``; ``linear`` /
+          ``cosine`` with decay ratio ``(step - W) / (T - W)`` towards ``actor.min_lr``.
+
+        This is megatron-core's ``OptimizerParamScheduler.get_lr`` at position ``step + 1`` during warm-up
+        and ``step`` after it. The position is absolute, so a resumed run (the checkpoint holds the
+        scheduler) continues exactly, and skipped (non-finite) updates do not move it.
 
         Raises:
             ValueError: ``step`` is negative.
         """
         if step < 0:
             raise ValueError(f"rollout step must be >= 0, got {step}")
-        self.scheduler.num_steps = step + 1
-        self.scheduler.step(increment=0)  # sets every param group's lr (and weight decay) for this position
+        self.scheduler.num_steps = step + 1 if step < self.scheduler.lr_warmup_steps else step
+        self.scheduler.step(increment=0)  # sets every param group's lr (and weight decay) at this position
         return float(self.optimizer.param_groups[0]["lr"])
 
     # ------------------------------------------------------------------ names
