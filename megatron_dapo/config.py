@@ -341,7 +341,7 @@ class DAPOConfig:
         need(a.preset in ("dapo", "grpo"), "algorithm.preset", f"must be dapo or grpo (got {a.preset!r})")
         alg = self.resolved_algorithm()
         need(not alg["kl_loss"], "algorithm.kl_loss",
-             "=true needs a reference model, which this recipe does not run (DAPO removes the KL term; the grpo "
+             "true needs a reference model, which this recipe does not run (DAPO removes the KL term; the grpo "
              "preset here runs without it too); set algorithm.kl_loss=false")
         need(alg["loss_agg_mode"] in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
              "algorithm.loss_agg_mode", f"unknown mode {alg['loss_agg_mode']!r}")

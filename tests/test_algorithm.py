@@ -593,6 +593,27 @@ def test_presets_values():
     assert PRESETS["dapo"]["clip_ratio_high"] == 0.28
 
 
+@pytest.mark.parametrize("overrides,refused", [
+    (["algorithm.preset=grpo"], False),
+    (["algorithm.preset=grpo", "algorithm.kl_loss=false"], False),
+    (["algorithm.preset=grpo", "algorithm.kl_loss=true"], True),
+    (["algorithm.preset=dapo", "algorithm.kl_loss=true", "algorithm.kl_loss_coef=0.01"], True),
+])
+def test_config_validate_refuses_kl_loss_without_a_reference_model(overrides, refused):
+    from conftest import REPO_ROOT
+
+    from megatron_dapo.config import ConfigError, load_config
+
+    cfg_path = REPO_ROOT / "examples" / "tiny-cpu" / "dapo.yaml"
+    if not refused:
+        cfg = load_config(cfg_path, overrides)  # validates
+        assert cfg.resolved_algorithm()["kl_loss"] is False
+        return
+    with pytest.raises(ConfigError, match=r"^algorithm\.kl_loss: =true needs a reference model") as e:
+        load_config(cfg_path, overrides)
+    assert "\n" not in str(e.value)
+
+
 def test_preset_ablation_switches_and_errors():
     cfg = resolve_preset("grpo", {"clip_higher": True, "token_level_loss": True})
     assert cfg["clip_ratio_high"] == 0.28 and cfg["loss_agg_mode"] == "token-mean"
