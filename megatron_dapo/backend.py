@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 from functools import lru_cache
+
 from .errors import MegatronDapoError
 
 

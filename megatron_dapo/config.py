@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
 from .errors import MegatronDapoError
 
 

@@ -34,9 +34,11 @@ import torch.distributed as dist
 from .actor.parallel import destroy_parallel
 from .algorithm import DynamicSamplingExhausted
 from .config import DAPOConfig, dump_config
-from .data import render_batch
+from .data import generate_tasks, load_rows, make_tiny_checkpoint, render_batch
 from .errors import EXIT_USER_ERROR, MegatronDapoError, one_line
+from .launch import REQUEUE_EXIT_CODE
 from .metrics import scalars, scoped, timed
+from .models.real_model import MissingExtraError, prepare_from_gguf
 from .rollout.generation import collect_batch, stop_ids_for_model
 
 log = logging.getLogger("megatron_dapo")
@@ -61,15 +63,11 @@ def _local_rank0() -> bool:
 
 def demo_rows(cfg: DAPOConfig) -> list[dict]:
     """The embedded default task: the project's own arithmetic problems (deterministic in ``seed``)."""
-    from .data import generate_tasks
-
     return generate_tasks(cfg.data.demo_num_rows, seed=cfg.seed)
 
 
 def val_rows(cfg: DAPOConfig) -> list[dict]:
     """Evaluation rows: ``data.val_files``, else (demo task only) held-out generated problems, else none."""
-    from .data import generate_tasks, load_rows
-
     if cfg.data.val_files:
         return load_rows(cfg.data.val_files)
     if not cfg.data.train_files:
@@ -90,15 +88,11 @@ def prepare_model(cfg: DAPOConfig, wait_s: float = 600.0) -> Path:
     if not (cfg.model.make_tiny or cfg.model.from_gguf):
         raise TrainingStopped(f"model.hf_path={path} has no config.json (set model.make_tiny=true for a demo model)")
     if _local_rank0() and cfg.model.from_gguf:
-        from .models.real_model import MissingExtraError, prepare_from_gguf
-
         try:
             prepare_from_gguf(cfg.model.from_gguf, path)
         except MissingExtraError as e:
             raise TrainingStopped(str(e)) from None
     elif _local_rank0():
-        from .data import make_tiny_checkpoint
-
         m = cfg.model
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         make_tiny_checkpoint(tmp, family=m.tiny_family, tokenizer_dir=m.tiny_tokenizer_dir,
@@ -607,8 +601,6 @@ class Trainer:
 
     def fit(self) -> int:
         """Run until ``trainer.total_steps``. Returns the process exit code (0, or 3 after preemption)."""
-        from .launch import REQUEUE_EXIT_CODE
-
         cfg = self.cfg
         t = cfg.trainer
         while self.step < t.total_steps:

@@ -50,6 +50,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+
 from ..errors import MegatronDapoError
 
 ITER_RE = re.compile(r"^iter_(\d{7,})$")

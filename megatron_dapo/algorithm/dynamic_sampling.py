@@ -23,6 +23,7 @@ import copy
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
+
 from ..errors import MegatronDapoError
 
 __all__ = ["Group", "DynamicSampler", "DynamicSamplingExhausted"]

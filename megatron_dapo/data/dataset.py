@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
+
 from ..errors import MegatronDapoError
 
 logger = logging.getLogger(__name__)

@@ -32,6 +32,7 @@ import socket
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Optional
+
 from ..errors import MegatronDapoError
 
 MASTER_PORT_BASE = 20000

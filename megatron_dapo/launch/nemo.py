@@ -21,6 +21,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
+
 from ..errors import MegatronDapoError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
 from ..errors import MegatronDapoError
 
 ARCHITECTURES = {

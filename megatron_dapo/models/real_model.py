@@ -26,6 +26,7 @@ import shutil
 import time
 from pathlib import Path
 from typing import Optional
+
 from ..errors import MegatronDapoError
 
 log = logging.getLogger(__name__)

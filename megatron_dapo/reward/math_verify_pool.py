@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Sequence
+
 from ..errors import MegatronDapoError
 
 __all__ = ["MathVerifyPool", "MathVerifyWorkerError", "get_pool", "shutdown_pool", "verify_in_worker"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from typing import Any, Optional, Sequence
+
 from ..errors import MegatronDapoError
 
 __all__ = ["MALFORMED_REASONS", "MalformedEngineOutput", "ResponseValidator", "check_response", "screen_group"]

@@ -33,6 +33,7 @@ from urllib.parse import urlparse
 import logging
 
 import torch
+
 from ..errors import MegatronDapoError
 
 logger = logging.getLogger(__name__)
