@@ -8,8 +8,10 @@ from __future__ import annotations
 import importlib.util
 from functools import lru_cache
 
+from .errors import MegatronDapoError
 
-class MissingBackendError(RuntimeError):
+
+class MissingBackendError(MegatronDapoError, RuntimeError):
     """A GPU-only package (transformer-engine, sglang, vllm) or a CUDA device is needed but absent."""
 
 

@@ -16,6 +16,8 @@ import sys
 import warnings
 from typing import Optional
 
+from .errors import MegatronDapoError
+
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -50,11 +52,11 @@ def cmd_train(args) -> int:
 
 def cmd_prepare(args) -> int:
     cfg = _load(args)
-    from .trainer import TrainingStopped, prepare_model
+    from .trainer import prepare_model
 
     try:
         path = prepare_model(cfg)
-    except (TrainingStopped, FileNotFoundError) as e:   # e.g. the real-model extra is not installed
+    except (MegatronDapoError, FileNotFoundError) as e:   # e.g. the real-model extra is not installed
         print(f"megatron-dapo prepare: {e}", file=sys.stderr)
         return 2
     print(path.resolve(), flush=True)

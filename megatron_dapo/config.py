@@ -21,11 +21,13 @@ from typing import Any, Optional
 
 import yaml
 
+from .errors import MegatronDapoError
+
 if typing.TYPE_CHECKING:
     from .algorithm.presets import AlgorithmSwitches
 
 
-class ConfigError(ValueError):
+class ConfigError(MegatronDapoError, ValueError):
     """A configuration key is unknown, mistyped or inconsistent; the message names the key."""
 
 
@@ -146,6 +148,8 @@ class AlgorithmConfig:
     oversample_factor: float = 1.0
     carry_over_surplus: bool = False
     kl_loss: Optional[bool] = None
+    """Must stay off (both presets have it off): the KL term needs a reference model, which this recipe does
+    not run; :meth:`DAPOConfig.validate` refuses ``true``."""
     kl_loss_coef: Optional[float] = None
     kl_loss_type: Optional[str] = None
     entropy_coeff: float = 0.0
@@ -214,7 +218,11 @@ class ActorConfig:
     lr: float = 1e-6
     min_lr: float = 0.0
     lr_warmup_steps: int = 20
+    """Linear LR warm-up, in rollout (trainer) steps: step ``s < W`` trains at ``lr * (s + 1) / W``. The LR
+    is constant within a rollout step, whatever the number of optimizer updates per step."""
     lr_decay_style: str = "constant"
+    """``constant``, ``linear`` or ``cosine`` decay from ``lr`` towards ``min_lr`` over the rollout steps after
+    the warm-up (``trainer.total_steps - lr_warmup_steps``); see ``MegatronActor.set_lr_step``."""
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -354,6 +362,9 @@ class DAPOConfig:
         a = self.algorithm
         need(a.preset in ("dapo", "grpo"), "algorithm.preset", f"must be dapo or grpo (got {a.preset!r})")
         alg = self.resolved_algorithm()
+        need(not alg.kl_loss, "algorithm.kl_loss",
+             "true needs a reference model, which this recipe does not run (DAPO removes the KL term; the grpo "
+             "preset here runs without it too); set algorithm.kl_loss=false")
         need(alg.loss_agg_mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
              "algorithm.loss_agg_mode", f"unknown mode {alg.loss_agg_mode!r}")
         need(0 <= alg.clip_ratio_low < 1, "algorithm.clip_ratio_low", "must be in [0, 1)")

@@ -34,6 +34,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from megatron_dapo.config import ConfigError, load_config
+from megatron_dapo.data import RowValidationError, load_tokenizer, render_prompt, validate_row
+from megatron_dapo.data.tokenizer import stop_token_ids as default_stop_ids
+from megatron_dapo.reward import score_batch
+from megatron_dapo.rollout.generation import stop_ids_for_model
+from megatron_dapo.trainer import val_rows
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["EvalResult", "avg_at_k", "pass_at_k", "mean_pass_at_k", "per_problem_accuracy", "pass_k_values",
@@ -50,8 +61,6 @@ _SAMPLE_ANSWER_CHARS = 32
 
 
 def _as_bool_matrix(correct: Any, name: str = "correct"):
-    import numpy as np
-
     if hasattr(correct, "detach"):  # torch tensor
         correct = correct.detach().cpu().numpy()
     arr = np.asarray(correct)
@@ -267,10 +276,6 @@ async def evaluate_async(client, tokenizer, rows: Sequence[dict], *, n_samples: 
     """Coroutine version of :func:`evaluate` for an :class:`~megatron_dapo.rollout.client.EngineClient`
     (or any object with the same ``async generate(input_ids, sampling_params, *, return_logprob, rid)``)
     used inside a running event loop.  Arguments, result and errors as :func:`evaluate`."""
-    from megatron_dapo.data import render_prompt, validate_row
-    from megatron_dapo.data.tokenizer import stop_token_ids as default_stop_ids
-    from megatron_dapo.reward import score_batch
-
     _check_eval_args(n_samples, temperature, top_p, max_response_length, max_prompt_length, max_prompts,
                      num_reward_workers, max_concurrent_prompts)
     rows = list(rows)
@@ -299,8 +304,6 @@ async def evaluate_async(client, tokenizer, rows: Sequence[dict], *, n_samples: 
                                "top_p": float(top_p), "n": int(n_samples)}
     if stops:
         base_sp["stop_token_ids"] = stops
-
-    from tqdm.auto import tqdm
 
     sem = asyncio.Semaphore(max_concurrent_prompts) if max_concurrent_prompts else None
     tag = uuid.uuid4().hex[:8]
@@ -486,8 +489,6 @@ def _eval_parser() -> argparse.ArgumentParser:
 
 def _eval_settings(cfg, args) -> dict:
     """Check the config keys evaluation needs; returns the resolved settings (raises ConfigError)."""
-    from megatron_dapo.config import ConfigError
-
     def need(ok: bool, key: str, msg: str) -> None:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
@@ -538,18 +539,14 @@ def eval_main(argv: list[str] | None = None) -> int:
     Returns:
         0 on success; 2 on a configuration / input error (message on stderr); 1 when an engine fails.
     """
-    from megatron_dapo.config import ConfigError, load_config
-    from megatron_dapo.data import RowValidationError, load_tokenizer
-
     parser = _eval_parser()
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, validate=False)
         settings = _eval_settings(cfg, args)
-        from megatron_dapo.trainer import val_rows
-
         rows = val_rows(cfg)  # data.val_files, or held-out demo problems for the demo task
         tokenizer = load_tokenizer(settings["tokenizer"])
+        settings["stop_token_ids"] = stop_ids_for_model(tokenizer, settings["model"])  # the trainer's rule
     except (ConfigError, RowValidationError, FileNotFoundError, ValueError) as exc:
         print(f"megatron-dapo eval: error: {exc}", file=sys.stderr)
         return 2
@@ -611,6 +608,7 @@ def eval_main(argv: list[str] | None = None) -> int:
             result = evaluate(client, tokenizer, rows, n_samples=t.eval_n_samples, temperature=t.eval_temperature,
                               top_p=t.eval_top_p, max_response_length=r.max_response_length,
                               max_prompt_length=cfg.data.max_prompt_length,
+                              stop_token_ids=settings["stop_token_ids"],
                               seed=cfg.seed if args.seed is None else args.seed, max_prompts=t.eval_max_prompts,
                               num_reward_workers=args.num_reward_workers, progress=not args.quiet,
                               return_responses=args.save_responses)
@@ -635,8 +633,6 @@ def eval_main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(payload, indent=2))
     print(f"wrote {out}")
     if not args.no_tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
         writer = SummaryWriter(log_dir=str(cfg.tb_dir))
         try:
             log_eval_to_tensorboard(writer, result, args.step)

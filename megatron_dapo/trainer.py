@@ -32,7 +32,15 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 import torch.distributed as dist
 
+from .actor.parallel import destroy_parallel
+from .algorithm import DynamicSamplingExhausted
 from .config import DAPOConfig, dump_config
+from .data import generate_tasks, load_rows, make_tiny_checkpoint, render_batch
+from .errors import EXIT_USER_ERROR, MegatronDapoError, one_line
+from .launch import REQUEUE_EXIT_CODE
+from .metrics import scalars, scoped, timed
+from .models.real_model import MissingExtraError, prepare_from_gguf
+from .rollout.generation import collect_batch, stop_ids_for_model
 
 if TYPE_CHECKING:
     from .actor.dispatch import Dispatcher, LocalShard
@@ -40,8 +48,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("megatron_dapo")
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(MegatronDapoError, RuntimeError):
     """The run cannot continue; the message says why and what to change (no traceback needed)."""
+
+
+#: The metrics printed on the console line of a step (``steps.jsonl`` and TensorBoard get every scalar).
+CONSOLE_KEYS = ("rollout/reward_mean", "rollout/acc", "rollout/response_length_mean",
+                "dynamic_sampling/num_gen_batches", "actor/pg_loss", "actor/pg_clipfrac", "actor/grad_norm",
+                "actor/lr", "timing/step_s")
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -53,15 +67,11 @@ def _local_rank0() -> bool:
 
 def demo_rows(cfg: DAPOConfig) -> list[dict]:
     """The embedded default task: the project's own arithmetic problems (deterministic in ``seed``)."""
-    from .data import generate_tasks
-
     return generate_tasks(cfg.data.demo_num_rows, seed=cfg.seed)
 
 
 def val_rows(cfg: DAPOConfig) -> list[dict]:
     """Evaluation rows: ``data.val_files``, else (demo task only) held-out generated problems, else none."""
-    from .data import generate_tasks, load_rows
-
     if cfg.data.val_files:
         return load_rows(cfg.data.val_files)
     if not cfg.data.train_files:
@@ -82,15 +92,11 @@ def prepare_model(cfg: DAPOConfig, wait_s: float = 600.0) -> Path:
     if not (cfg.model.make_tiny or cfg.model.from_gguf):
         raise TrainingStopped(f"model.hf_path={path} has no config.json (set model.make_tiny=true for a demo model)")
     if _local_rank0() and cfg.model.from_gguf:
-        from .models.real_model import MissingExtraError, prepare_from_gguf
-
         try:
             prepare_from_gguf(cfg.model.from_gguf, path)
         except MissingExtraError as e:
             raise TrainingStopped(str(e)) from None
     elif _local_rank0():
-        from .data import make_tiny_checkpoint
-
         m = cfg.model
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         make_tiny_checkpoint(tmp, family=m.tiny_family, tokenizer_dir=m.tiny_tokenizer_dir,
@@ -183,10 +189,8 @@ class Trainer:
         from .algorithm import DynamicSampler
         from .data import PromptDataset, load_rows, load_tokenizer
 
-        updates_per_step = cfg.actor.ppo_epochs * (cfg.rollout.rollout_batch_size * cfg.rollout.n_samples_per_prompt
-                                                   // cfg.actor.ppo_mini_batch_size)
-        self.actor = MegatronActor(self.hf_path, cfg.actor, total_train_steps=max(1, cfg.trainer.total_steps * updates_per_step),
-                                   seed=cfg.seed)
+        # the LR schedule counts rollout steps (actor.lr_warmup_steps); fit() moves it once per step
+        self.actor = MegatronActor(self.hf_path, cfg.actor, total_train_steps=cfg.trainer.total_steps, seed=cfg.seed)
         self._stack.callback(self.actor.close)
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
@@ -208,9 +212,6 @@ class Trainer:
                                  seq_is_mask_high=cfg.algorithm.seq_is_mask_high,
                                  icepop_low=cfg.algorithm.icepop_low, icepop_high=cfg.algorithm.icepop_high,
                                  temperature=cfg.rollout.temperature)
-        if self.loss.kl_loss_coef:
-            raise TrainingStopped("algorithm.kl_loss=true needs a reference model, which this recipe does not run "
-                                  "(DAPO removes the KL term); set algorithm.kl_loss=false")
         self.step = 0
         self.prompt_skips = 0
         self.client = None
@@ -226,10 +227,7 @@ class Trainer:
 
             self.writer = self._stack.enter_context(SummaryWriter(log_dir=str(cfg.tb_dir)))
             self.client = self._start_engines()
-        gen_cfg = {}
-        if (self.hf_path / "generation_config.json").exists():
-            gen_cfg = json.loads((self.hf_path / "generation_config.json").read_text())
-        from .rollout.generation import RolloutSettings, stop_ids_for
+        from .rollout.generation import RolloutSettings
         from .rollout.validate import ResponseValidator
 
         r = cfg.rollout
@@ -238,11 +236,14 @@ class Trainer:
         self.nonfinite_streak = 0  # consecutive skipped (non-finite) optimizer updates
         self.rollout_settings = RolloutSettings(
             n_samples_per_prompt=r.n_samples_per_prompt, max_response_length=r.max_response_length,
-            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, stop_token_ids=stop_ids_for(self.tokenizer, gen_cfg),
+            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+            stop_token_ids=stop_ids_for_model(self.tokenizer, self.hf_path),
             soft_overlong_punishment=self.alg.soft_overlong_punishment,
             overlong_buffer_length=self.alg.overlong_buffer_length,
             overlong_penalty_factor=self.alg.overlong_penalty_factor, seed=cfg.seed,
             deterministic=r.deterministic, response_validator=self.response_validator)
+        if self.rank == 0:
+            log.info("stop token ids: %s", list(self.rollout_settings.stop_token_ids))
         from .sync import WeightSync
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.weight_sync.dtype or cfg.actor.params_dtype]
@@ -371,26 +372,26 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ one step
-    def _rollout(self) -> tuple[Optional[list], dict[str, float], Optional[str]]:
-        """Rank 0: generate and filter. Returns (groups, metrics, error message)."""
-        from .algorithm import DynamicSamplingExhausted
-        from .data import render_batch
+    def _rollout(self) -> tuple[Optional[list], dict[str, float], Optional[MegatronDapoError]]:
+        """Rank 0: generate, score and filter until the dynamic sampler is full (Algorithm 1, lines 3-6).
 
+        Returns ``(groups, metrics, error)``. A failure the user can act on (an engine that failed after its
+        retries or keeps returning malformed output, dynamic sampling exhausted, the reward workers) is
+        returned as ``error`` instead of raised, so that the caller broadcasts it and every rank raises the
+        same :class:`~megatron_dapo.errors.MegatronDapoError` (rank 0 raising alone would leave the other
+        ranks waiting in the broadcast).
+        """
         def next_prompts(n: int):
             kept, skipped = render_batch(self.tokenizer, self.dataset.next_batch(n), self.cfg.data.max_prompt_length)
             self.prompt_skips += len(skipped)
             return kept
 
-        from .rollout.generation import collect_batch
-        from .rollout.validate import MalformedEngineOutput
-
-        t0 = time.perf_counter()
+        timing: dict[str, float] = {}
         self.response_validator.start_step()
         try:
-            groups, stats = collect_batch(self.client, self.sampler, next_prompts, self.tokenizer,
-                                          self.rollout_settings, self.step)
-        except MalformedEngineOutput as e:
-            return None, {}, str(e)
+            with timed(timing, "rollout"):
+                groups, stats = collect_batch(self.client, self.sampler, next_prompts, self.tokenizer,
+                                              self.rollout_settings, self.step)
         except DynamicSamplingExhausted as e:
             msg = str(e)
             if self.response_validator.groups_dropped:
@@ -399,12 +400,14 @@ class Trainer:
             if self.prompt_skips:
                 msg += (f" Note: {self.prompt_skips} prompts were skipped as longer than data.max_prompt_length="
                         f"{self.cfg.data.max_prompt_length}; raise it if that is most of them.")
-            return None, {}, msg
-        m = stats.metrics()
-        m.update(self.response_validator.metrics())
-        m.update({f"dynamic_sampling/{k}": float(v) for k, v in self.sampler.metrics().items()})
+            return None, {}, DynamicSamplingExhausted(msg)
+        except MegatronDapoError as e:
+            return None, {}, e
+        m = scoped("rollout", stats.metrics())
+        m.update(scoped("rollout", self.response_validator.metrics()))
+        m.update(scoped("dynamic_sampling", self.sampler.metrics()))
         m["timing/reward_s"] = stats.reward_seconds
-        m["timing/rollout_s"] = time.perf_counter() - t0 - stats.reward_seconds
+        m["timing/rollout_s"] = timing["timing/rollout_s"] - stats.reward_seconds  # generation (+ filtering)
         m["data/prompts_skipped_too_long"] = float(self.prompt_skips)
         return groups, m, None
 
@@ -504,7 +507,7 @@ class Trainer:
         groups, metrics, error = self._rollout() if self.rank == 0 else (None, {}, None)
         metrics, error = _broadcast((metrics, error))  # the groups stay on rank 0: see _dispatch_batch
         if error is not None:
-            raise TrainingStopped(error)
+            raise error  # the same typed error on every rank
         if self.colocated:  # engines sleep, the actor comes back for training
             metrics.update(self.weight_sync.colocated_release())
             self._engines_awake = False
@@ -602,29 +605,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _log(self, metrics: dict[str, float]) -> None:
+        """Rank 0: every scalar of the step to TensorBoard and, with the step and its prompt indices, as one
+        JSON line to ``<run_dir>/steps.jsonl`` (NaN/inf as JSON's ``NaN``/``Infinity``); a short console line
+        (:data:`CONSOLE_KEYS`)."""
         if self.rank != 0:
             return
-        for k, v in metrics.items():
+        values = scalars(metrics)
+        for k, v in values.items():
             self.writer.add_scalar(k, v, self.step)
         self.writer.flush()
-        # one JSON line per step: which prompts were trained on and the headline numbers (resume checks)
         with open(self.cfg.run_dir / "steps.jsonl", "a") as f:
-            f.write(json.dumps({"step": self.step, "prompt_indices": getattr(self, "_batch_ids", []),
-                                **{k: metrics[k] for k in ("rollout/reward_mean", "actor/pg_loss", "actor/grad_norm")
-                                   if k in metrics}}) + "\n")
-        keys = ["rollout/reward_mean", "rollout/acc", "rollout/response_length_mean", "dynamic_sampling/num_gen_batches",
-                "actor/pg_loss", "actor/pg_clipfrac", "actor/grad_norm", "timing/step_s"]
-        short = "  ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in keys if k in metrics)
+            f.write(json.dumps({"step": self.step, "prompt_indices": getattr(self, "_batch_ids", []), **values}) + "\n")
+        short = "  ".join(f"{k.split('/')[-1]}={values[k]:.4g}" for k in CONSOLE_KEYS if k in values)
         print(f"[step {self.step}/{self.cfg.trainer.total_steps}] {short}", flush=True)
 
     def fit(self) -> int:
         """Run until ``trainer.total_steps``. Returns the process exit code (0, or 3 after preemption)."""
-        from .launch import REQUEUE_EXIT_CODE
-
         cfg = self.cfg
         t = cfg.trainer
         while self.step < t.total_steps:
+            lr = self.actor.set_lr_step(self.step)  # constant within the rollout step
             metrics = self.train_one_step()
+            metrics["actor/lr"] = lr  # logged even when no update of the step was applied
             self._log(metrics)
             if _all_flag(self.preempt.requested):
                 self.save()
@@ -660,36 +662,29 @@ class Trainer:
 
 
 def run_training(cfg: DAPOConfig) -> int:
-    """Build a :class:`Trainer` and run it; turn known stop conditions into a clear message + exit code 2."""
+    """Build a :class:`Trainer` and run it.
+
+    A :class:`~megatron_dapo.errors.MegatronDapoError` (config, data, model, engine, weight sync,
+    checkpoint, dynamic sampling, ...) or a ``FileNotFoundError`` ends the run with one line on stderr
+    (``megatron-dapo: <what>: <message>``, printed by rank 0; the errors raised on every rank carry the same
+    message) and returns :data:`~megatron_dapo.errors.EXIT_USER_ERROR` (2), without a traceback. Any other
+    exception is a bug and propagates.
+
+    Returns:
+        The process exit code: 0, 3 after a preemption checkpoint, or 2.
+    """
     trainer = None
     preempt = _Preemption()  # first thing: a SIGUSR1 during start-up must not kill the process
     try:
         trainer = Trainer(cfg, preempt)
         return trainer.fit()
-    except Exception as e:  # noqa: BLE001 - known input/config problems become one clear line, exit 2
-        from .backend import MissingBackendError
-        from .config import ConfigError
-        from .data.dataset import RowValidationError
-        from .models.hf_config import UnsupportedModelError
-        from .models.mapping import MappingError
-
-        from .rollout.launch import EngineLaunchError
-        from .rollout.transport import EngineError
-        from .sync.transports import WeightSyncError
-
-        # an engine that dies or cannot start (after the client's retries on the other engines) is a known stop
-        known = (TrainingStopped, ConfigError, RowValidationError, UnsupportedModelError, MappingError,
-                 MissingBackendError, FileNotFoundError, EngineError, EngineLaunchError, WeightSyncError)
-        if not isinstance(e, known):
-            raise
+    except (MegatronDapoError, FileNotFoundError) as e:
         rank = dist.get_rank() if dist.is_initialized() else 0
         if rank == 0:
             what = "training stopped" if isinstance(e, TrainingStopped) else type(e).__name__
-            print(f"\nmegatron-dapo: {what}: {e}", file=sys.stderr, flush=True)
-        return 2
+            print(f"\nmegatron-dapo: {what}: {one_line(str(e))}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
     finally:
         if trainer is not None:
             trainer.close()
-        from .actor.parallel import destroy_parallel
-
         destroy_parallel()

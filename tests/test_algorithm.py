@@ -591,7 +591,8 @@ def test_presets_values():
     assert (grpo.clip_ratio_low, grpo.clip_ratio_high) == (0.2, 0.2)
     assert grpo.loss_agg_mode == "seq-mean-token-mean"
     assert not any((grpo.soft_overlong_punishment, grpo.overlong_filtering, grpo.dynamic_sampling))
-    assert grpo.kl_loss and grpo.kl_loss_coef == 0.001 and grpo.kl_loss_type == "k3"
+    # no reference model in this recipe: the KL term is off; its beta is kept for callers that enable it
+    assert not grpo.kl_loss and grpo.kl_loss_coef == 0.001 and grpo.kl_loss_type == "k3"
     # immutable: a resolved config cannot be changed behind the preset's back
     with pytest.raises(dataclasses.FrozenInstanceError):
         dapo.clip_ratio_high = 9.0
@@ -618,6 +619,27 @@ def test_config_switches_left_unset_take_the_preset_values():
         cfg.resolved_algorithm()
     for example in sorted(Path(__file__).resolve().parents[1].glob("examples/*/dapo.yaml")):
         assert isinstance(load_config(example, validate=False).resolved_algorithm(), AlgorithmSwitches), example
+
+
+@pytest.mark.parametrize("overrides,refused", [
+    (["algorithm.preset=grpo"], False),
+    (["algorithm.preset=grpo", "algorithm.kl_loss=false"], False),
+    (["algorithm.preset=grpo", "algorithm.kl_loss=true"], True),
+    (["algorithm.preset=dapo", "algorithm.kl_loss=true", "algorithm.kl_loss_coef=0.01"], True),
+])
+def test_config_validate_refuses_kl_loss_without_a_reference_model(overrides, refused):
+    from conftest import REPO_ROOT
+
+    from megatron_dapo.config import ConfigError, load_config
+
+    cfg_path = REPO_ROOT / "examples" / "tiny-cpu" / "dapo.yaml"
+    if not refused:
+        cfg = load_config(cfg_path, overrides)  # validates
+        assert cfg.resolved_algorithm().kl_loss is False
+        return
+    with pytest.raises(ConfigError, match=r"^algorithm\.kl_loss: true needs a reference model") as e:
+        load_config(cfg_path, overrides)
+    assert "\n" not in str(e.value)
 
 
 def test_preset_ablation_switches_and_errors():

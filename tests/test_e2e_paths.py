@@ -2,9 +2,9 @@
 
 * the default rollout path (``rollout.deterministic=false``: one request per prompt, concurrent,
   abort when the dynamic sampler is full) with overlong filtering, for 3 steps;
-* each algorithm preset: ``dapo`` (above) and ``grpo``. Today ``algorithm.preset=grpo`` turns on the
-  KL loss, which needs a reference model the recipe does not run: the run must stop with exit 2 and
-  one line saying so (no traceback); with ``algorithm.kl_loss=false`` the grpo preset trains.
+* each algorithm preset: ``dapo`` (above) and ``grpo``. The recipe runs no reference model, so the
+  ``grpo`` preset has its KL term off and trains as is; ``algorithm.kl_loss=true`` is refused by the
+  config validation, before anything is built: exit 2 and one line naming the key (no traceback).
 """
 from __future__ import annotations
 
@@ -49,26 +49,27 @@ def test_default_rollout_path_with_overlong_filtering_trains_3_steps(tmp_path, t
 
 
 @pytest.mark.slow
-def test_grpo_preset_needs_kl_reference_stops_with_one_line(tmp_path, tiny_model):  # noqa: F811
-    proc = run_train(_base(tmp_path, tiny_model, "grpo", 1) + ["algorithm.preset=grpo"])
+def test_kl_loss_is_refused_before_anything_is_built(tmp_path, tiny_model):  # noqa: F811
+    proc = run_train(_base(tmp_path, tiny_model, "grpo_kl", 1) + ["algorithm.preset=grpo", "algorithm.kl_loss=true"])
     assert proc.returncode == 2, _fail(proc)
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, _fail(proc)
-    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "kl_loss" in ln]
-    assert any("algorithm.kl_loss" in ln and "reference model" in ln for ln in lines), _fail(proc)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "algorithm.kl_loss" in lines[0] and "reference model" in lines[0], _fail(proc)
+    assert not (tmp_path / "grpo_kl").exists()  # refused by validate(): no run directory, actor or engine
 
 
 @pytest.mark.slow
-def test_grpo_preset_without_kl_trains(tmp_path, tiny_model):  # noqa: F811
-    proc = run_train(_base(tmp_path, tiny_model, "grpo_nokl", 1) + ["algorithm.preset=grpo",
-                                                                   "algorithm.kl_loss=false"])
+def test_grpo_preset_trains(tmp_path, tiny_model):  # noqa: F811
+    proc = run_train(_base(tmp_path, tiny_model, "grpo", 1) + ["algorithm.preset=grpo"])
     assert proc.returncode == 0, _fail(proc)
-    run = tmp_path / "grpo_nokl"
+    run = tmp_path / "grpo"
     steps = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1]
     sc = read_scalars(run / "tb")
     # grpo: no dynamic-sampling filter, so every tried prompt is kept and one round fills the batch
     assert [v for _, v in sc["dynamic_sampling/num_gen_batches"]] == [1.0]
     assert [v for _, v in sc["dynamic_sampling/kept_groups"]] == [4.0]
+    assert [v for _, v in sc["actor/num_updates"]] == [1.0]
 
 
 @pytest.mark.slow

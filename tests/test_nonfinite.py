@@ -73,12 +73,12 @@ def test_validator_counts_drops_and_stops_on_a_streak():
     assert not v.screen_group([good, _Out([999], [-0.1])])
     assert not v.screen_group([_Out([1], [float("nan")]), _Out([1, 2], [-0.1]), good])  # streak reset by good
     m = v.metrics()
-    assert m["rollout/malformed_responses"] == 3 and m["rollout/malformed_groups_dropped"] == 2
-    assert m["rollout/malformed/token_id"] == 1 and m["rollout/malformed/logprob_nonfinite"] == 1
-    assert m["rollout/malformed/logprob_count"] == 1
+    assert m["malformed_responses"] == 3 and m["malformed_groups_dropped"] == 2
+    assert m["malformed/token_id"] == 1 and m["malformed/logprob_nonfinite"] == 1
+    assert m["malformed/logprob_count"] == 1
     other = _Out([1], [-0.1], url="http://e1")
     v.start_step()
-    assert v.metrics()["rollout/malformed_responses"] == 0
+    assert v.metrics()["malformed_responses"] == 0
     bad = _Out([1], [0.7])
     with pytest.raises(MalformedEngineOutput, match=r"engine http://e0 returned 4 malformed responses in a row"):
         v.screen_group([bad, other, bad, bad, bad])  # e1's good answer does not reset e0's streak
@@ -303,9 +303,9 @@ def test_proxy_corrupt_responses_dropped_and_counted(upstream_engine, tiny_model
         groups, v = _collect(p.url, vocab, tiny_model)
     assert p.corrupted == [(0, "oov"), (1, "nan_logprob"), (2, "wrong_length")], p.corrupted
     m = v.metrics()
-    assert m["rollout/malformed_responses"] == 3 and m["rollout/malformed_groups_dropped"] == 3, m
+    assert m["malformed_responses"] == 3 and m["malformed_groups_dropped"] == 3, m
     for reason in ("token_id", "logprob_nonfinite", "logprob_count"):
-        assert m[f"rollout/malformed/{reason}"] == 1, m
+        assert m[f"malformed/{reason}"] == 1, m
     assert len(groups) == 3  # the batch filled from the next round's prompts
     for g in groups:
         assert all(0 <= t < vocab for r in g.responses for t in r)

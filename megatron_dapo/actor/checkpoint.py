@@ -51,6 +51,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from ..errors import MegatronDapoError
+
 ITER_RE = re.compile(r"^iter_(\d{7,})$")
 LATEST_FILE = "latest"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -66,7 +68,7 @@ KILL_POINTS = ("after_tmp_created", "after_shards", "before_rename", "after_old_
                "before_latest", "before_latest_replace")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MegatronDapoError, RuntimeError):
     """A checkpoint directory is missing, incomplete or unreadable (the message names the path)."""
 
 

@@ -122,7 +122,8 @@ class MegatronActor:
     Args:
         hf_path: HF model directory (config.json + safetensors) the weights come from.
         actor_cfg: :class:`megatron_dapo.config.ActorConfig`.
-        total_train_steps: optimizer steps of the whole run (for the LR schedule).
+        total_train_steps: rollout (trainer) steps of the whole run: the length of the LR schedule, which
+            advances once per rollout step (:meth:`set_lr_step`), not per optimizer update.
         seed: RNG seed.
     """
 
@@ -218,12 +219,39 @@ class MegatronActor:
                                params_dtype=torch.bfloat16 if c.params_dtype == "bf16" else torch.float32,
                                use_distributed_optimizer=c.use_distributed_optimizer)
         self.optimizer = get_megatron_optimizer(ocfg, self.chunks)
-        decay = max(1, total_train_steps)
-        warm = min(c.lr_warmup_steps, decay - 1) if decay > 1 else 0
+        # The schedule counts rollout steps (DAPO: "linear warm-up over 20 rollout steps"), see set_lr_step.
+        # megatron-core needs decay steps > warm-up steps; a run shorter than its warm-up ends inside it.
+        warm = c.lr_warmup_steps
+        decay = max(1, total_train_steps, warm + 1)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if warm else c.lr, max_lr=c.lr, min_lr=min(c.min_lr, c.lr),
             lr_warmup_steps=warm, lr_decay_steps=decay, lr_decay_style=c.lr_decay_style,
             start_wd=c.weight_decay, end_wd=c.weight_decay, wd_incr_steps=decay, wd_incr_style="constant")
+        self.set_lr_step(0)
+
+    def set_lr_step(self, step: int) -> float:
+        """Put the LR schedule at rollout step ``step`` (0-based) and return the learning rate that every
+        optimizer update of that step uses (the same on all ranks; constant within the step).
+
+        With ``W = actor.lr_warmup_steps`` and ``T`` the schedule length (``total_train_steps``):
+
+        * warm-up, ``step < W``: ``lr * (step + 1) / W`` (no step trains at LR 0; step ``W - 1`` is the first
+          at the full ``actor.lr``);
+        * then ``actor.lr_decay_style`` from ``actor.lr`` at step ``W``: ``constant``; ``linear`` /
+          ``cosine`` with decay ratio ``(step - W) / (T - W)`` towards ``actor.min_lr``.
+
+        This is megatron-core's ``OptimizerParamScheduler.get_lr`` at position ``step + 1`` during warm-up
+        and ``step`` after it. The position is absolute, so a resumed run (the checkpoint holds the
+        scheduler) continues exactly, and skipped (non-finite) updates do not move it.
+
+        Raises:
+            ValueError: ``step`` is negative.
+        """
+        if step < 0:
+            raise ValueError(f"rollout step must be >= 0, got {step}")
+        self.scheduler.num_steps = step + 1 if step < self.scheduler.lr_warmup_steps else step
+        self.scheduler.step(increment=0)  # sets every param group's lr (and weight decay) at this position
+        return float(self.optimizer.param_groups[0]["lr"])
 
     # ------------------------------------------------------------------ names
     def _local_params(self) -> Iterator[tuple[str, int, str, torch.nn.Parameter]]:
@@ -608,7 +636,7 @@ class MegatronActor:
         the distributed optimizer's param all-gather). Between the norm and the clip one MAX all-reduce over
         every rank combines: the scaler's flag, a non-finite norm, the non-finite loss terms of each
         micro-batch and the first bad micro-batch of each DP rank. When anything is non-finite nothing
-        further runs (no clip, no Adam step, no scheduler step) and all gradients are zeroed.
+        further runs (no clip, no Adam step) and all gradients are zeroed.
 
         Returns:
             (what was found, the global gradient norm as a float; inf/nan when non-finite).
@@ -662,7 +690,6 @@ class MegatronActor:
                                              use_decoupled_grad=o.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
         if not opt.step_with_ready_grads():
             raise RuntimeError("megatron-core optimizer step_with_ready_grads reported failure")
-        self.scheduler.step(increment=1)
         return check, grad_norm
 
     def _reduce_metrics(self, outs: list[dict], extra: dict[str, float]) -> dict[str, float]:

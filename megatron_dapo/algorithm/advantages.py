@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import MegatronDapoError
+
 __all__ = ["NonFiniteAdvantageError", "compute_group_advantages"]
 
 
-class NonFiniteAdvantageError(ValueError):
+class NonFiniteAdvantageError(MegatronDapoError, ValueError):
     """NaN/inf in rewards or advantages: a bug in reward shaping or advantage estimation (the rules
     produce finite numbers by construction). The message names the group (row of ``rewards``) and its values."""
 

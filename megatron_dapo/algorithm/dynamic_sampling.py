@@ -24,10 +24,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from ..errors import MegatronDapoError
+
 __all__ = ["Group", "DynamicSampler", "DynamicSamplingExhausted"]
 
 
-class DynamicSamplingExhausted(RuntimeError):
+class DynamicSamplingExhausted(MegatronDapoError, RuntimeError):
     """Raised when ``max_num_gen_batches`` rounds did not yield ``rollout_batch_size`` kept groups."""
 
 

@@ -27,12 +27,14 @@ Ablation switches (accepted by :func:`resolve_preset` in ``overrides``)
 
 Choice about KL in ``grpo``
 ---------------------------
-The ``grpo`` preset is GRPO as written in the DAPO paper's Sec. 2.2 (eq. 6), which contains the
-``-beta * D_KL(pi_theta || pi_ref)`` term; we use ``beta = 0.001`` with the k3 ("low_var_kl")
-estimator, the common verl GRPO setting.  DAPO removes the KL term (Sec. 2.3), but Table 1 has no
-"remove KL" row, so the increments it reports are attributed to the listed techniques only.  We
-therefore read Table 1 as run *without* KL throughout and set ``kl_loss=False`` in every row of
-:data:`TABLE1_ABLATION` (flip it back with ``overrides={"kl_loss": True}`` to test the other reading).
+GRPO as written in the DAPO paper's Sec. 2.2 (eq. 6) contains a ``-beta * D_KL(pi_theta || pi_ref)``
+term. This recipe runs no reference model (DAPO removes the KL term, Sec. 2.3), so the ``grpo`` preset
+here is eq. 6 *without* the KL term: ``kl_loss=False``. ``kl_loss_coef = 0.001`` with the k3
+("low_var_kl") estimator, the common verl GRPO setting, is kept as the beta a caller with a reference
+policy gets from ``overrides={"kl_loss": True}`` (the pure loss functions support it); the trainer's
+config validation refuses ``algorithm.kl_loss=true``. Table 1 has no "remove KL" row, so the increments
+it reports are attributed to the listed techniques only; we read it as run without KL throughout, which
+:data:`TABLE1_ABLATION` states explicitly in its first row.
 
 DAPO paper Table 1 (Qwen2.5-32B, AIME 2024 avg@32) as configurations
 --------------------------------------------------------------------
@@ -134,7 +136,7 @@ PRESETS: dict[str, AlgorithmSwitches] = {
         overlong_penalty_factor=1.0,
         overlong_filtering=False,
         dynamic_sampling=False,
-        kl_loss=True,
+        kl_loss=False,  # no reference model in this recipe (module docstring, "Choice about KL")
         kl_loss_coef=0.001,
         kl_loss_type="k3",
         norm_adv_by_std=True,

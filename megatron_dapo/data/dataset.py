@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from ..errors import MegatronDapoError
+
 logger = logging.getLogger(__name__)
 
 
-class RowValidationError(ValueError):
+class RowValidationError(MegatronDapoError, ValueError):
     """A data row violates the verl schema; the message names the file, row number and field."""
 
     def __init__(self, source: str, row_number: int, field_name: str, problem: str):

@@ -33,13 +33,15 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Optional
 
+from ..errors import MegatronDapoError
+
 MASTER_PORT_BASE = 20000
 """Lowest port :func:`master_port_for_job` returns (below Linux's default ephemeral range 32768+)."""
 MASTER_PORT_SPAN = 10000
 """Number of distinct ports :func:`master_port_for_job` cycles through."""
 
 
-class DistEnvError(ValueError):
+class DistEnvError(MegatronDapoError, ValueError):
     """A launcher environment variable is missing, malformed or inconsistent (the message names it)."""
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..errors import MegatronDapoError
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 MODES = {
@@ -31,7 +33,7 @@ MODES = {
 }
 
 
-class LaunchError(RuntimeError):
+class LaunchError(MegatronDapoError, RuntimeError):
     """Bad launch request, missing optional dependency, or a failed submission."""
 
 

@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from ..errors import MegatronDapoError
 
-class PlanError(ValueError):
+
+class PlanError(MegatronDapoError, ValueError):
     """An impossible layout or bad planner input; the message says which dimension and why."""
 
 

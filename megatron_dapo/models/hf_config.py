@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ..errors import MegatronDapoError
+
 ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "LlamaForCausalLM": "llama",
@@ -30,7 +32,7 @@ ARCHITECTURES = {
 }
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(MegatronDapoError, ValueError):
     """The HF config uses an architecture or a field megatron_dapo cannot build faithfully."""
 
 

@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from ..errors import MegatronDapoError
 from .hf_config import ModelSpec
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -51,7 +52,7 @@ _TE_ALIASES = {
 }
 
 
-class MappingError(ValueError):
+class MappingError(MegatronDapoError, ValueError):
     """A tensor is missing or has the wrong shape (the message names it, expected and found shapes)."""
 
 

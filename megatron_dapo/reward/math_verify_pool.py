@@ -36,6 +36,8 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import MegatronDapoError
+
 __all__ = ["MathVerifyPool", "MathVerifyWorkerError", "get_pool", "shutdown_pool", "verify_in_worker"]
 
 logger = logging.getLogger(__name__)
@@ -146,7 +148,7 @@ def _worker_entry(fd: int) -> None:  # pragma: no cover - runs in a child proces
 # --------------------------------------------------------------------------------------------
 # Parent side
 # --------------------------------------------------------------------------------------------
-class MathVerifyWorkerError(RuntimeError):
+class MathVerifyWorkerError(MegatronDapoError, RuntimeError):
     """math-verify workers cannot be started; scoring stops instead of returning wrong rewards."""
 
 

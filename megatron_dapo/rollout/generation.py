@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import math
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -102,21 +104,25 @@ class RoundStats:
                 self.token_count += len(lp)
 
     def metrics(self) -> dict[str, float]:
+        """Pre-filter statistics of the step's responses, unprefixed (the trainer scopes them under
+        ``rollout/``): ``reward_mean``, ``score_mean``, ``acc``, ``response_length_mean``/``_max`` (tokens),
+        ``response_length_clip_ratio``, ``no_answer_frac``, ``num_responses``, ``mean_token_prob`` (when
+        the engines returned logprobs) and ``acc/<data_source>``."""
         n = max(len(self.rewards), 1)
         out = {
-            "rollout/reward_mean": sum(self.rewards) / n,
-            "rollout/score_mean": sum(self.scores) / n,
-            "rollout/acc": sum(self.correct) / n,
-            "rollout/response_length_mean": sum(self.lengths) / n,
-            "rollout/response_length_max": float(max(self.lengths, default=0)),
-            "rollout/response_length_clip_ratio": sum(self.truncated) / n,
-            "rollout/no_answer_frac": self.no_answer / n,
-            "rollout/num_responses": float(len(self.rewards)),
+            "reward_mean": sum(self.rewards) / n,
+            "score_mean": sum(self.scores) / n,
+            "acc": sum(self.correct) / n,
+            "response_length_mean": sum(self.lengths) / n,
+            "response_length_max": float(max(self.lengths, default=0)),
+            "response_length_clip_ratio": sum(self.truncated) / n,
+            "no_answer_frac": self.no_answer / n,
+            "num_responses": float(len(self.rewards)),
         }
         if self.token_count:
-            out["rollout/mean_token_prob"] = self.token_prob_sum / self.token_count
+            out["mean_token_prob"] = self.token_prob_sum / self.token_count
         for src, (c, k) in self.per_source_correct.items():
-            out[f"rollout/acc/{src}"] = c / max(k, 1)
+            out[f"acc/{src}"] = c / max(k, 1)
         return out
 
 
@@ -266,7 +272,8 @@ def collect_batch(sync_client, sampler: DynamicSampler, next_prompts, tokenizer,
 
 
 def stop_ids_for(tokenizer, generation_config: Optional[dict] = None) -> list[int]:
-    """EOS ids that end a response: the tokenizer's eos plus generation_config's ``eos_token_id``."""
+    """EOS ids that end a response: the tokenizer's eos plus generation_config's ``eos_token_id`` (an int or
+    a list of ints). Returns a sorted list without duplicates."""
     ids = set()
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))
@@ -276,3 +283,14 @@ def stop_ids_for(tokenizer, generation_config: Optional[dict] = None) -> list[in
     elif isinstance(eos, list):
         ids.update(int(e) for e in eos)
     return sorted(ids)
+
+
+def stop_ids_for_model(tokenizer, model_dir: str | Path) -> list[int]:
+    """The stop-token rule of training and of the ``eval`` command: :func:`stop_ids_for` with the model's
+    ``<model_dir>/generation_config.json`` (HF ``GenerationConfig``; absent: the tokenizer's eos only).
+
+    Raises:
+        ValueError: ``generation_config.json`` exists but is not valid JSON (``json.JSONDecodeError``).
+    """
+    path = Path(model_dir) / "generation_config.json"
+    return stop_ids_for(tokenizer, json.loads(path.read_text()) if path.is_file() else None)

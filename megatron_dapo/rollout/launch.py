@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Sequence
 
 from megatron_dapo.backend import MissingBackendError
+from megatron_dapo.errors import MegatronDapoError
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -80,7 +81,7 @@ def default_engine_python(backend: str, configured: str | None = None) -> str:
         f"{ENGINE_VENVS[backend]}) or set rollout.engine_python")
 
 
-class EngineLaunchError(RuntimeError):
+class EngineLaunchError(MegatronDapoError, RuntimeError):
     """An engine process exited or did not become healthy in time (message has its log tail)."""
 
 

@@ -26,11 +26,13 @@ import logging
 import time
 from typing import Any, Sequence
 
+from ..errors import MegatronDapoError
+
 # The records keep the logger name they had before this module was split out of client.py.
 logger = logging.getLogger("megatron_dapo.rollout.client")
 
 
-class EngineError(RuntimeError):
+class EngineError(MegatronDapoError, RuntimeError):
     """A rollout engine call failed (after retries); the message names URL(s) and the last error."""
 
     def __init__(self, message: str, *, urls: Sequence[str] = (), status: int | None = None):

@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
+from ..errors import MegatronDapoError
+
 __all__ = ["MALFORMED_REASONS", "MalformedEngineOutput", "ResponseValidator", "check_response", "screen_group"]
 
 MALFORMED_REASONS = ("token_id", "logprob_count", "logprob_nonfinite", "logprob_positive", "length",
@@ -31,7 +33,7 @@ MALFORMED_REASONS = ("token_id", "logprob_count", "logprob_nonfinite", "logprob_
 TRAINABLE_FINISH_REASONS = ("stop", "length")
 
 
-class MalformedEngineOutput(RuntimeError):
+class MalformedEngineOutput(MegatronDapoError, RuntimeError):
     """One engine keeps returning malformed responses; the message names its URL and the last reason."""
 
 
@@ -142,11 +144,11 @@ class ResponseValidator:
         return ok
 
     def metrics(self) -> dict[str, float]:
-        """This step's ``rollout/malformed_responses``, ``rollout/malformed/<reason>`` and
-        ``rollout/malformed_groups_dropped`` (counts, floats)."""
-        out = {"rollout/malformed_responses": float(sum(self.counts.values())),
-               "rollout/malformed_groups_dropped": float(self.groups_dropped)}
-        out.update({f"rollout/malformed/{r}": float(n) for r, n in self.counts.items()})
+        """This step's counts (floats), unprefixed (the trainer scopes them under ``rollout/``):
+        ``malformed_responses``, ``malformed/<reason>`` and ``malformed_groups_dropped``."""
+        out = {"malformed_responses": float(sum(self.counts.values())),
+               "malformed_groups_dropped": float(self.groups_dropped)}
+        out.update({f"malformed/{r}": float(n) for r, n in self.counts.items()})
         return out
 
 

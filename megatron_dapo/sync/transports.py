@@ -34,6 +34,8 @@ import logging
 
 import torch
 
+from ..errors import MegatronDapoError
+
 logger = logging.getLogger(__name__)
 
 TRANSPORTS = ("disk", "distributed", "tensor")
@@ -44,7 +46,7 @@ ENGINE_NODES_ENV = "MEGATRON_DAPO_ENGINE_NODES"
 """Engine -> node mapping override (:mod:`megatron_dapo.sync.nodes`), named in the tensor transport's error."""
 
 
-class WeightSyncError(RuntimeError):
+class WeightSyncError(MegatronDapoError, RuntimeError):
     """A weight sync failed; the message names the engine(s) / tensor(s) involved."""
 
 
