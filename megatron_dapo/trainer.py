@@ -406,8 +406,10 @@ class Trainer:
         m = scoped("rollout", stats.metrics())
         m.update(scoped("rollout", self.response_validator.metrics()))
         m.update(scoped("dynamic_sampling", self.sampler.metrics()))
+        # scoring runs in a worker pool while other groups generate: reward_s is the wall time during which some
+        # group was being scored (overlapping generation), rollout_s the whole phase (generate + score + filter)
         m["timing/reward_s"] = stats.reward_seconds
-        m["timing/rollout_s"] = timing["timing/rollout_s"] - stats.reward_seconds  # generation (+ filtering)
+        m["timing/rollout_s"] = timing["timing/rollout_s"]
         m["data/prompts_skipped_too_long"] = float(self.prompt_skips)
         return groups, m, None
 

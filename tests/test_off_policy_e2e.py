@@ -29,5 +29,6 @@ def test_corrections_train_and_report_masked_fractions(tmp_path, tiny_model):  #
         assert [s for s, _ in sc[key]] == [1, 2], key
         assert all(0.0 <= v <= 1.0 for _, v in sc[key]), sc[key]
     # scoring time is a part of the rollout's wall time (the union of the scoring intervals)
-    assert all(v > 0 for _, v in sc["timing/reward_s"]) and all(v >= 0 for _, v in sc["timing/rollout_s"])
+    assert all(v > 0 for _, v in sc["timing/reward_s"])
+    assert all(r <= w for (_, r), (_, w) in zip(sc["timing/reward_s"], sc["timing/rollout_s"]))
     assert all(v < 0.5 for _, v in sc["actor/icepop_masked_frac"])  # engine and actor agree: few tokens dropped
