@@ -51,7 +51,7 @@ import base64
 import math
 import pickle
 import uuid
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from megatron_dapo.rollout.client import (
     EngineClient,
@@ -654,14 +654,6 @@ class SyncVLLMClient(SyncEngineClient):
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-client-loop", daemon=True)
         self._thread.start()
         self.client = VLLMClient(*args, **kwargs)
-
-
-def make_sync_client(backend: str, urls: Iterable[str], **kwargs) -> SyncEngineClient:
-    """The blocking client of ``backend`` (``vllm`` -> :class:`SyncVLLMClient`, else :class:`SyncEngineClient`)."""
-    cls = SyncVLLMClient if backend == "vllm" else SyncEngineClient
-    if backend == "vllm":
-        kwargs.pop("router_url", None)
-    return cls(list(urls), **kwargs)
 
 
 def check_payloads_in_vllm(items: list[dict], *, python: str | None = None, timeout_s: float = 600.0) -> list[dict]:
