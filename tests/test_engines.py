@@ -331,3 +331,19 @@ def test_train_one_step_transitions_around_rollout_and_update():
     assert ("actor", "train_step") in log[3:-1]
     assert {"colocate/engine_release_s", "timing/weight_sync_s", "timing/step_s"} <= set(metrics)
     assert not any(k for k in vars(trainer) if "awake" in k or "in_memory" in k)
+
+
+def test_clients_and_transports_implement_their_protocols():
+    """Every member the Protocols name is defined on the classes the registries hand out (no __getattr__)."""
+    from megatron_dapo.protocols import RolloutEngine, WeightTransport
+    from megatron_dapo.rollout.client import SyncEngineClient
+    from megatron_dapo.rollout.vllm_backend import SyncVLLMClient
+
+    def members(proto):
+        return {n for n in vars(proto) if not n.startswith("_")} | set(proto.__annotations__)
+
+    for cls in (SyncEngineClient, SyncVLLMClient):
+        assert "__getattr__" not in vars(cls)
+        assert not [n for n in members(RolloutEngine) if not hasattr(cls, n)], cls
+    for cls in TRANSPORTS.values():
+        assert not [n for n in members(WeightTransport) | {"build", "check_available"} if not hasattr(cls, n)], cls
