@@ -34,15 +34,17 @@ class PolicyActor(Protocol):
 
     Attributes:
         spec: the model's :class:`~megatron_dapo.models.hf_config.ModelSpec` (``vocab_size``,
-            ``tie_word_embeddings``, the HF parameter names via :func:`megatron_dapo.models.mapping.hf_names`).
-        hf_path: the HF checkpoint directory the actor was built from (config files for ``disk`` syncs).
+            ``tie_word_embeddings``, the HF parameter names via :func:`megatron_dapo.models.mapping.hf_names`);
+            ``None`` in weight-sync test doubles (no name check; ties read from ``hf_path``).
+        hf_path: the HF checkpoint directory the actor was built from (config files for ``disk`` syncs;
+            ``None``: none).
         rank: global rank of this process.
         dp_rank: data-parallel rank; rank 0 of its DP group yields the full tensor stream.
         offload_metrics: ``memory/actor_*`` / ``timing/actor_*`` of the last offload / onload.
     """
 
     spec: Any
-    hf_path: Path
+    hf_path: Optional[Path]
     rank: int
     dp_rank: int
 
