@@ -17,7 +17,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -81,7 +81,7 @@ SGLANG_DETERMINISM_WARNING = (
 
 @dataclass
 class RolloutConfig:
-    backend: str = "cpu"
+    backend: Literal["cpu", "sglang", "vllm"] = "cpu"
     """``cpu`` (the project's CPU engine, started by the trainer), ``sglang`` or ``vllm``."""
     engine_urls: list[str] = field(default_factory=list)
     """Already-running engines (e.g. started by the sbatch script). Empty: launch locally."""
@@ -237,7 +237,7 @@ class ActorConfig:
 
 @dataclass
 class WeightSyncConfig:
-    transport: str = "disk"
+    transport: Literal["disk", "distributed", "tensor"] = "disk"
     """``disk`` (safetensors + /update_weights_from_disk), ``distributed`` (broadcast group),
     ``tensor`` (CUDA IPC, colocated GPU only)."""
     bucket_mb: float = 256
@@ -539,6 +539,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
+    if origin is Literal:  # the value must be one of the listed ones (validate() names them again)
+        choices = ", ".join(str(a) for a in args)
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {choices}, got {value!r}")
+        return value
     if origin is list:
         if isinstance(value, str):
             text = value.strip()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ import math
 import sys
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -552,59 +554,22 @@ def eval_main(argv: list[str] | None = None) -> int:
         return 2
 
     t, r = cfg.trainer, cfg.rollout
-    from contextlib import ExitStack
-
-    from megatron_dapo.rollout.client import EngineClient, EngineError
+    from megatron_dapo.backend import MissingBackendError
+    from megatron_dapo.engines import Endpoints, LaunchRequest, engine_client, launch_engines
     from megatron_dapo.rollout.launch import EngineLaunchError
+    from megatron_dapo.rollout.transport import EngineError
 
+    # the trainer's launch code; the engines run alone here (not colocated) and are used directly (no router)
+    r = dataclasses.replace(r, engine_urls=settings["urls"])
     with ExitStack() as stack:
-        urls = settings["urls"]
         try:
-            if not urls:
-                log_dir = cfg.run_dir / "eval_engine_logs"
-                if r.backend == "cpu":
-                    from megatron_dapo.rollout.launch import launch_cpu_engines
-
-                    procs = launch_cpu_engines(settings["model"], r.num_engines, host=r.host,
-                                               base_port=r.base_port or None, api_key=r.api_key, seed=cfg.seed,
-                                               log_dir=log_dir, health_timeout_s=r.health_timeout_s)
-                elif r.backend == "vllm":  # its own venv on CPU (rollout.engine_python)
-                    from megatron_dapo.backend import MissingBackendError
-                    from megatron_dapo.rollout.launch import default_engine_python, launch_vllm_servers
-
-                    try:
-                        py = default_engine_python("vllm", r.engine_python)
-                    except MissingBackendError as exc:
-                        print(f"megatron-dapo eval: error: {exc}", file=sys.stderr)
-                        return 2
-                    procs = launch_vllm_servers(settings["model"], num_engines=r.num_engines, tp_size=r.engine_tp_size,
-                                                host=r.host, base_port=r.base_port or None, api_key=r.api_key,
-                                                seed=cfg.seed, python=py, log_dir=log_dir,
-                                                health_timeout_s=r.health_timeout_s)
-                else:
-                    from megatron_dapo.backend import MissingBackendError
-                    from megatron_dapo.rollout.launch import launch_sglang_servers
-
-                    try:
-                        procs = launch_sglang_servers(settings["model"], num_engines=r.num_engines,
-                                                      tp_size=r.engine_tp_size,
-                                                      mem_fraction_static=r.mem_fraction_static, host=r.host,
-                                                      base_port=r.base_port or None, api_key=r.api_key,
-                                                      log_dir=log_dir, health_timeout_s=r.health_timeout_s,
-                                                      engine_python=r.engine_python)
-                    except MissingBackendError as exc:
-                        print(f"megatron-dapo eval: error: {exc} (or pass --engine-url)", file=sys.stderr)
-                        return 2
-                stack.enter_context(procs)
-                urls = procs.urls
-            if r.backend == "vllm":
-                from megatron_dapo.rollout.vllm_backend import VLLMClient
-
-                client = VLLMClient(urls, api_key=r.api_key,
-                                    request_timeout_s=r.request_timeout_s, max_retries=r.max_retries)
-            else:
-                client = EngineClient(urls, api_key=r.api_key, request_timeout_s=r.request_timeout_s,
-                                      max_retries=r.max_retries)
+            try:
+                endpoints = launch_engines(r, LaunchRequest(settings["model"], cfg.run_dir / "eval_engine_logs",
+                                                            cfg.seed, colocated=False), stack, use_router=False)
+            except MissingBackendError as exc:
+                print(f"megatron-dapo eval: error: {exc} (or pass --engine-url)", file=sys.stderr)
+                return 2
+            client = engine_client(r, Endpoints(endpoints.urls, router_url=None), stack)
             result = evaluate(client, tokenizer, rows, n_samples=t.eval_n_samples, temperature=t.eval_temperature,
                               top_p=t.eval_top_p, max_response_length=r.max_response_length,
                               max_prompt_length=cfg.data.max_prompt_length,

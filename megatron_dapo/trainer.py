@@ -36,11 +36,13 @@ from .actor.parallel import destroy_parallel
 from .algorithm import DynamicSamplingExhausted
 from .config import DAPOConfig, dump_config
 from .data import generate_tasks, load_rows, make_tiny_checkpoint, render_batch
+from .engines import BACKENDS, EngineSet
 from .errors import EXIT_USER_ERROR, MegatronDapoError, one_line
 from .launch import REQUEUE_EXIT_CODE
 from .metrics import scalars, scoped, timed
 from .models.real_model import MissingExtraError, prepare_from_gguf
 from .rollout.generation import collect_batch, stop_ids_for_model
+from .sync.collective import from_rank0 as _broadcast
 
 if TYPE_CHECKING:
     from .actor.dispatch import Dispatcher, LocalShard
@@ -119,15 +121,6 @@ def prepare_model(cfg: DAPOConfig, wait_s: float = 600.0) -> Path:
     return path
 
 
-def _broadcast(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _all_flag(flag: bool) -> bool:
     """True on every rank when any rank saw ``flag``."""
     t = torch.tensor([1.0 if flag else 0.0])
@@ -179,10 +172,8 @@ class Trainer:
         self._stack = ExitStack()
         self.preempt = preempt or _Preemption()
         self.alg = cfg.resolved_algorithm()
-        if cfg.rollout.backend == "sglang" and not cfg.rollout.engine_urls:  # a missing engine venv fails fast
-            from .rollout.launch import default_engine_python
-
-            default_engine_python("sglang", cfg.rollout.engine_python)
+        if not cfg.rollout.engine_urls:  # a missing engine venv fails fast, before the actor is built
+            BACKENDS[cfg.rollout.backend].preflight(cfg.rollout.engine_python)
         self.hf_path = prepare_model(cfg)
 
         from .actor.megatron_actor import LossSettings, MegatronActor
@@ -214,7 +205,6 @@ class Trainer:
                                  temperature=cfg.rollout.temperature)
         self.step = 0
         self.prompt_skips = 0
-        self.client = None
         self.writer = None
         if self.rank == 0:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +216,9 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = self._stack.enter_context(SummaryWriter(log_dir=str(cfg.tb_dir)))
-            self.client = self._start_engines()
+        # the engines (rank 0 launches them), their state and weight version, and the weight sync (every rank)
+        self.engines = EngineSet.launch(cfg, self.actor, self.hf_path, self._stack)
+        self.client = self.engines.client  # rank 0: the rollout's blocking client; None elsewhere
         from .rollout.generation import RolloutSettings
         from .rollout.validate import ResponseValidator
 
@@ -244,88 +236,10 @@ class Trainer:
             deterministic=r.deterministic, response_validator=self.response_validator)
         if self.rank == 0:
             log.info("stop token ids: %s", list(self.rollout_settings.stop_token_ids))
-        from .sync import WeightSync
-
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.weight_sync.dtype or cfg.actor.params_dtype]
-        transport = cfg.weight_sync.transport
-        if r.backend == "vllm" and transport != "disk":  # distributed / tensor are SGLang's protocol
-            if self.rank == 0:
-                log.warning("rollout.backend=vllm: weights sync by disk reload (weight_sync.transport=%s is "
-                            "SGLang's protocol)", transport)
-            transport = "disk"
-        self.weight_sync = WeightSync(self.actor, self.client, transport=transport,
-                                      bucket_mb=cfg.weight_sync.bucket_mb, dtype=dtype,
-                                      work_dir=cfg.run_dir / "weight_sync",
-                                      engine_world_size=r.num_engines * r.engine_tp_size,
-                                      offload_actor=cfg.actor.offload,
-                                      # tensor transport: every node's sender builds its own engine client
-                                      # (URLs come from rank 0's client at the first sync; the key from here)
-                                      api_key=r.api_key)
-        self._stack.callback(self.weight_sync.close)
         self.val_rows = val_rows(cfg)
-        # Colocated engines share the GPUs with the actor: they sleep (release weights + KV cache) while the
-        # actor trains, and the actor is offloaded while they generate. Same contract on CPU (no memory moved).
-        self.colocated = bool(r.colocated)
-        self._engines_awake = True
-        if self.colocated:
-            self.weight_sync.colocated_release()
-            self._engines_awake = False
+        self.engines.to_training()  # colocated: the actor takes the GPUs (a checkpoint may be loaded)
         self._resume()
-        if not self._engines_awake:
-            self._sync_weights()
-
-    # ------------------------------------------------------------------ engines
-    def _start_engines(self):
-        r = self.cfg.rollout
-        urls = list(r.engine_urls)
-        if not urls:
-            logs = self.cfg.run_dir / "engine_logs"
-            if r.backend == "cpu":
-                from .rollout.launch import launch_cpu_engines
-
-                procs = launch_cpu_engines(str(self.hf_path), r.num_engines, host=r.host,
-                                           base_port=r.base_port or None, api_key=r.api_key, seed=self.cfg.seed,
-                                           log_dir=logs, health_timeout_s=r.health_timeout_s)
-            elif r.backend == "sglang":
-                from .rollout.launch import launch_sglang_servers
-
-                # on CPU: the .venv-sglang server with the CPU flags, in the dtype the weights are synced in
-                engine_dtype = {"fp32": "float32", "bf16": "bfloat16"}[self.cfg.weight_sync.dtype
-                                                                       or self.cfg.actor.params_dtype]
-                procs = launch_sglang_servers(str(self.hf_path), num_engines=r.num_engines, tp_size=r.engine_tp_size,
-                                              mem_fraction_static=r.mem_fraction_static, colocated=r.colocated,
-                                              host=r.host, base_port=r.base_port or None, api_key=r.api_key,
-                                              log_dir=logs, health_timeout_s=r.health_timeout_s,
-                                              engine_python=r.engine_python, dtype=engine_dtype)
-            else:  # vllm: its own venv on CPU (rollout.engine_python), the served copy untied if tied
-                from .rollout.launch import default_engine_python, launch_vllm_servers
-
-                procs = launch_vllm_servers(str(self.hf_path), num_engines=r.num_engines, tp_size=r.engine_tp_size,
-                                            host=r.host, base_port=r.base_port or None, api_key=r.api_key,
-                                            seed=self.cfg.seed, colocated=r.colocated,
-                                            python=default_engine_python("vllm", r.engine_python),
-                                            log_dir=logs, health_timeout_s=r.health_timeout_s)
-            self._stack.enter_context(procs)
-            urls = procs.urls
-            log.info("rollout engines: %s (logs in %s)", ", ".join(urls), logs)
-        router_url = r.router_url
-        if r.use_router:  # generation through sglang-router; control calls still go to each engine
-            from .rollout.launch import launch_sglang_router
-
-            router_log = self.cfg.run_dir / "engine_logs" / "sglang_router.log"
-            router = launch_sglang_router(urls, host=r.host, policy=r.router_policy, api_key=r.api_key,
-                                          timeout=r.health_timeout_s, log_path=router_log,
-                                          request_timeout_s=r.request_timeout_s)
-            self._stack.enter_context(router)
-            router_url = router.url
-            log.info("sglang-router (%s) at %s in front of %d engine(s) (log %s)", r.router_policy, router_url,
-                     len(urls), router_log)
-        from .rollout.vllm_backend import make_sync_client
-
-        client = make_sync_client(r.backend, urls, router_url=router_url, api_key=r.api_key,
-                                  request_timeout_s=r.request_timeout_s, max_retries=r.max_retries)
-        self._stack.callback(client.close)
-        return client
+        self.engines.to_generation(str(self.step))
 
     # ------------------------------------------------------------------ checkpoints
     def _trainer_state(self) -> dict[str, Any]:
@@ -348,19 +262,12 @@ class Trainer:
         self.prompt_skips = int(state.get("prompt_skips", 0))
         if self.rank == 0:
             log.info("resumed from %s at step %d", path, self.step)
-        self._sync_weights()  # the engines started from the HF weights, not the checkpoint's
-
-    def _actor_in_memory(self) -> None:
-        """Colocated: put the engines to sleep and bring the actor back (before save / export / eval-free
-        actor work); the next step wakes the engines again with a sync."""
-        if self.colocated and self._engines_awake:
-            self.weight_sync.colocated_release()
-            self._engines_awake = False
+        self.engines.to_generation(str(self.step))  # the engines started from the HF weights, not the checkpoint's
 
     def save(self) -> Path:
         from .actor.checkpoint import NonFiniteCheckpointError, prune_checkpoints, save_checkpoint
 
-        self._actor_in_memory()
+        self.engines.to_training()
         with _signals_deferred():
             try:
                 path = save_checkpoint(self.actor, self.cfg.ckpt_dir, self.step, self._trainer_state())
@@ -445,74 +352,15 @@ class Trainer:
             self._dispatcher = Dispatcher(self.actor.dp_rank, self.actor.dp_size, device=dev)
         return self._dispatcher
 
-    def _sync_weights(self) -> dict[str, float]:
-        """Weights into the engines; colocated: engines wake up with them and the actor is offloaded."""
-        check = self.cfg.weight_sync.check_logprobs
-        reference = self._fixed_sequence_logprobs() if check else None  # before a colocated offload
-        t0 = time.perf_counter()
-        if self.colocated:
-            m = {}
-            if self._engines_awake:
-                m.update(self.weight_sync.colocated_release())
-            m.update(self.weight_sync.colocated_sync(weight_version=str(self.step)))
-            # bytes/seconds of this offload and of the onload that started the step (memory/actor_*, timing/actor_*)
-            m.update(getattr(self.actor, "offload_metrics", {}))
-            self._engines_awake = True
-        else:
-            m = self.weight_sync.sync(weight_version=str(self.step))
-        m["timing/weight_sync_s"] = time.perf_counter() - t0
-        if check:
-            m.update(self.check_engine_logprobs(reference))
-        return m
-
-    def _fixed_sequence_logprobs(self):
-        """A fixed pseudo-random sequence and the actor's logprobs of its last 16 tokens (collective)."""
-        from .actor.batching import build_actor_batch
-
-        g = torch.Generator().manual_seed(12345)
-        seq = torch.randint(0, self.actor.spec.vocab_size, (24,), generator=g).tolist()
-        prompt, resp = seq[:8], seq[8:]
-        lp, _ = self.actor.compute_logprobs(build_actor_batch([prompt], [resp]),
-                                            temperature=self.cfg.rollout.temperature)
-        return seq, len(prompt), lp[0, len(prompt): len(seq)]
-
-    def check_engine_logprobs(self, reference, tolerance: float = 1e-4) -> dict[str, float]:
-        """Score the fixed sequence on every engine; it must match the actor's logprobs (fp32: <= 1e-4).
-
-        Collective. Raises :class:`TrainingStopped` naming the difference when they do not.
-        """
-        seq, prompt_len, actor_lp = reference
-        temp = self.cfg.rollout.temperature
-        diff = 0.0
-        if self.rank == 0:
-            urls = self.client.control_urls
-            for url in urls:
-                from .rollout.vllm_backend import make_sync_client
-
-                one = make_sync_client(self.cfg.rollout.backend, [url], api_key=self.cfg.rollout.api_key)
-                try:
-                    eng = one.score([seq], start_lens=prompt_len, temperature=temp)[0]
-                finally:
-                    one.close()
-                diff = max(diff, float((torch.tensor(eng, dtype=torch.float32) - actor_lp).abs().max()))
-        diff = _broadcast(diff)
-        if diff > tolerance:
-            raise TrainingStopped(f"after weight sync the engines' logprobs differ from the actor's by {diff:.3g} "
-                                  f"(> {tolerance}); the weight transport or the parameter mapping is wrong")
-        return {"weight_sync/engine_actor_logprob_max_abs_diff": diff}
-
     def train_one_step(self) -> dict[str, float]:
         cfg = self.cfg
         t_step = time.perf_counter()
-        if self.colocated and not self._engines_awake:  # after a checkpoint / export
-            self._sync_weights()
+        self.engines.to_generation(str(self.step))  # wakes engines a checkpoint / export released
         groups, metrics, error = self._rollout() if self.rank == 0 else (None, {}, None)
         metrics, error = _broadcast((metrics, error))  # the groups stay on rank 0: see _dispatch_batch
         if error is not None:
             raise error  # the same typed error on every rank
-        if self.colocated:  # engines sleep, the actor comes back for training
-            metrics.update(self.weight_sync.colocated_release())
-            self._engines_awake = False
+        metrics.update(self.engines.to_training())  # colocated: engines sleep, the actor comes back
         shard = self._dispatch_batch(groups)
         self._batch_ids = [g.prompt_index for g in groups] if groups is not None else []
         batch = shard.batch.to_actor_batch()  # this DP rank's rows, padded
@@ -561,8 +409,8 @@ class Trainer:
         metrics["actor/num_updates"] = float(updates)
         metrics["timing/train_s"] = time.perf_counter() - t0
 
-        metrics.update(self._sync_weights())
         self.step += 1
+        metrics.update(self.engines.to_generation(str(self.step)))  # weight version = steps done
         metrics["timing/step_s"] = time.perf_counter() - t_step
         return metrics
 
@@ -584,11 +432,10 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """avg@k / pass@k on ``data.val_files`` with the current engine weights (rank 0; others wait).
 
-        Colocated engines put to sleep by a checkpoint or an HF export are woken with the current weights first
-        (collective), so evaluating at the step of a save works.
+        The engines are brought to generation with the current weights first (collective; a no-op unless a
+        checkpoint or an HF export released colocated engines), so evaluating at the step of a save works.
         """
-        if self.colocated and not self._engines_awake:
-            self._sync_weights()
+        self.engines.to_generation(str(self.step))
         metrics: dict[str, float] = {}
         if self.rank == 0 and self.val_rows:
             from .evaluation import evaluate, log_eval_to_tensorboard
@@ -656,7 +503,7 @@ class Trainer:
         """Write the current policy as a HF checkpoint (collective; rank 0 writes)."""
         from .models.export import save_hf_checkpoint
 
-        self._actor_in_memory()
+        self.engines.to_training()
         save_hf_checkpoint(self.actor, out_dir, src_hf_dir=self.hf_path)
 
     def close(self) -> None:

@@ -181,10 +181,11 @@ class RunningEngine:
         return self.kind.make_client([self.url], **kw)
 
     def sync_client(self, **kw):
-        """The blocking client the trainer builds for this kind (``make_sync_client(kind name, ...)``)."""
-        from megatron_dapo.rollout.vllm_backend import make_sync_client
+        """The blocking client the trainer builds for this kind (:data:`megatron_dapo.engines.BACKENDS`)."""
+        from megatron_dapo.engines import BACKENDS
 
-        return make_sync_client(self.kind.name, [self.url], **kw)
+        kw = {"router_url": None, "api_key": None, "request_timeout_s": 3600.0, "max_retries": 3, **kw}
+        return BACKENDS[self.kind.name].client([self.url], **kw)
 
     def run(self, fn, **kw):
         """``asyncio.run(fn(client))`` with a fresh client."""

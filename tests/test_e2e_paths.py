@@ -5,14 +5,18 @@
 * each algorithm preset: ``dapo`` (above) and ``grpo``. The recipe runs no reference model, so the
   ``grpo`` preset has its KL term off and trains as is; ``algorithm.kl_loss=true`` is refused by the
   config validation, before anything is built: exit 2 and one line naming the key (no traceback).
+* the engine lifecycle (issue 12): evaluation at the step of a save, and the engines after an HF export mid-run,
+  a save and a preemption save, colocated and not.
 """
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from test_e2e import _fail, read_scalars, run_train, tiny_model  # noqa: F401  (fixture)
+from test_e2e import CONFIG, REPO_ROOT, _env, _fail, read_scalars, run_train, tiny_model  # noqa: F401  (fixture)
 
 SMALL = ["rollout.rollout_batch_size=4", "rollout.n_samples_per_prompt=4", "actor.ppo_mini_batch_size=16",
          "trainer.export_hf=false", "trainer.save_interval=0", "trainer.eval_interval=0"]
@@ -73,14 +77,36 @@ def test_grpo_preset_trains(tmp_path, tiny_model):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_eval_at_the_step_of_a_save_with_colocated_engines(tmp_path, tiny_model):  # noqa: F811
+@pytest.mark.parametrize("colocated", ["true", "false"])
+def test_eval_at_the_step_of_a_save(tmp_path, tiny_model, colocated):  # noqa: F811
     """Every GPU example saves and evaluates at the same step; with colocated engines the save puts them to
     sleep, and evaluation must wake them (it used to die with an EngineError from the sleeping engine)."""
     args = [a for a in _base(tmp_path, tiny_model, "save_eval", 2) if not a.startswith(("trainer.save_interval",
                                                                                         "trainer.eval_interval"))]
-    proc = run_train(args + ["rollout.colocated=true", "trainer.save_interval=1", "trainer.eval_interval=1"])
+    proc = run_train(args + [f"rollout.colocated={colocated}", "trainer.save_interval=1", "trainer.eval_interval=1"])
     assert proc.returncode == 0, _fail(proc)
     sc = read_scalars(tmp_path / "save_eval" / "tb")
     evals = [k for k in sc if k.startswith("val/") and "avg@" in k]
     assert evals and all([s for s, _ in sc[k]] == [1, 2] for k in evals), sorted(sc)
     assert (tmp_path / "save_eval" / "checkpoints" / "iter_0000001").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("colocated", ["true", "false"])
+def test_engines_usable_after_export_save_and_preemption_save(tmp_path, tiny_model, colocated):  # noqa: F811
+    """An HF export mid-run, a save, and the save of a preemption each hand the engines' memory back to the
+    actor (colocated); evaluation and the next step right after each must still generate."""
+    worker = REPO_ROOT / "tests" / "dist_scripts" / "lifecycle_worker.py"
+    args = _base(tmp_path, tiny_model, "lifecycle", 5) + [
+        f"rollout.colocated={colocated}", "trainer.eval_max_prompts=4", "trainer.eval_n_samples=2"]
+    proc = subprocess.run([sys.executable, str(worker), CONFIG] + args, cwd=REPO_ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, _fail(proc)
+    res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    for phase in ("eval_after_export", "eval_after_save", "eval_after_preemption_save"):
+        assert res[phase], (phase, res)  # avg@k metrics came back: the engines generated
+    assert res["fit_exit_code"] == 3 and res["step_after_preemption"] and res["step"] == 4, res
+    assert res["engines"] == ["generating", "4"], res
+    run = tmp_path / "lifecycle"
+    assert (run / "hf_mid_run" / "model.safetensors").exists()
+    assert (run / "checkpoints" / "iter_0000002").is_dir() and (run / "checkpoints" / "iter_0000003").is_dir()

@@ -248,7 +248,8 @@ def test_tied_lm_head_is_not_sent_through_weight_sync(engine, protocol_hf, tmp_p
     new = perturbed_model(protocol_hf, seed=5)
 
     class TiedActor:  # exports lm_head.weight too, like a converter that materialises the tied output layer
-        rank = 0
+        rank = dp_rank = 0
+        spec = None  # no name check; tie_word_embeddings from hf_path's config.json
         hf_path = engine.model_dir
 
         def iter_hf_tensors(self, dtype=None):

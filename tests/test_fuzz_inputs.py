@@ -80,7 +80,7 @@ def _cases():
             yield key, "wrong_type", "maybe"
         elif base is list:
             yield key, "wrong_type", "{a: 1}"
-        elif base is str:
+        elif base in (str, typing.Literal):  # Literal: rollout.backend, weight_sync.transport
             yield key, "wrong_type", "[1, 2]"
             yield key, "enum", "no-such-value-xyz"
         if key in PATH_KEYS:

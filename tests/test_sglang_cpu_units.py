@@ -138,7 +138,8 @@ def test_weight_sync_drops_tied_lm_head(tmp_path):
     from megatron_dapo.sync.weight_sync import WeightSync
 
     class Actor:
-        rank = 0
+        rank = dp_rank = 0
+        spec = None  # tie_word_embeddings comes from hf_path's config.json
         hf_path = tmp_path
 
         def iter_hf_tensors(self, dtype=None):

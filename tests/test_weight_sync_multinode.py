@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from megatron_dapo.sync import WeightSyncError
-from megatron_dapo.sync.nodes import (ENGINE_NODES_ENV, NODE_ID_ENV, _NodePlan, assign_engines_to_nodes,
+from megatron_dapo.sync.nodes import (ENGINE_NODES_ENV, NODE_ID_ENV, NodePlan, assign_engines_to_nodes,
                                       local_node_id, parse_engine_nodes)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,17 +70,17 @@ def test_plan_senders_and_relay_receivers():
     # 8 ranks on 2 nodes; TP=2 x DP=4 (dp_rank 0 = ranks 0, 1): node b's lowest rank (4) needs the relay
     nodes = ["a"] * 4 + ["b"] * 4
     full = [r < 2 for r in range(8)]
-    plan = _NodePlan(URLS[:2], nodes, full, {URLS[0]: "a", URLS[1]: "b"})
+    plan = NodePlan(URLS[:2], nodes, full, {URLS[0]: "a", URLS[1]: "b"})
     assert plan.senders == {0: [URLS[0]], 4: [URLS[1]]} and plan.receivers == [4] and not plan.single
     assert "node 'b' (rank 4, via relay)" in plan.describe()
     # PP=2 across the nodes: rank 4 is data-parallel rank 0 of stage 1 and buckets its own stream
-    plan = _NodePlan(URLS[:2], nodes, [r in (0, 4) for r in range(8)], {URLS[0]: "a", URLS[1]: "b"})
+    plan = NodePlan(URLS[:2], nodes, [r in (0, 4) for r in range(8)], {URLS[0]: "a", URLS[1]: "b"})
     assert plan.receivers == [] and set(plan.senders) == {0, 4}
     # every engine on rank 0's node: the single-node protocol, no relay
-    plan = _NodePlan(URLS[:2], nodes, full, {URLS[0]: "a", URLS[1]: "a"})
+    plan = NodePlan(URLS[:2], nodes, full, {URLS[0]: "a", URLS[1]: "a"})
     assert plan.single and plan.senders == {0: URLS[:2]} and plan.receivers == []
     # rank 0's node without engines: rank 0 only relays, node b sends
-    plan = _NodePlan(URLS[:1], nodes, full, {URLS[0]: "b"})
+    plan = NodePlan(URLS[:1], nodes, full, {URLS[0]: "b"})
     assert not plan.single and plan.senders == {4: URLS[:1]} and plan.receivers == [4]
 
 

@@ -22,7 +22,6 @@ item ``k`` so copies differ; results are returned prompt-major: ``outputs[i * n 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import threading
 import uuid
 from typing import Any, Iterable, Sequence
@@ -471,31 +470,143 @@ class EngineClient(EngineTransport):
 
 
 class SyncEngineClient:
-    """Blocking facade over :class:`EngineClient` for the (synchronous) trainer.
+    """Blocking client over :class:`EngineClient` for the (synchronous) trainer: the
+    :class:`~megatron_dapo.protocols.RolloutEngine` of the CPU engine and SGLang.
 
-    Runs a private event loop in a daemon thread; every public coroutine method of
-    :class:`EngineClient` is available as a blocking method with the same signature.
+    Runs a private event loop in a daemon thread; each method below is the coroutine of the same name on
+    :attr:`client`, run there and waited for (same arguments, same result, same exceptions). Code that needs
+    the async client itself (the rollout driver, evaluation) uses :attr:`client` with :meth:`run`.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="engine-client-loop", daemon=True)
         self._thread.start()
-        self.client = EngineClient(*args, **kwargs)
+        self.client = self._make_client(*args, **kwargs)
+
+    def _make_client(self, *args, **kwargs) -> EngineClient:
+        return EngineClient(*args, **kwargs)
 
     def run(self, coro, timeout: float | None = None):
         """Run ``coro`` on the client's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
-    def __getattr__(self, name):
-        attr = getattr(self.client, name)
-        if inspect.iscoroutinefunction(attr):
-            def call(*args, **kwargs):
-                return self.run(attr(*args, **kwargs))
-            call.__doc__ = attr.__doc__
-            call.__name__ = name
-            return call
-        return attr
+    # ---- attributes of the async client ------------------------------------------------------
+    @property
+    def control_urls(self) -> list[str]:
+        """Every engine's base URL (control calls go to each)."""
+        return self.client.control_urls
+
+    @property
+    def engine_urls(self) -> list[str]:
+        return self.client.engine_urls
+
+    @property
+    def router_url(self) -> str | None:
+        return self.client.router_url
+
+    @property
+    def api_key(self) -> str | None:
+        return self.client.api_key
+
+    # ---- generation ---------------------------------------------------------------------------
+    def generate(self, input_ids: Sequence[Sequence[int]], sampling_params: dict, **kwargs) -> list[GenerateOutput]:
+        """:meth:`EngineClient.generate`."""
+        return self.run(self.client.generate(input_ids, sampling_params, **kwargs))
+
+    def score(self, sequences: Sequence[Sequence[int]], start_lens: int | Sequence[int] = 0, *,
+              temperature: float = 1.0) -> list[list[float | None]]:
+        """:meth:`EngineClient.score`."""
+        return self.run(self.client.score(sequences, start_lens, temperature=temperature))
+
+    def abort(self, rid: str | None = None) -> int:
+        """:meth:`EngineClient.abort`."""
+        return self.run(self.client.abort(rid))
+
+    def abort_all(self) -> dict[str, Any]:
+        """:meth:`EngineClient.abort_all`."""
+        return self.run(self.client.abort_all())
+
+    def flush_cache(self) -> dict[str, Any]:
+        """:meth:`EngineClient.flush_cache`."""
+        return self.run(self.client.flush_cache())
+
+    # ---- state ----------------------------------------------------------------------------------
+    def health(self, timeout_s: float = 5.0) -> dict[str, bool]:
+        """:meth:`EngineClient.health`."""
+        return self.run(self.client.health(timeout_s))
+
+    def health_generate(self, timeout_s: float = 60.0) -> dict[str, bool]:
+        """:meth:`EngineClient.health_generate`."""
+        return self.run(self.client.health_generate(timeout_s))
+
+    def get_server_info(self, urls: Sequence[str] | None = None) -> dict[str, Any]:
+        """:meth:`EngineClient.get_server_info`."""
+        return self.run(self.client.get_server_info(urls))
+
+    def get_model_info(self) -> dict[str, Any]:
+        """:meth:`EngineClient.get_model_info`."""
+        return self.run(self.client.get_model_info())
+
+    def get_weight_version(self) -> dict[str, str]:
+        """:meth:`EngineClient.get_weight_version`."""
+        return self.run(self.client.get_weight_version())
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> dict[str, Any]:
+        """:meth:`EngineClient.get_weights_by_name`."""
+        return self.run(self.client.get_weights_by_name(name, truncate_size))
+
+    # ---- memory (colocated engines) ---------------------------------------------------------
+    def release_memory_occupation(self, tags: Sequence[str] | None = None) -> dict[str, Any]:
+        """:meth:`EngineClient.release_memory_occupation`."""
+        return self.run(self.client.release_memory_occupation(tags))
+
+    def resume_memory_occupation(self, tags: Sequence[str] | None = None) -> dict[str, Any]:
+        """:meth:`EngineClient.resume_memory_occupation`."""
+        return self.run(self.client.resume_memory_occupation(tags))
+
+    # ---- weight updates -------------------------------------------------------------------------
+    def update_weights_from_disk(self, path: str, weight_version: str | None = None, **kwargs) -> dict[str, Any]:
+        """:meth:`EngineClient.update_weights_from_disk`."""
+        return self.run(self.client.update_weights_from_disk(path, weight_version, **kwargs))
+
+    def init_weights_update_group(self, master_address: str, master_port: int, **kwargs) -> dict[str, Any]:
+        """:meth:`EngineClient.init_weights_update_group`."""
+        return self.run(self.client.init_weights_update_group(master_address, master_port, **kwargs))
+
+    def connect_weight_update_group(self, master_address: str, master_port: int, **kwargs):
+        """:meth:`EngineClient.connect_weight_update_group`."""
+        return self.run(self.client.connect_weight_update_group(master_address, master_port, **kwargs))
+
+    def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str | torch.dtype],
+                                        shapes: Sequence[Sequence[int]], **kwargs) -> dict[str, Any]:
+        """:meth:`EngineClient.update_weights_from_distributed`."""
+        return self.run(self.client.update_weights_from_distributed(names, dtypes, shapes, **kwargs))
+
+    def push_weights_distributed(self, group, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                                 **kwargs) -> dict[str, Any]:
+        """:meth:`EngineClient.push_weights_distributed`."""
+        return self.run(self.client.push_weights_distributed(group, named_tensors, **kwargs))
+
+    def update_weights_from_tensor(self, serialized_named_tensors: list, **kwargs) -> dict[str, Any]:
+        """:meth:`EngineClient.update_weights_from_tensor`."""
+        return self.run(self.client.update_weights_from_tensor(serialized_named_tensors, **kwargs))
+
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> dict[str, Any]:
+        """:meth:`EngineClient.destroy_weights_update_group`."""
+        return self.run(self.client.destroy_weights_update_group(group_name))
+
+    def weight_update_bracket(self, urls: Sequence[str] | None = None) -> dict[str, bool]:
+        """:meth:`EngineClient.weight_update_bracket`."""
+        return self.run(self.client.weight_update_bracket(urls))
+
+    def begin_weight_update(self, urls: Sequence[str] | None = None) -> dict[str, Any]:
+        """:meth:`EngineClient.begin_weight_update`."""
+        return self.run(self.client.begin_weight_update(urls))
+
+    def end_weight_update(self, urls: Sequence[str] | None = None) -> dict[str, Any]:
+        """:meth:`EngineClient.end_weight_update`."""
+        return self.run(self.client.end_weight_update(urls))
 
     def close(self) -> None:
         """Close the session and stop the loop thread."""

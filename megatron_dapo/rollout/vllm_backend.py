@@ -51,7 +51,7 @@ import base64
 import math
 import pickle
 import uuid
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from megatron_dapo.rollout.client import (
     EngineClient,
@@ -645,23 +645,61 @@ class VLLMClient(EngineClient):
 
 
 class SyncVLLMClient(SyncEngineClient):
-    """Blocking facade over :class:`VLLMClient` (same as :class:`SyncEngineClient` over :class:`EngineClient`)."""
+    """Blocking client over :class:`VLLMClient` (the :class:`~megatron_dapo.protocols.RolloutEngine` of vLLM):
+    :class:`SyncEngineClient`'s methods plus vLLM's own routes, each the coroutine of the same name run on the
+    client's loop."""
 
-    def __init__(self, *args, **kwargs) -> None:  # noqa: D107 - same arguments as VLLMClient
-        import threading
+    def _make_client(self, *args, **kwargs) -> VLLMClient:
+        return VLLMClient(*args, **kwargs)
 
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-client-loop", daemon=True)
-        self._thread.start()
-        self.client = VLLMClient(*args, **kwargs)
+    @property
+    def capabilities(self) -> frozenset:
+        """:attr:`VLLMClient.capabilities`."""
+        return self.client.capabilities
 
+    def on_cpu(self) -> bool:
+        """:meth:`VLLMClient.on_cpu`."""
+        return self.run(self.client.on_cpu())
 
-def make_sync_client(backend: str, urls: Iterable[str], **kwargs) -> SyncEngineClient:
-    """The blocking client of ``backend`` (``vllm`` -> :class:`SyncVLLMClient`, else :class:`SyncEngineClient`)."""
-    cls = SyncVLLMClient if backend == "vllm" else SyncEngineClient
-    if backend == "vllm":
-        kwargs.pop("router_url", None)
-    return cls(list(urls), **kwargs)
+    def pause(self, mode: str = "abort") -> dict[str, Any]:
+        """:meth:`VLLMClient.pause`."""
+        return self.run(self.client.pause(mode))
+
+    def resume(self) -> dict[str, Any]:
+        """:meth:`VLLMClient.resume`."""
+        return self.run(self.client.resume())
+
+    def is_paused(self) -> dict[str, bool]:
+        """:meth:`VLLMClient.is_paused`."""
+        return self.run(self.client.is_paused())
+
+    def update_weight_version(self, version: str) -> dict[str, Any]:
+        """:meth:`VLLMClient.update_weight_version`."""
+        return self.run(self.client.update_weight_version(version))
+
+    def collective_rpc(self, method: str, kwargs: dict | None = None) -> dict[str, Any]:
+        """:meth:`VLLMClient.collective_rpc`."""
+        return self.run(self.client.collective_rpc(method, kwargs))
+
+    def init_weight_transfer(self, master_address: str, master_port: int, **kwargs) -> dict[str, Any]:
+        """:meth:`VLLMClient.init_weight_transfer`."""
+        return self.run(self.client.init_weight_transfer(master_address, master_port, **kwargs))
+
+    def start_weight_update(self) -> dict[str, Any]:
+        """:meth:`VLLMClient.start_weight_update`."""
+        return self.run(self.client.start_weight_update())
+
+    def update_weights(self, update_info: dict | list[dict]) -> dict[str, Any]:
+        """:meth:`VLLMClient.update_weights`."""
+        return self.run(self.client.update_weights(update_info))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> dict[str, Any]:
+        """:meth:`VLLMClient.finish_weight_update`."""
+        return self.run(self.client.finish_weight_update(weight_version))
+
+    def shutdown_weight_transfer(self) -> dict[str, Any]:
+        """:meth:`VLLMClient.shutdown_weight_transfer`."""
+        return self.run(self.client.shutdown_weight_transfer())
 
 
 def check_payloads_in_vllm(items: list[dict], *, python: str | None = None, timeout_s: float = 600.0) -> list[dict]:

@@ -27,6 +27,9 @@ import torch.distributed as dist
 
 from .transports import ENGINE_NODES_ENV, WeightSyncError
 
+__all__ = ["ENGINE_NODES_ENV", "NODE_ID_ENV", "NodePlan", "assign_engines_to_nodes", "local_node_id", "node_leaders",
+           "parse_engine_nodes", "relay_recv", "relay_send"]
+
 NODE_ID_ENV = "MEGATRON_DAPO_NODE_ID"
 
 
@@ -116,7 +119,7 @@ def node_leaders(rank_nodes: list[str]) -> dict[str, int]:
     return leaders
 
 
-class _NodePlan:
+class NodePlan:
     """Who sends what in a ``tensor`` sync (identical on every rank; built once by :meth:`WeightSync._plan`).
 
     ``rank_nodes[r]``: node id of global rank ``r``; ``engine_node``: ``{url: node}``; ``senders``:
@@ -148,7 +151,7 @@ def _stream_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _relay_send(group, bucket: Optional[list], last: bool, abort: Optional[str] = None) -> None:
+def relay_send(group, bucket: Optional[list], last: bool, abort: Optional[str] = None) -> None:
     """Rank 0: broadcast one bucket (or an abort notice) to the relay group.
 
     One ``broadcast_object_list`` of ``{names, shapes, dtypes, last, abort}``, then one flat tensor per
@@ -167,7 +170,7 @@ def _relay_send(group, bucket: Optional[list], last: bool, abort: Optional[str] 
         del flat
 
 
-def _relay_recv(group) -> tuple[Optional[list[tuple[str, torch.Tensor]]], bool, Optional[str]]:
+def relay_recv(group) -> tuple[Optional[list[tuple[str, torch.Tensor]]], bool, Optional[str]]:
     """A relay receiver: the next bucket from rank 0 as ``(bucket, is_last, abort)``; ``bucket`` is
     ``None`` (and ``is_last`` True) when rank 0 aborted the stream (``abort`` says why)."""
     box: list = [None]

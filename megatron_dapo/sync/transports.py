@@ -21,24 +21,24 @@ once it holds the complete new weights.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 import shutil
 import socket
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 from urllib.parse import urlparse
 
-import logging
-
 import torch
 
 from ..errors import MegatronDapoError
+from ..protocols import RolloutEngine, WeightTransportName
 
 logger = logging.getLogger(__name__)
 
-TRANSPORTS = ("disk", "distributed", "tensor")
 _CONFIG_FILES = ("config.json", "generation_config.json")
 _DIR_PREFIX = "weights-"
 _TMP_PREFIX = ".tmp-weights-"
@@ -127,10 +127,41 @@ def ranks_per_engine(client, engine_world_size: Optional[int]) -> int:
     return sizes.pop()
 
 
+@dataclass(frozen=True)
+class TransportOptions:
+    """What the transports are built from (:class:`~megatron_dapo.sync.weight_sync.WeightSync`'s arguments).
+
+    Attributes:
+        work_dir: ``disk``: directory of the synced checkpoints (visible to every engine).
+        hf_path: ``disk``: HF directory whose config files are copied next to the weights (``None``: none).
+        bucket_bytes: ``disk``: shard size in bytes (0 = one shard).
+        engine_world_size: engine ranks over all engines (``None``: ask the engines).
+        timeout_s: ``distributed``: rendezvous / collective timeout (seconds).
+        master_address: ``distributed``: address the engines reach rank 0 at (``None``: detected).
+        group_name: ``distributed``: update-group name (``None``: unique).
+    """
+
+    work_dir: Path
+    hf_path: Optional[Path] = None
+    bucket_bytes: int = 0
+    engine_world_size: Optional[int] = None
+    timeout_s: float = 600.0
+    master_address: Optional[str] = None
+    group_name: Optional[str] = None
+
+
 class DiskTransport:
     """safetensors shards in an atomically renamed directory + ``/update_weights_from_disk``."""
 
     name = "disk"
+
+    @classmethod
+    def check_available(cls) -> None:
+        """Nothing to check: a shared file system is all ``disk`` needs."""
+
+    @classmethod
+    def build(cls, client: RolloutEngine, opts: TransportOptions) -> "DiskTransport":
+        return cls(client, opts.work_dir, opts.hf_path, shard_bytes=opts.bucket_bytes)
 
     def __init__(self, client, work_dir: Path, hf_path: Optional[Path] = None, shard_bytes: int = 0) -> None:
         self.client = client
@@ -196,6 +227,15 @@ class DistributedTransport:
     with a broadcast of each tensor from rank 0."""
 
     name = "distributed"
+
+    @classmethod
+    def check_available(cls) -> None:
+        """Nothing to check here: the engines answer ``/init_weights_update_group`` at the first sync."""
+
+    @classmethod
+    def build(cls, client: RolloutEngine, opts: TransportOptions) -> "DistributedTransport":
+        return cls(client, engine_world_size=opts.engine_world_size, timeout_s=opts.timeout_s,
+                   master_address=opts.master_address, group_name=opts.group_name)
 
     def __init__(self, client, *, engine_world_size: Optional[int], timeout_s: float,
                  master_address: Optional[str] = None, group_name: Optional[str] = None) -> None:
@@ -274,6 +314,15 @@ class TensorTransport:
 
     name = "tensor"
 
+    @classmethod
+    def check_available(cls) -> None:
+        """:func:`check_tensor_transport_available`."""
+        check_tensor_transport_available()
+
+    @classmethod
+    def build(cls, client: RolloutEngine, opts: TransportOptions) -> "TensorTransport":
+        return cls(client, engine_world_size=opts.engine_world_size)
+
     def __init__(self, client, *, engine_world_size: Optional[int] = None, tp_per_engine: Optional[int] = None,
                  node: Optional[str] = None) -> None:
         self.client = client
@@ -284,7 +333,7 @@ class TensorTransport:
 
     @property
     def urls(self) -> list[str]:
-        return list(getattr(self.client, "control_urls", []))
+        return list(self.client.control_urls)
 
     def _where(self) -> str:
         return f"node {self.node!r} -> engine(s) {', '.join(self.urls)}" if self.node is not None \
@@ -380,3 +429,8 @@ def check_tensor_transport_available() -> None:
     if not has_cuda() and "file_system" not in tmp.get_all_sharing_strategies():
         raise MissingBackendError("weight_sync.transport=tensor on CPU needs torch.multiprocessing's "
                                   "file_system sharing strategy (POSIX shared memory); use disk or distributed")
+
+
+TRANSPORTS: dict[WeightTransportName, type[DiskTransport | DistributedTransport | TensorTransport]] = {
+    "disk": DiskTransport, "distributed": DistributedTransport, "tensor": TensorTransport}
+"""``weight_sync.transport`` -> transport class (each has ``check_available()`` and ``build(client, opts)``)."""

@@ -9,12 +9,15 @@ Flow of one :meth:`WeightSync.sync` (collective over every trainer rank)::
     rank 0: iter_buckets(...) -> transport      # one bucket + one tensor in memory at a time
             (tensor across nodes: one sender per node, :mod:`megatron_dapo.sync.nodes`)
     rank 0: flush cache, client.get_weight_version() on every engine == weight_version
-    all   : metrics / error broadcast from rank 0
+    all   : metrics / error from rank 0 (:func:`megatron_dapo.sync.collective.on_rank0`)
 
-The transports (``disk``, ``distributed``, ``tensor``) are in :mod:`megatron_dapo.sync.transports`.
+It only moves weights: releasing / resuming the engines' memory and offloading the actor around a sync
+(colocated engines) is :class:`megatron_dapo.engines.EngineSet`'s job. The transports (``disk``,
+``distributed``, ``tensor``) are in :mod:`megatron_dapo.sync.transports`, chosen from its ``TRANSPORTS``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -24,31 +27,19 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from ..protocols import PolicyActor, RolloutEngine, WeightTransport, WeightTransportName
 from .bucketing import bucket_bytes_from_mb, bucket_nbytes, iter_buckets_with_last, resolve_dtype
-from .nodes import (_NodePlan, _relay_recv, _relay_send, assign_engines_to_nodes, local_node_id, node_leaders,
-                    parse_engine_nodes)
-from .transports import (ENGINE_NODES_ENV, TRANSPORTS, DiskTransport, DistributedTransport, TensorTransport,
-                         WeightSyncError, check_tensor_transport_available, tp_from_engine_world_size,
-                         url_is_on_this_host)
+from .collective import distributed_on, on_rank0
+from .nodes import (NodePlan, assign_engines_to_nodes, local_node_id, node_leaders, parse_engine_nodes, relay_recv,
+                    relay_send)
+from .transports import (ENGINE_NODES_ENV, TRANSPORTS, TensorTransport, TransportOptions, WeightSyncError,
+                         tp_from_engine_world_size, url_is_on_this_host)
 
 logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _share_from_rank0(obj: Any) -> Any:
-    """Broadcast a picklable object from global rank 0 to every rank (identity without torch.distributed)."""
-    if not _dist_on():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class _Stats:
@@ -104,22 +95,18 @@ TIED_OUTPUT_NAME = "lm_head.weight"
 """HF name of the output layer; never sent when the embeddings are tied (see :meth:`WeightSync._engine_tensors`)."""
 
 
-def tied_embeddings(actor) -> bool:
+def tied_embeddings(actor: PolicyActor) -> bool:
     """Whether ``actor``'s model ties the output layer to the input embedding: ``actor.spec.tie_word_embeddings``,
-    else ``tie_word_embeddings`` of ``actor.hf_path/config.json`` (transformers' default ``True`` when
-    absent there), else ``False``."""
-    spec = getattr(actor, "spec", None)
-    if spec is not None and hasattr(spec, "tie_word_embeddings"):
-        return bool(spec.tie_word_embeddings)
-    hf_path = getattr(actor, "hf_path", None)
-    if hf_path is not None and (Path(hf_path) / "config.json").is_file():
-        import json
-
-        return bool(json.loads((Path(hf_path) / "config.json").read_text()).get("tie_word_embeddings", True))
+    else (``spec`` is ``None``) ``tie_word_embeddings`` of ``actor.hf_path/config.json`` (transformers'
+    default ``True`` when absent there), else ``False``."""
+    if actor.spec is not None:
+        return bool(actor.spec.tie_word_embeddings)
+    if actor.hf_path is not None and (Path(actor.hf_path) / "config.json").is_file():
+        return bool(json.loads((Path(actor.hf_path) / "config.json").read_text()).get("tie_word_embeddings", True))
     return False
 
 
-def _default_client_factory(urls: list[str], api_key: Optional[str]):
+def _default_client_factory(urls: list[str], api_key: Optional[str]) -> RolloutEngine:
     from ..rollout.client import SyncEngineClient
 
     return SyncEngineClient(urls, api_key=api_key)
@@ -134,15 +121,15 @@ class WeightSync:
     """Push the actor's weights to every rollout engine (see the module docstring for the protocol).
 
     Args:
-        actor: :class:`~megatron_dapo.actor.megatron_actor.MegatronActor` or any object with ``.spec``
-            (optional; enables the name check), ``.rank`` (global rank) and
-            ``.iter_hf_tensors(dtype)`` (collective generator of ``(hf_name, tensor)``; rank 0 must
-            receive every tensor).  ``.hf_path`` (optional) supplies config files for ``disk``;
-            ``.offload()`` / ``.onload()`` are used by the colocated helpers.
-        client: the blocking engine client over ALL engines
-            (:func:`~megatron_dapo.rollout.vllm_backend.make_sync_client` of the rollout backend); required
-            on rank 0, ignored (may be ``None``) elsewhere.
-        transport: ``disk`` | ``distributed`` | ``tensor`` (``weight_sync.transport``).
+        actor: the :class:`~megatron_dapo.protocols.PolicyActor` parts used here: ``.spec`` (``None``
+            skips the name check), ``.rank`` (global rank), ``.dp_rank``, ``.hf_path`` (config files for
+            ``disk``; may be ``None``) and ``.iter_hf_tensors(dtype)`` (collective generator of
+            ``(hf_name, tensor)``; rank 0 must receive every tensor).
+        client: the blocking :class:`~megatron_dapo.protocols.RolloutEngine` over ALL engines
+            (:data:`megatron_dapo.engines.BACKENDS` builds it); required on rank 0, ignored (may be
+            ``None``) elsewhere.
+        transport: ``disk`` | ``distributed`` | ``tensor`` (``weight_sync.transport``; the class comes
+            from :data:`~megatron_dapo.sync.transports.TRANSPORTS`).
         bucket_mb: bucket capacity in MiB (fractions allowed; ``0`` = one unbounded bucket).
         dtype: engine dtype (``torch.dtype`` or ``fp32``/``bf16``/``fp16``); ``None`` = the actor's
             ``params_dtype``.
@@ -153,8 +140,6 @@ class WeightSync:
         timeout_s: rendezvous / collective timeout of the update group and bound on cache-flush retries.
         master_address: address engines use to reach rank 0 (``distributed``); default: detected.
         group_name: update-group name (default: unique per instance).
-        offload_actor: whether the colocated helpers offload the actor while the engines hold the GPU
-            (``actor.offload``; ``False`` keeps it resident when both fit).
         api_key: engine API key for the per-node clients of the ``tensor`` transport (pass it on every
             rank); ``None`` = rank 0's ``client.api_key``, shared at the first sync.
         engine_nodes: ``tensor`` only: node id per engine URL (URL order of rank 0's client); ``None`` =
@@ -172,13 +157,13 @@ class WeightSync:
         MissingBackendError: ``tensor`` without sglang or CUDA.
     """
 
-    def __init__(self, actor, client, *, transport: str = "disk", bucket_mb: float = 512,
+    def __init__(self, actor: PolicyActor, client: Optional[RolloutEngine], *,
+                 transport: WeightTransportName = "disk", bucket_mb: float = 512,
                  dtype: torch.dtype | str | None = None, work_dir: str | Path,
                  engine_world_size: int | None = None, timeout_s: float = 600.0,
-                 master_address: str | None = None, group_name: str | None = None,
-                 offload_actor: bool = True, api_key: str | None = None,
+                 master_address: str | None = None, group_name: str | None = None, api_key: str | None = None,
                  engine_nodes: list[str] | tuple[str, ...] | None = None, node_id: str | None = None,
-                 client_factory: Callable[[list[str], Optional[str]], Any] | None = None) -> None:
+                 client_factory: Callable[[list[str], Optional[str]], RolloutEngine] | None = None) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"weight_sync.transport={transport!r}; expected one of {', '.join(TRANSPORTS)}")
         if engine_world_size is not None and int(engine_world_size) < 1:
@@ -186,49 +171,39 @@ class WeightSync:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.actor = actor
-        self.offload_actor = bool(offload_actor)
         self.transport_name = transport
         self.bucket_bytes = bucket_bytes_from_mb(bucket_mb)
         self.dtype = resolve_dtype(dtype, actor)
         self.work_dir = Path(work_dir)
         self.timeout_s = float(timeout_s)
-        rank = getattr(actor, "rank", None)
-        if rank is None:
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        self.rank = int(rank)
+        self.rank = int(actor.rank)
         self.is_driver = self.rank == 0
         self.client = client if self.is_driver else None
         if self.is_driver and client is None:
             raise ValueError("WeightSync on rank 0 needs the engine client (client=None given)")
-        if transport == "tensor":
-            check_tensor_transport_available()
-        spec = getattr(actor, "spec", None)
+        transport_cls = TRANSPORTS[transport]
+        transport_cls.check_available()
         self.tied_embeddings = tied_embeddings(actor)
         self._expected: Optional[list[str]] = None
-        if spec is not None:
+        if actor.spec is not None:
             from ..models import mapping
 
-            self._expected = mapping.hf_names(spec)
+            self._expected = mapping.hf_names(actor.spec)
         self._engine_world_size = int(engine_world_size) if engine_world_size is not None else None
         self._api_key = api_key
         self._engine_nodes = list(engine_nodes) if engine_nodes is not None else None
         self.node_id = str(node_id) if node_id else None
         self._client_factory = client_factory or _default_client_factory
-        self._plan: Optional[_NodePlan] = None
+        self._plan: Optional[NodePlan] = None
         self._node_tx: Optional[TensorTransport] = None
         self._own_clients: list = []
         self.last_senders: list[dict[str, Any]] = []
-        self._transport = None
+        self._transport: Optional[WeightTransport] = None
         if self.is_driver:
-            if transport == "disk":
-                self._transport = DiskTransport(client, self.work_dir, getattr(actor, "hf_path", None),
-                                                shard_bytes=self.bucket_bytes)
-            elif transport == "distributed":
-                self._transport = DistributedTransport(client, engine_world_size=engine_world_size,
-                                                       timeout_s=timeout_s, master_address=master_address,
-                                                       group_name=group_name)
-            else:
-                self._transport = TensorTransport(client, engine_world_size=engine_world_size)
+            opts = TransportOptions(work_dir=self.work_dir, hf_path=actor.hf_path, bucket_bytes=self.bucket_bytes,
+                                    engine_world_size=engine_world_size, timeout_s=self.timeout_s,
+                                    master_address=master_address, group_name=group_name)
+            self._transport = transport_cls.build(client, opts)
         self._closed = False
 
     def _engine_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -254,16 +229,12 @@ class WeightSync:
                     raise WeightSyncError(f"flush_cache kept failing: {exc}") from exc
                 time.sleep(0.2)
 
-    def _pause_on_driver(self, pause: bool) -> Optional[BaseException]:
-        """Rank 0 with ``pause``: :meth:`_pause`; returns its exception instead of raising (the other
-        ranks must still take part in the export's collectives)."""
-        if not (self.is_driver and pause):
-            return None
-        try:
-            self._pause()
-        except Exception as exc:
-            return exc
-        return None
+    def _pause_everywhere(self, pause: bool, weight_version: str) -> None:
+        """With ``pause``: rank 0 pauses the engines (:meth:`_pause`); a failure is the same
+        :class:`WeightSyncError` on every rank, raised before the export starts (collective)."""
+        if pause:
+            on_rank0(self._pause, is_rank0=self.is_driver, error=WeightSyncError,
+                     what=f"weight sync to version {weight_version!r} ({self.transport_name}): pausing the engines")
 
     def _pause(self) -> None:
         try:
@@ -283,25 +254,14 @@ class WeightSync:
             detail = ", ".join(f"{u} reports {v!r}" for u, v in bad.items())
             raise WeightSyncError(f"after syncing weight_version {weight_version!r}: {detail}")
 
-    def _on_driver(self, what: str, fn: Callable[[], Any]) -> None:
-        """Run ``fn`` on rank 0, then share success / the error with every rank (a barrier)."""
-        err = None
-        if self.is_driver:
-            try:
-                fn()
-            except Exception as exc:
-                err = f"{what}: {type(exc).__name__}: {exc}"
-        err = _share_from_rank0(err)
-        if err is not None:
-            raise WeightSyncError(err)
-
     # ---- the sync --------------------------------------------------------------------------
-    def sync(self, weight_version: str) -> dict[str, float]:
+    def sync(self, weight_version: str, *, pause: bool = True) -> dict[str, float]:
         """Move the actor's current weights into every engine (collective over all trainer ranks).
 
-        Pauses generation (abort in-flight requests + flush the cache), exports and buckets the
-        weights, sends them with the configured transport, flushes the cache and checks that every
-        engine reports ``weight_version``.
+        With ``pause`` (engines that may be generating) first stops generation (abort in-flight requests +
+        flush the cache); ``pause=False`` is for engines that were released and just resumed their weights
+        (nothing runs on them). Then exports and buckets the weights, sends them with the configured
+        transport, flushes the cache (with ``pause``) and checks that every engine reports ``weight_version``.
 
         Returns:
             On every rank (rank 0's measurements): ``weight_sync/seconds`` (wall, whole call),
@@ -313,7 +273,7 @@ class WeightSync:
         Raises:
             WeightSyncError: on every rank, when any step failed on rank 0 (message names the engine).
         """
-        return self._sync(weight_version, pause=True)
+        return self._sync(weight_version, pause=pause)
 
     def _sync(self, weight_version: str, *, pause: bool) -> dict[str, float]:
         if self._closed:
@@ -331,10 +291,11 @@ class WeightSync:
                 return self._sync_nodes(weight_version, pause=pause, plan=plan)
         t0 = time.perf_counter()
         stats = _Stats()
-        err = self._pause_on_driver(pause)
+        self._pause_everywhere(pause, weight_version)
         pause_s = time.perf_counter() - t0
         stream = self._engine_tensors()
-        if self.is_driver and err is None:
+        err: Optional[BaseException] = None
+        if self.is_driver:
             buckets = _timed_buckets(iter_buckets_with_last(_checked_names(stream, self._expected),
                                                             self.bucket_bytes, dtype=self.dtype), stats)
             try:
@@ -355,33 +316,28 @@ class WeightSync:
             except Exception as exc:
                 err = exc
         total = time.perf_counter() - t0
-        if self.is_driver and err is not None:
-            logger.error("weight sync %s failed: %s", weight_version, err)
-        payload = None
-        if self.is_driver:
-            payload = {"error": None if err is None else f"{type(err).__name__}: {err}",
-                       "metrics": stats.metrics(total, pause_s)}
-        payload = _share_from_rank0(payload)
+
+        def outcome() -> dict[str, float]:
+            if err is not None:
+                logger.error("weight sync %s failed: %s", weight_version, err)
+                raise WeightSyncError(f"weight sync to version {weight_version!r} ({self.transport_name}) failed: "
+                                      f"{type(err).__name__}: {err}") from err
+            return stats.metrics(total, pause_s)
+
+        metrics = on_rank0(outcome, is_rank0=self.is_driver)
         if plan is not None:
             self.last_senders = [{"rank": 0, "node": plan.rank_nodes[0], "engines": list(plan.urls), "relay": False,
-                                  "bytes": int(payload["metrics"]["weight_sync/bytes"]),
-                                  "num_buckets": int(payload["metrics"]["weight_sync/num_buckets"])}]
-        if payload["error"] is not None:
-            msg = f"weight sync to version {weight_version!r} ({self.transport_name}) failed: {payload['error']}"
-            if err is not None:
-                raise WeightSyncError(msg) from err
-            raise WeightSyncError(msg)
-        return dict(payload["metrics"])
+                                  "bytes": int(metrics["weight_sync/bytes"]),
+                                  "num_buckets": int(metrics["weight_sync/num_buckets"])}]
+        return dict(metrics)
 
     # ---- tensor transport across nodes -----------------------------------------------------
     def _has_full_stream(self) -> bool:
-        """Whether ``actor.iter_hf_tensors`` yields every tensor on this rank (data-parallel rank 0;
-        without ``actor.dp_rank``: rank 0 only)."""
-        dp_rank = getattr(self.actor, "dp_rank", None)
-        return int(dp_rank) == 0 if dp_rank is not None else self.rank == 0
+        """Whether ``actor.iter_hf_tensors`` yields every tensor on this rank (data-parallel rank 0)."""
+        return int(self.actor.dp_rank) == 0
 
-    def _node_plan(self) -> _NodePlan:
-        """Build (once, collectively) who feeds which engine; see :class:`_NodePlan`.
+    def _node_plan(self) -> NodePlan:
+        """Build (once, collectively) who feeds which engine; see :class:`NodePlan`.
 
         Raises:
             WeightSyncError: on every rank alike: no engine URL, a bad ``MEGATRON_DAPO_ENGINE_NODES``, or
@@ -389,7 +345,7 @@ class WeightSync:
         """
         if self._plan is not None:
             return self._plan
-        on = _dist_on()
+        on = distributed_on()
         mine = (self.node_id or local_node_id(), self._has_full_stream())
         if on:
             infos: list = [None] * dist.get_world_size()
@@ -398,13 +354,13 @@ class WeightSync:
             infos = [mine]
         rank_nodes = [str(i[0]) for i in infos]
         full_stream = [bool(i[1]) for i in infos]
-        shared = None
-        if self.is_driver:
-            urls = [u.rstrip("/") for u in getattr(self.client, "control_urls", [])]
-            key = self._api_key if self._api_key is not None else getattr(self.client, "api_key", None)
+        def driver_view() -> tuple[list[str], Optional[str], Optional[str]]:
+            urls = [u.rstrip("/") for u in self.client.control_urls]
+            key = self._api_key if self._api_key is not None else self.client.api_key
             raw = ",".join(self._engine_nodes) if self._engine_nodes is not None else os.environ.get(ENGINE_NODES_ENV)
-            shared = (urls, key, raw)
-        urls, key0, raw = _share_from_rank0(shared)
+            return urls, key, raw
+
+        urls, key0, raw = on_rank0(driver_view, is_rank0=self.is_driver)
         if not urls:
             raise WeightSyncError("rank 0's engine client lists no engine URL")
         if self._api_key is None:
@@ -421,7 +377,7 @@ class WeightSync:
                 gathered = [local]
             claims = {rank_nodes[r]: c for r, c in enumerate(gathered) if c is not None}
         engine_node = assign_engines_to_nodes(urls, sorted(set(rank_nodes)), engine_nodes=engine_nodes, claims=claims)
-        plan = _NodePlan(urls, rank_nodes, full_stream, engine_node)
+        plan = NodePlan(urls, rank_nodes, full_stream, engine_node)
         if plan.receivers:
             # dist.new_group is collective over the default group: every rank calls it here, in step
             plan.group = dist.new_group([0] + plan.receivers)
@@ -430,7 +386,7 @@ class WeightSync:
         self._plan = plan
         return plan
 
-    def _node_transport(self, plan: _NodePlan) -> TensorTransport:
+    def _node_transport(self, plan: NodePlan) -> TensorTransport:
         """This sender's :class:`TensorTransport` over its node's engines (built once)."""
         if self._node_tx is None:
             urls = plan.senders[self.rank]
@@ -442,7 +398,7 @@ class WeightSync:
             self._node_tx = TensorTransport(client, tp_per_engine=tp, node=plan.rank_nodes[self.rank])
         return self._node_tx
 
-    def _node_buckets(self, plan: _NodePlan, stream: Iterator, stats: _Stats) -> Iterator:
+    def _node_buckets(self, plan: NodePlan, stream: Iterator, stats: _Stats) -> Iterator:
         """This rank's ``(bucket, is_last)`` stream in a multi-node ``tensor`` sync.
 
         Rank 0 buckets its actor stream and relays every bucket over ``plan.group`` right after producing
@@ -461,7 +417,7 @@ class WeightSync:
             try:
                 for bucket, last in buckets:
                     broken = True  # a failed broadcast leaves the group unusable: send no abort notice then
-                    _relay_send(plan.group, bucket, last)
+                    relay_send(plan.group, bucket, last)
                     broken = False
                     done = last
                     yield bucket, last
@@ -470,13 +426,13 @@ class WeightSync:
                 raise
             finally:
                 if not done and not broken:
-                    _relay_send(plan.group, None, True, abort=f"rank 0 stopped the export: {reason}")
+                    relay_send(plan.group, None, True, abort=f"rank 0 stopped the export: {reason}")
         elif self.rank in plan.receivers:
             # This rank's actor stream is empty (dp_rank != 0: iter_full_params returns before any
             # collective), so blocking here on the relay group cannot hold up the actor's TP/PP collectives;
             # rank 0 only waits for us inside a relay broadcast, and we wait only for rank 0: no cycle.
             while True:
-                bucket, last, _abort = _relay_recv(plan.group)
+                bucket, last, _abort = relay_recv(plan.group)
                 if bucket is None:
                     return
                 yield bucket, last
@@ -486,24 +442,24 @@ class WeightSync:
             yield from iter_buckets_with_last(_checked_names(stream, self._expected), self.bucket_bytes,
                                               dtype=self.dtype)
 
-    def _sync_nodes(self, weight_version: str, *, pause: bool, plan: _NodePlan) -> dict[str, float]:
+    def _sync_nodes(self, weight_version: str, *, pause: bool, plan: NodePlan) -> dict[str, float]:
         """``tensor`` sync with engines on several nodes: every node's sender feeds its own engines."""
         t0 = time.perf_counter()
         stats = _Stats()
-        err = self._pause_on_driver(pause)
-        pause_err = _share_from_rank0(None if err is None else f"{type(err).__name__}: {err}")
+        self._pause_everywhere(pause, weight_version)
         pause_s = time.perf_counter() - t0
+        err: Optional[BaseException] = None
         stream = self._engine_tensors()
         node = plan.rank_nodes[self.rank]
         sender = self.rank in plan.senders
         posted_bytes = posted_buckets = 0
         transport = None
-        if sender and pause_err is None:
+        if sender:
             try:
                 transport = self._node_transport(plan)
             except Exception as exc:
                 err = exc
-        if pause_err is None and (self.is_driver or sender):
+        if self.is_driver or sender:
             try:
                 for bucket, last in self._node_buckets(plan, stream, stats):
                     if transport is not None and err is None:
@@ -522,7 +478,7 @@ class WeightSync:
         else:
             for _ in stream:
                 pass
-        if self.is_driver and err is None and pause_err is None and stats.num_buckets == 0:
+        if self.is_driver and err is None and stats.num_buckets == 0:
             err = WeightSyncError("the actor exported no tensors")
         mine = {"rank": self.rank, "node": node, "sender": sender, "engines": plan.senders.get(self.rank, []),
                 "relay": self.rank in plan.receivers, "bytes": posted_bytes, "num_buckets": posted_buckets,
@@ -534,91 +490,29 @@ class WeightSync:
             if info["error"] is not None:
                 by_msg.setdefault(info["error"], []).append(f"node {info['node']!r} rank {info['rank']}")
         errors = [f"[{', '.join(where)}] {msg}" for msg, where in by_msg.items()]
-        if pause_err is not None:
-            errors.insert(0, f"[rank 0] pausing the engines: {pause_err}")
-        if self.is_driver and not errors:
-            try:  # every node has answered its last bucket: the versions must be in place everywhere
-                if pause:
-                    self._flush_cache()
-                self.check_versions(weight_version)
-            except Exception as exc:
-                errors.append(f"[rank 0] {type(exc).__name__}: {exc}")
-        total = time.perf_counter() - t0
-        payload = None
-        if self.is_driver:
-            metrics = stats.metrics(total, pause_s)
+        self.last_senders = [{k: v for k, v in i.items() if k not in ("sender", "error")} for i in infos
+                             if i["sender"]]
+
+        def outcome() -> dict[str, float]:
+            if not errors:
+                try:  # every node has answered its last bucket: the versions must be in place everywhere
+                    if pause:
+                        self._flush_cache()
+                    self.check_versions(weight_version)
+                except Exception as exc:
+                    errors.append(f"[rank 0] {type(exc).__name__}: {exc}")
+            if errors:
+                logger.error("weight sync %s failed: %s", weight_version, "; ".join(errors))
+                raise WeightSyncError(f"weight sync to version {weight_version!r} (tensor, "
+                                      f"{len(plan.senders)} nodes) failed: {'; '.join(errors)}")
+            metrics = stats.metrics(time.perf_counter() - t0, pause_s)
             metrics["weight_sync/num_sender_nodes"] = float(len(plan.senders))
             for info in infos:
                 if info["sender"]:
                     metrics[f"weight_sync/node_bytes/{info['node']}"] = float(info["bytes"])
-            payload = {"error": "; ".join(errors) if errors else None, "metrics": metrics}
-            if errors:
-                logger.error("weight sync %s failed: %s", weight_version, payload["error"])
-        payload = _share_from_rank0(payload)
-        self.last_senders = [{k: v for k, v in i.items() if k not in ("sender", "error")} for i in infos
-                             if i["sender"]]
-        if payload["error"] is not None:
-            raise WeightSyncError(f"weight sync to version {weight_version!r} (tensor, "
-                                  f"{len(plan.senders)} nodes) failed: {payload['error']}")
-        return dict(payload["metrics"])
+            return metrics
 
-    # ---- GPU colocation --------------------------------------------------------------------
-    def colocated_sync(self, weight_version: str) -> dict[str, float]:
-        """Before a rollout on engines that share GPUs with the actor (collective).
-
-        Order: engines ``resume_memory_occupation(["weights"])`` → :meth:`sync` → ``actor.offload()`` (when
-        ``offload_actor``)
-        → engines ``resume_memory_occupation(["kv_cache"])``.  The actor is offloaded *after* the export
-        because :meth:`~megatron_dapo.actor.megatron_actor.MegatronActor.offload` frees the parameter
-        storage the export reads; the KV cache (the large allocation) comes back only after the actor's
-        memory is gone.  Generation is already stopped (engines are released), so no abort is sent.
-
-        Returns:
-            :meth:`sync`'s metrics plus ``colocate/engine_resume_weights_s``, ``colocate/sync_s``,
-            ``colocate/actor_offload_s``, ``colocate/engine_resume_kv_cache_s`` (seconds).
-
-        Raises:
-            WeightSyncError: an engine call or the sync failed (on every rank).
-        """
-        out: dict[str, float] = {}
-        t = time.perf_counter()
-        self._on_driver("resume_memory_occupation(['weights'])",
-                        lambda: self.client.resume_memory_occupation(["weights"]))
-        out["colocate/engine_resume_weights_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        out.update(self._sync(weight_version, pause=False))
-        out["colocate/sync_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        offload = getattr(self.actor, "offload", None) if self.offload_actor else None
-        if offload is not None:
-            offload()
-        out["colocate/actor_offload_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        self._on_driver("resume_memory_occupation(['kv_cache'])",
-                        lambda: self.client.resume_memory_occupation(["kv_cache"]))
-        out["colocate/engine_resume_kv_cache_s"] = time.perf_counter() - t
-        return out
-
-    def colocated_release(self) -> dict[str, float]:
-        """After a rollout (collective): engines ``release_memory_occupation()`` (weights + KV cache)
-        → ``actor.onload()``.  Also call it once before the first training step.
-
-        Returns:
-            ``colocate/engine_release_s``, ``colocate/actor_onload_s`` (seconds).
-
-        Raises:
-            WeightSyncError: the engines refused (e.g. requests still in flight), on every rank.
-        """
-        out: dict[str, float] = {}
-        t = time.perf_counter()
-        self._on_driver("release_memory_occupation()", lambda: self.client.release_memory_occupation())
-        out["colocate/engine_release_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        onload = getattr(self.actor, "onload", None) if self.offload_actor else None
-        if onload is not None:
-            onload()
-        out["colocate/actor_onload_s"] = time.perf_counter() - t
-        return out
+        return dict(on_rank0(outcome, is_rank0=self.is_driver))
 
     # ---- teardown --------------------------------------------------------------------------
     def close(self) -> None:
@@ -629,12 +523,10 @@ class WeightSync:
         if self._transport is not None:
             self._transport.close()
         for client in self._own_clients:
-            close = getattr(client, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception as exc:  # an engine client that cannot close cleanly must not mask others
-                    logger.warning("closing a node sender's engine client: %s", exc)
+            try:
+                client.close()
+            except Exception as exc:  # an engine client that cannot close cleanly must not mask others
+                logger.warning("closing a node sender's engine client: %s", exc)
         self._own_clients.clear()
         self._node_tx = None
 
