@@ -282,18 +282,23 @@ class FakeEngineSet:
 
 
 class StepActor:
-    """What train_one_step uses of the actor: compute_logprobs, train_step, last_nonfinite."""
+    """What train_one_step uses of the actor: its DP coordinates (the batch dispatcher), compute_logprobs and
+    train_step on this DP rank's share (``local=True``), last_nonfinite."""
+
+    dp_rank, dp_size = 0, 1
 
     def __init__(self, events: Events):
         self.events = events
         self.last_nonfinite = None
 
-    def compute_logprobs(self, batch, temperature=1.0):
+    def compute_logprobs(self, batch, temperature=1.0, local=False):
+        assert local, "the trainer hands the actor this DP rank's rows"
         self.events.log.append(("actor", "compute_logprobs"))
         lp = torch.full(batch.input_ids.shape, -0.5)
         return lp, torch.zeros_like(lp)
 
-    def train_step(self, batch, loss):
+    def train_step(self, batch, loss, *, global_num_tokens=None, global_num_seqs=None, local=False):
+        assert local and global_num_tokens >= 1 and global_num_seqs >= 1
         self.events.log.append(("actor", "train_step"))
         return {"pg_loss": 0.25, "grad_norm": 1.0}
 
