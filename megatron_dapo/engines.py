@@ -292,17 +292,21 @@ class EngineSet:
         weight sync (every rank), and register their shutdown on ``stack``.
 
         Raises:
-            MissingBackendError / EngineLaunchError: the engines could not start (rank 0).
+            MissingBackendError / EngineLaunchError: the engines could not start (raised on every rank).
             ValueError / MissingBackendError: a bad weight-sync setting (every rank).
         """
         r = cfg.rollout
         is_rank0 = actor.rank == 0
         params_dtype = cfg.weight_sync.dtype or cfg.actor.params_dtype
-        client = None
-        if is_rank0:
+        started: dict[str, RolloutEngine] = {}
+
+        def start() -> None:  # rank 0; a launch failure reaches every rank as the same typed error
             req = LaunchRequest(str(hf_path), cfg.run_dir / "engine_logs", cfg.seed, r.colocated,
                                 ENGINE_DTYPES[params_dtype])
-            client = engine_client(r, launch_engines(r, req, stack), stack)
+            started["client"] = engine_client(r, launch_engines(r, req, stack), stack)
+
+        on_rank0(start, is_rank0=is_rank0)
+        client = started.get("client")
         transport = engine_transport(r, cfg.weight_sync.transport, warn=is_rank0)
         weight_sync = WeightSync(actor, client, transport=transport, bucket_mb=cfg.weight_sync.bucket_mb,
                                  dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[params_dtype],

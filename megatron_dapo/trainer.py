@@ -43,6 +43,7 @@ from .metrics import scalars, scoped, timed
 from .models.real_model import MissingExtraError, prepare_from_gguf
 from .rollout.generation import collect_batch, stop_ids_for_model
 from .sync.collective import from_rank0 as _broadcast
+from .sync.collective import on_rank0
 
 if TYPE_CHECKING:
     from .actor.dispatch import Dispatcher, LocalShard
@@ -436,20 +437,24 @@ class Trainer:
         checkpoint or an HF export released colocated engines), so evaluating at the step of a save works.
         """
         self.engines.to_generation(str(self.step))
-        metrics: dict[str, float] = {}
-        if self.rank == 0 and self.val_rows:
-            from .evaluation import evaluate, log_eval_to_tensorboard
 
+        def run() -> dict[str, float]:  # rank 0; the metrics, or the same typed error, reach every rank
+            from .evaluation import evaluate, log_eval_to_tensorboard  # evaluation imports this module
+
+            if not self.val_rows:
+                return {}
             t, r = self.cfg.trainer, self.cfg.rollout
             res = evaluate(self.client, self.tokenizer, self.val_rows, n_samples=t.eval_n_samples,
                            temperature=t.eval_temperature, top_p=t.eval_top_p, max_prompts=t.eval_max_prompts,
                            max_response_length=r.max_response_length, max_prompt_length=self.cfg.data.max_prompt_length,
                            stop_token_ids=self.rollout_settings.stop_token_ids, seed=self.cfg.seed, progress=False)
             log_eval_to_tensorboard(self.writer, res, self.step)
-            metrics = dict(res.metrics)
-            print(f"[eval step {self.step}] " + "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+            m = dict(res.metrics)
+            print(f"[eval step {self.step}] " + "  ".join(f"{k}={v:.4g}" for k, v in m.items()
                                                         if "avg@" in k or "pass@1" in k), flush=True)
-        dist.barrier()
+            return m
+
+        metrics = on_rank0(run, is_rank0=self.rank == 0)
         return metrics
 
     # ------------------------------------------------------------------ loop
