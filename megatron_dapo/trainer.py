@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .actor.parallel import destroy_parallel
-from .algorithm import DynamicSamplingExhausted
+from .algorithm import DynamicSamplingExhausted, logprob_mismatch_parts
 from .config import DAPOConfig, dump_config
 from .data import generate_tasks, load_rows, make_tiny_checkpoint, render_batch
 from .engines import BACKENDS, EngineSet
@@ -354,39 +354,51 @@ class Trainer:
         return self._dispatcher
 
     def train_one_step(self) -> dict[str, float]:
-        cfg = self.cfg
-        t_step = time.perf_counter()
-        self.engines.to_generation(str(self.step))  # wakes engines a checkpoint / export released
-        groups, metrics, error = self._rollout() if self.rank == 0 else (None, {}, None)
-        metrics, error = _broadcast((metrics, error))  # the groups stay on rank 0: see _dispatch_batch
-        if error is not None:
-            raise error  # the same typed error on every rank
-        metrics.update(self.engines.to_training())  # colocated: engines sleep, the actor comes back
-        shard = self._dispatch_batch(groups)
-        self._batch_ids = [g.prompt_index for g in groups] if groups is not None else []
-        batch = shard.batch.to_actor_batch()  # this DP rank's rows, padded
-        del shard.batch  # the flat copy is no longer needed (memory: bench_batch_dispatch.py)
+        """One DAPO step (Algorithm 1): rollout → filter → advantages → π_old → mini-batch updates → weights
+        into the engines. Collective; returns the step's scalars (identical on every rank)."""
+        metrics: dict[str, float] = {}
+        with timed(metrics, "step"):
+            self.engines.to_generation(str(self.step))  # wakes engines a checkpoint / export released
+            groups, rollout_metrics, error = self._rollout() if self.rank == 0 else (None, {}, None)
+            rollout_metrics, error = _broadcast((rollout_metrics, error))  # the groups stay on rank 0
+            if error is not None:
+                raise error  # the same typed error on every rank
+            metrics.update(rollout_metrics)
+            metrics.update(self.engines.to_training())  # colocated: engines sleep, the actor comes back
+            shard = self._dispatch_batch(groups)  # advantages + loss mask on rank 0; each DP rank its rows
+            self._batch_ids = [g.prompt_index for g in groups] if groups is not None else []
+            batch = shard.batch.to_actor_batch()  # this DP rank's rows, padded
+            del shard.batch  # the flat copy is no longer needed (memory: bench_batch_dispatch.py)
+            with timed(metrics, "old_logprob"):
+                metrics.update(self._old_logprobs(batch, shard))
+            with timed(metrics, "train"):
+                metrics.update(self._update(batch, shard))
+            self.step += 1
+            metrics.update(self.engines.to_generation(str(self.step)))  # weight version = steps done
+        return metrics
 
-        t0 = time.perf_counter()
-        old_lp, old_ent = self.actor.compute_logprobs(batch, temperature=cfg.rollout.temperature, local=True)
+    def _old_logprobs(self, batch, shard: "LocalShard") -> dict[str, float]:
+        """log π_old of this DP rank's rows into ``batch.old_logprobs`` (collective); returns the batch-wide
+        ``actor/old_entropy`` and the engine-vs-actor logprob mismatch, every row counted once over DP."""
+        old_lp, old_ent = self.actor.compute_logprobs(batch, temperature=self.cfg.rollout.temperature, local=True)
         batch.old_logprobs = old_lp
-        metrics["timing/old_logprob_s"] = time.perf_counter() - t0
-        # batch-wide means over the rows each DP rank owns (every row counted once)
         mask = batch.response_mask * shard.owned.to(torch.float32).unsqueeze(1)
         parts = [mask.sum(), (old_ent * mask).sum()]
         if batch.rollout_logprobs is not None:
-            from .algorithm import logprob_mismatch_parts
-
             mis = logprob_mismatch_parts(old_lp, batch.rollout_logprobs, mask)
             parts += [mis[0], mis[1]]
         tot = self.dispatcher.sum_over_rows(torch.stack([torch.as_tensor(p, dtype=torch.float64) for p in parts]))
-        metrics["actor/old_entropy"] = float(tot[1]) / max(float(tot[0]), 1.0)
+        m = {"actor/old_entropy": float(tot[1]) / max(float(tot[0]), 1.0)}
         if batch.rollout_logprobs is not None:
             mis_max = self.dispatcher.max_over_ranks(mis[2:3])
-            metrics["rollout/train_rollout_logprob_abs_diff"] = float(tot[2]) / max(float(tot[3]), 1.0)
-            metrics["rollout/train_rollout_logprob_abs_diff_max"] = float(mis_max[0])
+            m["rollout/train_rollout_logprob_abs_diff"] = float(tot[2]) / max(float(tot[3]), 1.0)
+            m["rollout/train_rollout_logprob_abs_diff_max"] = float(mis_max[0])
+        return m
 
-        t0 = time.perf_counter()
+    def _update(self, batch, shard: "LocalShard") -> dict[str, float]:
+        """The step's optimizer updates (``ppo_epochs`` × mini-batches of the decoupled-clip loss, eq. 8) on
+        this DP rank's rows of each (collective). Returns ``actor/*``: loss figures averaged over the applied
+        updates, ``update_skipped`` / ``nonfinite_*`` counted over all, and ``num_updates``."""
         sums: dict[str, float] = {}
         counts: dict[str, float] = {}  # update_skipped / nonfinite_*: counted over all updates
         updates = applied = 0
@@ -404,16 +416,10 @@ class Trainer:
             applied += 1
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
-        for k, v in sums.items():
-            metrics[f"actor/{k}"] = v / max(applied, 1)
-        metrics.update({f"actor/{k}": v for k, v in counts.items()})
-        metrics["actor/num_updates"] = float(updates)
-        metrics["timing/train_s"] = time.perf_counter() - t0
-
-        self.step += 1
-        metrics.update(self.engines.to_generation(str(self.step)))  # weight version = steps done
-        metrics["timing/step_s"] = time.perf_counter() - t_step
-        return metrics
+        out = {k: v / max(applied, 1) for k, v in sums.items()}
+        out.update(counts)
+        out["num_updates"] = float(updates)
+        return scoped("actor", out)
 
     def _nonfinite_update_skipped(self) -> None:
         """Count a skipped update; stop after ``trainer.max_consecutive_nonfinite`` in a row (every rank
