@@ -287,6 +287,28 @@ def test_release_resume_cycle(engine, protocol_hf):
     assert max_diff(engine, protocol_hf) <= TOL
 
 
+def test_release_right_after_an_abort_waits_for_the_engine_to_go_idle(engine, protocol_hf):
+    """What a colocated step does when the dynamic sampler fills: abort the requests in flight, then release
+    the engine's memory at once. SGLang asserts an idle scheduler in release (a failed assertion kills the
+    server) while it is still retiring the aborted requests; the client waits for ``/v1/loads`` to show an
+    idle engine first. The engine must answer the release and keep serving."""
+    async def abort_then_release(c, rid):
+        sent = await c.abort(rid)
+        await c.release_memory_occupation(["weights", "kv_cache"])
+        return sent
+
+    sent, outs, _ = _abort_in_flight(engine, [PROMPTS[0], PROMPTS[1]], abort_then_release,
+                                     "both requests in flight")
+    assert sent >= 1 and all(o.finish_reason == "abort" for o in outs)
+
+    async def resume_and_generate(c):
+        await c.resume_memory_occupation(["weights", "kv_cache"])
+        return await c.generate([PROMPTS[0]], {"max_new_tokens": 3, "ignore_eos": True})
+
+    assert len(engine.run(resume_and_generate)[0].output_ids) == 3
+    assert max_diff(engine, protocol_hf) <= TOL
+
+
 # ------------------------------------------------------------------------------------ payloads vs SGLang
 VALIDATE_SCRIPT = r'''
 import base64, json, sys

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from typing import Any, Iterable, Sequence
 
@@ -293,8 +294,42 @@ class EngineClient(EngineTransport):
         return await self._control("POST", "/get_weights_by_name",
                                    {"name": name, "truncate_size": int(truncate_size)}, check_success=False)
 
+    async def wait_until_idle(self, timeout_s: float = 120.0, poll_s: float = 0.05, settle_polls: int = 3) -> float:
+        """Wait until every engine reports no running and no waiting request (``GET /v1/loads``, SGLang 0.5.x:
+        ``num_running_reqs`` + ``num_waiting_reqs`` summed over its DP ranks) on ``settle_polls`` polls in a
+        row (the loads are a snapshot the scheduler publishes, one iteration behind). Aborted requests are
+        still being retired for a moment after their HTTP responses return. An engine without the route
+        (HTTP 404: an SGLang older than ``/v1/loads``) is not waited for. Returns the seconds waited.
+
+        Raises:
+            EngineError: an engine failed, or was still busy after ``timeout_s`` (names the URL).
+        """
+        t0 = time.monotonic()
+        for u in self.control_urls:
+            quiet = 0
+            while quiet < settle_polls:
+                try:
+                    status, data = await self._http("GET", u, "/v1/loads", None, self.control_timeout_s)
+                except Exception as exc:
+                    raise EngineError(f"GET /v1/loads on {u}: {type(exc).__name__}: {exc}", urls=[u]) from exc
+                if status == 404:
+                    break
+                if status >= 400 or not isinstance(data, dict):
+                    raise EngineError(f"GET /v1/loads on {u}: HTTP {status}: {str(data)[:200]}", urls=[u])
+                busy = sum(int(x.get("num_running_reqs", 0)) + int(x.get("num_waiting_reqs", 0))
+                           for x in data.get("loads", []))
+                quiet = quiet + 1 if busy == 0 else 0
+                if time.monotonic() - t0 > timeout_s:
+                    raise EngineError(f"{u} still has {busy} request(s) in flight after {timeout_s:.0f}s", urls=[u])
+                if quiet < settle_polls:
+                    await asyncio.sleep(poll_s)
+        return time.monotonic() - t0
+
     async def release_memory_occupation(self, tags: Sequence[str] | None = None) -> dict[str, Any]:
-        """``POST /release_memory_occupation {"tags": tags}`` (None = all: weights + kv_cache)."""
+        """``POST /release_memory_occupation {"tags": tags}`` (None = all: weights + kv_cache), once every engine
+        is idle (:meth:`wait_until_idle`): SGLang asserts an idle scheduler there, and the failed assertion
+        kills the server."""
+        await self.wait_until_idle()
         return await self._control("POST", "/release_memory_occupation",
                                    {"tags": list(tags) if tags is not None else None})
 

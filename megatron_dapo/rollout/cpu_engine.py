@@ -56,7 +56,9 @@ logs every HTTP request (e.g. to see which routes ``sglang-router`` 0.3.2 polls:
 ``/server_info`` and ``/model_info`` when it adds a worker, ``/get_load`` for its load monitor).
 ``GET /get_load`` answers SGLang's per-DP-rank list ``[{"dp_rank": 0, "num_reqs", "num_waiting_reqs",
 "num_tokens"}]`` (``num_tokens``: prompt + ``max_new_tokens`` of the requests in flight; the
-router's load figure).
+router's load figure). ``GET /v1/loads`` answers SGLang 0.5.x's ``{"loads": [{"dp_rank": 0,
+"num_running_reqs", "num_waiting_reqs", "num_total_tokens"}]}`` (the client waits on it for an idle engine
+before ``/release_memory_occupation``).
 
 ``--api-key K`` requires ``Authorization: Bearer K`` on every route except ``/health*``
 (SGLang's middleware does the same) and answers 401 ``{"error": "Unauthorized"}`` otherwise.
@@ -256,6 +258,11 @@ def build_app(engine: CPUEngine, *, api_key: str | None = None):
         # SGLang's /get_load: one entry per data-parallel rank; sglang-router reads num_tokens as the load
         return web.json_response([{"dp_rank": 0, "num_reqs": engine.inflight, "num_waiting_reqs": 0,
                                    "num_tokens": load["num_tokens"]}])
+
+    async def get_loads(request):
+        # SGLang 0.5.x's /v1/loads (the fields the trainer reads): one entry per data-parallel rank
+        return web.json_response({"loads": [{"dp_rank": 0, "num_running_reqs": engine.inflight,
+                                             "num_waiting_reqs": 0, "num_total_tokens": load["num_tokens"]}]})
 
     async def maybe_abort_all(body):
         if body.get("abort_all_requests"):
@@ -463,6 +470,7 @@ def build_app(engine: CPUEngine, *, api_key: str | None = None):
     for path in ("/get_server_info", "/server_info"):
         app.router.add_get(path, get_server_info)
     app.router.add_get("/get_load", get_load)
+    app.router.add_get("/v1/loads", get_loads)
     app.router.add_post("/update_weights_from_disk", update_weights_from_disk)
     app.router.add_post("/init_weights_update_group", init_weights_update_group)
     app.router.add_post("/destroy_weights_update_group", destroy_weights_update_group)
