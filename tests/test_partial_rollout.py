@@ -276,3 +276,15 @@ def test_config_validates_partial_rollout_keys():
     cfg.rollout.partial_max_age = 0
     with pytest.raises(ConfigError, match="rollout.partial_max_age: must be an int >= 1"):
         cfg.validate(target="cluster")
+
+
+def test_generated_per_trained_token_sums_over_steps():
+    from megatron_dapo.rollout.generation import generated_per_trained_token
+
+    steps = [{"rollout/generated_tokens": 30.0, "rollout/trained_tokens": 10.0},
+             {"rollout/generated_tokens": 10.0, "rollout/trained_tokens": 10.0}]
+    assert generated_per_trained_token(steps) == pytest.approx(2.0)  # 40 / 20, not the mean of 3 and 1
+    with pytest.raises(ValueError, match=r"step metrics #0 lack \['rollout/trained_tokens'\]"):
+        generated_per_trained_token([{"rollout/generated_tokens": 1.0}])
+    with pytest.raises(ValueError, match="no trained tokens"):
+        generated_per_trained_token([])

@@ -40,7 +40,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -428,6 +428,31 @@ def collect_batch(sync_client, sampler: DynamicSampler, next_prompts, tokenizer,
     stats.trained_tokens = sum(g.num_response_tokens for g in batch)
     stats.partial_pending = sampler.num_pending
     return batch, stats
+
+
+def generated_per_trained_token(step_metrics: Iterable[dict]) -> float:
+    """Response tokens the engines generated per response token trained, over several steps.
+
+    ``step_metrics``: one dict per step with ``rollout/generated_tokens`` and ``rollout/trained_tokens``
+    (the trainer's step scalars, e.g. the lines of ``<run_dir>/steps.jsonl``). Returns
+    ``sum(generated) / sum(trained)`` (dimensionless; filtered, surplus and aborted work count as generated,
+    a continued prefix only in the step that generated it). Dividing this figure of a run with
+    ``rollout.partial_rollout=true`` by that of the same run without it gives the "generated per trained
+    token partial/drop" of ``benchmarks/bench_partial_rollout.py``.
+
+    Raises:
+        ValueError: a step lacks either key, or nothing was trained.
+    """
+    gen = trained = 0.0
+    for i, m in enumerate(step_metrics):
+        missing = [k for k in ("rollout/generated_tokens", "rollout/trained_tokens") if k not in m]
+        if missing:
+            raise ValueError(f"step metrics #{i} lack {missing}")
+        gen += float(m["rollout/generated_tokens"])
+        trained += float(m["rollout/trained_tokens"])
+    if trained <= 0:
+        raise ValueError("no trained tokens in the given steps")
+    return gen / trained
 
 
 def stop_ids_for(tokenizer, generation_config: Optional[dict] = None) -> list[int]:
