@@ -244,6 +244,10 @@ class DynamicSampler:
         max_num_gen_batches: cap on generation rounds per step; 0 = unlimited.
         carry_over_surplus: keep complete surplus groups for the next step instead of dropping them.
 
+    It also holds the aborted groups parked for partial rollout (:meth:`add_pending`,
+    :meth:`take_pending`, :meth:`drop_stale_pending`); the generation loop decides what to park and
+    when to continue (:mod:`megatron_dapo.rollout.generation`).
+
     Raises:
         ValueError: invalid arguments (named).
     """
