@@ -48,4 +48,5 @@ def test_partial_rollout_three_steps_then_resume(tmp_path, tiny_model):  # noqa:
     assert last["step"] == 4
     # every parked prefix is continued, or dropped with its group when a token is 2 versions old (max age 1)
     handled = last["rollout/partial_continued"] + last["rollout/partial_dropped_stale"]
+    print(f"partial rollout per step: {v}; parked prefixes at the checkpoint: {prefixes}; step 4 handled {handled}")
     assert handled <= prefixes and (handled > 0 or prefixes == 0), (last, prefixes)
