@@ -110,6 +110,14 @@ class RolloutConfig:
     mid-round abort (CPU demo and exact-resume tests). Cluster runs keep it off for throughput. Needs an
     engine that honours per-request seeds (cpu, vllm); with ``sglang`` ``validate()`` warns
     (:class:`DeterminismWarning`): SGLang ignores ``sampling_seed`` on CPU."""
+    partial_rollout: bool = False
+    """Partial rollout (slime's ``--partial-rollout``): requests aborted when the dynamic sampler fills keep
+    their tokens and logprobs and are continued next step (prompt + prefix as input, the rest of
+    ``max_response_length`` to generate), each token span tagged with its weight version; see
+    :mod:`megatron_dapo.rollout.generation`. Needs ``deterministic: false`` (the only path that aborts)."""
+    partial_max_age: int = 1
+    """With ``partial_rollout``: how many weight versions old a continued group's oldest token may be; older
+    parked groups are dropped (``rollout/partial_dropped_stale``). ``>= 1`` (1: continue for one step)."""
     request_timeout_s: float = 600.0
     max_retries: int = 2
     health_timeout_s: float = 300.0
@@ -346,6 +354,12 @@ class DAPOConfig:
 
             warnings.warn(SGLANG_DETERMINISM_WARNING, DeterminismWarning, stacklevel=2)
         need(0 < r.mem_fraction_static < 1, "rollout.mem_fraction_static", "must be in (0, 1)")
+        need(isinstance(r.partial_rollout, bool), "rollout.partial_rollout", "must be true or false")
+        need(not (r.partial_rollout and r.deterministic), "rollout.partial_rollout",
+             "needs rollout.deterministic=false: deterministic rounds never abort, so there is nothing to continue")
+        need(isinstance(r.partial_max_age, int) and not isinstance(r.partial_max_age, bool)
+             and r.partial_max_age >= 1, "rollout.partial_max_age",
+             f"must be an int >= 1 (weight versions a continued prefix may lag), got {r.partial_max_age!r}")
         from .rollout.launch import ROUTER_POLICIES
 
         need(r.router_policy in ROUTER_POLICIES, "rollout.router_policy",

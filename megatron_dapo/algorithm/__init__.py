@@ -1,7 +1,7 @@
 """The DAPO algorithm (arXiv 2503.14476) in pure torch: advantages, losses, reward shaping,
 dynamic sampling, presets and the train-batch builder.  No Megatron, no I/O, no logging."""
 from .advantages import NonFiniteAdvantageError, compute_group_advantages
-from .dynamic_sampling import DynamicSampler, DynamicSamplingExhausted, Group
+from .dynamic_sampling import DynamicSampler, DynamicSamplingExhausted, Group, PendingGroup
 from .policy_loss import (
     KL_PENALTY_KINDS,
     LOSS_AGG_MODES,
@@ -36,6 +36,7 @@ __all__ = [
     "KL_PENALTY_KINDS",
     "LOSS_AGG_MODES",
     "NonFiniteAdvantageError",
+    "PendingGroup",
     "PRESETS",
     "SWITCH_KEYS",
     "TABLE1_ABLATION",

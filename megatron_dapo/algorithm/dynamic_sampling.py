@@ -16,6 +16,12 @@ driver owns the generation loop::
         sampler.record_round()                         # raises DynamicSamplingExhausted at the cap
     batch = sampler.take_batch()                       # exactly rollout_batch_size groups
     log(sampler.metrics())
+
+Partial rollout (slime's ``--partial-rollout``): a group whose requests were aborted because the pool
+filled is parked as a :class:`PendingGroup` (``add_pending``) instead of being dropped; the next step takes
+it back (``take_pending``) before asking for new prompts and continues only its unfinished samples. The
+sampler owns these groups because it already owns what crosses a step boundary (the carried-over
+surplus), so :meth:`DynamicSampler.state_dict` holds them and an exact resume restores them.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from typing import Any, Optional
 
 from ..errors import MegatronDapoError
 
-__all__ = ["Group", "DynamicSampler", "DynamicSamplingExhausted"]
+__all__ = ["Group", "PendingGroup", "DynamicSampler", "DynamicSamplingExhausted"]
 
 
 class DynamicSamplingExhausted(MegatronDapoError, RuntimeError):
@@ -47,10 +53,15 @@ class Group:
         rollout_logprobs: ``G`` lists of per-token log-probs from the rollout engine (lengths equal
             to the responses'), or None.
         meta: anything else (ground truth, data source, ...); copied with the group.
+        token_versions: per response, the ``[start, end, version]`` spans (token positions
+            ``start <= t < end`` of the response, ``version`` the integer weight version of the
+            engine that generated them), in order and covering the response exactly; or None
+            (unknown). A response continued by partial rollout has one span per generation step.
 
     Raises:
-        ValueError: the per-response lists differ in length (the field is named), or a
-            ``rollout_logprobs`` entry does not match its response's length.
+        ValueError: the per-response lists differ in length (the field is named), a
+            ``rollout_logprobs`` entry does not match its response's length, or ``token_versions``
+            does not tile a response.
     """
 
     prompt_index: int
@@ -61,6 +72,7 @@ class Group:
     finish_reasons: list[str]
     rollout_logprobs: Optional[list[list[float]]] = None
     meta: dict = field(default_factory=dict)
+    token_versions: Optional[list[list[list[int]]]] = None
 
     def __post_init__(self) -> None:
         n = len(self.responses)
@@ -87,6 +99,8 @@ class Group:
                         f"Group(prompt_index={self.prompt_index}): rollout_logprobs[{i}] has {len(lp)} "
                         f"values for a response of {len(resp)} tokens"
                     )
+        if self.token_versions is not None:
+            _check_spans(f"Group(prompt_index={self.prompt_index})", self.responses, self.token_versions)
 
     @property
     def num_samples(self) -> int:
@@ -113,6 +127,93 @@ class Group:
         return cls(**copy.deepcopy(data))
 
 
+def _check_spans(where: str, responses: list[list[int]], spans: list[list[list[int]]]) -> None:
+    """Raise ValueError unless ``spans[i]`` tiles ``responses[i]`` with ``[start, end, version]`` spans."""
+    if len(spans) != len(responses):
+        raise ValueError(f"{where}: token_versions has {len(spans)} entries but responses has {len(responses)}")
+    for i, (resp, sp) in enumerate(zip(responses, spans)):
+        pos = 0
+        for span in sp:
+            if len(span) != 3 or span[0] != pos or span[1] <= span[0]:
+                raise ValueError(f"{where}: token_versions[{i}] span {list(span)!r} does not continue at "
+                                 f"token {pos} (spans are [start, end, version], contiguous, non-empty)")
+            pos = span[1]
+        if pos != len(resp):
+            raise ValueError(f"{where}: token_versions[{i}] covers {pos} tokens of a {len(resp)}-token response")
+
+
+@dataclass
+class PendingGroup:
+    """A group whose generation was aborted, parked for continuation next step (partial rollout).
+
+    The unit that is parked is the whole group (one prompt, ``G`` samples); the unit that is continued
+    is the sample: finished samples (``finish_reasons[j]`` ``"stop"`` / ``"length"``) are kept as they
+    are, unfinished ones (``"abort"``) are resubmitted with ``prompt_ids + responses[j]`` as input.
+    A group is scored only once all ``G`` samples are finished (group-normalised advantages, eq. 9,
+    need all of them).
+
+    Attributes:
+        prompt_index, prompt_ids: as in :class:`Group`.
+        row: the dataset row (ground truth and data source, to score it later); JSON-like.
+        responses: ``G`` token-id lists generated so far (a prefix for unfinished samples).
+        rollout_logprobs: ``G`` per-token logprob lists (same lengths), or None when not returned.
+        finish_reasons: ``G`` strings; ``"abort"`` marks a sample to continue.
+        token_versions: ``G`` lists of ``[start, end, version]`` spans (see :attr:`Group.token_versions`).
+
+    Raises:
+        ValueError: inconsistent lengths (the field is named).
+    """
+
+    prompt_index: int
+    prompt_ids: list[int]
+    row: dict
+    responses: list[list[int]]
+    rollout_logprobs: Optional[list[list[float]]]
+    finish_reasons: list[str]
+    token_versions: list[list[list[int]]]
+
+    def __post_init__(self) -> None:
+        where = f"PendingGroup(prompt_index={self.prompt_index})"
+        n = len(self.responses)
+        if len(self.finish_reasons) != n:
+            raise ValueError(f"{where}: finish_reasons has {len(self.finish_reasons)} entries but responses has {n}")
+        if self.rollout_logprobs is not None:
+            if len(self.rollout_logprobs) != n or any(len(a) != len(b) for a, b in zip(self.rollout_logprobs,
+                                                                                       self.responses)):
+                raise ValueError(f"{where}: rollout_logprobs do not match the responses' lengths")
+        _check_spans(where, self.responses, self.token_versions)
+
+    @property
+    def unfinished(self) -> list[int]:
+        """Indices of the samples to continue (``finish_reason == "abort"``)."""
+        return [j for j, r in enumerate(self.finish_reasons) if r == "abort"]
+
+    @property
+    def oldest_version(self) -> Optional[int]:
+        """Smallest weight version of any token of the group (finished samples included); None if empty."""
+        versions = [span[2] for sp in self.token_versions for span in sp]
+        return min(versions) if versions else None
+
+    @property
+    def num_response_tokens(self) -> int:
+        """Tokens generated so far over the ``G`` samples."""
+        return sum(len(r) for r in self.responses)
+
+    @property
+    def num_prefix_samples(self) -> int:
+        """Unfinished samples that already have tokens (a prefix to continue)."""
+        return sum(1 for j in self.unfinished if self.responses[j])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Deep-copied plain-dict form (JSON-serialisable when ``row`` is)."""
+        return copy.deepcopy(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PendingGroup":
+        """Inverse of :meth:`to_dict`."""
+        return cls(**copy.deepcopy(data))
+
+
 _COUNTERS = (
     "prompts_tried",
     "kept_groups",
@@ -126,6 +227,7 @@ _COUNTERS = (
     "generated_response_tokens",
     "aborted_response_tokens",
     "batch_response_tokens",
+    "reused_response_tokens",
 )
 
 
@@ -141,6 +243,10 @@ class DynamicSampler:
             rate usually fills a step in one round.
         max_num_gen_batches: cap on generation rounds per step; 0 = unlimited.
         carry_over_surplus: keep complete surplus groups for the next step instead of dropping them.
+
+    It also holds the aborted groups parked for partial rollout (:meth:`add_pending`,
+    :meth:`take_pending`, :meth:`drop_stale_pending`); the generation loop decides what to park and
+    when to continue (:mod:`megatron_dapo.rollout.generation`).
 
     Raises:
         ValueError: invalid arguments (named).
@@ -171,6 +277,7 @@ class DynamicSampler:
         self.carry_over_surplus = bool(carry_over_surplus)
         self._kept: list[Group] = []
         self._carry: list[Group] = []
+        self._pending: list[PendingGroup] = []
         self._taken = False
         self._counts: dict[str, int] = {k: 0 for k in _COUNTERS}
 
@@ -207,11 +314,13 @@ class DynamicSampler:
         # subtract a tiny slack so that e.g. 1.1 * 10 = 11.000000000000002 requests 11, not 12
         return max(1, math.ceil(self.oversample_factor * missing - 1e-9))
 
-    def add_group(self, group: Group) -> bool:
+    def add_group(self, group: Group, reused_tokens: int = 0) -> bool:
         """Score one completed group; return True if it is kept.
 
         Kept when ``0 < num_correct < G`` (or always, with ``enabled=False``).  Groups added after
         the pool is full are kept as surplus (dropped or carried by :meth:`take_batch`).
+        ``reused_tokens``: response tokens of the group generated in an earlier step (a continued
+        :class:`PendingGroup`); they are not counted again as generated this step.
 
         Raises:
             TypeError: not a :class:`Group`.
@@ -225,8 +334,13 @@ class DynamicSampler:
                 f"expected n_samples_per_prompt={self.n_samples_per_prompt}"
             )
         c = self._counts
+        if isinstance(reused_tokens, bool) or not isinstance(reused_tokens, int) or not (
+                0 <= reused_tokens <= group.num_response_tokens):
+            raise ValueError(f"add_group: reused_tokens must be an int in [0, {group.num_response_tokens}], "
+                             f"got {reused_tokens!r}")
         c["prompts_tried"] += 1
         c["generated_response_tokens"] += group.num_response_tokens
+        c["reused_response_tokens"] += reused_tokens
         n_correct = group.num_correct
         if n_correct == group.num_samples:
             c["all_correct"] += 1
@@ -253,6 +367,41 @@ class DynamicSampler:
             raise ValueError(f"record_aborted: num_tokens must be an int >= 0, got {num_tokens!r}")
         self._counts["aborted_requests"] += n
         self._counts["aborted_response_tokens"] += num_tokens
+
+    # ------------------------------------------------------------------ partial rollout
+    @property
+    def num_pending(self) -> int:
+        """Aborted groups parked for continuation (:class:`PendingGroup`)."""
+        return len(self._pending)
+
+    def add_pending(self, group: PendingGroup) -> None:
+        """Park an aborted group for continuation in a later step (first in, first out).
+
+        Raises:
+            TypeError: not a :class:`PendingGroup`.
+            ValueError: it does not have ``n_samples_per_prompt`` samples.
+        """
+        if not isinstance(group, PendingGroup):
+            raise TypeError(f"add_pending expects a PendingGroup, got {type(group).__name__}")
+        if len(group.responses) != self.n_samples_per_prompt:
+            raise ValueError(f"PendingGroup(prompt_index={group.prompt_index}) has {len(group.responses)} samples, "
+                             f"expected n_samples_per_prompt={self.n_samples_per_prompt}")
+        self._pending.append(group)
+
+    def take_pending(self, n: int) -> list[PendingGroup]:
+        """Remove and return up to ``n`` parked groups, oldest first."""
+        n = max(0, int(n))
+        out, self._pending = self._pending[:n], self._pending[n:]
+        return out
+
+    def drop_stale_pending(self, version: int, max_age: int) -> list[PendingGroup]:
+        """Remove and return the parked groups with a token older than ``max_age`` weight versions:
+        ``version - oldest_version > max_age`` (``version``: the engines' current weight version).
+        ``max_age < 0`` drops every parked group."""
+        stale = [g for g in self._pending
+                 if max_age < 0 or (g.oldest_version is not None and version - g.oldest_version > max_age)]
+        self._pending = [g for g in self._pending if not any(g is s for s in stale)]
+        return stale
 
     def record_round(self) -> None:
         """Mark the end of one generation round (one generation batch).
@@ -331,14 +480,15 @@ class DynamicSampler:
         (response tokens generated this step -- filtered, surplus and aborted included -- divided by
         the response tokens of the taken batch; 0 before :meth:`take_batch`.  Carried-in groups
         were generated in an earlier step, so it can fall below 1 with carry-over), plus the raw
-        ``generated_response_tokens`` and ``batch_response_tokens``.
+        ``generated_response_tokens`` and ``batch_response_tokens``. Tokens of a continued partial
+        rollout that were generated in an earlier step count in that step only.
         """
         c = self._counts
         out = {k: float(c[k]) for k in (
             "prompts_tried", "kept_groups", "all_correct", "all_wrong", "num_gen_batches",
             "aborted_requests", "surplus_dropped", "surplus_carried", "carried_in",
         )}
-        generated = c["generated_response_tokens"] + c["aborted_response_tokens"]
+        generated = c["generated_response_tokens"] + c["aborted_response_tokens"] - c["reused_response_tokens"]
         batch_tokens = c["batch_response_tokens"]
         out["generated_response_tokens"] = float(generated)
         out["batch_response_tokens"] = float(batch_tokens)
@@ -350,7 +500,7 @@ class DynamicSampler:
         """Plain-Python (JSON-serialisable if ``meta`` is) snapshot for exact resume.
 
         Includes the configuration (checked on load), the counters, the kept pool of the current
-        step and the groups carried over to the next step.
+        step, the groups carried over to the next step and the parked partial-rollout groups.
         """
         return {
             "config": {
@@ -365,6 +515,7 @@ class DynamicSampler:
             "taken": self._taken,
             "kept": [g.to_dict() for g in self._kept],
             "carry": [g.to_dict() for g in self._carry],
+            "pending": [g.to_dict() for g in self._pending],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -391,3 +542,4 @@ class DynamicSampler:
         self._taken = bool(state["taken"])
         self._kept = [Group.from_dict(g) for g in state["kept"]]
         self._carry = [Group.from_dict(g) for g in state["carry"]]
+        self._pending = [PendingGroup.from_dict(g) for g in state.get("pending", [])]  # absent: older checkpoint

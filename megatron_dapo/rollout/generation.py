@@ -9,10 +9,30 @@ Streaming scoring: a group's reward is computed in a worker thread
 (:func:`~megatron_dapo.reward.get_score_executor`) awaited from the event loop, so the other groups'
 requests keep generating while it is scored; a group being scored is past generation and is never
 aborted (when the sampler fills meanwhile it is kept as surplus).
+
+Partial rollout (``rollout.partial_rollout``, slime's ``--partial-rollout``): an aborted group is not
+dropped but parked in the sampler (:class:`~megatron_dapo.algorithm.PendingGroup`) with whatever each
+sample had generated (tokens, logprobs, the weight version of each span). The next step takes the
+parked groups back before asking the dataset for new prompts and continues them sample by sample:
+
+* a finished sample (``stop`` / ``length``) is kept as it is;
+* an unfinished sample ``j`` is resubmitted as one request, input ``prompt + responses[j]``,
+  ``max_new_tokens = max_response_length - len(responses[j])``; its final response is the prefix plus
+  the continuation, its logprobs the two lists concatenated, its ``token_versions`` one
+  ``[start, end, version]`` span per step that generated tokens;
+* the group is screened, scored and handed to the sampler once all ``G`` samples are finished (it may
+  be aborted and parked again, growing another span);
+* a parked group with a token more than ``partial_max_age`` weight versions older than the engines'
+  is dropped at the start of the step (counted); so is every parked group when partial rollout is off.
+
+The unit parked is the group (advantages are normalised over its ``G`` samples, eq. 9) and the unit
+continued is the sample: the simplest design that keeps both finished samples and prefixes. The
+deterministic path (one ordered request per round) never aborts, so it never parks anything.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import math
@@ -20,12 +40,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from ..algorithm import DynamicSampler, Group, soft_overlong_penalty
+from ..algorithm import DynamicSampler, Group, PendingGroup, soft_overlong_penalty
 from ..reward import RewardResult, get_score_executor, score_batch
+from .payloads import GenerateOutput
 from .validate import screen_group
 
 
@@ -48,6 +69,10 @@ class RolloutSettings:
     reproducible rollouts for exact resume and tests. ``False``: score as groups complete, abort on full."""
     response_validator: Optional[object] = None
     """A :class:`~megatron_dapo.rollout.validate.ResponseValidator`: malformed responses drop their group."""
+    partial_rollout: bool = False
+    """Continue aborted groups next step instead of dropping them (module docstring)."""
+    partial_max_age: int = 1
+    """Largest age, in weight versions, of a token of a continued group; older groups are dropped."""
 
 
 @dataclass
@@ -70,6 +95,25 @@ class RoundStats:
     """Groups being scored right now (kept by :meth:`scoring_started` / :meth:`scoring_finished`)."""
     scoring_since: float = 0.0
     """``time.perf_counter()`` when the current busy interval began (scoring_in_flight went 0 -> 1)."""
+    generated_tokens: int = 0
+    """Response tokens the engines generated this step (filtered, surplus and aborted work included;
+    prefixes continued from an earlier step are not generated again)."""
+    trained_tokens: int = 0
+    """Response tokens of the step's batch (set by :func:`collect_batch`)."""
+    partial: bool = False
+    """Partial rollout on: :meth:`metrics` reports the ``partial_*`` counters below."""
+    partial_parked: int = 0
+    """Samples with a prefix parked for continuation when their group was aborted."""
+    partial_continued: int = 0
+    """Samples resubmitted with a prefix generated in an earlier step."""
+    partial_tokens_reused: int = 0
+    """Prefix tokens of those samples (sent as input instead of being generated again)."""
+    partial_dropped_stale: int = 0
+    """Samples with a prefix dropped as older than ``partial_max_age`` (or with partial rollout off)."""
+    partial_tokens_dropped: int = 0
+    """Tokens of the dropped groups (their finished samples included)."""
+    partial_pending: int = 0
+    """Groups parked at the end of the step."""
 
     def scoring_started(self, now: Optional[float] = None) -> None:
         """A group's scoring begins (``now``: ``time.perf_counter()`` seconds, default the current time)."""
@@ -107,7 +151,10 @@ class RoundStats:
         """Pre-filter statistics of the step's responses, unprefixed (the trainer scopes them under
         ``rollout/``): ``reward_mean``, ``score_mean``, ``acc``, ``response_length_mean``/``_max`` (tokens),
         ``response_length_clip_ratio``, ``no_answer_frac``, ``num_responses``, ``mean_token_prob`` (when
-        the engines returned logprobs) and ``acc/<data_source>``."""
+        the engines returned logprobs), ``acc/<data_source>``, ``generated_tokens`` / ``trained_tokens``
+        / ``generated_per_trained_token`` (response tokens) and, with partial rollout, ``partial_parked``,
+        ``partial_continued``, ``partial_tokens_reused``, ``partial_dropped_stale``,
+        ``partial_tokens_dropped`` and ``partial_pending`` (see the fields)."""
         n = max(len(self.rewards), 1)
         out = {
             "reward_mean": sum(self.rewards) / n,
@@ -119,6 +166,13 @@ class RoundStats:
             "no_answer_frac": self.no_answer / n,
             "num_responses": float(len(self.rewards)),
         }
+        out["generated_tokens"] = float(self.generated_tokens)
+        out["trained_tokens"] = float(self.trained_tokens)
+        out["generated_per_trained_token"] = (self.generated_tokens / self.trained_tokens
+                                              if self.trained_tokens else 0.0)
+        if self.partial:
+            for k in ("parked", "continued", "tokens_reused", "dropped_stale", "tokens_dropped", "pending"):
+                out[f"partial_{k}"] = float(getattr(self, f"partial_{k}"))
         if self.token_count:
             out["mean_token_prob"] = self.token_prob_sum / self.token_count
         for src, (c, k) in self.per_source_correct.items():
@@ -142,36 +196,126 @@ def _sampling_params(s: RolloutSettings, round_index: int) -> dict:
             "sampling_seed": s.seed * 1_000_003 + round_index * 10_007}
 
 
+@dataclass
+class _Attempt:
+    """One group's generation this round: its outputs (prefixes joined), spans and new tokens."""
+
+    idx: int
+    row: dict
+    ids: list[int]
+    outs: list
+    spans: list[list[list[int]]]
+    new_tokens: int
+
+    @property
+    def aborted(self) -> bool:
+        return any(o.finish_reason == "abort" for o in self.outs)
+
+
+def _fresh_spans(outs, version: int) -> list[list[list[int]]]:
+    """One ``[0, len, version]`` span per non-empty response generated in one go."""
+    return [[[0, len(o.output_ids), version]] if o.output_ids else [] for o in outs]
+
+
+def _park(att: _Attempt) -> PendingGroup:
+    """The aborted attempt as a :class:`PendingGroup` (only what scoring needs of the row: JSON-safe)."""
+    lps = [o.output_logprobs for o in att.outs]
+    if any(lp is None or len(lp) != len(o.output_ids) for lp, o in zip(lps, att.outs)):
+        lps = None
+    row = {"reward_model": {"ground_truth": str(att.row["reward_model"]["ground_truth"])},
+           "data_source": str(att.row.get("data_source", "math_dapo"))}
+    return PendingGroup(prompt_index=int(att.idx), prompt_ids=[int(t) for t in att.ids], row=row,
+                        responses=[[int(t) for t in o.output_ids] for o in att.outs],
+                        rollout_logprobs=None if lps is None else [[float(x) for x in lp] for lp in lps],
+                        finish_reasons=[str(o.finish_reason) for o in att.outs],
+                        token_versions=[[list(span) for span in sp] for sp in att.spans])
+
+
+async def _continue(client, pg: PendingGroup, sp: dict, s: RolloutSettings, rid: str, version: int,
+                    stats: RoundStats) -> _Attempt:
+    """Continue the unfinished samples of a parked group, one request each (module docstring).
+
+    Sample ``j`` is sent as ``prompt_ids + responses[j]`` with ``max_new_tokens = max_response_length -
+    len(responses[j])``, ``n = 1``, seed ``sp["sampling_seed"] + j`` and rid ``f"{rid}-s{j}"`` (so
+    ``abort(rid)`` reaches all of them). A prefix already ending in a stop token or at the length limit
+    is finished without a request. Returns the group's outputs with prefixes joined.
+    """
+    stop = set(s.stop_token_ids)
+
+    async def sample(j: int):
+        prefix = list(pg.responses[j])
+        lp = None if pg.rollout_logprobs is None else list(pg.rollout_logprobs[j])
+        spans = [list(span) for span in pg.token_versions[j]]
+        kept = GenerateOutput(output_ids=prefix, output_logprobs=lp, finish_reason=pg.finish_reasons[j],
+                              prompt_tokens=len(pg.prompt_ids), weight_version=None, completion_tokens=len(prefix))
+        if kept.finish_reason != "abort":
+            return kept, spans, 0
+        room = s.max_response_length - len(prefix)
+        if prefix and prefix[-1] in stop:
+            return dataclasses.replace(kept, finish_reason="stop"), spans, 0
+        if room <= 0:
+            return dataclasses.replace(kept, finish_reason="length"), spans, 0
+        if prefix:
+            stats.partial_continued += 1
+            stats.partial_tokens_reused += len(prefix)
+        sp_j = dict(sp, n=1, max_new_tokens=room, sampling_seed=sp["sampling_seed"] + j)
+        outs = await client.generate([list(pg.prompt_ids) + prefix], sp_j, return_logprob=True, rid=f"{rid}-s{j}")
+        (o,) = outs
+        new = list(o.output_ids)
+        if new:
+            spans.append([len(prefix), len(prefix) + len(new), version])
+        joined_lp = None if lp is None or o.output_logprobs is None else lp + list(o.output_logprobs)
+        return dataclasses.replace(o, output_ids=prefix + new, output_logprobs=joined_lp,
+                                   prompt_tokens=len(pg.prompt_ids), completion_tokens=len(prefix) + len(new)), \
+            spans, len(new)
+
+    res = await asyncio.gather(*(sample(j) for j in range(len(pg.responses))))
+    return _Attempt(pg.prompt_index, pg.row, list(pg.prompt_ids), [r[0] for r in res], [r[1] for r in res],
+                    sum(r[2] for r in res))
+
+
 async def _fill(client, sampler: DynamicSampler, next_prompts: Callable[[int], list[tuple[int, dict, list[int]]]],
-                tokenizer, s: RolloutSettings, stats: RoundStats, round_index: int) -> None:
+                tokenizer, s: RolloutSettings, stats: RoundStats, round_index: int, version: int = 0) -> None:
     want = sampler.num_prompts_to_request()
-    prompts = next_prompts(want)
-    if not prompts:
+    resumed = sampler.take_pending(want) if s.partial_rollout else []  # parked groups first (partial rollout)
+    prompts = next_prompts(want - len(resumed)) if want > len(resumed) else []
+    items = list(resumed) + list(prompts)
+    if not items:
         return
     sp = _sampling_params(s, round_index)
     rid_base = uuid.uuid4().hex[:12]
     generated: set[int] = set()  # requests past generation (being screened / scored): never aborted
 
     async def one(i: int, item):
-        """Generate, then score in a worker thread: ``(item, outs, results)``, results None when not scored."""
-        idx, row, ids = item
+        """Generate, then score in a worker thread: ``(attempt, results)``, results None when not scored."""
         sp_i = dict(sp, sampling_seed=sp["sampling_seed"] + i * s.n_samples_per_prompt)
-        outs = await client.generate([ids], sp_i, return_logprob=True, rid=f"{rid_base}-{i}")
-        if any(o.finish_reason == "abort" for o in outs):
-            return item, outs, None
+        if isinstance(item, PendingGroup):
+            att = await _continue(client, item, sp_i, s, f"{rid_base}-{i}", version, stats)
+        else:
+            idx, row, ids = item
+            outs = await client.generate([ids], sp_i, return_logprob=True, rid=f"{rid_base}-{i}")
+            att = _Attempt(idx, row, ids, outs, _fresh_spans(outs, version), sum(len(o.output_ids) for o in outs))
+        stats.generated_tokens += att.new_tokens
+        if att.aborted:
+            return att, None
         generated.add(i)
-        if not screen_group(s, outs):
-            return item, outs, None
-        return item, outs, await _score_group(outs, row, tokenizer, stats)
+        if not screen_group(s, att.outs):
+            return att, None
+        return att, await _score_group(att.outs, att.row, tokenizer, stats)
 
     def consume(res) -> None:
-        (idx, row, ids), outs, results = res
-        if any(o.finish_reason == "abort" for o in outs):
-            sampler.record_aborted(1, sum(len(o.output_ids) for o in outs))
+        att, results = res
+        if att.aborted:
+            sampler.record_aborted(1, att.new_tokens)
+            if s.partial_rollout:
+                pg = _park(att)
+                sampler.add_pending(pg)
+                stats.partial_parked += pg.num_prefix_samples
         elif results is not None:
-            sampler.add_group(_build_group(idx, row, ids, outs, results, s, stats))
+            group = _build_group(att.idx, att.row, att.ids, att.outs, results, s, stats, att.spans)
+            sampler.add_group(group, reused_tokens=group.num_response_tokens - att.new_tokens)
 
-    tasks = {asyncio.ensure_future(one(i, it)): i for i, it in enumerate(prompts)}
+    tasks = {asyncio.ensure_future(one(i, it)): i for i, it in enumerate(items)}
     pending = set(tasks)
     try:
         while pending:
@@ -187,7 +331,7 @@ async def _fill(client, sampler: DynamicSampler, next_prompts: Callable[[int], l
                 pending = set()
                 for t, res in zip(rest, finished):
                     if not isinstance(res, BaseException):
-                        consume(res)  # aborted: counted; generated before the abort: kept as surplus
+                        consume(res)  # aborted: counted (parked with partial rollout); generated before: surplus
                     elif tasks[t] in generated:
                         raise res  # a screening / scoring failure is never hidden as an abort
                     else:
@@ -215,7 +359,7 @@ async def _score_group(outs, row: dict, tokenizer, stats: RoundStats) -> list[Re
 
 
 def _build_group(idx: int, row: dict, ids: list[int], outs, results: list[RewardResult], s: RolloutSettings,
-                 stats: RoundStats) -> Group:
+                 stats: RoundStats, spans: Optional[list[list[list[int]]]] = None) -> Group:
     gt = str(row["reward_model"]["ground_truth"])
     src = str(row.get("data_source", "math_dapo"))
     scores = [r.score for r in results]
@@ -226,13 +370,13 @@ def _build_group(idx: int, row: dict, ids: list[int], outs, results: list[Reward
     group = Group(prompt_index=idx, prompt_ids=list(ids), responses=[list(o.output_ids) for o in outs],
                   rewards=shape_rewards(scores, lengths, s), correct=[bool(r.acc) for r in results],
                   finish_reasons=[o.finish_reason for o in outs], rollout_logprobs=rollout_lp,
-                  meta={"ground_truth": gt, "data_source": src})
+                  meta={"ground_truth": gt, "data_source": src}, token_versions=spans)
     stats.add(group, scores, [r.status for r in results], src)
     return group
 
 
 async def _fill_ordered(client, sampler: DynamicSampler, next_prompts, tokenizer, s: RolloutSettings,
-                        stats: RoundStats, round_index: int) -> None:
+                        stats: RoundStats, round_index: int, version: int = 0) -> None:
     prompts = next_prompts(sampler.num_prompts_to_request())
     if not prompts:
         return
@@ -243,32 +387,72 @@ async def _fill_ordered(client, sampler: DynamicSampler, next_prompts, tokenizer
         outs = await client.generate([ids for _, _, ids in prompts], sp, return_logprob=True)
     finally:
         client.prompts_per_request = saved
+    stats.generated_tokens += sum(len(o.output_ids) for o in outs)
     g = s.n_samples_per_prompt
     kept = [(idx, row, ids, outs[i * g:(i + 1) * g]) for i, (idx, row, ids) in enumerate(prompts)
             if screen_group(s, outs[i * g:(i + 1) * g])]
     # all groups are scored concurrently; they reach the sampler in prompt order, as generated
     results = await asyncio.gather(*(_score_group(o, row, tokenizer, stats) for _, row, _, o in kept))
     for (idx, row, ids, o), res in zip(kept, results):
-        sampler.add_group(_build_group(idx, row, ids, o, res, s, stats))
+        sampler.add_group(_build_group(idx, row, ids, o, res, s, stats, _fresh_spans(o, version)))
 
 
 def collect_batch(sync_client, sampler: DynamicSampler, next_prompts, tokenizer,
-                  s: RolloutSettings, step: int) -> tuple[list[Group], RoundStats]:
+                  s: RolloutSettings, step: int, weight_version: Optional[int] = None) -> tuple[list[Group], RoundStats]:
     """Run rounds until ``sampler`` is full; return the step's batch and the pre-filter statistics.
+
+    ``weight_version`` (default ``step``: the trainer pushes ``str(step)`` after ``step`` updates) is the
+    integer version of the engines' weights this step: it tags the generated token spans
+    (:attr:`Group.token_versions`) and ages the parked partial-rollout groups, which are dropped first
+    when older than ``s.partial_max_age`` (all of them when ``s.partial_rollout`` is off).
 
     Raises:
         DynamicSamplingExhausted: ``max_num_gen_batches`` rounds did not fill the batch.
         EngineError: the engines failed after retries.
     """
-    stats = RoundStats()
+    stats = RoundStats(partial=s.partial_rollout)
+    version = step if weight_version is None else int(weight_version)
     sampler.start_step()
+    if sampler.num_pending:
+        for g in sampler.drop_stale_pending(version, s.partial_max_age if s.partial_rollout else -1):
+            stats.partial_dropped_stale += g.num_prefix_samples
+            stats.partial_tokens_dropped += g.num_response_tokens
     rnd = 0
     while not sampler.is_full:
         fill = _fill_ordered if s.deterministic else _fill
-        sync_client.run(fill(sync_client.client, sampler, next_prompts, tokenizer, s, stats, step * 1000 + rnd))
+        sync_client.run(fill(sync_client.client, sampler, next_prompts, tokenizer, s, stats, step * 1000 + rnd,
+                             version))
         rnd += 1
         sampler.record_round()
-    return sampler.take_batch(), stats
+    batch = sampler.take_batch()
+    stats.trained_tokens = sum(g.num_response_tokens for g in batch)
+    stats.partial_pending = sampler.num_pending
+    return batch, stats
+
+
+def generated_per_trained_token(step_metrics: Iterable[dict]) -> float:
+    """Response tokens the engines generated per response token trained, over several steps.
+
+    ``step_metrics``: one dict per step with ``rollout/generated_tokens`` and ``rollout/trained_tokens``
+    (the trainer's step scalars, e.g. the lines of ``<run_dir>/steps.jsonl``). Returns
+    ``sum(generated) / sum(trained)`` (dimensionless; filtered, surplus and aborted work count as generated,
+    a continued prefix only in the step that generated it). Dividing this figure of a run with
+    ``rollout.partial_rollout=true`` by that of the same run without it gives the "generated per trained
+    token partial/drop" of ``benchmarks/bench_partial_rollout.py``.
+
+    Raises:
+        ValueError: a step lacks either key, or nothing was trained.
+    """
+    gen = trained = 0.0
+    for i, m in enumerate(step_metrics):
+        missing = [k for k in ("rollout/generated_tokens", "rollout/trained_tokens") if k not in m]
+        if missing:
+            raise ValueError(f"step metrics #{i} lack {missing}")
+        gen += float(m["rollout/generated_tokens"])
+        trained += float(m["rollout/trained_tokens"])
+    if trained <= 0:
+        raise ValueError("no trained tokens in the given steps")
+    return gen / trained
 
 
 def stop_ids_for(tokenizer, generation_config: Optional[dict] = None) -> list[int]:

@@ -1,0 +1,290 @@
+"""Partial rollout (``rollout.partial_rollout``): aborted samples are parked and continued the next step.
+
+A fake engine scripts each prompt: a ``"done"`` prompt answers at once; a ``"hold"`` prompt waits for
+``abort(rid)`` and then answers with the per-sample outputs of its script (finished samples and aborted
+prefixes, what SGLang / vLLM / the CPU engine return on abort). Continuation requests (``n = 1``, input =
+prompt + prefix) answer from a per-(prompt, sample) script. No sleeps: completion order is the event loop's.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from megatron_dapo.algorithm import DynamicSampler, Group, PendingGroup
+from megatron_dapo.rollout.generation import RolloutSettings, collect_batch
+from megatron_dapo.rollout.payloads import GenerateOutput
+
+G = 2
+CORRECT, WRONG = 7, 8  # token ids the fake tokenizer decodes as a right / wrong answer
+MAX_LEN = 16
+
+
+class Tok:
+    def decode(self, ids, skip_special_tokens=True):
+        return "Answer: 42" if ids and ids[-1] == CORRECT else "Answer: 41"
+
+
+def _out(ids, reason, lps=None, rid=None):
+    lps = [-0.5] * len(ids) if lps is None else lps
+    return GenerateOutput(output_ids=list(ids), output_logprobs=list(lps), finish_reason=reason, prompt_tokens=3,
+                          weight_version=None, rid=rid, completion_tokens=len(ids), engine_url="fake")
+
+
+class FakeEngine:
+    """``script[p]`` of prompt ``p`` (its first token id): ``("done", [outs])`` or ``("hold", [outs on abort])``;
+    ``cont[(p, j)]``: ``("done" | "hold", out)`` for a continuation of sample ``j``. Every call is recorded."""
+
+    def __init__(self, script, cont=None):
+        self.script, self.cont = script, cont or {}
+        self.calls: list[dict] = []
+        self.abort_calls: list[str] = []
+        self._aborted: dict[str, asyncio.Event] = {}
+
+    def _event(self, rid):
+        return self._aborted.setdefault(rid, asyncio.Event())
+
+    async def generate(self, input_ids, sp, *, return_logprob=False, rid=None):
+        assert len(input_ids) == 1
+        p = input_ids[0][0]
+        self.calls.append({"input_ids": list(input_ids[0]), "sp": dict(sp), "rid": rid})
+        if sp["n"] == G:
+            mode, outs = self.script[p]
+        else:
+            assert sp["n"] == 1
+            mode, out = self.cont[(p, int(rid.rsplit("-s", 1)[1]))]
+            outs = [out]
+        await asyncio.sleep(0)
+        if mode == "hold":
+            await asyncio.wait_for(self._event(rid).wait(), 30)
+        return [dataclasses_replace(o, rid=rid) for o in outs]
+
+    async def abort(self, rid=None):
+        self.abort_calls.append(rid)
+        for key in [r["rid"] for r in self.calls if r["rid"] == rid or r["rid"].startswith(f"{rid}-")]:
+            self._event(key).set()
+        return 1
+
+
+def dataclasses_replace(o, **kw):
+    import dataclasses
+
+    return dataclasses.replace(o, **kw)
+
+
+class SyncClient:
+    """What ``collect_batch`` needs of :class:`~megatron_dapo.rollout.client.SyncEngineClient`."""
+
+    def __init__(self, engine):
+        self.client = engine
+
+    def run(self, coro):
+        return asyncio.run(coro)
+
+
+def _row():
+    return {"reward_model": {"ground_truth": "42"}, "data_source": "math_dapo"}
+
+
+class Prompts:
+    """Dataset stand-in: prompt ``k`` has index ``100 + k`` and ids ``[k, 1, 2]``; records each request size."""
+
+    def __init__(self, first: int = 0):
+        self.next, self.asked = first, []
+
+    def __call__(self, n):
+        self.asked.append(n)
+        out = [(100 + k, _row(), [k, 1, 2]) for k in range(self.next, self.next + n)]
+        self.next += n
+        return out
+
+
+MIXED = ("done", [_out([5, CORRECT], "stop"), _out([5, WRONG], "stop")])
+ALL_WRONG = ("done", [_out([5, WRONG], "stop"), _out([5, WRONG], "stop")])
+# aborted while sample 0 had finished (correct) and sample 1 had generated 3 tokens
+HELD = ("hold", [_out([5, CORRECT], "stop", [-0.01, -0.02]), _out([5, 5, 5], "abort", [-0.1, -0.2, -0.3])])
+
+
+def _settings(partial=True, max_age=1):
+    return RolloutSettings(n_samples_per_prompt=G, max_response_length=MAX_LEN, soft_overlong_punishment=False,
+                           stop_token_ids=[9], partial_rollout=partial, partial_max_age=max_age)
+
+
+def _sampler():
+    return DynamicSampler(1, G, oversample_factor=2.0)
+
+
+def _step0(engine_script, partial=True):
+    """Step 0: prompt 0 (mixed) fills the sampler, prompt 1 is held and aborted."""
+    sampler, prompts = _sampler(), Prompts()
+    engine = FakeEngine(engine_script)
+    batch, stats = collect_batch(SyncClient(engine), sampler, prompts, Tok(), _settings(partial), step=0)
+    return sampler, prompts, engine, batch, stats
+
+
+def test_aborted_sample_is_continued_next_step_with_prefix_logprobs_and_versions():
+    sampler, prompts, engine, batch, stats = _step0({0: MIXED, 1: HELD})
+    assert [g.prompt_index for g in batch] == [100] and batch[0].token_versions == [[[0, 2, 0]], [[0, 2, 0]]]
+    assert len(engine.abort_calls) == 1 and sampler.num_pending == 1
+    m = stats.metrics()
+    assert (m["partial_parked"], m["partial_pending"], m["partial_continued"]) == (1.0, 1.0, 0.0)
+    assert m["generated_tokens"] == 4 + 5 and m["trained_tokens"] == 4  # the held group's 5 tokens were generated
+    pending = sampler.state_dict()["pending"][0]
+    assert pending["responses"] == [[5, CORRECT], [5, 5, 5]] and pending["finish_reasons"] == ["stop", "abort"]
+    assert pending["token_versions"] == [[[0, 2, 0]], [[0, 3, 0]]]
+
+    # step 1 (weights version 1): the parked group comes first, then one new prompt (held -> parked again)
+    engine2 = FakeEngine({2: HELD}, cont={(1, 1): ("done", _out([6, WRONG], "stop", [-0.4, -0.5]))})
+    batch, stats = collect_batch(SyncClient(engine2), sampler, prompts, Tok(), _settings(), step=1)
+    assert prompts.asked == [2, 1]  # want 2: one parked group + one new prompt
+    cont = [c for c in engine2.calls if c["sp"]["n"] == 1]
+    assert len(cont) == 1  # only the unfinished sample is resubmitted
+    assert cont[0]["input_ids"] == [1, 1, 2, 5, 5, 5]  # prompt + prefix
+    assert cont[0]["sp"]["max_new_tokens"] == MAX_LEN - 3
+    assert cont[0]["rid"].endswith("-s1")
+    (g,) = batch
+    assert g.prompt_index == 101 and g.prompt_ids == [1, 1, 2]
+    assert g.responses == [[5, CORRECT], [5, 5, 5, 6, WRONG]]
+    assert g.rollout_logprobs == [[-0.01, -0.02], [-0.1, -0.2, -0.3, -0.4, -0.5]]
+    assert g.finish_reasons == ["stop", "stop"] and g.correct == [True, False]
+    assert g.token_versions == [[[0, 2, 0]], [[0, 3, 0], [3, 5, 1]]]
+    m = stats.metrics()
+    assert (m["partial_continued"], m["partial_tokens_reused"], m["partial_dropped_stale"]) == (1.0, 3.0, 0.0)
+    assert (m["partial_parked"], m["partial_pending"]) == (1.0, 1.0)  # prompt 2 was held and parked
+    assert m["generated_tokens"] == 2 + 5 and m["trained_tokens"] == 7  # 5 of the 7 trained tokens were reused
+    d = sampler.metrics()
+    assert d["generated_response_tokens"] == 7 and d["batch_response_tokens"] == 7  # reused tokens not recounted
+
+
+def test_a_continuation_aborted_again_grows_another_span():
+    sampler, prompts, _, _, _ = _step0({0: MIXED, 1: HELD})
+    # step 1: the continuation is held (aborted again with 2 more tokens); a new prompt fills the sampler
+    engine = FakeEngine({2: MIXED}, cont={(1, 1): ("hold", _out([6, 6], "abort", [-0.4, -0.5]))})
+    batch, stats = collect_batch(SyncClient(engine), sampler, prompts, Tok(), _settings(max_age=2), step=1)
+    assert [g.prompt_index for g in batch] == [102]
+    assert stats.metrics()["generated_tokens"] == 4 + 2
+    (p,) = sampler.state_dict()["pending"]
+    assert p["responses"][1] == [5, 5, 5, 6, 6] and p["token_versions"][1] == [[0, 3, 0], [3, 5, 1]]
+    assert p["rollout_logprobs"][1] == [-0.1, -0.2, -0.3, -0.4, -0.5]
+    # step 2 with partial_max_age=2: continued once more (oldest token is 2 versions old)
+    engine = FakeEngine({3: HELD}, cont={(1, 1): ("done", _out([WRONG], "stop", [-0.6]))})
+    batch, stats = collect_batch(SyncClient(engine), sampler, prompts, Tok(), _settings(max_age=2), step=2)
+    (cont,) = [c for c in engine.calls if c["sp"]["n"] == 1]
+    assert cont["input_ids"] == [1, 1, 2, 5, 5, 5, 6, 6] and cont["sp"]["max_new_tokens"] == MAX_LEN - 5
+    assert batch[0].token_versions[1] == [[0, 3, 0], [3, 5, 1], [5, 6, 2]]
+    assert batch[0].responses[1] == [5, 5, 5, 6, 6, WRONG]
+
+
+def test_stale_prefixes_are_dropped_and_counted():
+    sampler, prompts, _, _, _ = _step0({0: MIXED, 1: HELD})
+    # step 2 (version 2) with partial_max_age=1: the prefix from version 0 is 2 versions old
+    engine = FakeEngine({2: MIXED, 3: ALL_WRONG})
+    batch, stats = collect_batch(SyncClient(engine), sampler, prompts, Tok(), _settings(max_age=1), step=2)
+    m = stats.metrics()
+    assert (m["partial_dropped_stale"], m["partial_tokens_dropped"], m["partial_continued"]) == (1.0, 5.0, 0.0)
+    assert all(c["sp"]["n"] == G for c in engine.calls)  # nothing continued
+    assert prompts.asked == [2, 2] and batch[0].prompt_index == 102 and sampler.num_pending == 0
+    # an explicit weight_version overrides the step (e.g. one-step off-policy): version 1 is young enough
+    sampler, prompts, _, _, _ = _step0({0: MIXED, 1: HELD})
+    engine = FakeEngine({2: ALL_WRONG}, cont={(1, 1): ("done", _out([WRONG], "stop"))})
+    batch, stats = collect_batch(SyncClient(engine), sampler, prompts, Tok(), _settings(max_age=1), step=2,
+                                 weight_version=1)
+    assert stats.metrics()["partial_continued"] == 1.0 and batch[0].token_versions[1][-1] == [3, 4, 1]
+
+
+def test_prefix_at_the_length_limit_or_ending_in_stop_finishes_without_a_request():
+    # sample 0 was aborted at the length limit (correct), sample 1 right after its stop token 9 (wrong)
+    full = ("hold", [_out([5] * (MAX_LEN - 1) + [CORRECT], "abort"), _out([5, 9], "abort")])
+    sampler, prompts, _, _, _ = _step0({0: MIXED, 1: full})
+    engine = FakeEngine({2: HELD})
+    batch, stats = collect_batch(SyncClient(engine), sampler, prompts, Tok(), _settings(), step=1)
+    assert all(c["sp"]["n"] == G for c in engine.calls)  # no continuation request was needed
+    (g,) = batch
+    assert g.prompt_index == 101 and g.finish_reasons == ["length", "stop"] and g.correct == [True, False]
+    assert g.token_versions == [[[0, MAX_LEN, 0]], [[0, 2, 0]]]
+    assert stats.metrics()["partial_continued"] == 0.0
+
+
+def test_state_dict_round_trip_restores_the_parked_groups():
+    sampler, prompts, _, _, _ = _step0({0: MIXED, 1: HELD})
+    state = json.loads(json.dumps(sampler.state_dict()))  # what trainer_state.json holds
+    restored = _sampler()
+    restored.load_state_dict(state)
+    assert restored.num_pending == 1 and restored.state_dict() == sampler.state_dict()
+    # the restored sampler continues exactly as the original would
+    runs = []
+    for s in (sampler, restored):
+        engine = FakeEngine({2: ALL_WRONG}, cont={(1, 1): ("done", _out([6, WRONG], "stop", [-0.4, -0.5]))})
+        batch, _ = collect_batch(SyncClient(engine), s, Prompts(2), Tok(), _settings(), step=1)
+        runs.append(([g.to_dict() for g in batch], [(c["input_ids"], c["sp"]["max_new_tokens"]) for c in engine.calls]))
+    assert runs[0] == runs[1]
+    # an older checkpoint without parked groups still loads
+    del state["pending"]
+    old = _sampler()
+    old.load_state_dict(state)
+    assert old.num_pending == 0
+
+
+def test_partial_rollout_off_changes_nothing():
+    sampler, prompts, engine, batch, stats = _step0({0: MIXED, 1: HELD}, partial=False)
+    assert sampler.num_pending == 0 and "pending" in sampler.state_dict() and sampler.state_dict()["pending"] == []
+    m = stats.metrics()
+    assert not [k for k in m if k.startswith("partial_")]
+    assert m["generated_tokens"] == 9 and m["trained_tokens"] == 4
+    d = sampler.metrics()
+    assert (d["aborted_requests"], d["generated_response_tokens"]) == (1.0, 9.0)  # aborted tokens counted as before
+    engine = FakeEngine({2: MIXED, 3: ALL_WRONG})
+    collect_batch(SyncClient(engine), sampler, prompts, Tok(), _settings(partial=False), step=1)
+    assert prompts.asked == [2, 2] and all(c["sp"]["n"] == G for c in engine.calls)
+    # groups parked by an earlier run with partial rollout are dropped (counted) when it is turned off
+    sampler, prompts, _, _, _ = _step0({0: MIXED, 1: HELD})
+    _, stats = collect_batch(SyncClient(FakeEngine({2: MIXED, 3: ALL_WRONG})), sampler, prompts, Tok(),
+                             _settings(partial=False), step=1)
+    assert sampler.num_pending == 0 and stats.partial_dropped_stale == 1
+
+
+def test_pending_group_and_token_versions_validation():
+    with pytest.raises(ValueError, match=r"token_versions\[1\] span \[1, 2, 0\] does not continue at token 0"):
+        Group(0, [1], [[1], [2, 3]], [1.0, 0.0], [True, False], ["stop", "stop"],
+              token_versions=[[[0, 1, 0]], [[1, 2, 0]]])
+    with pytest.raises(ValueError, match=r"token_versions\[0\] covers 1 tokens of a 2-token response"):
+        Group(0, [1], [[1, 2]], [1.0], [True], ["stop"], token_versions=[[[0, 1, 0]]])
+    pg = PendingGroup(5, [1, 2], _row(), [[3], []], None, ["stop", "abort"], [[[0, 1, 4]], []])
+    assert (pg.unfinished, pg.oldest_version, pg.num_prefix_samples) == ([1], 4, 0)
+    assert PendingGroup.from_dict(json.loads(json.dumps(pg.to_dict()))) == pg
+    with pytest.raises(ValueError, match="finish_reasons has 1 entries"):
+        PendingGroup(5, [1], _row(), [[3], []], None, ["stop"], [[[0, 1, 4]], []])
+    sampler = _sampler()
+    with pytest.raises(ValueError, match="expected n_samples_per_prompt=2"):
+        sampler.add_pending(PendingGroup(5, [1], _row(), [[3]], None, ["abort"], [[[0, 1, 4]]]))
+    with pytest.raises(TypeError, match="PendingGroup"):
+        sampler.add_pending(pg.to_dict())
+
+
+def test_config_validates_partial_rollout_keys():
+    from megatron_dapo.config import ConfigError, DAPOConfig
+
+    cfg = DAPOConfig()
+    assert cfg.rollout.partial_rollout is False and cfg.rollout.partial_max_age == 1
+    cfg.model.make_tiny, cfg.model.hf_path = True, "unused"
+    cfg.rollout.partial_rollout, cfg.rollout.deterministic = True, True
+    with pytest.raises(ConfigError, match="rollout.partial_rollout: needs rollout.deterministic=false"):
+        cfg.validate(target="cluster")
+    cfg.rollout.deterministic = False
+    cfg.validate(target="cluster")
+    cfg.rollout.partial_max_age = 0
+    with pytest.raises(ConfigError, match="rollout.partial_max_age: must be an int >= 1"):
+        cfg.validate(target="cluster")
+
+
+def test_generated_per_trained_token_sums_over_steps():
+    from megatron_dapo.rollout.generation import generated_per_trained_token
+
+    steps = [{"rollout/generated_tokens": 30.0, "rollout/trained_tokens": 10.0},
+             {"rollout/generated_tokens": 10.0, "rollout/trained_tokens": 10.0}]
+    assert generated_per_trained_token(steps) == pytest.approx(2.0)  # 40 / 20, not the mean of 3 and 1
+    with pytest.raises(ValueError, match=r"step metrics #0 lack \['rollout/trained_tokens'\]"):
+        generated_per_trained_token([{"rollout/generated_tokens": 1.0}])
+    with pytest.raises(ValueError, match="no trained tokens"):
+        generated_per_trained_token([])
