@@ -227,6 +227,12 @@ class _BackgroundRollout:
 class Trainer:
     """Builds every component from a validated :class:`DAPOConfig` and runs the loop (:meth:`fit`)."""
 
+    # one-step off-policy (set by __init__): rollout.max_staleness, the next batch (rank 0; generating in the
+    # background or restored from a checkpoint) and its weight version (every rank, in lockstep)
+    max_staleness: int = 0
+    _prefetch: Optional[_BackgroundRollout] = None
+    _pending_version: Optional[int] = None
+
     def __init__(self, cfg: DAPOConfig, preempt: Optional["_Preemption"] = None):
         self.cfg = cfg
         self._stack = ExitStack()
@@ -297,10 +303,8 @@ class Trainer:
         if self.rank == 0:
             log.info("stop token ids: %s", list(self.rollout_settings.stop_token_ids))
         self.val_rows = val_rows(cfg)
-        # one-step off-policy: the next batch (rank 0) and its weight version (every rank, in lockstep)
         self.max_staleness = r.max_staleness
-        self._prefetch: Optional[_BackgroundRollout] = None
-        self._pending_version: Optional[int] = None
+        self._prefetch = self._pending_version = None
         if self.rank == 0 and r.max_staleness and cfg.algorithm.tis_cap is None:
             log.warning("rollout.max_staleness=%d without algorithm.tis_cap: stale samples are not importance-"
                         "weighted against the engine's behaviour policy; set algorithm.tis_cap (e.g. 2.0)",
@@ -482,7 +486,7 @@ class Trainer:
         box: dict[str, Any] = {}
         if self._pending_version is None:
             self.engines.to_generation(str(self.step))  # wakes engines a checkpoint / export released
-            version = int(self.engines.weight_version)
+            version = self.step  # what the engines now generate with
             groups, rollout_metrics, error = self._rollout() if self.rank == 0 else (None, {}, None)
             rollout_metrics, error = _broadcast((rollout_metrics, error))  # the groups stay on rank 0
         else:
@@ -509,7 +513,7 @@ class Trainer:
     def _start_prefetch(self) -> None:
         """One-step off-policy: rank 0 starts generating the next step's batch in a background thread with the
         engines' current weights; every rank records that weight version."""
-        version = int(self.engines.weight_version)
+        version = self.step  # train_one_step pushed this step's weights just before
         self._pending_version = version
         if self.rank == 0:
             step = self.step + 1

@@ -80,6 +80,52 @@ def test_background_rollout_runs_in_a_thread_and_reraises_its_bug():
         bad.result()
 
 
+def test_train_one_step_overlaps_the_next_rollout_with_training():
+    """Step 1 generates synchronously; from then on each step takes the batch generated in the background during
+    the previous one, pushes the weights of the steps done and starts the next batch before training; no push
+    at a step's end (the next batch is still generating)."""
+    import threading
+
+    from megatron_dapo.algorithm import Group
+    from megatron_dapo.config import DAPOConfig
+    from megatron_dapo.trainer import Trainer
+    from test_engines import Events, FakeEngineSet, StepActor
+
+    events = Events()
+    trainer = Trainer.__new__(Trainer)  # no Megatron: only what train_one_step reads
+    trainer.cfg = DAPOConfig()
+    trainer.cfg.actor.ppo_mini_batch_size = 4
+    trainer.rank, trainer.step, trainer.max_staleness = 0, 0, 1
+    trainer.alg = trainer.cfg.resolved_algorithm()
+    trainer.loss = SimpleNamespace()
+    trainer.nonfinite_streak = 0
+    trainer.engines = FakeEngineSet(events)
+    trainer.actor = StepActor(events)
+    calls = []
+
+    def rollout(step=None):
+        calls.append((threading.current_thread().name, step))
+        base = 10 * (0 if step is None else step)
+        groups = [Group(prompt_index=base + i, prompt_ids=[1, 2, 3], responses=[[4, 5], [6], [7, 8], [9]],
+                        rewards=[1.0, -1.0, 1.0, -1.0], correct=[True, False, True, False],
+                        finish_reasons=["stop"] * 4) for i in range(2)]
+        return groups, {"rollout/reward_mean": 0.0}, None
+
+    trainer._rollout = rollout
+    m1 = trainer.train_one_step()
+    assert trainer._batch_ids == [0, 1]
+    m2 = trainer.train_one_step()
+    assert trainer._batch_ids == [10, 11]  # generated in the background during step 1
+    trainer._prefetch.result()
+    assert calls == [("MainThread", None), ("rollout-step-2", 1), ("rollout-step-3", 2)]
+    assert (m1["rollout/staleness"], m1["rollout/weight_version"]) == (0.0, 0.0)
+    assert (m2["rollout/staleness"], m2["rollout/weight_version"]) == (1.0, 0.0)
+    assert trainer.step == 2 and trainer._pending_version == 1  # step 3's batch comes from the weights of step 1
+    engine_calls = [e[1:] for e in events.log if e[0] == "engines"]
+    assert engine_calls == [("to_generation", "0"), ("to_generation", "0"), ("to_training",),
+                            ("to_generation", "1"), ("to_training",)]
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 
