@@ -129,7 +129,9 @@ class RolloutConfig:
     ``0``: synchronous (generate with the current weights, then train). ``1``: one-step off-policy — rank 0
     generates step k+1's batch in a background thread while the actor trains on step k's, so each batch comes
     from the weights of one step earlier; the weights are pushed at the step boundary (``rollout/staleness``
-    is logged per step; a batch lagging more raises). Needs disaggregated engines (``colocated: false``).
+    is logged per step; a batch lagging more raises). Needs disaggregated engines (``colocated: false``). The
+    batch generating at a checkpoint (also the one started during the last step) is waited for and saved in it,
+    so a resumed or extended run trains on exactly that batch next.
     Set ``algorithm.tis_cap`` (e.g. 2.0) with ``1``: the loss clips against the actor's recomputed
     ``old_logprobs`` (the proximal policy) and only the truncated importance weight pi_old / pi_rollout
     corrects for the older behaviour policy (AReaL's decoupled objective, arXiv 2505.24298)."""

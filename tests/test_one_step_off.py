@@ -18,8 +18,8 @@ from megatron_dapo.config import ConfigError, load_config
 from test_e2e import CONFIG, _fail, run_train, tiny_model  # noqa: F401  (fixture)
 
 SMALL = ["rollout.rollout_batch_size=4", "rollout.n_samples_per_prompt=4", "actor.ppo_mini_batch_size=16",
-         "trainer.export_hf=false", "trainer.save_interval=0", "trainer.eval_interval=0",
-         "rollout.colocated=false", "rollout.max_staleness=1", "algorithm.tis_cap=2.0"]
+         "trainer.export_hf=false", "trainer.save_interval=0", "rollout.colocated=false", "rollout.max_staleness=1",
+         "algorithm.tis_cap=2.0"]
 
 
 def _steps(path):
@@ -132,8 +132,11 @@ def test_train_one_step_overlaps_the_next_rollout_with_training():
 @pytest.mark.slow
 def test_one_step_off_trains_with_staleness_one_and_checked_pushes(tmp_path, tiny_model):  # noqa: F811
     proc = run_train([f"output_dir={tmp_path}", "run_name=async", f"model.hf_path={tiny_model}",
-                      "trainer.total_steps=3", "weight_sync.check_logprobs=true"] + SMALL)
+                      "trainer.total_steps=3", "weight_sync.check_logprobs=true"] + SMALL
+                     + ["trainer.eval_interval=3", "trainer.eval_max_prompts=4", "trainer.eval_n_samples=2"])
     assert proc.returncode == 0, _fail(proc)
+    # the evaluation after step 3 waits for the batch generating in the background, then pushes and evaluates
+    assert "[eval step 3]" in proc.stdout
     steps = _steps(tmp_path / "async" / "steps.jsonl")
     assert [s["step"] for s in steps] == [1, 2, 3]
     # the first batch is generated synchronously, every later one by the weights of the step before
@@ -150,7 +153,7 @@ def test_one_step_off_trains_with_staleness_one_and_checked_pushes(tmp_path, tin
 
 @pytest.mark.slow
 def test_one_step_off_exact_resume_with_the_batch_in_flight(tmp_path, tiny_model):  # noqa: F811
-    common = [f"model.hf_path={tiny_model}", f"output_dir={tmp_path}"] + SMALL
+    common = [f"model.hf_path={tiny_model}", f"output_dir={tmp_path}", "trainer.eval_interval=0"] + SMALL
     ref = run_train(common + ["run_name=ref", "trainer.total_steps=4"])
     assert ref.returncode == 0, _fail(ref)
     first = run_train(common + ["run_name=int", "trainer.total_steps=2"])
