@@ -6,7 +6,7 @@ random Qwen2 (hidden 64, 2 layers, the demo tokenizer) through the real CLI with
 once with ``rollout.max_staleness=0`` and once with ``=1``, and compares the mean ``timing/step_s`` of steps
 2..N (step 1 of the off-policy run generates synchronously; start-up is not counted).
 
-Sizes are chosen so that a step's rollout (32 prompts x G 4, up to 48 tokens) and its training
+Sizes are chosen so that a step's rollout (32 prompts x G 4, up to 32 tokens) and its training
 (``old_logprob`` + 4 Adam updates of 32 responses) take comparable time on one core each: one-step off-policy
 then hides the shorter of the two behind the longer (ideal ratio max(r, t) / (r + t) = 0.5 when equal).
 Dynamic sampling is off here so that both runs generate the same amount per step.
@@ -40,7 +40,7 @@ CONFIG = REPO / "examples" / "tiny-cpu" / "dapo.yaml"
 
 #: The fixed run: tiny model, disaggregated CPU engine, no evaluation / checkpoints / export in the timing.
 COMMON = ["rollout.colocated=false", "rollout.deterministic=false", "rollout.rollout_batch_size=32",
-          "rollout.n_samples_per_prompt=4", "rollout.max_response_length=48", "algorithm.overlong_buffer_length=8",
+          "rollout.n_samples_per_prompt=4", "rollout.max_response_length=32", "algorithm.overlong_buffer_length=8",
           "actor.ppo_mini_batch_size=32", "algorithm.tis_cap=2.0", "trainer.eval_interval=0",
           "trainer.save_interval=0", "trainer.export_hf=false", "resume=none"]
 
