@@ -132,6 +132,17 @@ class RolloutConfig:
     max_consecutive_malformed_per_engine: int = 8
     """Stop the step when one engine returns this many malformed responses in a row (bad token ids or
     logprobs, wrong lengths, unknown finish reason); fewer are dropped and counted."""
+    max_staleness: int = 0
+    """How many optimizer steps the weights that generated a batch may lag behind the policy trained on it.
+    ``0``: synchronous (generate with the current weights, then train). ``1``: one-step off-policy — rank 0
+    generates step k+1's batch in a background thread while the actor trains on step k's, so each batch comes
+    from the weights of one step earlier; the weights are pushed at the step boundary (``rollout/staleness``
+    is logged per step; a batch lagging more raises). Needs disaggregated engines (``colocated: false``). The
+    batch generating at a checkpoint (also the one started during the last step) is waited for and saved in it,
+    so a resumed or extended run trains on exactly that batch next.
+    Set ``algorithm.tis_cap`` (e.g. 2.0) with ``1``: the loss clips against the actor's recomputed
+    ``old_logprobs`` (the proximal policy) and only the truncated importance weight pi_old / pi_rollout
+    corrects for the older behaviour policy (AReaL's decoupled objective, arXiv 2505.24298)."""
 
 
 @dataclass
@@ -165,7 +176,8 @@ class AlgorithmConfig:
     """Truncated importance sampling cap on pi_old / pi_rollout; ``None`` = off. pi_old is the actor before this
     step's update (recomputed every step), so this is the behaviour weight of AReaL's decoupled objective
     (:func:`~megatron_dapo.algorithm.compute_decoupled_policy_loss`): it corrects both stale (off-policy) samples
-    and engine/trainer mismatch."""
+    and engine/trainer mismatch. Set it for off-policy runs (``rollout.max_staleness: 1``; the trainer warns when
+    it is unset there)."""
     seq_is_mask_low: Optional[float] = None
     """Sequence-level masked IS: drop a sequence whose geometric-mean pi_old / pi_rollout is below this
     (e.g. 0.999; ``None`` = no lower bound). See :func:`~megatron_dapo.algorithm.geometric_seq_is_mask`."""
@@ -349,6 +361,11 @@ class DAPOConfig:
         need(r.temperature > 0, "rollout.temperature", "must be > 0")
         need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         need(r.num_engines >= 1, "rollout.num_engines", "must be >= 1")
+        need(r.max_staleness in (0, 1), "rollout.max_staleness",
+             f"must be 0 (synchronous) or 1 (one-step off-policy) (got {r.max_staleness})")
+        need(not (r.colocated and r.max_staleness > 0), "rollout.max_staleness",
+             "colocated runs stay synchronous (the engines and the actor share the GPUs, so generation cannot "
+             "overlap training); set rollout.colocated=false for one-step off-policy, or max_staleness=0")
         if r.deterministic and r.backend == "sglang":
             import warnings
 
