@@ -416,8 +416,11 @@ class Trainer:
         self.response_validator.start_step()
         try:
             with timed(timing, "rollout"):
+                # partial-rollout spans are tagged with the version the engines really hold (one step behind
+                # the trained step in one-step off-policy mode)
                 groups, stats = collect_batch(self.client, self.sampler, next_prompts, self.tokenizer,
-                                              self.rollout_settings, self.step if step is None else step)
+                                              self.rollout_settings, self.step if step is None else step,
+                                              weight_version=int(self.engines.weight_version))
         except DynamicSamplingExhausted as e:
             msg = str(e)
             if self.response_validator.groups_dropped:

@@ -121,6 +121,7 @@ def _fake_self(validator_dropped: int = 0, prompt_skips: int = 0):
     validator = SimpleNamespace(start_step=lambda: None, groups_dropped=validator_dropped,
                                 examples=["token id 999 >= vocab 300"], metrics=lambda: {})
     return SimpleNamespace(response_validator=validator, prompt_skips=prompt_skips, client=None, sampler=None,
+                           engines=SimpleNamespace(weight_version="0"),
                            tokenizer=None, rollout_settings=None, step=0, dataset=None,
                            cfg=SimpleNamespace(data=SimpleNamespace(max_prompt_length=64)))
 

@@ -44,7 +44,7 @@ TB_TAGS_ONE_STEP = frozenset({
     "memory/actor_offload_optimizer_state_bytes", "memory/actor_offload_params_bytes",
     "memory/actor_offload_tensors", "memory/actor_onload_bytes", "memory/actor_onload_tensors", "rollout/acc",
     "rollout/acc/arith_demo", "rollout/generated_per_trained_token", "rollout/generated_tokens",
-    "rollout/trained_tokens", "rollout/malformed/finish_reason", "rollout/malformed/length",
+    "rollout/trained_tokens", "rollout/staleness", "rollout/weight_version", "rollout/malformed/finish_reason", "rollout/malformed/length",
     "rollout/malformed/logprob_count", "rollout/malformed/logprob_nonfinite", "rollout/malformed/logprob_positive",
     "rollout/malformed/token_id", "rollout/malformed_groups_dropped", "rollout/malformed_responses",
     "rollout/mean_token_prob", "rollout/no_answer_frac", "rollout/num_responses",
