@@ -224,7 +224,8 @@ def engine_client(r: RolloutConfig, endpoints: Endpoints, stack: ExitStack) -> R
 
 def fixed_sequence_logprobs(actor: PolicyActor, temperature: float) -> tuple[list[int], int, torch.Tensor]:
     """A fixed pseudo-random 24-token sequence (8 prompt + 16 response tokens) and the actor's float32 logprobs
-    of its 16 response tokens at ``temperature`` (collective: :meth:`PolicyActor.compute_logprobs`).
+    of its 16 response tokens at ``temperature`` (collective over the model-parallel group:
+    :meth:`PolicyActor.compute_logprobs` with ``local=True`` on every data-parallel rank).
 
     Returns:
         ``(sequence, prompt_len, logprobs [16])``.
@@ -232,7 +233,8 @@ def fixed_sequence_logprobs(actor: PolicyActor, temperature: float) -> tuple[lis
     g = torch.Generator().manual_seed(12345)
     seq = torch.randint(0, actor.spec.vocab_size, (24,), generator=g).tolist()
     prompt, resp = seq[:8], seq[8:]
-    lp, _ = actor.compute_logprobs(build_actor_batch([prompt], [resp]), temperature=temperature)
+    # every DP rank scores the one sequence itself (local): one row cannot be split over DP ranks
+    lp, _ = actor.compute_logprobs(build_actor_batch([prompt], [resp]), temperature=temperature, local=True)
     return seq, len(prompt), lp[0, len(prompt): len(seq)]
 
 

@@ -51,8 +51,10 @@ class PolicyActor(Protocol):
     @property
     def offload_metrics(self) -> dict[str, float]: ...
 
-    def compute_logprobs(self, batch: Any, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logprobs, entropy)``, each ``[B, T]`` float32 aligned with ``batch.input_ids`` (collective)."""
+    def compute_logprobs(self, batch: Any, temperature: float = 1.0,
+                         local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logprobs, entropy)``, each ``[B, T]`` float32 aligned with ``batch.input_ids`` (collective).
+        ``local``: ``batch`` is this data-parallel rank's own (no split over DP ranks)."""
         ...
 
     def train_step(self, batch: Any, loss: Any) -> dict[str, float]:

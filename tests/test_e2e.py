@@ -137,6 +137,18 @@ def test_tp2_two_processes(tmp_path, tiny_model):
 
 
 @pytest.mark.slow
+def test_dp2_engine_logprob_check(tmp_path, tiny_model):
+    """Two data-parallel ranks: the after-sync logprob check scores its one fixed sequence on every DP rank
+    (it used to try to split one row over two ranks and stop the run)."""
+    proc = run_train(_base(tmp_path, tiny_model, "dp2", 1) + ["weight_sync.check_logprobs=true",
+                                                              "trainer.export_hf=false"], nproc=2)
+    assert proc.returncode == 0, _fail(proc)
+    sc = read_scalars(tmp_path / "dp2" / "tb")
+    assert len(sc["actor/pg_loss"]) == 1
+    assert max(v for _, v in sc["weight_sync/engine_actor_logprob_max_abs_diff"]) <= 1e-4
+
+
+@pytest.mark.slow
 def test_real_rows_real_tokenizer(tmp_path):
     parquet = shared_path("data", "dapo-math-17k", "dapo_math_17k.parquet")
     tok_dir = shared_path("data", "qwen2.5-tokenizer")
