@@ -373,8 +373,8 @@ def test_trainer_on_vllm_syncs_by_disk_reload(vllm_server, tmp_path, restore_bas
     assert len(diffs) >= 3 and max(diffs) <= TOL, diffs
     assert [s for s, _ in sc["rollout/reward_mean"]] == [1, 2, 3]
     with urllib.request.urlopen(url + "/weight_info", timeout=5) as r:
-        # the sync closing step k sends weight_version str(k - 1) (the trainer's step before its increment)
-        assert json.loads(r.read())["weight_version"] == "2"
+        # the sync closing step k sends weight_version str(k): the engines' version counts the steps done
+        assert json.loads(r.read())["weight_version"] == "3"
 
 
 @pytest.mark.slow
@@ -383,11 +383,13 @@ def test_trainer_on_vllm_concurrent_rollout_counts_aborts(vllm_server, tmp_path,
     aborted once the dynamic sampler is full - the aborted requests come back and are counted."""
     url, models, server_log = vllm_server
     proc = _train(tmp_path, "nondet", models["base"], url, [
-        # one group fills the sampler while 7 more prompts are in flight (with 2 groups of 8 the last kept
-        # group sometimes finished together with the others on the protocol model: no abort to count)
+        # 8 prompts x 32 samples = 256 sequences, twice what vLLM's CPU server runs at once (max_num_seqs 128):
+        # the second half waits while the first is generated and scored, so when one mixed group fills the
+        # sampler there are requests in flight to abort (groups that finished generating are kept as surplus
+        # by the streaming scorer, and the sequences of one batch finish together on the protocol model)
         "trainer.total_steps=3", "rollout.deterministic=false", "rollout.rollout_batch_size=1",
-        "rollout.n_samples_per_prompt=4", "algorithm.oversample_factor=8.0", "rollout.max_response_length=200",
-        "algorithm.overlong_buffer_length=16", "actor.ppo_mini_batch_size=4"])
+        "rollout.n_samples_per_prompt=32", "algorithm.oversample_factor=8.0", "rollout.max_response_length=200",
+        "algorithm.overlong_buffer_length=16", "actor.ppo_mini_batch_size=32"])
     assert proc.returncode == 0, _fail(proc) + _server_log(server_log)
     sc = _scalars(next(tmp_path.glob("**/tb")))
     aborted = sum(v for _, v in sc["dynamic_sampling/aborted_requests"])
