@@ -101,6 +101,13 @@ def restore_engine(sglang):
 def test_transports_against_the_shared_server(tmp_path, sglang, transport, colocated, aborted_counts,
                                               restore_engine):
     args = _overrides(tmp_path, sglang.model_dir, transport, colocated) + [f"rollout.engine_urls=[{sglang.url}]"]
+    if transport == "distributed":
+        # one kept group of 16 from 8 prompts x 16 samples (~12k tokens) on a server whose KV cache holds 4,096
+        # tokens on CPU: later requests wait while the first ones are generated and scored, so requests are
+        # still in flight when the sampler fills (streaming scoring keeps groups that finished generating)
+        args += ["rollout.rollout_batch_size=1", "rollout.n_samples_per_prompt=16", "algorithm.oversample_factor=8.0",
+                 "rollout.max_response_length=64", "algorithm.overlong_buffer_length=16",
+                 "actor.ppo_mini_batch_size=16"]
     proc = _train(args)
     assert proc.returncode == 0, _fail(proc)
     s = _check_run(tmp_path)
