@@ -306,6 +306,7 @@ class Trainer:
         self.val_rows = val_rows(cfg)
         self.max_staleness = r.max_staleness
         self._prefetch = self._pending_version = None
+        self._resume_push_metrics: dict[str, float] = {}  # the push at resume: logged with the first step
         if self.rank == 0 and r.max_staleness and cfg.algorithm.tis_cap is None:
             log.warning("rollout.max_staleness=%d without algorithm.tis_cap: stale samples are not importance-"
                         "weighted against the engine's behaviour policy; set algorithm.tis_cap (e.g. 2.0)",
@@ -353,7 +354,9 @@ class Trainer:
         self._restore_prefetch(state.get("prefetch"))
         if self.rank == 0:
             log.info("resumed from %s at step %d", path, self.step)
-        self.engines.to_generation(str(self.step))  # the engines started from the HF weights, not the checkpoint's
+        # the engines started from the HF weights, not the checkpoint's; the push (and its logprob check) is
+        # logged with the first step after the resume
+        self._resume_push_metrics = self.engines.to_generation(str(self.step))
 
     def _restore_prefetch(self, saved: Optional[dict[str, Any]]) -> None:
         """Make a checkpoint's next batch (:meth:`_prefetched_state`) the next step's batch (every rank: its
@@ -542,7 +545,7 @@ class Trainer:
         One-step off-policy (``rollout.max_staleness: 1``): the batch is the one generated during the previous
         step; then step k's weights are pushed and the next batch starts generating in the background while
         this one trains (the push happens here, at the step's start, once nothing is in flight)."""
-        metrics: dict[str, float] = {}
+        metrics, self._resume_push_metrics = dict(self._resume_push_metrics), {}
         with timed(metrics, "step"):
             groups, rollout_metrics = self._next_batch()
             metrics.update(rollout_metrics)

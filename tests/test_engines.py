@@ -317,6 +317,7 @@ def test_train_one_step_transitions_around_rollout_and_update():
     trainer.alg = trainer.cfg.resolved_algorithm()
     trainer.loss = SimpleNamespace()
     trainer.nonfinite_streak = 0
+    trainer._resume_push_metrics = {}
     trainer.engines = FakeEngineSet(events)
     trainer.actor = StepActor(events)
     groups = [Group(prompt_index=i, prompt_ids=[1, 2, 3], responses=[[4, 5], [6], [7, 8], [9]],
