@@ -26,17 +26,19 @@ MODEL_KW = dict(hidden_size=64, num_layers=2, num_attention_heads=2, num_key_val
 
 
 def _start(kind: str, model: str, log_dir: str):
-    from megatron_dapo.rollout import launch
-
     if kind == "cpu":
-        return launch.launch_cpu_engines(model, 1, log_dir=log_dir, health_timeout_s=300)
+        from megatron_dapo.rollout.launch_cpu_engine import launch_cpu_engines
+
+        return launch_cpu_engines(model, 1, log_dir=log_dir, health_timeout_s=300)
     if kind == "sglang":
-        return launch.launch_sglang_servers(model, num_engines=1, base_port=None, device="cpu", dtype="float32",
-                                            log_dir=log_dir, health_timeout_s=900)
+        from megatron_dapo.rollout.launch_sglang import launch_sglang_servers
+
+        return launch_sglang_servers(model, num_engines=1, base_port=None, device="cpu", dtype="float32",
+                                     log_dir=log_dir, health_timeout_s=900)
     if kind == "vllm":
-        if not hasattr(launch, "launch_vllm_servers"):
-            raise RuntimeError("launch_vllm_servers is not in megatron_dapo.rollout.launch (vLLM client not merged)")
-        return launch.launch_vllm_servers(model, num_engines=1, log_dir=log_dir)
+        from megatron_dapo.rollout.launch_vllm import launch_vllm_servers
+
+        return launch_vllm_servers(model, num_engines=1, log_dir=log_dir)
     raise ValueError(kind)
 
 

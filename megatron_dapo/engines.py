@@ -36,8 +36,11 @@ import torch
 from .actor.batching import build_actor_batch
 from .config import DAPOConfig, RolloutConfig
 from .protocols import PolicyActor, RolloutBackendName, RolloutEngine, WeightTransportName
-from .rollout.launch import (EngineProcesses, default_engine_python, launch_cpu_engines, launch_sglang_router,
-                             launch_sglang_servers, launch_vllm_servers)
+from .rollout.launch_common import EngineProcesses, default_engine_python
+from .rollout.launch_cpu_engine import launch_cpu_engines
+from .rollout.launch_router import launch_sglang_router
+from .rollout.launch_sglang import launch_sglang_servers
+from .rollout.launch_vllm import launch_vllm_servers
 from .rollout.transport import EngineError
 from .sync import WeightSync
 from .sync.collective import on_rank0

@@ -556,7 +556,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     t, r = cfg.trainer, cfg.rollout
     from megatron_dapo.backend import MissingBackendError
     from megatron_dapo.engines import Endpoints, LaunchRequest, engine_client, launch_engines
-    from megatron_dapo.rollout.launch import EngineLaunchError
+    from megatron_dapo.rollout.launch_common import EngineLaunchError
     from megatron_dapo.rollout.transport import EngineError
 
     # the trainer's launch code; the engines run alone here (not colocated) and are used directly (no router)

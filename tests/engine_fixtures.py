@@ -9,7 +9,7 @@ drift from the engines.
 
 Kinds: ``cpu`` (the project's CPU engine), ``sglang`` (real SGLang 0.5.x from ``.venv-sglang``, ~2 min
 start-up on CPU) and ``vllm`` (real vLLM; written against ``launch_vllm_servers`` /
-``VLLMClient`` of :mod:`megatron_dapo.rollout.launch` / :mod:`megatron_dapo.rollout.vllm_backend` and
+``VLLMClient`` of :mod:`megatron_dapo.rollout.launch_vllm` / :mod:`megatron_dapo.rollout.vllm_backend` and
 in :data:`DEFAULT_KINDS`).  ``MEGATRON_DAPO_TEST_ENGINES`` (comma-separated) selects kinds; default
 :data:`DEFAULT_KINDS`.  Under ``CI=true`` an engine that cannot start (missing venv) FAILS its tests with
 what to run; elsewhere they are skipped with the same message.
@@ -77,20 +77,20 @@ def _get_json(url: str) -> Any:
 
 
 def _start_cpu(model_dir: Path, log_dir: Path):
-    from megatron_dapo.rollout.launch import launch_cpu_engines
+    from megatron_dapo.rollout.launch_cpu_engine import launch_cpu_engines
 
     return launch_cpu_engines(str(model_dir), 1, seed=123, log_dir=log_dir, health_timeout_s=180)
 
 
 def _start_sglang(model_dir: Path, log_dir: Path):
-    from megatron_dapo.rollout.launch import launch_sglang_servers
+    from megatron_dapo.rollout.launch_sglang import launch_sglang_servers
 
     return launch_sglang_servers(str(model_dir), num_engines=1, base_port=None, device="cpu", dtype="float32",
                                  log_dir=log_dir, health_timeout_s=600)
 
 
 def _start_vllm(model_dir: Path, log_dir: Path):
-    from megatron_dapo.rollout.launch import launch_vllm_servers  # the vLLM helper's launcher
+    from megatron_dapo.rollout.launch_vllm import launch_vllm_servers  # the vLLM helper's launcher
 
     return launch_vllm_servers(str(model_dir), num_engines=1, log_dir=log_dir)
 

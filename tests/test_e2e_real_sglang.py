@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
-from megatron_dapo.rollout.launch import descendant_pids
+from megatron_dapo.rollout.launch_common import descendant_pids
 from tests.engine_fixtures import wait_until
 
 CONFIG = str(REPO_ROOT / "examples" / "tiny-cpu" / "dapo.yaml")

@@ -309,7 +309,7 @@ def test_aime_rows_load_render_and_score_with_qwen_tokenizer():
 @pytest.fixture(scope="module")
 def tiny_engine(tmp_path_factory):
     from megatron_dapo.data import make_tiny_checkpoint
-    from megatron_dapo.rollout.launch import launch_cpu_engines
+    from megatron_dapo.rollout.launch_cpu_engine import launch_cpu_engines
 
     d = tmp_path_factory.mktemp("eval_tiny")
     model_dir = make_tiny_checkpoint(d / "model", family="qwen2")

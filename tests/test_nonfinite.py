@@ -188,7 +188,7 @@ def test_tp2_nonfinite_updates_skip_bit_exact(tmp_path, tiny_hf):
 @pytest.fixture(scope="module")
 def cpu_engine(tiny_model, tmp_path_factory):
     """One CPU engine on ``tiny_model`` for the module (the trainer runs use it through rollout.engine_urls)."""
-    from megatron_dapo.rollout.launch import launch_cpu_engines
+    from megatron_dapo.rollout.launch_cpu_engine import launch_cpu_engines
 
     procs = launch_cpu_engines(str(tiny_model), 1, seed=0, log_dir=tmp_path_factory.mktemp("engine_logs"),
                                health_timeout_s=180)

@@ -241,7 +241,7 @@ def engine_logprob_check(client, prompts: list[list[int]], responses: list[list[
 def test_cpu_engine_logprobs_equal_the_actors(smollm, parity, tmp_path):
     from megatron_dapo.actor.batching import build_actor_batch
     from megatron_dapo.rollout.client import SyncEngineClient
-    from megatron_dapo.rollout.launch import launch_cpu_engines
+    from megatron_dapo.rollout.launch_cpu_engine import launch_cpu_engines
 
     sys.path.insert(0, str(SCRIPTS))
     from real_model_worker import real_batch

@@ -97,7 +97,8 @@ def odd_ids(smollm) -> dict:
 def served(request, smollm, tmp_path_factory):
     """One real engine on the SmolLM2 fp32 checkpoint (started once per kind) and its blocking client."""
     from megatron_dapo.rollout.client import SyncEngineClient
-    from megatron_dapo.rollout.launch import launch_sglang_servers, launch_vllm_servers
+    from megatron_dapo.rollout.launch_sglang import launch_sglang_servers
+    from megatron_dapo.rollout.launch_vllm import launch_vllm_servers
     from megatron_dapo.rollout.vllm_backend import SyncVLLMClient
 
     kind = request.param

@@ -35,7 +35,7 @@ TOL = 1e-4
 
 def _vllm_python() -> str:
     from megatron_dapo.backend import MissingBackendError
-    from megatron_dapo.rollout.launch import default_engine_python
+    from megatron_dapo.rollout.launch_common import default_engine_python
 
     try:
         return default_engine_python("vllm")
@@ -425,7 +425,7 @@ def test_capability_table_matches_the_client():
 
 
 def test_vllm_command_generate_payload_and_parse():
-    from megatron_dapo.rollout.launch import build_vllm_command, vllm_env
+    from megatron_dapo.rollout.launch_vllm import build_vllm_command, vllm_env
     from megatron_dapo.rollout.vllm_backend import (
         build_nccl_init_info, build_reload_payload, build_vllm_generate_payload, parse_vllm_generate_response,
     )

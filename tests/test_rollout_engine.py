@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from megatron_dapo.rollout.client import EngineClient, EngineError
-from megatron_dapo.rollout.launch import find_free_ports, launch_cpu_engines
+from megatron_dapo.rollout.launch_common import find_free_ports
+from megatron_dapo.rollout.launch_cpu_engine import launch_cpu_engines
 
 EOS = 2
 

@@ -23,7 +23,8 @@ from megatron_dapo.rollout.cpu_engine import (
     parse_sampling_params,
     truncated_sample,
 )
-from megatron_dapo.rollout.launch import build_cpu_engine_command, build_sglang_command
+from megatron_dapo.rollout.launch_cpu_engine import build_cpu_engine_command
+from megatron_dapo.rollout.launch_sglang import build_sglang_command
 from megatron_dapo.rollout.update_group import create_weight_update_group, dtype_to_str, parse_torch_dtype
 
 # Fields documented for SGLang's GenerateReqInput (docs/basic_usage/sampling_params.md).
@@ -205,7 +206,7 @@ def test_engine_request_expansion_and_validation():
 
 
 def test_update_group_gloo_in_process_and_errors():
-    from megatron_dapo.rollout.launch import find_free_ports
+    from megatron_dapo.rollout.launch_common import find_free_ports
 
     port = find_free_ports(1)[0]
     groups = {}

@@ -25,11 +25,13 @@ from conftest import REPO_ROOT
 from megatron_dapo.backend import MissingBackendError
 from megatron_dapo.config import ConfigError, load_config
 from megatron_dapo.rollout.client import EngineClient, EngineError
-from megatron_dapo.rollout.launch import (
-    ROUTER_POLICIES, RouterLaunchError, RouterNotInstalledError, build_sglang_router_command, find_free_ports,
-    launch_cpu_engines, launch_sglang_router, router_worker_health, wait_router_routing,
-)
 from megatron_dapo.rollout.launch import main as launch_main
+from megatron_dapo.rollout.launch_common import find_free_ports
+from megatron_dapo.rollout.launch_cpu_engine import launch_cpu_engines
+from megatron_dapo.rollout.launch_router import (
+    ROUTER_POLICIES, RouterLaunchError, RouterNotInstalledError, build_sglang_router_command, launch_sglang_router,
+    router_worker_health, wait_router_routing,
+)
 
 try:
     import sglang_router  # noqa: F401  (presence check)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_dapo.rollout import launch
+from megatron_dapo.rollout import launch_common, launch_sglang
 from megatron_dapo.rollout.client import needs_weight_update_bracket, parse_server_version
 from megatron_dapo.rollout.tensor_ipc import (FLATTENED_BUCKET, TensorPayloadError, deserialize_payload,
                                               serialize_flattened_bucket, unflatten_bucket)
@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_cpu_command_flags_and_env():
-    cmd = launch.build_sglang_command("/m", port=1234, device="cpu", dtype="float32", python="/py",
-                                      max_total_tokens=2048, colocated=True, mem_fraction_static=0.5)
+    cmd = launch_sglang.build_sglang_command("/m", port=1234, device="cpu", dtype="float32", python="/py",
+                                             max_total_tokens=2048, colocated=True, mem_fraction_static=0.5)
     assert cmd[:3] == ["/py", "-m", "sglang.launch_server"]
     joined = " ".join(cmd)
     for flag in ("--device cpu", "--attention-backend torch_native", "--sampling-backend pytorch",
@@ -33,34 +33,34 @@ def test_cpu_command_flags_and_env():
         assert flag in joined, flag
     # GPU-only flags stay off on CPU (the memory saver needs libcuda)
     assert "--enable-memory-saver" not in cmd and "--mem-fraction-static" not in cmd and "--base-gpu-id" not in cmd
-    gpu = launch.build_sglang_command("/m", port=1234, colocated=True, python="/py")
+    gpu = launch_sglang.build_sglang_command("/m", port=1234, colocated=True, python="/py")
     assert "--enable-memory-saver" in gpu and "--device" not in gpu
-    env = launch.sglang_cpu_env({"PYTHONPATH": "/x"})
+    env = launch_sglang.sglang_cpu_env({"PYTHONPATH": "/x"})
     assert env["SGLANG_USE_CPU_ENGINE"] == "1" and env["OMP_NUM_THREADS"] == "1"
-    assert env["PYTHONPATH"] == f"{launch.SGLANG_CPU_SHIMS}{os.pathsep}/x"
-    assert (launch.SGLANG_CPU_SHIMS / "sgl_kernel" / "__init__.py").is_file()
+    assert env["PYTHONPATH"] == f"{launch_sglang.SGLANG_CPU_SHIMS}{os.pathsep}/x"
+    assert (launch_sglang.SGLANG_CPU_SHIMS / "sgl_kernel" / "__init__.py").is_file()
     with pytest.raises(ValueError, match="dtype"):
-        launch.sglang_cpu_args("fp32")
+        launch_sglang.sglang_cpu_args("fp32")
 
 
 def test_auto_dtype_is_the_checkpoints(tmp_path):
     """SGLang's --dtype auto serves fp32 checkpoints in fp16; the launchers pass the checkpoint's dtype."""
     (tmp_path / "config.json").write_text('{"dtype": "float32"}')
-    assert launch.checkpoint_dtype(str(tmp_path)) == "float32"
+    assert launch_sglang.checkpoint_dtype(str(tmp_path)) == "float32"
     (tmp_path / "config.json").write_text('{"torch_dtype": "bfloat16"}')
-    assert launch.checkpoint_dtype(str(tmp_path)) == "bfloat16"
-    assert launch.checkpoint_dtype(str(tmp_path), "float16") == "float16"
-    assert launch.checkpoint_dtype(str(tmp_path / "nope")) == "auto"
+    assert launch_sglang.checkpoint_dtype(str(tmp_path)) == "bfloat16"
+    assert launch_sglang.checkpoint_dtype(str(tmp_path), "float16") == "float16"
+    assert launch_sglang.checkpoint_dtype(str(tmp_path / "nope")) == "auto"
 
 
 def test_missing_engine_venv_names_make_engines(tmp_path, monkeypatch):
     from megatron_dapo.backend import MissingBackendError
 
-    monkeypatch.setattr(launch, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(launch_common, "REPO_ROOT", tmp_path)  # read by default_engine_python
     monkeypatch.setenv("MEGATRON_DAPO_ENGINE_VENV_ROOT", str(tmp_path))
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
     with pytest.raises(MissingBackendError, match="make engines"):
-        launch.launch_sglang_servers(str(tmp_path), device="cpu")
+        launch_sglang.launch_sglang_servers(str(tmp_path), device="cpu")
 
 
 def test_trainer_with_unusable_engine_python_exits_2_with_one_line(tmp_path):
@@ -111,7 +111,7 @@ GROUP_SCRIPT = textwrap.dedent('''
 
 def test_update_group_meets_torchs_helper_as_sglang_calls_it():
     """Bug 2: the trainer's group and SGLang's (PrefixStore(group_name) + torch's helper) meet."""
-    port = launch.find_free_ports(1)[0]
+    port = launch_common.find_free_ports(1)[0]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", GROUP_SCRIPT, str(port)], capture_output=True, text=True,
                           timeout=180, env=env)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_cpu_smoke_job_with_real_sglang_engines(tmp_path):
-    from megatron_dapo.rollout.launch import default_engine_python
+    from megatron_dapo.rollout.launch_common import default_engine_python
 
     probe = _probe()
     if isinstance(probe, str):

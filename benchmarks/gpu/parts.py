@@ -234,7 +234,7 @@ def part_tensor_ipc(dry: bool) -> dict:
     from megatron_dapo.actor.megatron_actor import LossSettings, MegatronActor
     from megatron_dapo.config import ActorConfig
     from megatron_dapo.rollout.client import SyncEngineClient
-    from megatron_dapo.rollout.launch import launch_cpu_engines
+    from megatron_dapo.rollout.launch_cpu_engine import launch_cpu_engines
     from megatron_dapo.sync import WeightSync, rollout_logprob_mismatch
 
     cuda = _cuda()

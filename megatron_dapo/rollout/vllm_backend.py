@@ -2,7 +2,7 @@
 :class:`~megatron_dapo.rollout.client.EngineClient`.
 
 Generation: ``POST /inference/v1/generate`` (server started with ``--enable-scale-out``, see
-:func:`~megatron_dapo.rollout.launch.launch_vllm_servers`) rather than ``/v1/completions``: it is
+:func:`~megatron_dapo.rollout.launch_vllm.launch_vllm_servers`) rather than ``/v1/completions``: it is
 vLLM's token-in/token-out route (no tokenizer on the path, ``token_ids`` in and out), its logprobs
 carry the integer ``token_id`` of every sampled token (checked against ``token_ids``), each choice
 reports ``weight_versions`` spans (which weight version produced which tokens), the request id is ours
@@ -708,7 +708,7 @@ def check_payloads_in_vllm(items: list[dict], *, python: str | None = None, time
 
     Args:
         items: the requests, e.g. recorded from a :class:`VLLMClient`.
-        python: the vLLM interpreter; default :func:`~megatron_dapo.rollout.launch.default_engine_python`.
+        python: the vLLM interpreter; default :func:`~megatron_dapo.rollout.launch_common.default_engine_python`.
 
     Returns:
         one ``{"ok", "error", "call"}`` per item.
@@ -721,7 +721,8 @@ def check_payloads_in_vllm(items: list[dict], *, python: str | None = None, time
     import subprocess
     from pathlib import Path
 
-    from megatron_dapo.rollout.launch import default_engine_python, vllm_env
+    from megatron_dapo.rollout.launch_common import default_engine_python
+    from megatron_dapo.rollout.launch_vllm import vllm_env
 
     py = python or default_engine_python("vllm")
     script = Path(__file__).with_name("vllm_payload_check.py")

@@ -252,7 +252,7 @@ class DistributedTransport:
 
     def connect(self) -> None:
         """Create the group once (rank 0 = this process; engine ranks offset per engine)."""
-        from ..rollout.launch import find_free_ports
+        from ..rollout.launch_common import find_free_ports
 
         ews = self._resolve_engine_tp()
         addr = self.master_address or address_towards(list(self.client.control_urls))
