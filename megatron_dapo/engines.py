@@ -123,12 +123,12 @@ def _no_preflight(_engine_python: Optional[str]) -> None:
 
 
 def _sglang_preflight(engine_python: Optional[str]) -> None:
-    """:func:`~megatron_dapo.rollout.launch.default_engine_python` finds an SGLang interpreter (or raises)."""
+    """:func:`~megatron_dapo.rollout.launch_common.default_engine_python` finds an SGLang interpreter (or raises)."""
     default_engine_python("sglang", engine_python)
 
 
 def _vllm_preflight(engine_python: Optional[str]) -> None:
-    """:func:`~megatron_dapo.rollout.launch.default_engine_python` finds a vLLM interpreter (or raises)."""
+    """:func:`~megatron_dapo.rollout.launch_common.default_engine_python` finds a vLLM interpreter (or raises)."""
     default_engine_python("vllm", engine_python)
 
 
