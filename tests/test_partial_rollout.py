@@ -421,3 +421,12 @@ def test_partial_rollout_stats_metric_names_and_round_stats_holder():
     on, off = RoundStats(partial=p).metrics(), RoundStats().metrics()
     assert {k: v for k, v in on.items() if k.startswith("partial_")} == p.metrics()
     assert set(on) - set(off) == set(p.metrics()) and {k: on[k] for k in off} == off
+
+
+def test_fill_refuses_partial_rollout_without_its_counters():
+    import asyncio as aio
+
+    from megatron_dapo.rollout.generation import _fill
+
+    with pytest.raises(ValueError, match="RoundStats.partial is None"):
+        aio.run(_fill(FakeEngine({}), _sampler(), Prompts(), Tok(), _settings(), RoundStats(), 0))

@@ -270,7 +270,8 @@ def reset_stale_samples(group: PendingGroup, version: int, max_age: int) -> Stal
         raise ValueError(f"reset_stale_samples: version must be an int (weight version), got {version!r}")
     if isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 0:
         raise ValueError(f"reset_stale_samples: max_age must be an int >= 0 (weight versions), got {max_age!r}")
-    reset = tuple(j for j, v in enumerate(group.sample_oldest_versions) if v is not None and version - v > max_age)
+    reset = tuple(j for j, oldest in enumerate(group.sample_oldest_versions)
+                  if oldest is not None and version - oldest > max_age)
     if not reset:
         return StaleReset(group=group, reset=(), tokens_dropped=0)
     fresh = copy.deepcopy(group)
@@ -314,9 +315,8 @@ class DynamicSampler:
         carry_over_surplus: keep complete surplus groups for the next step instead of dropping them.
 
     It also holds the aborted groups parked for partial rollout (:meth:`add_pending`,
-    :meth:`take_pending`, :meth:`reset_stale_pending`,
-    :meth:`drop_pending`); the generation loop decides what to park and
-    when to continue (:mod:`megatron_dapo.rollout.generation`).
+    :meth:`take_pending`, :meth:`reset_stale_pending`, :meth:`drop_pending`); the generation loop decides
+    what to park and when to continue (:mod:`megatron_dapo.rollout.generation`).
 
     Raises:
         ValueError: invalid arguments (named).

@@ -305,7 +305,7 @@ async def _continue(client, pg: PendingGroup, sp: dict, s: RolloutSettings, rid:
 async def _fill(client, sampler: DynamicSampler, next_prompts: Callable[[int], list[tuple[int, dict, list[int]]]],
                 tokenizer, s: RolloutSettings, stats: RoundStats, round_index: int, version: int = 0) -> None:
     if s.partial_rollout and stats.partial is None:
-        raise ValueError("rollout.partial_rollout is on but RoundStats.partial is None (give it a PartialRolloutStats)")
+        raise ValueError("rollout.partial_rollout is on but RoundStats.partial is None (pass a PartialRolloutStats)")
     want = sampler.num_prompts_to_request()
     resumed = sampler.take_pending(want) if s.partial_rollout else []  # parked groups first (partial rollout)
     prompts = next_prompts(want - len(resumed)) if want > len(resumed) else []
