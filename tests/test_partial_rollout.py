@@ -13,7 +13,8 @@ import json
 import pytest
 
 from megatron_dapo.algorithm import DynamicSampler, Group, PendingGroup
-from megatron_dapo.rollout.generation import RolloutSettings, collect_batch
+from megatron_dapo.algorithm.dynamic_sampling import StaleReset, reset_stale_samples
+from megatron_dapo.rollout.generation import PartialRolloutStats, RolloutSettings, RoundStats, collect_batch
 from megatron_dapo.rollout.payloads import GenerateOutput
 
 G = 2
@@ -176,15 +177,53 @@ def test_a_continuation_aborted_again_grows_another_span():
     assert batch[0].responses[1] == [5, 5, 5, 6, 6, WRONG]
 
 
-def test_stale_prefixes_are_dropped_and_counted():
+def test_an_all_stale_group_is_regenerated_from_scratch_not_dropped():
     sampler, prompts, _, _, _ = _step0({0: MIXED, 1: HELD})
-    # step 2 (version 2) with partial_max_age=1: the prefix from version 0 is 2 versions old
-    engine = FakeEngine({2: MIXED, 3: ALL_WRONG})
+    # step 2 (version 2) with partial_max_age=1: both samples of the parked group hold version-0 tokens
+    engine = FakeEngine({2: ALL_WRONG}, cont={(1, 0): ("done", _out([6, CORRECT], "stop", [-0.4, -0.5])),
+                                              (1, 1): ("done", _out([WRONG], "stop", [-0.6]))})
     batch, stats = collect_batch(SyncClient(engine), sampler, prompts, Tok(), _settings(max_age=1), step=2)
     m = stats.metrics()
-    assert (m["partial_dropped_stale"], m["partial_tokens_dropped"], m["partial_continued"]) == (1.0, 5.0, 0.0)
-    assert all(c["sp"]["n"] == G for c in engine.calls)  # nothing continued
-    assert prompts.asked == [2, 2] and batch[0].prompt_index == 102 and sampler.num_pending == 0
+    # the finished sample (2 tokens) and the prefix (3 tokens) were reset; nothing was sent with a prefix
+    assert (m["partial_dropped_stale"], m["partial_tokens_dropped"]) == (2.0, 5.0)
+    assert (m["partial_continued"], m["partial_tokens_reused"]) == (0.0, 0.0)
+    cont = sorted((c["rid"][-3:], c["input_ids"], c["sp"]["max_new_tokens"]) for c in engine.calls if c["sp"]["n"] == 1)
+    assert cont == [("-s0", [1, 1, 2], MAX_LEN), ("-s1", [1, 1, 2], MAX_LEN)]  # the prompt alone, full budget
+    assert prompts.asked == [2, 1]  # the group kept its place: one parked group + one new prompt
+    (g,) = batch
+    assert g.prompt_index == 101 and g.responses == [[6, CORRECT], [WRONG]] and g.correct == [True, False]
+    assert g.rollout_logprobs == [[-0.4, -0.5], [-0.6]] and g.token_versions == [[[0, 2, 2]], [[0, 1, 2]]]
+    assert m["generated_tokens"] == 3 + 4 and sampler.metrics()["generated_response_tokens"] == 7  # reused 0
+    assert sampler.num_pending == 0
+
+
+HELD_EMPTY = ("hold", [_out([], "abort", []), _out([5, 5, 5], "abort", [-0.1, -0.2, -0.3])])
+
+
+def test_a_group_aborted_twice_keeps_its_prompt_and_fresh_samples():
+    # step 0: prompt 1 is aborted before sample 0 produced a token; sample 1 has a 3-token prefix (version 0)
+    sampler, prompts, _, _, stats = _step0({0: MIXED, 1: HELD_EMPTY})
+    assert stats.partial.parked == 1
+    # step 1 (version 1): sample 0 finishes, sample 1's continuation is aborted again (a second span)
+    engine = FakeEngine({2: MIXED}, cont={(1, 0): ("done", _out([6, CORRECT], "stop", [-0.4, -0.5])),
+                                          (1, 1): ("hold", _out([6, 6], "abort", [-0.6, -0.7]))})
+    batch, stats = collect_batch(SyncClient(engine), sampler, prompts, Tok(), _settings(max_age=1), step=1)
+    assert [g.prompt_index for g in batch] == [102]
+    (p,) = sampler.state_dict()["pending"]
+    assert p["token_versions"] == [[[0, 2, 1]], [[0, 3, 0], [3, 5, 1]]]
+    # step 2 (version 2): sample 1 holds a version-0 token -> reset; sample 0 (version 1) is kept
+    engine = FakeEngine({3: ALL_WRONG}, cont={(1, 1): ("done", _out([WRONG], "stop", [-0.8]))})
+    batch, stats = collect_batch(SyncClient(engine), sampler, prompts, Tok(), _settings(max_age=1), step=2)
+    m = stats.metrics()
+    assert (m["partial_dropped_stale"], m["partial_tokens_dropped"]) == (1.0, 5.0)
+    assert (m["partial_continued"], m["partial_tokens_reused"]) == (0.0, 0.0)
+    (cont,) = [c for c in engine.calls if c["sp"]["n"] == 1]  # only the reset sample is generated
+    assert cont["rid"].endswith("-s1") and cont["input_ids"] == [1, 1, 2] and cont["sp"]["max_new_tokens"] == MAX_LEN
+    (g,) = batch
+    assert g.prompt_index == 101 and g.responses == [[6, CORRECT], [WRONG]] and g.correct == [True, False]
+    assert g.rollout_logprobs == [[-0.4, -0.5], [-0.8]] and g.token_versions == [[[0, 2, 1]], [[0, 1, 2]]]
+    # the kept sample's 2 tokens were generated in step 1: only the new token and prompt 3's count now
+    assert m["generated_tokens"] == 1 + 4 and sampler.metrics()["generated_response_tokens"] == 5
     # an explicit weight_version overrides the step (e.g. one-step off-policy): version 1 is young enough
     sampler, prompts, _, _, _ = _step0({0: MIXED, 1: HELD})
     engine = FakeEngine({2: ALL_WRONG}, cont={(1, 1): ("done", _out([WRONG], "stop"))})
@@ -230,7 +269,7 @@ def test_partial_rollout_off_changes_nothing():
     sampler, prompts, engine, batch, stats = _step0({0: MIXED, 1: HELD}, partial=False)
     assert sampler.num_pending == 0 and "pending" in sampler.state_dict() and sampler.state_dict()["pending"] == []
     m = stats.metrics()
-    assert not [k for k in m if k.startswith("partial_")]
+    assert stats.partial is None and not [k for k in m if k.startswith("partial_")]
     assert m["generated_tokens"] == 9 and m["trained_tokens"] == 4
     d = sampler.metrics()
     assert (d["aborted_requests"], d["generated_response_tokens"]) == (1.0, 9.0)  # aborted tokens counted as before
@@ -241,7 +280,7 @@ def test_partial_rollout_off_changes_nothing():
     sampler, prompts, _, _, _ = _step0({0: MIXED, 1: HELD})
     _, stats = collect_batch(SyncClient(FakeEngine({2: MIXED, 3: ALL_WRONG})), sampler, prompts, Tok(),
                              _settings(partial=False), step=1)
-    assert sampler.num_pending == 0 and stats.partial_dropped_stale == 1
+    assert sampler.num_pending == 0 and stats.partial is None  # dropped, not continued nor reported
 
 
 def test_pending_group_and_token_versions_validation():
@@ -288,3 +327,106 @@ def test_generated_per_trained_token_sums_over_steps():
         generated_per_trained_token([{"rollout/generated_tokens": 1.0}])
     with pytest.raises(ValueError, match="no trained tokens"):
         generated_per_trained_token([])
+
+
+# ------------------------------------------------------------------------- stale samples, hand-built groups
+def _pg(responses, finish, spans, logprobs=True):
+    lps = [[-0.1 * (t + 1) for t in range(len(r))] for r in responses] if logprobs else None
+    return PendingGroup(7, [1, 2], _row(), [list(r) for r in responses], lps, list(finish), spans)
+
+
+def test_reset_stale_samples_keeps_fresh_samples_of_a_group_aborted_twice():
+    # sample 0 finished in version 1; sample 1 parked at version 0 and again at 1; sample 2 finished at version 0;
+    # sample 3 had not produced a token
+    pg = _pg([[3, 4], [5, 5, 5, 6, 6], [7, 7, 7, 7], []], ["stop", "abort", "length", "abort"],
+             [[[0, 2, 1]], [[0, 3, 0], [3, 5, 1]], [[0, 4, 0]], []])
+    before = pg.to_dict()
+    r = reset_stale_samples(pg, version=2, max_age=1)
+    assert isinstance(r, StaleReset) and r.reset == (1, 2) and r.tokens_dropped == 9
+    assert pg.to_dict() == before  # pure: the input is unchanged
+    g = r.group
+    assert (g.prompt_index, g.prompt_ids, g.row) == (7, [1, 2], _row())
+    assert g.responses == [[3, 4], [], [], []] and g.finish_reasons == ["stop", "abort", "abort", "abort"]
+    assert g.rollout_logprobs == [pg.rollout_logprobs[0], [], [], []]
+    assert g.token_versions == [[[0, 2, 1]], [], [], []] and g.unfinished == [1, 2, 3]
+    assert (g.num_response_tokens, g.num_prefix_samples, g.oldest_version) == (2, 0, 1)
+    # the reset group survives a checkpoint as it is
+    assert PendingGroup.from_dict(json.loads(json.dumps(g.to_dict()))) == g
+
+
+def test_reset_stale_samples_all_stale_group_comes_back_as_g_empty_samples():
+    pg = _pg([[3, 4], [5, 5, 5]], ["stop", "abort"], [[[0, 2, 0]], [[0, 3, 0]]], logprobs=False)
+    r = reset_stale_samples(pg, version=5, max_age=2)
+    assert r.reset == (0, 1) and r.tokens_dropped == 5
+    assert r.group.responses == [[], []] and r.group.finish_reasons == ["abort", "abort"]
+    assert r.group.rollout_logprobs is None and r.group.token_versions == [[], []]
+    assert r.group.unfinished == [0, 1] and r.group.oldest_version is None
+
+
+def test_reset_stale_samples_max_age_semantics():
+    spans = [[[0, 1, 3]], [[0, 1, 2], [1, 2, 4]], [[0, 1, 5]], []]
+    pg = _pg([[1], [2, 3], [4], []], ["stop", "abort", "abort", "abort"], spans)
+    assert pg.sample_oldest_versions == [3, 2, 5, None]
+    # age = version - span version; a sample is reset when its oldest token's age exceeds max_age
+    assert reset_stale_samples(pg, 4, 2).reset == ()  # ages 1, 2 (the bound itself is kept), 0 (a newer one)
+    assert reset_stale_samples(pg, 5, 2).reset == (1,)  # age 3 > 2
+    assert reset_stale_samples(pg, 5, 0).reset == (0, 1)  # max_age 0: only the current version is kept
+    assert reset_stale_samples(pg, 0, 0).reset == ()  # tokens newer than the engines' are never stale
+    r = reset_stale_samples(pg, 4, 2)
+    assert r.group is pg and r.tokens_dropped == 0  # nothing stale: the same group comes back
+    with pytest.raises(ValueError, match="max_age must be an int >= 0"):
+        reset_stale_samples(pg, 4, -1)
+    with pytest.raises(ValueError, match="max_age must be an int >= 0"):
+        reset_stale_samples(pg, 4, True)
+    with pytest.raises(ValueError, match="version must be an int"):
+        reset_stale_samples(pg, 4.0, 1)
+    with pytest.raises(TypeError, match="expects a PendingGroup"):
+        reset_stale_samples(pg.to_dict(), 4, 1)
+
+
+def test_sampler_resets_stale_pending_in_place_and_drops_all_when_off():
+    sampler = _sampler()
+    old = _pg([[3], [5, 5]], ["stop", "abort"], [[[0, 1, 0]], [[0, 2, 1]]])
+    young = _pg([[3], [5]], ["abort", "abort"], [[[0, 1, 1]], [[0, 1, 1]]])
+    sampler.add_pending(old)
+    sampler.add_pending(young)
+    (r,) = sampler.reset_stale_pending(version=2, max_age=1)
+    assert r.reset == (0,) and r.tokens_dropped == 1
+    assert sampler.num_pending == 2  # no group is lost; the order is kept
+    first, second = sampler.take_pending(2)
+    assert first == r.group and first.responses == [[], [5, 5]] and second == young
+    sampler.add_pending(old)
+    sampler.add_pending(young)
+    assert sampler.drop_pending() == [old, young] and sampler.num_pending == 0
+
+
+def test_older_checkpoint_pending_group_loads_and_ages():
+    # a parked group as trainer_state.json held it before per-sample staleness (same keys)
+    state = {"prompt_index": 3, "prompt_ids": [1, 2], "row": _row(), "responses": [[4, 5], [6]],
+             "rollout_logprobs": [[-0.1, -0.2], [-0.3]], "finish_reasons": ["stop", "abort"],
+             "token_versions": [[[0, 2, 0]], [[0, 1, 1]]]}
+    sampler = _sampler()
+    sampler.load_state_dict({"config": {"rollout_batch_size": 1, "n_samples_per_prompt": G}, "counts": {},
+                             "taken": False, "kept": [], "carry": [], "pending": [state]})
+    (r,) = sampler.reset_stale_pending(2, 1)
+    assert r.reset == (0,) and sampler.state_dict()["pending"][0]["responses"] == [[], [6]]
+
+
+def test_partial_rollout_stats_metric_names_and_round_stats_holder():
+    p = PartialRolloutStats(parked=1, continued=2, tokens_reused=3, dropped_stale=4, tokens_dropped=5, pending=6)
+    assert p.metrics() == {"partial_parked": 1.0, "partial_continued": 2.0, "partial_tokens_reused": 3.0,
+                           "partial_dropped_stale": 4.0, "partial_tokens_dropped": 5.0, "partial_pending": 6.0}
+    p.record_stale([StaleReset(_pg([[1], []], ["abort", "abort"], [[[0, 1, 0]], []]), (0, 1), 7)])
+    assert (p.dropped_stale, p.tokens_dropped) == (6, 12)
+    on, off = RoundStats(partial=p).metrics(), RoundStats().metrics()
+    assert {k: v for k, v in on.items() if k.startswith("partial_")} == p.metrics()
+    assert set(on) - set(off) == set(p.metrics()) and {k: on[k] for k in off} == off
+
+
+def test_fill_refuses_partial_rollout_without_its_counters():
+    import asyncio as aio
+
+    from megatron_dapo.rollout.generation import _fill
+
+    with pytest.raises(ValueError, match="RoundStats.partial is None"):
+        aio.run(_fill(FakeEngine({}), _sampler(), Prompts(), Tok(), _settings(), RoundStats(), 0))

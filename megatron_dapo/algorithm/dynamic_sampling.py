@@ -22,6 +22,10 @@ filled is parked as a :class:`PendingGroup` (``add_pending``) instead of being d
 it back (``take_pending``) before asking for new prompts and continues only its unfinished samples. The
 sampler owns these groups because it already owns what crosses a step boundary (the carried-over
 surplus), so :meth:`DynamicSampler.state_dict` holds them and an exact resume restores them.
+
+Staleness is judged per sample (:func:`reset_stale_samples`): a parked sample holding a token more than
+``max_age`` weight versions older than the engines' is reset (its tokens are discarded and it is generated
+again from scratch), the others are kept, so a parked group is never lost while partial rollout is on.
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ from typing import Any, Optional
 
 from ..errors import MegatronDapoError
 
-__all__ = ["Group", "PendingGroup", "DynamicSampler", "DynamicSamplingExhausted"]
+__all__ = ["Group", "PendingGroup", "StaleReset", "reset_stale_samples", "DynamicSampler",
+           "DynamicSamplingExhausted"]
 
 
 class DynamicSamplingExhausted(MegatronDapoError, RuntimeError):
@@ -191,8 +196,13 @@ class PendingGroup:
     @property
     def oldest_version(self) -> Optional[int]:
         """Smallest weight version of any token of the group (finished samples included); None if empty."""
-        versions = [span[2] for sp in self.token_versions for span in sp]
+        versions = [v for v in self.sample_oldest_versions if v is not None]
         return min(versions) if versions else None
+
+    @property
+    def sample_oldest_versions(self) -> list[Optional[int]]:
+        """Per sample, the smallest weight version of its tokens (None for a sample without tokens)."""
+        return [min(span[2] for span in sp) if sp else None for sp in self.token_versions]
 
     @property
     def num_response_tokens(self) -> int:
@@ -212,6 +222,66 @@ class PendingGroup:
     def from_dict(cls, data: dict[str, Any]) -> "PendingGroup":
         """Inverse of :meth:`to_dict`."""
         return cls(**copy.deepcopy(data))
+
+
+@dataclass(frozen=True)
+class StaleReset:
+    """The outcome of :func:`reset_stale_samples` for one parked group.
+
+    Attributes:
+        group: the group with its stale samples reset (a new object; the input is not modified).
+        reset: indices of the samples that were reset (ascending; empty when nothing was stale).
+        tokens_dropped: response tokens those samples held (discarded; finished samples included).
+    """
+
+    group: PendingGroup
+    reset: tuple[int, ...]
+    tokens_dropped: int
+
+
+def reset_stale_samples(group: PendingGroup, version: int, max_age: int) -> StaleReset:
+    """Reset the samples of a parked group that hold a token older than ``max_age`` weight versions.
+
+    Sample ``j`` is stale when ``version - v > max_age`` for the weight version ``v`` of any of its
+    ``token_versions[j]`` spans (``version``: the engines' current integer weight version; ages in weight
+    versions, i.e. optimizer updates pushed to the engines). A stale sample, finished or not, is reset to an
+    empty unfinished sample -- ``responses[j] = []``, ``rollout_logprobs[j] = []`` (when logprobs are kept),
+    ``token_versions[j] = []``, ``finish_reasons[j] = "abort"`` -- so the next continuation generates it
+    again from scratch (it reuses no token). The other samples are kept unchanged (finished ones as they
+    are, unfinished ones to be continued from their prefix), so the prompt and its fresh samples survive;
+    when every sample is stale the result is a group of ``G`` empty samples to regenerate. Pure: ``group``
+    is not modified.
+
+    Args:
+        group: the parked group.
+        version: the engines' current weight version (int).
+        max_age: the largest age a kept token may have (int ``>= 0``; ``rollout.partial_max_age``).
+
+    Returns:
+        :class:`StaleReset` with the new group, the reset sample indices and the tokens discarded.
+
+    Raises:
+        TypeError: ``group`` is not a :class:`PendingGroup`.
+        ValueError: ``version`` is not an int, or ``max_age`` is not an int ``>= 0``.
+    """
+    if not isinstance(group, PendingGroup):
+        raise TypeError(f"reset_stale_samples expects a PendingGroup, got {type(group).__name__}")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"reset_stale_samples: version must be an int (weight version), got {version!r}")
+    if isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 0:
+        raise ValueError(f"reset_stale_samples: max_age must be an int >= 0 (weight versions), got {max_age!r}")
+    reset = tuple(j for j, oldest in enumerate(group.sample_oldest_versions)
+                  if oldest is not None and version - oldest > max_age)
+    if not reset:
+        return StaleReset(group=group, reset=(), tokens_dropped=0)
+    fresh = copy.deepcopy(group)
+    for j in reset:
+        fresh.responses[j] = []
+        if fresh.rollout_logprobs is not None:
+            fresh.rollout_logprobs[j] = []
+        fresh.token_versions[j] = []
+        fresh.finish_reasons[j] = "abort"
+    return StaleReset(group=fresh, reset=reset, tokens_dropped=sum(len(group.responses[j]) for j in reset))
 
 
 _COUNTERS = (
@@ -245,8 +315,8 @@ class DynamicSampler:
         carry_over_surplus: keep complete surplus groups for the next step instead of dropping them.
 
     It also holds the aborted groups parked for partial rollout (:meth:`add_pending`,
-    :meth:`take_pending`, :meth:`drop_stale_pending`); the generation loop decides what to park and
-    when to continue (:mod:`megatron_dapo.rollout.generation`).
+    :meth:`take_pending`, :meth:`reset_stale_pending`, :meth:`drop_pending`); the generation loop decides
+    what to park and when to continue (:mod:`megatron_dapo.rollout.generation`).
 
     Raises:
         ValueError: invalid arguments (named).
@@ -394,14 +464,24 @@ class DynamicSampler:
         out, self._pending = self._pending[:n], self._pending[n:]
         return out
 
-    def drop_stale_pending(self, version: int, max_age: int) -> list[PendingGroup]:
-        """Remove and return the parked groups with a token older than ``max_age`` weight versions:
-        ``version - oldest_version > max_age`` (``version``: the engines' current weight version).
-        ``max_age < 0`` drops every parked group."""
-        stale = [g for g in self._pending
-                 if max_age < 0 or (g.oldest_version is not None and version - g.oldest_version > max_age)]
-        self._pending = [g for g in self._pending if not any(g is s for s in stale)]
-        return stale
+    def reset_stale_pending(self, version: int, max_age: int) -> list[StaleReset]:
+        """Apply :func:`reset_stale_samples` to every parked group, in place (partial rollout on).
+
+        No group is removed: a stale sample is emptied to be generated again, the rest is kept, and the
+        groups keep their order. Returns one :class:`StaleReset` per group that had a sample reset (its
+        ``group`` is the one now parked), in parking order.
+
+        Raises:
+            ValueError: as :func:`reset_stale_samples` (bad ``version`` / ``max_age``).
+        """
+        results = [reset_stale_samples(g, version, max_age) for g in self._pending]
+        self._pending = [r.group for r in results]
+        return [r for r in results if r.reset]
+
+    def drop_pending(self) -> list[PendingGroup]:
+        """Remove and return every parked group (partial rollout off: nothing is continued)."""
+        out, self._pending = self._pending, []
+        return out
 
     def record_round(self) -> None:
         """Mark the end of one generation round (one generation batch).

@@ -22,8 +22,11 @@ parked groups back before asking the dataset for new prompts and continues them 
   ``[start, end, version]`` span per step that generated tokens;
 * the group is screened, scored and handed to the sampler once all ``G`` samples are finished (it may
   be aborted and parked again, growing another span);
-* a parked group with a token more than ``partial_max_age`` weight versions older than the engines'
-  is dropped at the start of the step (counted); so is every parked group when partial rollout is off.
+* at the start of each step, a parked sample holding a token more than ``partial_max_age`` weight
+  versions older than the engines' is reset -- its tokens discarded (counted), generated again from
+  scratch -- while the group's other samples and its prompt are kept
+  (:func:`~megatron_dapo.algorithm.dynamic_sampling.reset_stale_samples`); so a group is never lost, even
+  when aborted twice. With partial rollout off every parked group is dropped.
 
 The unit parked is the group (advantages are normalised over its ``G`` samples, eq. 9) and the unit
 continued is the sample: the simplest design that keeps both finished samples and prefixes. The
@@ -45,6 +48,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from ..algorithm import DynamicSampler, Group, PendingGroup, soft_overlong_penalty
+from ..algorithm.dynamic_sampling import StaleReset
 from ..reward import RewardResult, get_score_executor, score_batch
 from .payloads import GenerateOutput
 from .validate import screen_group
@@ -72,7 +76,42 @@ class RolloutSettings:
     partial_rollout: bool = False
     """Continue aborted groups next step instead of dropping them (module docstring)."""
     partial_max_age: int = 1
-    """Largest age, in weight versions, of a token of a continued group; older groups are dropped."""
+    """Largest age, in weight versions, of a token of a continued sample; older samples are regenerated."""
+
+
+@dataclass
+class PartialRolloutStats:
+    """One step's partial-rollout counters (``rollout.partial_rollout``); :meth:`metrics` names them.
+
+    Counts are samples (responses) or response tokens, summed over the step's rounds.
+    """
+
+    parked: int = 0
+    """Samples with a prefix parked for continuation when their group was aborted."""
+    continued: int = 0
+    """Samples resubmitted with a prefix generated in an earlier step."""
+    tokens_reused: int = 0
+    """Prefix tokens of those samples (sent as input instead of being generated again)."""
+    dropped_stale: int = 0
+    """Parked samples reset at the start of the step because they held a token older than
+    ``partial_max_age`` weight versions (finished ones included); they are generated again from scratch."""
+    tokens_dropped: int = 0
+    """Tokens those reset samples held (discarded)."""
+    pending: int = 0
+    """Groups parked at the end of the step."""
+
+    def record_stale(self, resets: Iterable[StaleReset]) -> None:
+        """Add the samples and tokens reset by
+        :meth:`~megatron_dapo.algorithm.DynamicSampler.reset_stale_pending` to ``dropped_stale`` /
+        ``tokens_dropped``."""
+        for r in resets:
+            self.dropped_stale += len(r.reset)
+            self.tokens_dropped += r.tokens_dropped
+
+    def metrics(self) -> dict[str, float]:
+        """``partial_parked``, ``partial_continued``, ``partial_tokens_reused``, ``partial_dropped_stale``,
+        ``partial_tokens_dropped`` and ``partial_pending`` as floats (unprefixed; see the fields)."""
+        return {f"partial_{f.name}": float(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 @dataclass
@@ -100,20 +139,9 @@ class RoundStats:
     prefixes continued from an earlier step are not generated again)."""
     trained_tokens: int = 0
     """Response tokens of the step's batch (set by :func:`collect_batch`)."""
-    partial: bool = False
-    """Partial rollout on: :meth:`metrics` reports the ``partial_*`` counters below."""
-    partial_parked: int = 0
-    """Samples with a prefix parked for continuation when their group was aborted."""
-    partial_continued: int = 0
-    """Samples resubmitted with a prefix generated in an earlier step."""
-    partial_tokens_reused: int = 0
-    """Prefix tokens of those samples (sent as input instead of being generated again)."""
-    partial_dropped_stale: int = 0
-    """Samples with a prefix dropped as older than ``partial_max_age`` (or with partial rollout off)."""
-    partial_tokens_dropped: int = 0
-    """Tokens of the dropped groups (their finished samples included)."""
-    partial_pending: int = 0
-    """Groups parked at the end of the step."""
+    partial: Optional[PartialRolloutStats] = None
+    """The partial-rollout counters (:meth:`metrics` adds their ``partial_*`` names); None when
+    ``rollout.partial_rollout`` is off."""
 
     def scoring_started(self, now: Optional[float] = None) -> None:
         """A group's scoring begins (``now``: ``time.perf_counter()`` seconds, default the current time)."""
@@ -152,9 +180,8 @@ class RoundStats:
         ``rollout/``): ``reward_mean``, ``score_mean``, ``acc``, ``response_length_mean``/``_max`` (tokens),
         ``response_length_clip_ratio``, ``no_answer_frac``, ``num_responses``, ``mean_token_prob`` (when
         the engines returned logprobs), ``acc/<data_source>``, ``generated_tokens`` / ``trained_tokens``
-        / ``generated_per_trained_token`` (response tokens) and, with partial rollout, ``partial_parked``,
-        ``partial_continued``, ``partial_tokens_reused``, ``partial_dropped_stale``,
-        ``partial_tokens_dropped`` and ``partial_pending`` (see the fields)."""
+        / ``generated_per_trained_token`` (response tokens) and, with partial rollout, the ``partial_*``
+        counters of :meth:`PartialRolloutStats.metrics`."""
         n = max(len(self.rewards), 1)
         out = {
             "reward_mean": sum(self.rewards) / n,
@@ -170,9 +197,8 @@ class RoundStats:
         out["trained_tokens"] = float(self.trained_tokens)
         out["generated_per_trained_token"] = (self.generated_tokens / self.trained_tokens
                                               if self.trained_tokens else 0.0)
-        if self.partial:
-            for k in ("parked", "continued", "tokens_reused", "dropped_stale", "tokens_dropped", "pending"):
-                out[f"partial_{k}"] = float(getattr(self, f"partial_{k}"))
+        if self.partial is not None:
+            out.update(self.partial.metrics())
         if self.token_count:
             out["mean_token_prob"] = self.token_prob_sum / self.token_count
         for src, (c, k) in self.per_source_correct.items():
@@ -232,13 +258,15 @@ def _park(att: _Attempt) -> PendingGroup:
 
 
 async def _continue(client, pg: PendingGroup, sp: dict, s: RolloutSettings, rid: str, version: int,
-                    stats: RoundStats) -> _Attempt:
+                    stats: PartialRolloutStats) -> _Attempt:
     """Continue the unfinished samples of a parked group, one request each (module docstring).
 
     Sample ``j`` is sent as ``prompt_ids + responses[j]`` with ``max_new_tokens = max_response_length -
     len(responses[j])``, ``n = 1``, seed ``sp["sampling_seed"] + j`` and rid ``f"{rid}-s{j}"`` (so
     ``abort(rid)`` reaches all of them). A prefix already ending in a stop token or at the length limit
-    is finished without a request. Returns the group's outputs with prefixes joined.
+    is finished without a request; a sample without a prefix (never generated, or reset as stale) is
+    generated from scratch and reuses no token. ``stats.continued`` / ``stats.tokens_reused`` count the
+    samples sent with a prefix. Returns the group's outputs with prefixes joined.
     """
     stop = set(s.stop_token_ids)
 
@@ -256,8 +284,8 @@ async def _continue(client, pg: PendingGroup, sp: dict, s: RolloutSettings, rid:
         if room <= 0:
             return dataclasses.replace(kept, finish_reason="length"), spans, 0
         if prefix:
-            stats.partial_continued += 1
-            stats.partial_tokens_reused += len(prefix)
+            stats.continued += 1
+            stats.tokens_reused += len(prefix)
         sp_j = dict(sp, n=1, max_new_tokens=room, sampling_seed=sp["sampling_seed"] + j)
         outs = await client.generate([list(pg.prompt_ids) + prefix], sp_j, return_logprob=True, rid=f"{rid}-s{j}")
         (o,) = outs
@@ -276,6 +304,8 @@ async def _continue(client, pg: PendingGroup, sp: dict, s: RolloutSettings, rid:
 
 async def _fill(client, sampler: DynamicSampler, next_prompts: Callable[[int], list[tuple[int, dict, list[int]]]],
                 tokenizer, s: RolloutSettings, stats: RoundStats, round_index: int, version: int = 0) -> None:
+    if s.partial_rollout and stats.partial is None:
+        raise ValueError("rollout.partial_rollout is on but RoundStats.partial is None (pass a PartialRolloutStats)")
     want = sampler.num_prompts_to_request()
     resumed = sampler.take_pending(want) if s.partial_rollout else []  # parked groups first (partial rollout)
     prompts = next_prompts(want - len(resumed)) if want > len(resumed) else []
@@ -290,7 +320,7 @@ async def _fill(client, sampler: DynamicSampler, next_prompts: Callable[[int], l
         """Generate, then score in a worker thread: ``(attempt, results)``, results None when not scored."""
         sp_i = dict(sp, sampling_seed=sp["sampling_seed"] + i * s.n_samples_per_prompt)
         if isinstance(item, PendingGroup):
-            att = await _continue(client, item, sp_i, s, f"{rid_base}-{i}", version, stats)
+            att = await _continue(client, item, sp_i, s, f"{rid_base}-{i}", version, stats.partial)
         else:
             idx, row, ids = item
             outs = await client.generate([ids], sp_i, return_logprob=True, rid=f"{rid_base}-{i}")
@@ -310,7 +340,7 @@ async def _fill(client, sampler: DynamicSampler, next_prompts: Callable[[int], l
             if s.partial_rollout:
                 pg = _park(att)
                 sampler.add_pending(pg)
-                stats.partial_parked += pg.num_prefix_samples
+                stats.partial.parked += pg.num_prefix_samples
         elif results is not None:
             group = _build_group(att.idx, att.row, att.ids, att.outs, results, s, stats, att.spans)
             sampler.add_group(group, reused_tokens=group.num_response_tokens - att.new_tokens)
@@ -403,20 +433,22 @@ def collect_batch(sync_client, sampler: DynamicSampler, next_prompts, tokenizer,
 
     ``weight_version`` (default ``step``: the trainer pushes ``str(step)`` after ``step`` updates) is the
     integer version of the engines' weights this step: it tags the generated token spans
-    (:attr:`Group.token_versions`) and ages the parked partial-rollout groups, which are dropped first
-    when older than ``s.partial_max_age`` (all of them when ``s.partial_rollout`` is off).
+    (:attr:`Group.token_versions`) and ages the parked partial-rollout samples: before generating, a parked
+    sample with a token more than ``s.partial_max_age`` versions old is reset to be generated again
+    (``partial_dropped_stale`` / ``partial_tokens_dropped``), its group kept; with ``s.partial_rollout`` off
+    every parked group is dropped.
 
     Raises:
         DynamicSamplingExhausted: ``max_num_gen_batches`` rounds did not fill the batch.
         EngineError: the engines failed after retries.
     """
-    stats = RoundStats(partial=s.partial_rollout)
+    stats = RoundStats(partial=PartialRolloutStats() if s.partial_rollout else None)
     version = step if weight_version is None else int(weight_version)
     sampler.start_step()
-    if sampler.num_pending:
-        for g in sampler.drop_stale_pending(version, s.partial_max_age if s.partial_rollout else -1):
-            stats.partial_dropped_stale += g.num_prefix_samples
-            stats.partial_tokens_dropped += g.num_response_tokens
+    if stats.partial is not None:
+        stats.partial.record_stale(sampler.reset_stale_pending(version, s.partial_max_age))
+    else:
+        sampler.drop_pending()  # groups parked by an earlier run with partial rollout on
     rnd = 0
     while not sampler.is_full:
         fill = _fill_ordered if s.deterministic else _fill
@@ -426,7 +458,8 @@ def collect_batch(sync_client, sampler: DynamicSampler, next_prompts, tokenizer,
         sampler.record_round()
     batch = sampler.take_batch()
     stats.trained_tokens = sum(g.num_response_tokens for g in batch)
-    stats.partial_pending = sampler.num_pending
+    if stats.partial is not None:
+        stats.partial.pending = sampler.num_pending
     return batch, stats
 
 
