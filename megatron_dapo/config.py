@@ -116,8 +116,9 @@ class RolloutConfig:
     ``max_response_length`` to generate), each token span tagged with its weight version; see
     :mod:`megatron_dapo.rollout.generation`. Needs ``deterministic: false`` (the only path that aborts)."""
     partial_max_age: int = 1
-    """With ``partial_rollout``: how many weight versions old a continued group's oldest token may be; older
-    parked groups are dropped (``rollout/partial_dropped_stale``). ``>= 1`` (1: continue for one step)."""
+    """With ``partial_rollout``: how many weight versions old a parked sample's oldest token may be; an older
+    sample is generated again from scratch while the rest of its group is kept (``rollout/partial_dropped_stale``
+    samples, ``rollout/partial_tokens_dropped`` tokens). ``>= 1`` (1: continue for one step)."""
     request_timeout_s: float = 600.0
     max_retries: int = 2
     health_timeout_s: float = 300.0
