@@ -165,6 +165,30 @@ def test_abort_all_returns_every_in_flight_request(engine):
     assert all(o.finish_reason == "abort" for o in outs), [o.finish_reason for o in outs]
 
 
+def test_aborted_prefix_continues_with_aligned_logprobs(engine, protocol_hf):
+    """What partial rollout relies on (``rollout.generation._continue``): an aborted sample's tokens come back
+    with one logprob each, equal to the model's at those positions; sending prompt + prefix as the next
+    request's input yields only NEW tokens, whose logprobs are again the model's given the whole prefix, so
+    the joined response's logprobs line up token by token."""
+    async def abort(c, rid):
+        return await c.abort(rid)
+
+    prompt = PROMPTS[1]
+    _, outs, _ = _abort_in_flight(engine, [prompt], abort, "the engine to report the request in flight")
+    o = max(outs, key=lambda x: len(x.output_ids))
+    assert o.finish_reason == "abort" and len(o.output_ids) >= 2, [len(x.output_ids) for x in outs]
+    prefix, prefix_lp = list(o.output_ids[:24]), list(o.output_logprobs[:24])
+    ref = hf_logprobs(protocol_hf, prompt + prefix, len(prompt))
+    assert max(abs(a - b) for a, b in zip(prefix_lp, ref)) <= TOL
+    new = 8
+    (cont,) = engine.run(lambda c: c.generate([prompt + prefix], {"max_new_tokens": new, "ignore_eos": True,
+                                                                  "temperature": 1.0}, return_logprob=True))
+    assert len(cont.output_ids) == new and len(cont.output_logprobs) == new  # the prefix is not echoed
+    joined = prompt + prefix + list(cont.output_ids)
+    ref = hf_logprobs(protocol_hf, joined, len(prompt) + len(prefix))
+    assert max(abs(a - b) for a, b in zip(cont.output_logprobs, ref)) <= TOL
+
+
 # ------------------------------------------------------------------------------------ weight updates
 def _push_disk(engine, model, tmp_path, version):
     model.save_pretrained(str(tmp_path / "w"), safe_serialization=True)
