@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from .actor.parallel import destroy_parallel
-from .algorithm import DynamicSamplingExhausted, logprob_mismatch_parts
+from .algorithm import DynamicSamplingExhausted, RolloutCorrection, logprob_mismatch_parts
 from .config import DAPOConfig, dump_config
 from .data import generate_tasks, load_rows, make_tiny_checkpoint, render_batch
 from .engines import BACKENDS, EngineSet
@@ -264,10 +264,8 @@ class Trainer:
                                  clip_ratio_c=self.alg.clip_ratio_c, loss_agg_mode=self.alg.loss_agg_mode,
                                  entropy_coeff=cfg.algorithm.entropy_coeff,
                                  kl_loss_coef=float(self.alg.kl_loss_coef) if self.alg.kl_loss else 0.0,
-                                 kl_loss_type=self.alg.kl_loss_type, tis_cap=cfg.algorithm.tis_cap,
-                                 seq_is_mask_low=cfg.algorithm.seq_is_mask_low,
-                                 seq_is_mask_high=cfg.algorithm.seq_is_mask_high,
-                                 icepop_low=cfg.algorithm.icepop_low, icepop_high=cfg.algorithm.icepop_high,
+                                 kl_loss_type=self.alg.kl_loss_type,
+                                 correction=RolloutCorrection.from_config(cfg.algorithm),
                                  temperature=cfg.rollout.temperature)
         self.step = 0
         self.prompt_skips = 0

@@ -14,6 +14,7 @@ from conftest import REPO_ROOT
 
 from megatron_dapo.algorithm import (
     LOSS_AGG_MODES,
+    RolloutCorrection,
     compute_decoupled_policy_loss,
     compute_policy_loss,
     geometric_seq_is_mask,
@@ -86,16 +87,17 @@ def test_icepop_token_mask_hand_values():
 
 def test_rollout_correction_weights_product_and_metrics():
     _, old, rollout, _, mask = _inputs()
-    assert rollout_correction_weights(old, rollout, mask) == (None, {})
-    w, m = rollout_correction_weights(old, rollout, mask, tis_cap=3.0, seq_is_mask_low=0.5, seq_is_mask_high=1.5,
-                                      icepop_low=0.5, icepop_high=3.0)
+    assert rollout_correction_weights(old, rollout, mask, None) == (None, {})
+    assert rollout_correction_weights(old, rollout, mask, RolloutCorrection()) == (None, {})
+    every = RolloutCorrection(tis_cap=3.0, seq_is_mask_low=0.5, seq_is_mask_high=1.5, icepop_low=0.5, icepop_high=3.0)
+    w, m = rollout_correction_weights(old, rollout, mask, every)
     # tis [[2, .5, 1], [3, 1, 0]] * seq keep [1, 0] * icepop [[1, 1, 1], [0, 1, 0]]
     torch.testing.assert_close(w, torch.tensor([[2.0, 0.5, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64))
     # 5 valid tokens: row 1's 2 tokens dropped by the sequence rule, 1 token (k = 4) by IcePop
     assert m["seq_is_masked_frac"].item() == pytest.approx(2 / 5)
     assert m["icepop_masked_frac"].item() == pytest.approx(1 / 5)
     # only the enabled rules report; masks alone give 0/1 weights
-    w, m = rollout_correction_weights(old, rollout, mask, icepop_high=3.0)
+    w, m = rollout_correction_weights(old, rollout, mask, RolloutCorrection(icepop_high=3.0))
     assert set(m) == {"icepop_masked_frac"}
     torch.testing.assert_close(w, torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64))
 
@@ -118,8 +120,8 @@ def test_rollout_correction_weights_product_and_metrics():
 ])
 def test_decoupled_loss_hand_values(kwargs, expected_loss, expected_grad):
     logprobs, old, rollout, adv, mask = _inputs()
-    loss, m = compute_decoupled_policy_loss(logprobs, old, rollout, adv, mask, clip_ratio_low=0.2,
-                                            clip_ratio_high=0.28, **kwargs)
+    loss, m = compute_decoupled_policy_loss(logprobs, old, rollout, adv, mask, correction=RolloutCorrection(**kwargs),
+                                            clip_ratio_low=0.2, clip_ratio_high=0.28)
     assert loss.item() == pytest.approx(expected_loss, abs=1e-12)
     loss.backward()
     torch.testing.assert_close(logprobs.grad, torch.tensor(expected_grad, dtype=torch.float64))
@@ -148,16 +150,18 @@ def test_zero_staleness_reduces_exactly_to_todays_loss(mode, dual):
     common = dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=dual, loss_agg_mode=mode)
     ref, ref_m = compute_policy_loss(logprobs, old, adv, mask, **common)
     (ref_grad,) = torch.autograd.grad(ref, logprobs)
-    for kwargs in (dict(tis_cap=2.0), dict(tis_cap=1.0, seq_is_mask_low=0.999, seq_is_mask_high=1.001,
-                                            icepop_low=0.5, icepop_high=5.0), {}):
-        loss, m = compute_decoupled_policy_loss(logprobs, old, old.clone(), adv, mask, **kwargs, **common)
+    for correction in (RolloutCorrection(tis_cap=2.0), RolloutCorrection(tis_cap=1.0, seq_is_mask_low=0.999,
+                                                                         seq_is_mask_high=1.001, icepop_low=0.5,
+                                                                         icepop_high=5.0), RolloutCorrection(), None):
+        loss, m = compute_decoupled_policy_loss(logprobs, old, old.clone(), adv, mask, correction=correction, **common)
         (grad,) = torch.autograd.grad(loss, logprobs)
-        assert torch.equal(loss, ref) and torch.equal(grad, ref_grad), kwargs
+        assert torch.equal(loss, ref) and torch.equal(grad, ref_grad), correction
         for k, v in ref_m.items():
             assert torch.equal(m[k], v), k
         assert all(m[k].item() == 0.0 for k in ("seq_is_masked_frac", "icepop_masked_frac") if k in m)
     # no rollout log-probs at all: today's loss
-    loss, _ = compute_decoupled_policy_loss(logprobs, old, None, adv, mask, tis_cap=2.0, **common)
+    loss, _ = compute_decoupled_policy_loss(logprobs, old, None, adv, mask, correction=RolloutCorrection(tis_cap=2.0),
+                                            **common)
     assert torch.equal(loss, ref)
 
 
@@ -167,7 +171,8 @@ def test_decoupled_loss_equals_weighted_advantages_with_stale_samples():
     logprobs, old, adv, mask = _random_batch(5, torch.float64)
     g = torch.Generator().manual_seed(9)
     rollout = old + 0.5 * torch.randn(old.shape, generator=g, dtype=torch.float64)
-    loss, _ = compute_decoupled_policy_loss(logprobs, old, rollout, adv, mask, tis_cap=1.5)
+    loss, _ = compute_decoupled_policy_loss(logprobs, old, rollout, adv, mask,
+                                            correction=RolloutCorrection(tis_cap=1.5))
     (grad,) = torch.autograd.grad(loss, logprobs)
     w = torch.exp(old - rollout).clamp(max=1.5)
     ref, _ = compute_policy_loss(logprobs, old, adv.unsqueeze(1) * w, mask)
@@ -180,8 +185,9 @@ def test_masked_positions_never_matter():
     logprobs, old, rollout, adv, mask = _inputs()
     rollout = rollout.clone()
     rollout[1, 2] = math.inf  # padding: inf / NaN there change nothing
-    loss, m = compute_decoupled_policy_loss(logprobs, old, rollout, adv, mask, tis_cap=3.0, icepop_low=0.5,
-                                            seq_is_mask_high=1.5)
+    loss, m = compute_decoupled_policy_loss(logprobs, old, rollout, adv, mask,
+                                            correction=RolloutCorrection(tis_cap=3.0, icepop_low=0.5,
+                                                                         seq_is_mask_high=1.5))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logprobs.grad).all()
     assert all(torch.isfinite(v) for v in m.values())
@@ -190,7 +196,9 @@ def test_masked_positions_never_matter():
 def test_correction_validation_errors():
     _, old, rollout, _, mask = _inputs()
     with pytest.raises(ValueError, match="rollout_logprobs shape"):
-        rollout_correction_weights(old, rollout[:, :2], mask, tis_cap=2.0)
+        rollout_correction_weights(old, rollout[:, :2], mask, RolloutCorrection(tis_cap=2.0))
+    with pytest.raises(TypeError, match="correction must be a RolloutCorrection or None, got dict"):
+        rollout_correction_weights(old, rollout, mask, {"tis_cap": 2.0})
     with pytest.raises(ValueError, match="response_mask shape"):
         icepop_token_mask(old, rollout, mask[:, :2], 0.5, 2.0)
     with pytest.raises(TypeError, match="rollout_logprobs"):
@@ -205,6 +213,37 @@ def test_correction_validation_errors():
         geometric_seq_is_mask(old, rollout, mask, None, None)
     with pytest.raises(ValueError, match="icepop: high bound must be > 0"):
         icepop_token_mask(old, rollout, mask, None, 0.0)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(tis_cap=0.0), "algorithm.tis_cap: must be > 0, got 0.0"),
+    (dict(tis_cap=NAN), "algorithm.tis_cap: must be > 0, got nan"),
+    (dict(seq_is_mask_low=-1.0), "algorithm.seq_is_mask_low: low bound must be a finite value >= 0, got -1.0"),
+    (dict(seq_is_mask_low=math.inf), "algorithm.seq_is_mask_low: low bound must be a finite value >= 0, got inf"),
+    (dict(seq_is_mask_high=0.0), "algorithm.seq_is_mask_high: high bound must be > 0, got 0.0"),
+    (dict(seq_is_mask_low=3.0, seq_is_mask_high=2.0), "algorithm.seq_is_mask_low: low bound 3.0 > high bound 2.0"),
+    (dict(icepop_low=-0.5), "algorithm.icepop_low: low bound must be a finite value >= 0, got -0.5"),
+    (dict(icepop_high=NAN), "algorithm.icepop_high: high bound must be > 0, got nan"),
+    (dict(icepop_low=3.0, icepop_high=2.0), "algorithm.icepop_low: low bound 3.0 > high bound 2.0"),
+])
+def test_rollout_correction_rejects_bad_bounds_naming_the_flag(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        RolloutCorrection(**kwargs)
+    assert str(e.value) == message
+
+
+def test_rollout_correction_enabled_and_frozen():
+    assert not RolloutCorrection().enabled
+    for kwargs in (dict(tis_cap=2.0), dict(seq_is_mask_low=0.9), dict(seq_is_mask_high=1.1), dict(icepop_low=0.5),
+                   dict(icepop_high=5.0)):
+        c = RolloutCorrection(**kwargs)
+        assert c.enabled, kwargs
+        assert c.seq_is_mask_enabled == ("seq_is_mask_low" in kwargs or "seq_is_mask_high" in kwargs)
+        assert c.icepop_enabled == ("icepop_low" in kwargs or "icepop_high" in kwargs)
+    # open-ended bounds (0 / inf) are accepted, as by the functions
+    assert RolloutCorrection(icepop_low=0.0, icepop_high=math.inf).icepop_enabled
+    with pytest.raises(AttributeError):
+        RolloutCorrection().tis_cap = 2.0  # type: ignore[misc]
 
 
 # ------------------------------------------------------------------------------------------
@@ -237,9 +276,13 @@ def test_config_corrections_reach_the_loss_settings(tmp_path):
     a = cfg.algorithm
     assert (a.tis_cap, a.seq_is_mask_low, a.seq_is_mask_high, a.icepop_low, a.icepop_high) == (2.0, 0.999, 1.001,
                                                                                                0.5, 5.0)
-    # every correction field of the config has its LossSettings field of the same name
-    fields = set(LossSettings.__dataclass_fields__)
-    assert {"tis_cap", "seq_is_mask_low", "seq_is_mask_high", "icepop_low", "icepop_high"} <= fields
+    # the config's correction fields become one RolloutCorrection, carried by LossSettings
+    expected = RolloutCorrection(tis_cap=2.0, seq_is_mask_low=0.999, seq_is_mask_high=1.001, icepop_low=0.5,
+                                 icepop_high=5.0)
+    assert RolloutCorrection.from_config(a) == expected
+    assert LossSettings(correction=RolloutCorrection.from_config(a)).correction.enabled
+    assert LossSettings().correction is None
     defaults = load_config(CONFIG, [f"output_dir={tmp_path}"]).algorithm
     assert (defaults.seq_is_mask_low, defaults.seq_is_mask_high, defaults.icepop_low, defaults.icepop_high) == (
         None, None, None, None)
+    assert not RolloutCorrection.from_config(defaults).enabled

@@ -97,12 +97,12 @@ def test_iter_buckets_rejects_bad_input():
 
 
 def test_resolve_dtype_and_bucket_size():
-    class A:
-        class cfg:
-            params_dtype = "bf16"
-
-    assert resolve_dtype(None, A()) == torch.bfloat16
-    assert resolve_dtype(None, object()) == torch.float32
+    assert resolve_dtype(None, default="bf16") == torch.bfloat16
+    assert resolve_dtype(None, default=torch.bfloat16) == torch.bfloat16
+    assert resolve_dtype(None) == torch.float32
+    assert resolve_dtype("fp16", default="bf16") == torch.float16  # an explicit dtype wins over the default
+    with pytest.raises(ValueError, match="actor.params_dtype='int8' is not one of fp32, bf16, fp16"):
+        resolve_dtype(None, default="int8")
     assert resolve_dtype("torch.float16") == torch.float16 and resolve_dtype(torch.float32) == torch.float32
     with pytest.raises(ValueError, match="weight_sync.dtype"):
         resolve_dtype("int8")
@@ -276,6 +276,23 @@ def test_bad_arguments(tiny_hf, tmp_path):
         ranks_per_engine(two, 3)
     actor.rank = 3  # non-driver ranks need no client
     WeightSync(actor, None, work_dir=tmp_path).close()
+
+
+def test_default_dtype_is_the_actors_params_dtype(tiny_hf, tmp_path):
+    """weight_sync.dtype unset: the weights go out in the actor's params dtype (fp32 for a double without cfg)."""
+    import types
+
+    actor = HFActor(tiny_hf)
+    ws = WeightSync(actor, RecordingClient(), transport="disk", work_dir=tmp_path / "a")
+    assert ws.dtype == torch.float32
+    ws.close()
+    actor.cfg = types.SimpleNamespace(params_dtype="bf16")  # as MegatronActor.cfg (an ActorConfig)
+    ws = WeightSync(actor, RecordingClient(), transport="disk", work_dir=tmp_path / "b")
+    assert ws.dtype == torch.bfloat16
+    ws.close()
+    ws = WeightSync(actor, RecordingClient(), transport="disk", dtype="fp32", work_dir=tmp_path / "c")
+    assert ws.dtype == torch.float32
+    ws.close()
 
 
 def test_tensor_transport_refuses_engines_on_other_hosts(tiny_hf, tmp_path):

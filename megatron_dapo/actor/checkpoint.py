@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import MegatronDapoError
+from ..sync.collective import on_rank0
 
 ITER_RE = re.compile(r"^iter_(\d{7,})$")
 LATEST_FILE = "latest"
@@ -305,13 +306,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _broadcast_str(s: Optional[str]) -> str:
-    obj = [s]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(obj, src=0)
-    return obj[0]
-
-
 def _maybe_kill(point: str, root: Path) -> None:
     """Test-only crash hook (:data:`_KILL_ENV` unset in production: returns at once).
 
@@ -398,7 +392,7 @@ def save_checkpoint(actor, root: str | Path, step: int, trainer_state: dict) -> 
     state_text = json.dumps(trainer_state, indent=2, sort_keys=True)  # fail early, before any I/O
     check_finite_state(actor)  # never a checkpoint of NaN weights (issue 16)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    tmp_name = _broadcast_str(f"{name}.tmp-{uuid.uuid4().hex[:10]}" if rank == 0 else None)
+    tmp_name = on_rank0(lambda: f"{name}.tmp-{uuid.uuid4().hex[:10]}", is_rank0=rank == 0)  # one nonce for all
     tmp = root / tmp_name
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from ..algorithm.policy_loss import RolloutCorrection
 from ..cpu_shims import apply_cpu_shims, cuda_available, device_remap, enable_local_thd_attention
 from ..models import mapping
 from ..models.hf_config import ModelSpec, gpt_model_kwargs, spec_from_hf_config, transformer_config_kwargs
@@ -102,11 +103,9 @@ class LossSettings:
     entropy_coeff: float = 0.0
     kl_loss_coef: float = 0.0
     kl_loss_type: str = "k3"
-    tis_cap: Optional[float] = None
-    seq_is_mask_low: Optional[float] = None
-    seq_is_mask_high: Optional[float] = None
-    icepop_low: Optional[float] = None
-    icepop_high: Optional[float] = None
+    correction: Optional[RolloutCorrection] = None
+    """Behaviour-policy corrections of the decoupled loss (``algorithm.tis_cap`` / ``seq_is_mask_*`` /
+    ``icepop_*``, built once by :meth:`RolloutCorrection.from_config`); ``None``: none."""
     temperature: float = 1.0
 
 
@@ -577,10 +576,7 @@ class MegatronActor:
                 old_lp[r, c] = bad[1]
             pg, metrics = compute_decoupled_policy_loss(
                 lp, old_lp, mb.rollout_logprobs, mb.advantages.to(lp.device), mask,
-                tis_cap=loss.tis_cap,
-                seq_is_mask_low=loss.seq_is_mask_low, seq_is_mask_high=loss.seq_is_mask_high,
-                icepop_low=loss.icepop_low, icepop_high=loss.icepop_high,
-                clip_ratio_low=loss.clip_ratio_low, clip_ratio_high=loss.clip_ratio_high,
+                correction=loss.correction, clip_ratio_low=loss.clip_ratio_low, clip_ratio_high=loss.clip_ratio_high,
                 clip_ratio_c=loss.clip_ratio_c, loss_agg_mode=loss.loss_agg_mode, **norm)
             if bad and bad[0] == "policy_loss":
                 pg = pg * bad[1]

@@ -5,6 +5,7 @@ from .dynamic_sampling import DynamicSampler, DynamicSamplingExhausted, Group, P
 from .policy_loss import (
     KL_PENALTY_KINDS,
     LOSS_AGG_MODES,
+    RolloutCorrection,
     agg_loss,
     compute_decoupled_policy_loss,
     compute_policy_loss,
@@ -38,6 +39,7 @@ __all__ = [
     "NonFiniteAdvantageError",
     "PendingGroup",
     "PRESETS",
+    "RolloutCorrection",
     "SWITCH_KEYS",
     "TABLE1_ABLATION",
     "agg_loss",

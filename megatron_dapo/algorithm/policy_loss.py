@@ -18,6 +18,7 @@ Contents
   Training-Inference Mismatch").
 * :func:`icepop_token_mask` -- IcePop token masking (Ling team, "Every Step Evolves: Scaling
   Reinforcement Learning for Trillion-Scale Thinking Model", arXiv 2510.18855, Sec. IcePop).
+* :class:`RolloutCorrection` -- which of the three are enabled and their bounds (validated once).
 * :func:`rollout_correction_weights` -- the product of the three, as one per-token weight.
 * :func:`kl_penalty` -- k1/k2/k3 per-token KL estimators (Schulman, "Approximating KL
   divergence", 2020; k3 is the "low_var_kl" of verl).
@@ -33,13 +34,15 @@ through ``torch.where`` before any arithmetic, so no ``0 * inf`` can appear in f
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Any, Optional, Union
 
 import torch
 
 __all__ = [
     "LOSS_AGG_MODES",
     "KL_PENALTY_KINDS",
+    "RolloutCorrection",
     "agg_loss",
     "compute_policy_loss",
     "compute_decoupled_policy_loss",
@@ -385,15 +388,21 @@ def _behaviour_log_ratio(
     return torch.where(mask, old - rollout, zero), mask
 
 
+def _check_bound_values(low: Optional[float], high: Optional[float], low_name: str, high_name: str) -> None:
+    """Raise ValueError (naming ``low_name`` / ``high_name``) for a negative or non-finite ``low``, a
+    non-positive ``high`` or ``low > high``; a None bound is no bound."""
+    if low is not None and not (math.isfinite(float(low)) and float(low) >= 0.0):
+        raise ValueError(f"{low_name}: low bound must be a finite value >= 0, got {low}")
+    if high is not None and not (float(high) > 0.0):
+        raise ValueError(f"{high_name}: high bound must be > 0, got {high}")
+    if low is not None and high is not None and float(low) > float(high):
+        raise ValueError(f"{low_name}: low bound {low} > high bound {high}")
+
+
 def _check_bounds(low: Optional[float], high: Optional[float], name: str) -> None:
     if low is None and high is None:
         raise ValueError(f"{name}: give at least one of the low / high bounds")
-    if low is not None and not (math.isfinite(float(low)) and float(low) >= 0.0):
-        raise ValueError(f"{name}: low bound must be a finite value >= 0, got {low}")
-    if high is not None and not (float(high) > 0.0):
-        raise ValueError(f"{name}: high bound must be > 0, got {high}")
-    if low is not None and high is not None and float(low) > float(high):
-        raise ValueError(f"{name}: low bound {low} > high bound {high}")
+    _check_bound_values(low, high, name, name)
 
 
 def _log_in_range(log_value: torch.Tensor, low: Optional[float], high: Optional[float]) -> torch.Tensor:
@@ -529,16 +538,75 @@ def icepop_token_mask(
     return mask & _log_in_range(log_ratio, low, high)
 
 
+@dataclass(frozen=True)
+class RolloutCorrection:
+    """The behaviour-policy corrections of :func:`rollout_correction_weights`, validated once.
+
+    Each field is the ``algorithm.*`` flag of the same name; ``None`` switches that bound (or rule) off.
+    A rule is on when at least one of its bounds is set.
+
+    Attributes:
+        tis_cap: truncation ``C > 0`` of the token weight ``min(pi_old / pi_rollout, C)``
+            (:func:`truncated_is_weights`; TIS, Yao et al. 2025, and the behaviour weight of AReaL's
+            decoupled objective, arXiv 2505.24298 eq. 5).
+        seq_is_mask_low, seq_is_mask_high: bounds on the geometric-mean sequence ratio
+            ``exp(mean_t(old_t - rollout_t))`` (:func:`geometric_seq_is_mask`; masked IS of Liu, Li
+            et al. 2025); low ``>= 0`` and finite, high ``> 0``.
+        icepop_low, icepop_high: IcePop's ``alpha`` / ``beta`` on the token ratio ``pi_old / pi_rollout``
+            (:func:`icepop_token_mask`; arXiv 2510.18855); low ``>= 0`` and finite, high ``> 0``.
+
+    Raises:
+        ValueError: on construction, naming the flag: ``tis_cap <= 0`` (or NaN), a negative / non-finite
+            low bound, a non-positive high bound, a low bound above its high bound.  These are the
+            checks of the three functions; :meth:`megatron_dapo.config.DAPOConfig.validate` is stricter
+            for the config (lows in ``[0, 1]``, highs ``>= 1``, so that a fresh batch keeps every token).
+    """
+
+    tis_cap: Optional[float] = None
+    seq_is_mask_low: Optional[float] = None
+    seq_is_mask_high: Optional[float] = None
+    icepop_low: Optional[float] = None
+    icepop_high: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.tis_cap is not None and not (float(self.tis_cap) > 0.0):
+            raise ValueError(f"algorithm.tis_cap: must be > 0, got {self.tis_cap}")
+        _check_bound_values(self.seq_is_mask_low, self.seq_is_mask_high,
+                            "algorithm.seq_is_mask_low", "algorithm.seq_is_mask_high")
+        _check_bound_values(self.icepop_low, self.icepop_high, "algorithm.icepop_low", "algorithm.icepop_high")
+
+    @property
+    def seq_is_mask_enabled(self) -> bool:
+        """Whether the sequence-level geometric-mean mask is on (either bound set)."""
+        return self.seq_is_mask_low is not None or self.seq_is_mask_high is not None
+
+    @property
+    def icepop_enabled(self) -> bool:
+        """Whether IcePop token masking is on (either bound set)."""
+        return self.icepop_low is not None or self.icepop_high is not None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any correction is on (otherwise the loss is the plain on-policy one)."""
+        return self.tis_cap is not None or self.seq_is_mask_enabled or self.icepop_enabled
+
+    @classmethod
+    def from_config(cls, alg: Any) -> "RolloutCorrection":
+        """The corrections of an algorithm config: any object with the five fields as attributes, e.g.
+        :class:`megatron_dapo.config.AlgorithmConfig` (``cfg.algorithm``).
+
+        Raises:
+            ValueError: as the constructor.  AttributeError: ``alg`` lacks one of the fields.
+        """
+        return cls(tis_cap=alg.tis_cap, seq_is_mask_low=alg.seq_is_mask_low, seq_is_mask_high=alg.seq_is_mask_high,
+                   icepop_low=alg.icepop_low, icepop_high=alg.icepop_high)
+
+
 def rollout_correction_weights(
     old_logprobs: torch.Tensor,
     rollout_logprobs: torch.Tensor,
     response_mask: torch.Tensor,
-    *,
-    tis_cap: Optional[float] = None,
-    seq_is_mask_low: Optional[float] = None,
-    seq_is_mask_high: Optional[float] = None,
-    icepop_low: Optional[float] = None,
-    icepop_high: Optional[float] = None,
+    correction: Optional[RolloutCorrection],
 ) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]:
     """One detached per-token weight from the enabled behaviour-policy corrections.
 
@@ -546,8 +614,8 @@ def rollout_correction_weights(
 
         w_t = tis_t * seq_keep_i * icepop_keep_t
 
-    with ``tis_t = min(exp(old_t - rollout_t), tis_cap)`` (:func:`truncated_is_weights`; 1 when
-    ``tis_cap`` is None), ``seq_keep_i`` of :func:`geometric_seq_is_mask` (1 when both
+    with ``tis_t = min(exp(old_t - rollout_t), correction.tis_cap)`` (:func:`truncated_is_weights`; 1
+    when ``tis_cap`` is None), ``seq_keep_i`` of :func:`geometric_seq_is_mask` (1 when both
     ``seq_is_mask_*`` are None) and ``icepop_keep_t`` of :func:`icepop_token_mask` (1 when both
     ``icepop_*`` are None).  Masked tokens get weight 0 and stay in the loss normaliser.  With zero
     staleness (``rollout_logprobs == old_logprobs``), ``tis_cap >= 1`` and bounds that contain 1, every
@@ -556,36 +624,40 @@ def rollout_correction_weights(
     Args:
         old_logprobs, rollout_logprobs: ``[B, T]`` floating (proximal / behaviour log-probs).
         response_mask: ``[B, T]`` bool (or 0/1).
-        tis_cap, seq_is_mask_low, seq_is_mask_high, icepop_low, icepop_high: see the functions above.
+        correction: the enabled rules and their bounds (:class:`RolloutCorrection`); None: none.
 
     Returns:
         ``(weights, metrics)``: ``weights`` ``[B, T]`` (0 outside ``response_mask``), or None when no
-        correction is enabled.  ``metrics`` (0-dim detached tensors, fractions of this call's valid
-        tokens, present for the enabled rules): ``seq_is_masked_frac`` (tokens in sequences dropped by
-        the sequence rule), ``icepop_masked_frac`` (tokens dropped by IcePop).
+        correction is enabled (``correction`` None or not :attr:`RolloutCorrection.enabled`).
+        ``metrics`` (0-dim detached tensors, fractions of this call's valid tokens, present for the
+        enabled rules): ``seq_is_masked_frac`` (tokens in sequences dropped by the sequence rule),
+        ``icepop_masked_frac`` (tokens dropped by IcePop).
 
     Raises:
-        ValueError / TypeError: as the functions above.
+        ValueError / TypeError: as the functions above.  TypeError: ``correction`` is neither None nor a
+            :class:`RolloutCorrection`.
     """
-    use_seq = seq_is_mask_low is not None or seq_is_mask_high is not None
-    use_icepop = icepop_low is not None or icepop_high is not None
-    if tis_cap is None and not use_seq and not use_icepop:
+    if correction is not None and not isinstance(correction, RolloutCorrection):
+        raise TypeError(f"correction must be a RolloutCorrection or None, got {type(correction).__name__}")
+    if correction is None or not correction.enabled:
         return None, {}
+    c = correction
     log_ratio, mask = _behaviour_log_ratio(old_logprobs, rollout_logprobs, response_mask)
     dtype, device = log_ratio.dtype, log_ratio.device
-    if tis_cap is not None:
-        weights = truncated_is_weights(old_logprobs, rollout_logprobs, mask, tis_cap)
+    if c.tis_cap is not None:
+        weights = truncated_is_weights(old_logprobs, rollout_logprobs, mask, c.tis_cap)
     else:
         weights = mask.to(dtype)
     n_valid = mask.sum().to(dtype).clamp(min=1)
     metrics: dict[str, torch.Tensor] = {}
-    if use_seq:
-        seq_keep, _ = geometric_seq_is_mask(old_logprobs, rollout_logprobs, mask, seq_is_mask_low, seq_is_mask_high)
+    if c.seq_is_mask_enabled:
+        seq_keep, _ = geometric_seq_is_mask(old_logprobs, rollout_logprobs, mask, c.seq_is_mask_low,
+                                            c.seq_is_mask_high)
         seq_keep = seq_keep.to(device)
         weights = weights * seq_keep.unsqueeze(-1).to(dtype)
         metrics["seq_is_masked_frac"] = (mask & ~seq_keep.unsqueeze(-1)).sum().to(dtype) / n_valid
-    if use_icepop:
-        tok_keep = icepop_token_mask(old_logprobs, rollout_logprobs, mask, icepop_low, icepop_high).to(device)
+    if c.icepop_enabled:
+        tok_keep = icepop_token_mask(old_logprobs, rollout_logprobs, mask, c.icepop_low, c.icepop_high).to(device)
         weights = weights * tok_keep.to(dtype)
         metrics["icepop_masked_frac"] = (mask & ~tok_keep).sum().to(dtype) / n_valid
     return weights, metrics
@@ -598,11 +670,7 @@ def compute_decoupled_policy_loss(
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
     *,
-    tis_cap: Optional[float] = None,
-    seq_is_mask_low: Optional[float] = None,
-    seq_is_mask_high: Optional[float] = None,
-    icepop_low: Optional[float] = None,
-    icepop_high: Optional[float] = None,
+    correction: Optional[RolloutCorrection] = None,
     clip_ratio_low: float = 0.2,
     clip_ratio_high: float = 0.28,
     clip_ratio_c: Optional[float] = None,
@@ -639,7 +707,8 @@ def compute_decoupled_policy_loss(
         old_logprobs: ``[B, T]`` floating proximal log-probs (detached).
         rollout_logprobs: ``[B, T]`` floating behaviour log-probs (detached), or None.
         advantages: ``[B, T]``, ``[B, 1]`` or ``[B]``.  response_mask: ``[B, T]`` bool (or 0/1).
-        tis_cap, seq_is_mask_low, seq_is_mask_high, icepop_low, icepop_high: the corrections (None: off).
+        correction: the enabled corrections and their bounds (:class:`RolloutCorrection`; the weight
+            ``w_t`` above uses its ``tis_cap``, ``seq_is_mask_*`` and ``icepop_*``); None: none.
         clip_ratio_low, clip_ratio_high, clip_ratio_c, loss_agg_mode, global_num_tokens,
         global_num_seqs: as in :func:`compute_policy_loss`.
 
@@ -652,9 +721,7 @@ def compute_decoupled_policy_loss(
     """
     weights, corr = None, {}
     if rollout_logprobs is not None:
-        weights, corr = rollout_correction_weights(
-            old_logprobs, rollout_logprobs, response_mask, tis_cap=tis_cap, seq_is_mask_low=seq_is_mask_low,
-            seq_is_mask_high=seq_is_mask_high, icepop_low=icepop_low, icepop_high=icepop_high)
+        weights, corr = rollout_correction_weights(old_logprobs, rollout_logprobs, response_mask, correction)
     loss, metrics = compute_policy_loss(
         logprobs, old_logprobs, advantages, response_mask, clip_ratio_low=clip_ratio_low,
         clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c, loss_agg_mode=loss_agg_mode,

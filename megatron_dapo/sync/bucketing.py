@@ -21,31 +21,36 @@ MB = 1 << 20
 _MAX_STORAGE_OVERHEAD = 1.25
 
 
-def resolve_dtype(dtype: torch.dtype | str | None, actor=None) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None, *, default: torch.dtype | str = "fp32") -> torch.dtype:
     """The dtype weights are sent to the engines in.
 
     Args:
         dtype: a ``torch.dtype``, one of ``fp32|bf16|fp16`` (or their torch names, optionally with the
-            ``torch.`` prefix), or ``None`` = the actor's ``cfg.params_dtype`` (``fp32`` when unknown).
-        actor: the actor (only read when ``dtype`` is ``None``).
+            ``torch.`` prefix), or ``None`` = ``default`` (``weight_sync.dtype``).
+        default: the dtype used when ``dtype`` is ``None``, given the same ways: the actor's params dtype
+            (``actor.params_dtype``); ``fp32`` when not given.
 
     Returns:
         A floating ``torch.dtype``.
 
     Raises:
-        ValueError: unknown name or a non-floating dtype (names the ``weight_sync.dtype`` flag).
+        ValueError: unknown name or a non-floating dtype (names the ``weight_sync.dtype`` flag, or
+            ``actor.params_dtype`` for a bad ``default`` used in its place).
     """
     if dtype is None:
-        cfg = getattr(actor, "cfg", None)
-        dtype = getattr(cfg, "params_dtype", None) or "fp32"
+        return _floating_dtype(default, "actor.params_dtype")
+    return _floating_dtype(dtype, "weight_sync.dtype")
+
+
+def _floating_dtype(dtype: torch.dtype | str, flag: str) -> torch.dtype:
     if isinstance(dtype, str):
         key = dtype.strip().lower()
         key = key[len("torch."):] if key.startswith("torch.") else key
         if key not in _DTYPE_ALIASES:
-            raise ValueError(f"weight_sync.dtype={dtype!r} is not one of fp32, bf16, fp16")
+            raise ValueError(f"{flag}={dtype!r} is not one of fp32, bf16, fp16")
         dtype = _DTYPE_ALIASES[key]
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"weight_sync.dtype={dtype!r} must be a floating torch dtype")
+        raise ValueError(f"{flag}={dtype!r} must be a floating torch dtype")
     return dtype
 
 

@@ -173,7 +173,9 @@ class WeightSync:
         self.actor = actor
         self.transport_name = transport
         self.bucket_bytes = bucket_bytes_from_mb(bucket_mb)
-        self.dtype = resolve_dtype(dtype, actor)
+        # dtype=None: the actor's params dtype (MegatronActor.cfg.params_dtype; test doubles have no cfg: fp32)
+        actor_params_dtype = getattr(getattr(actor, "cfg", None), "params_dtype", None) or "fp32"
+        self.dtype = resolve_dtype(dtype, default=actor_params_dtype)
         self.work_dir = Path(work_dir)
         self.timeout_s = float(timeout_s)
         self.rank = int(actor.rank)

@@ -9,7 +9,7 @@ through the real trainer batch builder and the Megatron actor's ``train_step``.
   ``min(w_i, cap)``; the gradient must equal the no-TIS gradient of the same batch with advantages
   scaled by ``min(w_i, cap)`` (the policy loss is linear in a positive per-row weight), and differ from
   the uncapped one;
-* off-policy corrections (``LossSettings`` ``seq_is_mask_*`` / ``icepop_*``): with ``rollout_logprobs ==
+* off-policy corrections (``LossSettings.correction``'s ``seq_is_mask_*`` / ``icepop_*``): with ``rollout_logprobs ==
   old_logprobs`` every correction leaves the gradient bit-identical; rows whose ratio is outside the bounds
   contribute exactly as if their advantages were 0, and ``train_step`` reports the masked token fraction.
 
@@ -31,7 +31,7 @@ def main():
 
     from ckpt_worker import build
     from megatron_dapo.actor.megatron_actor import LossSettings
-    from megatron_dapo.algorithm import Group, build_train_batch, resolve_preset
+    from megatron_dapo.algorithm import Group, RolloutCorrection, build_train_batch, resolve_preset
 
     actor = build({}, load_weights=True)
     g = torch.Generator().manual_seed(3)
@@ -94,7 +94,7 @@ def main():
     b = batch_of(ga, False)
     w = torch.tensor([0.5, 1.5, 3.0, 5.0, 1.0, 2.5, 0.8, 4.0])
     b.rollout_logprobs = (b.old_logprobs - torch.log(w).unsqueeze(1)) * b.response_mask
-    with_tis = grads(b, LossSettings(tis_cap=cap))
+    with_tis = grads(b, LossSettings(correction=RolloutCorrection(tis_cap=cap)))
     scaled = batch_of(ga, False)
     scaled.advantages = b.advantages * w.clamp(max=cap).unsqueeze(1)
     expect = grads(scaled, ls)
@@ -106,7 +106,8 @@ def main():
     rep["grad_scale"] = max(float(t.abs().max()) for t in with_tis.values())
 
     # off-policy corrections through LossSettings: zero staleness changes nothing, bit for bit ...
-    every = LossSettings(tis_cap=2.0, seq_is_mask_low=0.999, seq_is_mask_high=1.001, icepop_low=0.5, icepop_high=5.0)
+    every = LossSettings(correction=RolloutCorrection(tis_cap=2.0, seq_is_mask_low=0.999, seq_is_mask_high=1.001,
+                                                      icepop_low=0.5, icepop_high=5.0))
     fresh = batch_of(ga, False)
     fresh.rollout_logprobs = fresh.old_logprobs.clone()
     rep["zero_staleness_grad_diff"] = max_diff(grads(fresh, every), grads(batch_of(ga, False), ls))
@@ -115,9 +116,10 @@ def main():
     # rows with TIS)
     keep = ((w >= 0.7) & (w <= 2.8)).to(torch.float32)
     for name, settings, scale in (
-            ("seq", LossSettings(seq_is_mask_low=0.7, seq_is_mask_high=2.8), keep),
-            ("icepop", LossSettings(icepop_low=0.7, icepop_high=2.8), keep),
-            ("icepop_tis", LossSettings(tis_cap=cap, icepop_low=0.7, icepop_high=2.8), keep * w.clamp(max=cap))):
+            ("seq", LossSettings(correction=RolloutCorrection(seq_is_mask_low=0.7, seq_is_mask_high=2.8)), keep),
+            ("icepop", LossSettings(correction=RolloutCorrection(icepop_low=0.7, icepop_high=2.8)), keep),
+            ("icepop_tis", LossSettings(correction=RolloutCorrection(tis_cap=cap, icepop_low=0.7, icepop_high=2.8)),
+             keep * w.clamp(max=cap))):
         m = actor.train_step(b, settings, apply_update=False)
         got = {n: t.clone() for n, t in actor.iter_full_grads()}
         expect_b = batch_of(ga, False)
