@@ -278,21 +278,15 @@ def test_bad_arguments(tiny_hf, tmp_path):
     WeightSync(actor, None, work_dir=tmp_path).close()
 
 
-def test_default_dtype_is_the_actors_params_dtype(tiny_hf, tmp_path):
-    """weight_sync.dtype unset: the weights go out in the actor's params dtype (fp32 for a double without cfg)."""
-    import types
-
+def test_dtype_is_what_the_caller_names(tiny_hf, tmp_path):
+    """WeightSync reads nothing from the actor's config: the weights go out in the dtype it is given (the
+    trainer gives the actor's params dtype), fp32 when none is given."""
     actor = HFActor(tiny_hf)
-    ws = WeightSync(actor, RecordingClient(), transport="disk", work_dir=tmp_path / "a")
-    assert ws.dtype == torch.float32
-    ws.close()
-    actor.cfg = types.SimpleNamespace(params_dtype="bf16")  # as MegatronActor.cfg (an ActorConfig)
-    ws = WeightSync(actor, RecordingClient(), transport="disk", work_dir=tmp_path / "b")
-    assert ws.dtype == torch.bfloat16
-    ws.close()
-    ws = WeightSync(actor, RecordingClient(), transport="disk", dtype="fp32", work_dir=tmp_path / "c")
-    assert ws.dtype == torch.float32
-    ws.close()
+    for sub, kw, want in (("a", {}, torch.float32), ("b", {"dtype": "bf16"}, torch.bfloat16),
+                          ("c", {"dtype": torch.float32}, torch.float32)):
+        ws = WeightSync(actor, RecordingClient(), transport="disk", work_dir=tmp_path / sub, **kw)
+        assert ws.dtype == want, (kw, ws.dtype)
+        ws.close()
 
 
 def test_tensor_transport_refuses_engines_on_other_hosts(tiny_hf, tmp_path):

@@ -1,7 +1,8 @@
 """The DAPO algorithm (arXiv 2503.14476) in pure torch: advantages, losses, reward shaping,
 dynamic sampling, presets and the train-batch builder.  No Megatron, no I/O, no logging."""
 from .advantages import NonFiniteAdvantageError, compute_group_advantages
-from .dynamic_sampling import DynamicSampler, DynamicSamplingExhausted, Group, PendingGroup
+from .dynamic_sampling import (DynamicSampler, DynamicSamplingExhausted, Group, PendingGroup, StaleReset,
+                               reset_stale_samples)
 from .policy_loss import (
     KL_PENALTY_KINDS,
     LOSS_AGG_MODES,
@@ -38,6 +39,8 @@ __all__ = [
     "LOSS_AGG_MODES",
     "NonFiniteAdvantageError",
     "PendingGroup",
+    "StaleReset",
+    "reset_stale_samples",
     "PRESETS",
     "RolloutCorrection",
     "SWITCH_KEYS",

@@ -47,8 +47,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from ..algorithm import DynamicSampler, Group, PendingGroup, soft_overlong_penalty
-from ..algorithm.dynamic_sampling import StaleReset
+from ..algorithm import DynamicSampler, Group, PendingGroup, StaleReset, soft_overlong_penalty
 from ..reward import RewardResult, get_score_executor, score_batch
 from .payloads import GenerateOutput
 from .validate import screen_group

@@ -131,8 +131,8 @@ class WeightSync:
         transport: ``disk`` | ``distributed`` | ``tensor`` (``weight_sync.transport``; the class comes
             from :data:`~megatron_dapo.sync.transports.TRANSPORTS`).
         bucket_mb: bucket capacity in MiB (fractions allowed; ``0`` = one unbounded bucket).
-        dtype: engine dtype (``torch.dtype`` or ``fp32``/``bf16``/``fp16``); ``None`` = the actor's
-            ``params_dtype``.
+        dtype: engine dtype (``torch.dtype`` or ``fp32``/``bf16``/``fp16``); the trainer passes the actor's
+            ``params_dtype`` (:meth:`megatron_dapo.engines.EngineSet.launch`).
         work_dir: directory for ``disk`` checkpoints (must be on a file system the engines see).
         engine_world_size: engine ranks in the update group over ALL engines (``num_engines * tp_size``;
             the group has ``1 + engine_world_size`` ranks, engine ``e`` starts at ``1 + e * tp_size``);
@@ -159,7 +159,7 @@ class WeightSync:
 
     def __init__(self, actor: PolicyActor, client: Optional[RolloutEngine], *,
                  transport: WeightTransportName = "disk", bucket_mb: float = 512,
-                 dtype: torch.dtype | str | None = None, work_dir: str | Path,
+                 dtype: torch.dtype | str = "fp32", work_dir: str | Path,
                  engine_world_size: int | None = None, timeout_s: float = 600.0,
                  master_address: str | None = None, group_name: str | None = None, api_key: str | None = None,
                  engine_nodes: list[str] | tuple[str, ...] | None = None, node_id: str | None = None,
@@ -173,9 +173,7 @@ class WeightSync:
         self.actor = actor
         self.transport_name = transport
         self.bucket_bytes = bucket_bytes_from_mb(bucket_mb)
-        # dtype=None: the actor's params dtype (MegatronActor.cfg.params_dtype; test doubles have no cfg: fp32)
-        actor_params_dtype = getattr(getattr(actor, "cfg", None), "params_dtype", None) or "fp32"
-        self.dtype = resolve_dtype(dtype, default=actor_params_dtype)
+        self.dtype = resolve_dtype(dtype)
         self.work_dir = Path(work_dir)
         self.timeout_s = float(timeout_s)
         self.rank = int(actor.rank)
