@@ -1,0 +1,68 @@
+"""Partial rollout end to end on every engine kind: our CPU engine, REAL SGLang and REAL vLLM.
+
+The same run on each session engine of ``tests/engine_fixtures.py`` (``rollout.engine_urls``, the default
+streaming rollout with ``rollout.partial_rollout=true``), sized per kind so the server is overfilled and requests
+are still generating when the dynamic sampler fills: the aborted requests come back with their tokens and
+logprobs (the protocol suite checks the engine side: ``test_aborted_prefix_continues_with_aligned_logprobs``),
+are parked, and are continued at the next step with prompt + prefix as input. Checked: samples were parked
+with prefixes and continued (or reset as stale), the trained batches stay consistent with the engine's
+logprobs (``rollout/train_rollout_logprob_abs_diff_max`` is small: a misaligned continuation would put
+logprobs of other tokens next to the trained ones), and the logprob check passes after every push.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from test_e2e import _fail, run_train
+
+TOL = 1e-4
+STEPS = 3
+COMMON = ["rollout.colocated=false", "rollout.deterministic=false", "rollout.partial_rollout=true",
+          "weight_sync.check_logprobs=true", "trainer.eval_interval=0", "trainer.save_interval=0",
+          "trainer.export_hf=false", "resume=none", "algorithm.overlong_buffer_length=16"]
+# per kind: enough concurrent work that later requests wait or run while the first groups are scored
+SIZES = {
+    "cpu": ["rollout.rollout_batch_size=2", "rollout.n_samples_per_prompt=8", "algorithm.oversample_factor=16",
+            "actor.ppo_mini_batch_size=16", "rollout.max_response_length=48"],
+    # 8 prompts x 16 samples x up to 96 tokens on a 4,096-token CPU KV cache
+    "sglang": ["rollout.rollout_batch_size=1", "rollout.n_samples_per_prompt=16", "algorithm.oversample_factor=8.0",
+               "actor.ppo_mini_batch_size=16", "rollout.max_response_length=96"],
+    # 8 prompts x 32 samples = 256 sequences on vLLM's 128 CPU sequence slots
+    "vllm": ["rollout.rollout_batch_size=1", "rollout.n_samples_per_prompt=32", "algorithm.oversample_factor=8.0",
+             "actor.ppo_mini_batch_size=32", "rollout.max_response_length=200"],
+}
+
+
+def _steps(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "steps.jsonl").read_text().splitlines() if x.strip()]
+
+
+@pytest.fixture
+def restore_protocol_weights(engine, tmp_path):
+    yield
+    src = shutil.copytree(engine.model_dir, tmp_path / "restore")
+    engine.run(lambda c: c.update_weights_from_disk(str(src), weight_version="restored"))
+
+
+@pytest.mark.slow
+def test_partial_rollout_parks_and_continues_on_the_engine(engine, tmp_path, restore_protocol_weights):
+    args = [f"output_dir={tmp_path}", "run_name=partial", f"model.hf_path={engine.model_dir}",
+            f"rollout.backend={engine.kind.name}", f"rollout.engine_urls=[{engine.url}]",
+            f"trainer.total_steps={STEPS}", "weight_sync.transport=disk"] + COMMON + SIZES[engine.kind.name]
+    proc = run_train(args, timeout=900)
+    assert proc.returncode == 0, _fail(proc)
+    steps = _steps(tmp_path / "partial")
+    keys = ("partial_parked", "partial_continued", "partial_dropped_stale", "partial_tokens_reused")
+    v = {k: [s[f"rollout/{k}"] for s in steps] for k in keys}
+    print(f"{engine.kind.name}: {v}; aborted {[s['dynamic_sampling/aborted_requests'] for s in steps]}; "
+          f"train-rollout max |logprob diff| {[s.get('rollout/train_rollout_logprob_abs_diff_max') for s in steps]}")
+    assert sum(v["partial_parked"][:-1]) > 0, v  # aborted samples kept their prefixes
+    assert sum(v["partial_continued"][1:]) + sum(v["partial_dropped_stale"][1:]) > 0, v
+    for k in range(1, STEPS):
+        assert v["partial_continued"][k] <= v["partial_parked"][k - 1], v
+    diffs = [s["weight_sync/engine_actor_logprob_max_abs_diff"] for s in steps]
+    assert max(diffs) <= TOL, diffs
