@@ -13,6 +13,9 @@ gradient of the single-process aggregate over the whole mini-batch (DAPO eq. 8 f
 Non-finite guard (issue 16): the optimizer step of :meth:`MegatronActor.train_step` is checked for
 inf/NaN loss terms and gradient norm on every rank first and skipped everywhere when any is found; see
 :mod:`megatron_dapo.actor.nonfinite`.
+
+HF weight I/O (HF safetensors into the shards, full / HF tensors out for weight sync and export):
+:mod:`megatron_dapo.actor.hf_weights`.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import torch.distributed as dist
 from ..cpu_shims import apply_cpu_shims, cuda_available, device_remap, enable_local_thd_attention
 from ..models import mapping
 from ..models.hf_config import ModelSpec, gpt_model_kwargs, spec_from_hf_config, transformer_config_kwargs
+from . import hf_weights
 from .batching import ActorBatch, balance_across_ranks, make_micro_batches, pad_columns
 from .logprobs import vocab_parallel_logprobs_entropy
 from .nonfinite import NONFINITE_TERMS, NonFiniteGuard, NonFiniteUpdate, _injected_term, _nonfinite_bits
@@ -231,114 +235,27 @@ class MegatronActor:
                     cname = "output_layer.weight(tied)"
                 yield cname, ci, lname, p
 
-    # ------------------------------------------------------------------ weights in
-    @torch.no_grad()
+    # ------------------------------------------------------------------ HF weights in / out
     def load_hf_weights(self, hf_path: str | Path) -> None:
-        """Copy HF safetensors weights into this rank's shards (TP slice, PP stage, vocab padding)."""
-        from safetensors import safe_open
+        """Copy HF safetensors weights into this rank's shards; see :func:`.hf_weights.load_hf_weights`."""
+        hf_weights.load_hf_weights(self, hf_path)
 
-        files = sorted(Path(hf_path).glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors files in {hf_path}")
-        handles = [safe_open(str(f), framework="pt") for f in files]
-        where = {k: h for h in handles for k in h.keys()}
-
-        def get(name: str) -> torch.Tensor:
-            return where[name].get_tensor(name)
-
-        for cname, _, lname, p in self._local_params():
-            src = "output_layer.weight" if cname == "output_layer.weight(tied)" else cname
-            full = mapping.hf_to_mcore(self.spec, src, get, self.padded_vocab)
-            shard = mapping.tp_shard(src, full, self.tp_rank, self.tp)
-            if tuple(shard.shape) != tuple(p.shape):
-                raise mapping.MappingError(f"{lname}: expected shape {tuple(p.shape)}, found {tuple(shard.shape)}")
-            p.data.copy_(shard.to(p.dtype))
-        for chunk in self.chunks if hasattr(self, "optimizer") else []:
-            chunk.broadcast_params()
-        if hasattr(self, "optimizer"):
-            self.optimizer.reload_model_params()
-
-    # ------------------------------------------------------------------ weights out
-    def _owner_map(self) -> dict[str, tuple[int, int, str]]:
-        if self._owners is None:
-            mine = {c: (self.pp_rank, ci, ln) for c, ci, ln, _ in self._local_params() if not c.endswith("(tied)")}
-            gathered: list[Any] = [None] * self.pp
-            dist.all_gather_object(gathered, mine, group=self.ps.get_pipeline_model_parallel_group())
-            owners: dict[str, tuple[int, int, str]] = {}
-            for d in gathered:
-                for k, v in d.items():
-                    owners.setdefault(k, v)
-            missing = [n for n in mapping.mcore_names(self.spec) if n not in owners]
-            if missing:
-                raise mapping.MappingError(f"parameters not found on any pipeline stage: {missing[:5]}")
-            self._owners = owners
-        return self._owners
-
-    @torch.no_grad()
     def iter_full_params(self, dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(canonical_name, full tensor)`` for every parameter, on data-parallel rank 0 ranks.
-
-        Moves only what is needed: TP all-gather inside the owning stage, then one broadcast across the
-        pipeline group. Memory peak: one full tensor plus one shard. Collective: every rank must call it.
-        """
-        owners = self._owner_map()
-        params = {c: p for c, _, _, p in self._local_params()}
-        tp_group = self.ps.get_tensor_model_parallel_group()
-        pp_group = self.ps.get_pipeline_model_parallel_group()
-        pp_ranks = dist.get_process_group_ranks(pp_group)
-        dev = torch.cuda.current_device() if cuda_available() else torch.device("cpu")
-        if self.dp_rank != 0:
-            return
-        for name in mapping.mcore_names(self.spec):
-            owner_pp = owners[name][0]
-            shape = mapping.full_shape(self.spec, name, self.padded_vocab)
-            p_dtype = torch.bfloat16 if self.cfg.params_dtype == "bf16" and not getattr(self, "_read_grads", False) \
-                else torch.float32
-            if dtype is not None and not getattr(self, "_read_grads", False):
-                p_dtype = dtype  # cast before moving: fewer bytes on the wire, bit-identical result
-            if self.pp_rank == owner_pp:
-                shard = self._master_or_param(params[name]).to(p_dtype)
-                if self.tp > 1 and mapping.partition_dim(name) is not None:
-                    parts = [torch.empty_like(shard) for _ in range(self.tp)]
-                    dist.all_gather(parts, shard.contiguous(), group=tp_group)
-                    full = mapping.tp_unshard(name, parts)
-                else:
-                    full = shard
-                full = full.to(p_dtype).contiguous()
-            else:
-                full = torch.empty(shape, dtype=p_dtype, device=dev)
-            if self.pp > 1:
-                dist.broadcast(full, src=pp_ranks[owner_pp], group=pp_group)
-            yield name, (full if dtype is None else full.to(dtype))
-
-    def _master_or_param(self, p: torch.nn.Parameter) -> torch.Tensor:
-        if getattr(self, "_read_grads", False):
-            return p.main_grad.detach()
-        return p.detach()
+        Collective; see :func:`.hf_weights.iter_full_params`."""
+        return hf_weights.iter_full_params(self, dtype)
 
     def iter_full_grads(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Like :meth:`iter_full_params` but for the DP-reduced gradients (``main_grad``, fp32) left by
-        ``train_step(apply_update=False)``. Not available with the distributed optimizer (its gradients
-        are reduce-scattered)."""
-        if self.cfg.use_distributed_optimizer:
-            raise RuntimeError("iter_full_grads needs use_distributed_optimizer=false (grads are sharded otherwise)")
-        self._read_grads = True
-        try:
-            yield from self.iter_full_params(torch.float32)
-        finally:
-            self._read_grads = False
+        ``train_step(apply_update=False)``; see :func:`.hf_weights.iter_full_grads`."""
+        return hf_weights.iter_full_grads(self)
 
     def iter_hf_tensors(self, dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(hf_name, tensor)`` (HF layout, vocab padding dropped). Collective; see iter_full_params."""
-        for name, full in self.iter_full_params(dtype):
-            yield from mapping.mcore_to_hf(self.spec, name, full)
+        """Yield ``(hf_name, tensor)`` (HF layout, vocab padding dropped). Collective; see
+        :func:`.hf_weights.iter_hf_tensors`."""
+        return hf_weights.iter_hf_tensors(self, dtype)
 
     # ------------------------------------------------------------------ forward / loss
-    def _output_weight(self, gpt) -> torch.Tensor:
-        if self.spec.tie_word_embeddings:
-            return gpt.shared_embedding_or_output_weight()
-        return gpt.output_layer.weight
-
     def _token_logprobs(self, gpt, hidden: torch.Tensor, mb: ActorBatch, temperature: float):
         """Logprobs/entropy ``[b, l]`` of tokens 1..l-1 at positions where the response mask is set.
 
@@ -360,7 +277,7 @@ class MegatronActor:
             src = (packed.packed_offsets()[rows] + cols - 1).to(hidden.device)
         hid = hidden.reshape(-1, h).index_select(0, src)
         tgt = mb.input_ids.reshape(-1).to(hidden.device).index_select(0, flat)
-        w = self._output_weight(gpt)
+        w = hf_weights.output_weight(self, gpt)
         vl = w.shape[0]
         lp, ent = vocab_parallel_logprobs_entropy(
             hid, w, tgt, vocab_start=self.tp_rank * vl, true_vocab_size=self.spec.vocab_size,
