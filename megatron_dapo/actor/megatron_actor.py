@@ -10,23 +10,17 @@ the ``D`` data-parallel ranks. Each micro-batch therefore returns
 ``agg(loss over its tokens, denominator = global count) × M × D``, so the accumulated gradient equals the
 gradient of the single-process aggregate over the whole mini-batch (DAPO eq. 8 for ``token-mean``).
 
-Non-finite guard (issue 16): megatron-core's optimizers look for inf/NaN only through a loss scaler
-(fp16); in our fp32 and bf16 configs ``optimizer.step()`` applies whatever the gradients hold, and
-clipping with a NaN norm multiplies every gradient by NaN. :meth:`MegatronActor.train_step` therefore
-runs the optimizer's own stages itself (``prepare_grads`` -> ``get_grad_norm`` -> clip ->
-``step_with_ready_grads``, as ``ChainedOptimizer.step`` does) and, between the norm and the clip, checks
-the loss terms of every micro-batch and the global gradient norm with ONE all-reduce of a flag vector
-over all ranks (model-parallel and data-parallel). A non-finite update is skipped on every rank:
-parameters, fp32 master weights, Adam moments and step count and the LR scheduler stay bit-identical,
-and the gradients are zeroed.
+Non-finite guard (issue 16): the optimizer step of :meth:`MegatronActor.train_step` is checked for
+inf/NaN loss terms and gradient norm on every rank first and skipped everywhere when any is found; see
+:mod:`megatron_dapo.actor.nonfinite`.
+
+HF weight I/O (HF safetensors into the shards, full / HF tensors out for weight sync and export):
+:mod:`megatron_dapo.actor.hf_weights`.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
-import os
 import types
 from dataclasses import dataclass
 from functools import partial
@@ -40,57 +34,14 @@ from ..algorithm.policy_loss import RolloutCorrection
 from ..cpu_shims import apply_cpu_shims, cuda_available, device_remap, enable_local_thd_attention
 from ..models import mapping
 from ..models.hf_config import ModelSpec, gpt_model_kwargs, spec_from_hf_config, transformer_config_kwargs
+from . import hf_weights
 from .batching import ActorBatch, balance_across_ranks, make_micro_batches, pad_columns
 from .logprobs import vocab_parallel_logprobs_entropy
+from .nonfinite import NONFINITE_TERMS, NonFiniteGuard, NonFiniteUpdate, _injected_term, _nonfinite_bits
 from .offload import ensure_onloaded
 from .packing import make_packed_micro_batches, pack_sequences, packing_pad_multiple, padded_length
 
 log = logging.getLogger("megatron_dapo")
-
-NONFINITE_TERMS = ("policy_loss", "entropy", "kl_loss", "ratio")
-"""Loss terms checked per micro-batch; ``ratio`` is the importance ratio (its mean and the log-ratio sum)."""
-
-TEST_NONFINITE_ENV = "MEGATRON_DAPO_TEST_NONFINITE"
-"""Test hook, never set in production: JSON that makes :meth:`MegatronActor.train_step` inject a
-non-finite value (see :func:`_parse_test_injection`). Tests may also assign ``actor.test_injection``."""
-
-
-def _parse_test_injection(text: Optional[str]) -> Optional[dict]:
-    """Parse the :data:`TEST_NONFINITE_ENV` hook. Keys: ``updates`` (list of 0-based update indices of this
-    actor) or ``from_update`` (every update from that index on); ``kind`` ``loss`` (with ``term`` in
-    :data:`NONFINITE_TERMS`, ``micro_batch`` and ``dp_rank``: that DP rank's local micro-batch) or ``grad``
-    (with ``rank``: the global rank whose optimizer gradient shard ``param_index`` gets the value); ``value``
-    ``nan`` or ``inf``."""
-    if not text:
-        return None
-    spec = json.loads(text)
-    if spec.get("kind") not in ("loss", "grad"):
-        raise ValueError(f"{TEST_NONFINITE_ENV}: kind must be 'loss' or 'grad', got {spec.get('kind')!r}")
-    if spec["kind"] == "loss" and spec.get("term", "policy_loss") not in NONFINITE_TERMS:
-        raise ValueError(f"{TEST_NONFINITE_ENV}: term must be one of {NONFINITE_TERMS}")
-    return spec
-
-
-class NonFiniteUpdate:
-    """What the check of one update found (identical on every rank).
-
-    Attributes:
-        skipped: the update was skipped.
-        terms: names from :data:`NONFINITE_TERMS` that were non-finite in some micro-batch.
-        grad_norm: the global gradient norm was non-finite.
-        micro_batches: ``(dp_rank, local micro-batch index)`` of the first bad micro-batch of each DP rank.
-    """
-
-    def __init__(self, skipped: bool, terms: tuple[str, ...], grad_norm: bool, micro_batches: list[tuple[int, int]]):
-        self.skipped, self.terms, self.grad_norm, self.micro_batches = skipped, terms, grad_norm, micro_batches
-
-    def describe(self) -> str:
-        parts = [f"non-finite {t}" for t in self.terms]
-        if self.grad_norm:
-            parts.append("non-finite gradient norm")
-        where = ", ".join(f"micro-batch {m} of DP rank {d}" for d, m in self.micro_batches)
-        return " and ".join(parts) + (f" (first in {where})" if where else "")
-
 
 @dataclass
 class LossSettings:
@@ -156,9 +107,23 @@ class MegatronActor:
         self._owners: Optional[dict[str, tuple[int, int, str]]] = None
         self.num_updates = 0
         """``train_step(apply_update=True)`` calls so far in this process (skipped ones included)."""
-        self.last_nonfinite: Optional[NonFiniteUpdate] = None
-        """The check result of the latest update (``skipped`` False when it was applied)."""
-        self.test_injection: Optional[dict] = _parse_test_injection(os.environ.get(TEST_NONFINITE_ENV))
+        self.nonfinite = NonFiniteGuard(self.chunks, self.optimizer, rank=self.rank, dp_rank=self.dp_rank,
+                                        dp_size=self.dp_size, last_stage=ps.is_pipeline_last_stage(ignore_virtual=True))
+        """The optimizer step's non-finite guard (:mod:`megatron_dapo.actor.nonfinite`)."""
+
+    @property
+    def last_nonfinite(self) -> Optional[NonFiniteUpdate]:
+        """The check result of the latest update (``skipped`` False when it was applied); ``None`` before."""
+        return self.nonfinite.last
+
+    @property
+    def test_injection(self) -> Optional[dict]:
+        """The non-finite test hook (:data:`~megatron_dapo.actor.nonfinite.TEST_NONFINITE_ENV`); tests assign it."""
+        return self.nonfinite.test_injection
+
+    @test_injection.setter
+    def test_injection(self, spec: Optional[dict]) -> None:
+        self.nonfinite.test_injection = spec
 
     # ------------------------------------------------------------------ construction
     def _build_model(self):
@@ -269,114 +234,27 @@ class MegatronActor:
                     cname = "output_layer.weight(tied)"
                 yield cname, ci, lname, p
 
-    # ------------------------------------------------------------------ weights in
-    @torch.no_grad()
+    # ------------------------------------------------------------------ HF weights in / out
     def load_hf_weights(self, hf_path: str | Path) -> None:
-        """Copy HF safetensors weights into this rank's shards (TP slice, PP stage, vocab padding)."""
-        from safetensors import safe_open
+        """Copy HF safetensors weights into this rank's shards; see :func:`.hf_weights.load_hf_weights`."""
+        hf_weights.load_hf_weights(self, hf_path)
 
-        files = sorted(Path(hf_path).glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors files in {hf_path}")
-        handles = [safe_open(str(f), framework="pt") for f in files]
-        where = {k: h for h in handles for k in h.keys()}
-
-        def get(name: str) -> torch.Tensor:
-            return where[name].get_tensor(name)
-
-        for cname, _, lname, p in self._local_params():
-            src = "output_layer.weight" if cname == "output_layer.weight(tied)" else cname
-            full = mapping.hf_to_mcore(self.spec, src, get, self.padded_vocab)
-            shard = mapping.tp_shard(src, full, self.tp_rank, self.tp)
-            if tuple(shard.shape) != tuple(p.shape):
-                raise mapping.MappingError(f"{lname}: expected shape {tuple(p.shape)}, found {tuple(shard.shape)}")
-            p.data.copy_(shard.to(p.dtype))
-        for chunk in self.chunks if hasattr(self, "optimizer") else []:
-            chunk.broadcast_params()
-        if hasattr(self, "optimizer"):
-            self.optimizer.reload_model_params()
-
-    # ------------------------------------------------------------------ weights out
-    def _owner_map(self) -> dict[str, tuple[int, int, str]]:
-        if self._owners is None:
-            mine = {c: (self.pp_rank, ci, ln) for c, ci, ln, _ in self._local_params() if not c.endswith("(tied)")}
-            gathered: list[Any] = [None] * self.pp
-            dist.all_gather_object(gathered, mine, group=self.ps.get_pipeline_model_parallel_group())
-            owners: dict[str, tuple[int, int, str]] = {}
-            for d in gathered:
-                for k, v in d.items():
-                    owners.setdefault(k, v)
-            missing = [n for n in mapping.mcore_names(self.spec) if n not in owners]
-            if missing:
-                raise mapping.MappingError(f"parameters not found on any pipeline stage: {missing[:5]}")
-            self._owners = owners
-        return self._owners
-
-    @torch.no_grad()
     def iter_full_params(self, dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(canonical_name, full tensor)`` for every parameter, on data-parallel rank 0 ranks.
-
-        Moves only what is needed: TP all-gather inside the owning stage, then one broadcast across the
-        pipeline group. Memory peak: one full tensor plus one shard. Collective: every rank must call it.
-        """
-        owners = self._owner_map()
-        params = {c: p for c, _, _, p in self._local_params()}
-        tp_group = self.ps.get_tensor_model_parallel_group()
-        pp_group = self.ps.get_pipeline_model_parallel_group()
-        pp_ranks = dist.get_process_group_ranks(pp_group)
-        dev = torch.cuda.current_device() if cuda_available() else torch.device("cpu")
-        if self.dp_rank != 0:
-            return
-        for name in mapping.mcore_names(self.spec):
-            owner_pp = owners[name][0]
-            shape = mapping.full_shape(self.spec, name, self.padded_vocab)
-            p_dtype = torch.bfloat16 if self.cfg.params_dtype == "bf16" and not getattr(self, "_read_grads", False) \
-                else torch.float32
-            if dtype is not None and not getattr(self, "_read_grads", False):
-                p_dtype = dtype  # cast before moving: fewer bytes on the wire, bit-identical result
-            if self.pp_rank == owner_pp:
-                shard = self._master_or_param(params[name]).to(p_dtype)
-                if self.tp > 1 and mapping.partition_dim(name) is not None:
-                    parts = [torch.empty_like(shard) for _ in range(self.tp)]
-                    dist.all_gather(parts, shard.contiguous(), group=tp_group)
-                    full = mapping.tp_unshard(name, parts)
-                else:
-                    full = shard
-                full = full.to(p_dtype).contiguous()
-            else:
-                full = torch.empty(shape, dtype=p_dtype, device=dev)
-            if self.pp > 1:
-                dist.broadcast(full, src=pp_ranks[owner_pp], group=pp_group)
-            yield name, (full if dtype is None else full.to(dtype))
-
-    def _master_or_param(self, p: torch.nn.Parameter) -> torch.Tensor:
-        if getattr(self, "_read_grads", False):
-            return p.main_grad.detach()
-        return p.detach()
+        Collective; see :func:`.hf_weights.iter_full_params`."""
+        return hf_weights.iter_full_params(self, dtype)
 
     def iter_full_grads(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Like :meth:`iter_full_params` but for the DP-reduced gradients (``main_grad``, fp32) left by
-        ``train_step(apply_update=False)``. Not available with the distributed optimizer (its gradients
-        are reduce-scattered)."""
-        if self.cfg.use_distributed_optimizer:
-            raise RuntimeError("iter_full_grads needs use_distributed_optimizer=false (grads are sharded otherwise)")
-        self._read_grads = True
-        try:
-            yield from self.iter_full_params(torch.float32)
-        finally:
-            self._read_grads = False
+        ``train_step(apply_update=False)``; see :func:`.hf_weights.iter_full_grads`."""
+        return hf_weights.iter_full_grads(self)
 
     def iter_hf_tensors(self, dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(hf_name, tensor)`` (HF layout, vocab padding dropped). Collective; see iter_full_params."""
-        for name, full in self.iter_full_params(dtype):
-            yield from mapping.mcore_to_hf(self.spec, name, full)
+        """Yield ``(hf_name, tensor)`` (HF layout, vocab padding dropped). Collective; see
+        :func:`.hf_weights.iter_hf_tensors`."""
+        return hf_weights.iter_hf_tensors(self, dtype)
 
     # ------------------------------------------------------------------ forward / loss
-    def _output_weight(self, gpt) -> torch.Tensor:
-        if self.spec.tie_word_embeddings:
-            return gpt.shared_embedding_or_output_weight()
-        return gpt.output_layer.weight
-
     def _token_logprobs(self, gpt, hidden: torch.Tensor, mb: ActorBatch, temperature: float):
         """Logprobs/entropy ``[b, l]`` of tokens 1..l-1 at positions where the response mask is set.
 
@@ -398,7 +276,7 @@ class MegatronActor:
             src = (packed.packed_offsets()[rows] + cols - 1).to(hidden.device)
         hid = hidden.reshape(-1, h).index_select(0, src)
         tgt = mb.input_ids.reshape(-1).to(hidden.device).index_select(0, flat)
-        w = self._output_weight(gpt)
+        w = hf_weights.output_weight(self, gpt)
         vl = w.shape[0]
         lp, ent = vocab_parallel_logprobs_entropy(
             hid, w, tgt, vocab_start=self.tp_rank * vl, true_vocab_size=self.spec.vocab_size,
@@ -538,7 +416,7 @@ class MegatronActor:
         :meth:`iter_full_grads`) and no optimizer step is taken.
 
         Before the optimizer applies anything the loss terms and the global gradient norm are checked on
-        every rank (see :meth:`_checked_optimizer_step`); a non-finite update is skipped and recorded in
+        every rank (see :meth:`NonFiniteGuard.step`); a non-finite update is skipped and recorded in
         :attr:`last_nonfinite`.
 
         Returns metrics (identical on all ranks): ``pg_loss``, clip fractions, ``approx_kl``,
@@ -563,7 +441,7 @@ class MegatronActor:
         seq_mode = loss.loss_agg_mode.startswith("seq-mean")
         norm = dict(global_num_tokens=None if seq_mode else n_tok, global_num_seqs=n_seq if seq_mode else None)
 
-        inject = self._injection(apply_update)
+        inject = self.nonfinite.injection(self.num_updates, apply_update)
 
         def loss_fn(model, mb, hidden):
             lp, ent = self._token_logprobs(_unwrap(model), hidden, mb, loss.temperature)
@@ -606,87 +484,12 @@ class MegatronActor:
         if not apply_update:
             return self._reduce_metrics(outs, extra={"lr": float(self.optimizer.param_groups[0]["lr"])})
         self.num_updates += 1
-        check, grad_norm = self._checked_optimizer_step(outs, inject)
+        check, grad_norm = self.nonfinite.step(outs, inject, self.num_updates - 1)
         lr = self.optimizer.param_groups[0]["lr"]
         extra = {"grad_norm": grad_norm, "lr": float(lr), "update_skipped": 1.0 if check.skipped else 0.0,
                  "nonfinite_grad_norm": 1.0 if check.grad_norm else 0.0}
         extra.update({f"nonfinite_{t}": 1.0 if t in check.terms else 0.0 for t in NONFINITE_TERMS})
         return self._reduce_metrics(outs, extra=extra)
-
-    # ------------------------------------------------------------------ non-finite guard
-    def _injection(self, apply_update: bool) -> Optional[dict]:
-        """The test hook's spec when it applies to the update about to run (never in production)."""
-        spec = self.test_injection
-        if spec is None or not apply_update:
-            return None
-        i = self.num_updates
-        hit = i in spec.get("updates", []) or ("from_update" in spec and i >= int(spec["from_update"]))
-        return spec if hit else None
-
-    def _checked_optimizer_step(self, outs: list[dict], inject: Optional[dict]) -> tuple[NonFiniteUpdate, float]:
-        """megatron-core's optimizer step with a finiteness check before anything is applied.
-
-        The stages of ``ChainedOptimizer.step`` (megatron-core 0.16.1): ``prepare_grads`` (model grads ->
-        fp32 main grads; the fp16 loss scaler's inf check), ``get_grad_norm`` (global L2 norm over the
-        grad-stats group), clipping by that norm, ``step_with_ready_grads`` (Adam, main -> model params,
-        the distributed optimizer's param all-gather). Between the norm and the clip one MAX all-reduce over
-        every rank combines: the scaler's flag, a non-finite norm, the non-finite loss terms of each
-        micro-batch and the first bad micro-batch of each DP rank. When anything is non-finite nothing
-        further runs (no clip, no Adam step) and all gradients are zeroed.
-
-        Returns:
-            (what was found, the global gradient norm as a float; inf/nan when non-finite).
-        """
-        opt = self.optimizer
-        found_inf = bool(opt.prepare_grads())
-        if inject is not None and inject["kind"] == "grad" and self.rank == int(inject.get("rank", 0)):
-            grads = [p.grad for o in getattr(opt, "chained_optimizers", [opt]) if getattr(o, "optimizer", None)
-                     for g in o.optimizer.param_groups for p in g["params"] if p.grad is not None and p.grad.numel()]
-            grads[int(inject.get("param_index", 0))].view(-1)[0] = float(inject.get("value", "inf"))
-        grad_norm = float(opt.get_grad_norm())
-        n_terms = len(NONFINITE_TERMS)
-        flags = torch.zeros(2 + n_terms + self.dp_size, dtype=torch.float64)
-        flags[0] = 1.0 if found_inf else 0.0
-        flags[1] = 0.0 if math.isfinite(grad_norm) else 1.0
-        if self.ps.is_pipeline_last_stage(ignore_virtual=True):
-            for k, o in enumerate(outs):
-                bits = int(o.get("_nonfinite", 0.0))
-                if not bits:
-                    continue
-                for i in range(n_terms):
-                    if bits >> i & 1:
-                        flags[2 + i] = 1.0
-                flags[2 + n_terms + self.dp_rank] = max(float(flags[2 + n_terms + self.dp_rank]), _MB_SLOT - k)
-        flags = flags.to(torch.cuda.current_device()) if cuda_available() else flags
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # default group: every TP x PP x CP x DP rank
-        flags = flags.cpu()
-        terms = tuple(t for i, t in enumerate(NONFINITE_TERMS) if flags[2 + i] > 0)
-        mbs = [(d, int(_MB_SLOT - flags[2 + n_terms + d])) for d in range(self.dp_size) if flags[2 + n_terms + d] > 0]
-        skipped = bool(flags[0] > 0 or flags[1] > 0 or terms)
-        check = NonFiniteUpdate(skipped, terms, bool(flags[1] > 0), mbs)
-        self.last_nonfinite = check
-        if check.grad_norm and math.isfinite(grad_norm):
-            grad_norm = math.inf  # a shard elsewhere was non-finite: report the same on every rank
-        if skipped:
-            opt.zero_grad()
-            for m in self.chunks:
-                m.zero_grad_buffer()
-            if self.rank == 0:
-                log.warning("update %d skipped: %s; parameters, optimizer state and LR schedule unchanged",
-                            self.num_updates - 1, check.describe())
-            return check, grad_norm
-        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
-
-        for o in getattr(opt, "chained_optimizers", [opt]):
-            if getattr(o, "is_stub_optimizer", False) or o.config.clip_grad <= 0.0:
-                continue
-            params = o.get_parameters()
-            if params:
-                clip_grad_by_total_norm_fp32(params, max_norm=o.config.clip_grad, total_norm=grad_norm,
-                                             use_decoupled_grad=o.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
-        if not opt.step_with_ready_grads():
-            raise RuntimeError("megatron-core optimizer step_with_ready_grads reported failure")
-        return check, grad_norm
 
     def _reduce_metrics(self, outs: list[dict], extra: dict[str, float]) -> dict[str, float]:
         """Sum additive terms (pg_loss, entropy, kl: already global-normalised contributions), token-weight
@@ -757,34 +560,6 @@ class MegatronActor:
 
     def close(self) -> None:
         self._remap.close()
-
-
-_MB_SLOT = 1.0e6  # flag slot value for micro-batch k is _MB_SLOT - k, so the MAX reduction keeps the first
-
-
-def _nonfinite_bits(out: dict[str, float], total: float) -> int:
-    """Bit ``i`` set when term ``NONFINITE_TERMS[i]`` of one micro-batch's loss dict is non-finite.
-
-    ``ratio`` covers ``ratio_mean`` and ``approx_kl`` (the mean log-ratio); a non-finite total whose terms
-    all look finite is attributed to ``policy_loss``."""
-    bits = 0
-    checks = {"policy_loss": [out.get("pg_loss", 0.0)], "entropy": [out.get("entropy", 0.0)],
-              "kl_loss": [out.get("kl_loss", 0.0)], "ratio": [out.get("ratio_mean", 1.0), out.get("approx_kl", 0.0)]}
-    for i, t in enumerate(NONFINITE_TERMS):
-        if not all(math.isfinite(v) for v in checks[t]):
-            bits |= 1 << i
-    if not bits and not math.isfinite(total):
-        bits = 1
-    return bits
-
-
-def _injected_term(spec: Optional[dict], mb: ActorBatch, dp_rank: int) -> Optional[tuple[str, float]]:
-    """(term, value) when the test hook targets this micro-batch on this DP rank."""
-    if spec is None or spec["kind"] != "loss":
-        return None
-    if mb.extras.get("mb_index") != int(spec.get("micro_batch", 0)) or dp_rank != int(spec.get("dp_rank", 0)):
-        return None
-    return spec.get("term", "policy_loss"), float(spec.get("value", "nan"))
 
 
 def _hidden_passthrough(self, input_, weight=None, runtime_gather_output=None):

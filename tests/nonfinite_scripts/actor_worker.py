@@ -8,7 +8,7 @@ For each variant: actor A runs good, [NaN policy loss in micro-batch 1 of the la
 one parameter shard of rank 1 only], [NaN ratio], [NaN entropy], good; actor B (fresh, same weights) runs
 good, good. Every bad update must be skipped on all ranks with the local state (parameters, fp32 master
 parameters, Adam moments and step, LR scheduler) bit-equal to the state before it; A's final state must equal
-B's bit for bit. The test hook is ``actor.test_injection`` (see megatron_actor.TEST_NONFINITE_ENV). Then, on
+B's bit for bit. The test hook is ``actor.test_injection`` (see nonfinite.TEST_NONFINITE_ENV). Then, on
 the last variant's clean actor: the checkpoint save guard (with ``CKPT``) and, as a control, megatron-core's
 unguarded ``optimizer.step()`` on NaN gradients.
 """
