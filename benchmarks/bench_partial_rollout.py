@@ -28,20 +28,23 @@ from benchmarks._cli_run import prepare_model, train  # noqa: E402
 from megatron_dapo.rollout.generation import generated_per_trained_token  # noqa: E402
 
 SETTINGS = ["rollout.deterministic=false", "rollout.num_engines=2", "algorithm.oversample_factor=8",
-            "rollout.rollout_batch_size=2", "rollout.n_samples_per_prompt=8", "rollout.max_response_length=48",
-            "algorithm.overlong_buffer_length=16", "actor.ppo_mini_batch_size=16"]
+            "rollout.rollout_batch_size=2", "rollout.n_samples_per_prompt=8", "algorithm.overlong_buffer_length=16",
+            "actor.ppo_mini_batch_size=16"]
+MAX_RESPONSE_LENGTH = 48
 
 
-def measure(out: Path, model: Path, steps: int, log=print) -> float:
-    """Train the two runs (``<out>/partial``, ``<out>/drop``) for ``steps`` steps each, ``log`` one line per run,
-    and return Y = partial's generated-per-trained-token figure / drop's (dimensionless; lower is better).
+def measure(out: Path, model: Path, steps: int, log=print, max_response_length: int = MAX_RESPONSE_LENGTH) -> float:
+    """Train the two runs (``<out>/partial``, ``<out>/drop``) for ``steps`` steps each with responses of up to
+    ``max_response_length`` tokens, ``log`` one line per run, and return Y = partial's generated-per-trained-token
+    figure / drop's (dimensionless; lower is better).
 
     Raises:
         RuntimeError: a run failed; ValueError: a run logged no trained tokens.
     """
     figures = {}
     for name, partial in (("partial", True), ("drop", False)):
-        recs = train(out, name, model, steps, SETTINGS + [f"rollout.partial_rollout={str(partial).lower()}"])
+        recs = train(out, name, model, steps, SETTINGS + [f"rollout.max_response_length={max_response_length}",
+                                                          f"rollout.partial_rollout={str(partial).lower()}"])
         figures[name] = generated_per_trained_token(recs)
         gen = sum(s["rollout/generated_tokens"] for s in recs)
         trained = sum(s["rollout/trained_tokens"] for s in recs)
@@ -58,10 +61,12 @@ def measure(out: Path, model: Path, steps: int, log=print) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--max-response-length", type=int, default=MAX_RESPONSE_LENGTH)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         out = Path(d)
-        y = measure(out, prepare_model(out / "model"), args.steps, log=lambda line: print(line, flush=True))
+        y = measure(out, prepare_model(out / "model"), args.steps, log=lambda line: print(line, flush=True),
+                    max_response_length=args.max_response_length)
     print(f"generated per trained token partial/drop {y:.2f}")
 
 
