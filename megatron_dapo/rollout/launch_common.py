@@ -31,7 +31,7 @@ import urllib.request
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from megatron_dapo.backend import MissingBackendError
 from megatron_dapo.errors import MegatronDapoError
@@ -202,6 +202,28 @@ class EngineProcesses:
     def urls(self) -> list[str]:
         """Base URLs (``http://host:port``) in launch order."""
         return [e.url for e in self.engines]
+
+    @classmethod
+    def launch(cls, specs: Iterable[tuple[list[str], str, Path]], *, env: dict | None = None,
+               api_key: str | None = None, health_timeout_s: float = 120.0) -> "EngineProcesses":
+        """Start one engine per ``(command, base URL, log path)`` of ``specs`` (:meth:`start`; ``specs`` may be
+        a generator that builds each command) and wait until every engine answers ``/health``
+        (:meth:`wait_healthy`, ``health_timeout_s`` seconds).
+
+        Raises:
+            EngineLaunchError: an engine exited or did not become healthy in time; anything raised while
+                building or spawning a command. In every case (Ctrl-C included) the engines already started
+                are stopped first.
+        """
+        group = cls()
+        try:
+            for cmd, url, log_path in specs:
+                group.start(cmd, url, Path(log_path), env=env, api_key=api_key)
+            group.wait_healthy(health_timeout_s)
+        except BaseException:
+            group.stop()
+            raise
+        return group
 
     def start(self, cmd: list[str], url: str, log_path: Path, env: dict | None = None,
               api_key: str | None = None) -> EngineProcess:

@@ -44,16 +44,8 @@ def launch_cpu_engines(model_path: str, num_engines: int = 1, *, host: str = "12
     run_env = dict(os.environ if env is None else env)
     repo_root = str(Path(__file__).resolve().parents[2])
     run_env["PYTHONPATH"] = repo_root + (os.pathsep + run_env["PYTHONPATH"] if run_env.get("PYTHONPATH") else "")
-    group = EngineProcesses()
-    try:
-        for i, port in enumerate(ports):
-            cmd = build_cpu_engine_command(model_path, port=port, host=host, api_key=api_key, seed=seed + i,
-                                           max_batch_size=max_batch_size, num_threads=num_threads,
-                                           extra_args=extra_args)
-            group.start(cmd, f"http://{host}:{port}", Path(log_dir) / f"cpu_engine_{i}.log", env=run_env,
-                        api_key=api_key)
-        group.wait_healthy(health_timeout_s)
-    except BaseException:
-        group.stop()
-        raise
-    return group
+    specs = ((build_cpu_engine_command(model_path, port=port, host=host, api_key=api_key, seed=seed + i,
+                                       max_batch_size=max_batch_size, num_threads=num_threads,
+                                       extra_args=extra_args),
+              f"http://{host}:{port}", Path(log_dir) / f"cpu_engine_{i}.log") for i, port in enumerate(ports))
+    return EngineProcesses.launch(specs, env=run_env, api_key=api_key, health_timeout_s=health_timeout_s)

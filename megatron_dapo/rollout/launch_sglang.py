@@ -177,21 +177,12 @@ def launch_sglang_servers(model_path: str, *, num_engines: int = 1, tp_size: int
     run_env = sglang_cpu_env(env) if device == "cpu" else (None if env is None else dict(env))
     ports = find_free_ports(num_engines, host) if base_port is None else \
         [base_port + i * port_stride for i in range(num_engines)]
-    group = EngineProcesses()
-    try:
-        for i, port in enumerate(ports):
-            cmd = build_sglang_command(model_path, port=port, host=host, tp_size=tp_size,
-                                       mem_fraction_static=mem_fraction_static, colocated=colocated,
-                                       api_key=api_key, base_gpu_id=first_gpu + i * tp_size,
-                                       extra_args=extra_args, python=python, device=device, dtype=dtype,
-                                       max_total_tokens=max_total_tokens)
-            group.start(cmd, f"http://{host}:{port}", Path(log_dir) / f"sglang_{i}.log", env=run_env,
-                        api_key=api_key)
-        group.wait_healthy(health_timeout_s)
-    except BaseException:
-        group.stop()
-        raise
-    return group
+    specs = ((build_sglang_command(model_path, port=port, host=host, tp_size=tp_size,
+                                   mem_fraction_static=mem_fraction_static, colocated=colocated, api_key=api_key,
+                                   base_gpu_id=first_gpu + i * tp_size, extra_args=extra_args, python=python,
+                                   device=device, dtype=dtype, max_total_tokens=max_total_tokens),
+              f"http://{host}:{port}", Path(log_dir) / f"sglang_{i}.log") for i, port in enumerate(ports))
+    return EngineProcesses.launch(specs, env=run_env, api_key=api_key, health_timeout_s=health_timeout_s)
 
 
 def _serve_sglang(args) -> int:

@@ -160,25 +160,22 @@ def launch_vllm_servers(model_path: str, *, num_engines: int = 1, tp_size: int =
         serve_path = untie_hf_checkpoint(model_path, Path(untie_dir) if untie_dir else Path(log_dir) / "untied-model")
     ports = find_free_ports(num_engines, host) if base_port is None else [base_port + i for i in range(num_engines)]
     run_env = vllm_env(env, cpu=on_cpu, kv_cache_gib=kv_cache_gib)
-    group = EngineProcesses()
-    try:
-        for i, port in enumerate(ports):
-            flags = ["--enforce-eager", "--dtype", dtype, "--enable-scale-out", "--disable-uvicorn-access-log",
-                     "--max-logprobs", "-1"]
-            if max_model_len is not None:
-                flags += ["--max-model-len", str(int(max_model_len))]
-            if on_cpu:  # seeded requests + a chunked (partial) prefill kill vLLM 0.32's CPU engine (see above)
-                budget = max(8192, int(max_model_len or cfg.get("max_position_embeddings") or 0))
-                flags += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(budget)]
-            if not on_cpu and weight_transfer_backend:
-                flags += ["--weight-transfer-config", json.dumps({"backend": weight_transfer_backend})]
-            cmd = build_vllm_command(str(serve_path), port=port, host=host, tp_size=tp_size,
-                                     gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=colocated,
-                                     api_key=api_key, served_model_name=VLLM_SERVED_MODEL_NAME, seed=seed + i,
-                                     extra_args=[*flags, *extra_args], python=py, cpu=on_cpu)
-            group.start(cmd, f"http://{host}:{port}", Path(log_dir) / f"vllm_{i}.log", env=run_env, api_key=api_key)
-        group.wait_healthy(health_timeout_s)
-    except BaseException:
-        group.stop()
-        raise
-    return group
+
+    def command(i: int, port: int) -> list[str]:
+        flags = ["--enforce-eager", "--dtype", dtype, "--enable-scale-out", "--disable-uvicorn-access-log",
+                 "--max-logprobs", "-1"]
+        if max_model_len is not None:
+            flags += ["--max-model-len", str(int(max_model_len))]
+        if on_cpu:  # seeded requests + a chunked (partial) prefill kill vLLM 0.32's CPU engine (see above)
+            budget = max(8192, int(max_model_len or cfg.get("max_position_embeddings") or 0))
+            flags += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(budget)]
+        if not on_cpu and weight_transfer_backend:
+            flags += ["--weight-transfer-config", json.dumps({"backend": weight_transfer_backend})]
+        return build_vllm_command(str(serve_path), port=port, host=host, tp_size=tp_size,
+                                  gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=colocated,
+                                  api_key=api_key, served_model_name=VLLM_SERVED_MODEL_NAME, seed=seed + i,
+                                  extra_args=[*flags, *extra_args], python=py, cpu=on_cpu)
+
+    specs = ((command(i, port), f"http://{host}:{port}", Path(log_dir) / f"vllm_{i}.log")
+             for i, port in enumerate(ports))
+    return EngineProcesses.launch(specs, env=run_env, api_key=api_key, health_timeout_s=health_timeout_s)
