@@ -122,21 +122,21 @@ def test_parser_passes_wrong_logprob_count_to_the_validator():
 def test_guard_hook_parsing_term_bits_and_update_selection(monkeypatch):
     from megatron_dapo.actor.batching import build_actor_batch
     from megatron_dapo.actor.nonfinite import (
-        NONFINITE_TERMS, TEST_NONFINITE_ENV, NonFiniteGuard, NonFiniteUpdate, _injected_term, _nonfinite_bits,
-        _parse_test_injection,
+        NONFINITE_TERMS, TEST_NONFINITE_ENV, NonFiniteGuard, NonFiniteUpdate, injected_term, nonfinite_bits,
+        parse_test_injection,
     )
 
-    assert _parse_test_injection(None) is None and _parse_test_injection("") is None
+    assert parse_test_injection(None) is None and parse_test_injection("") is None
     with pytest.raises(ValueError, match=f"{TEST_NONFINITE_ENV}: kind must be 'loss' or 'grad'"):
-        _parse_test_injection('{"kind": "weights"}')
+        parse_test_injection('{"kind": "weights"}')
     with pytest.raises(ValueError, match=f"{TEST_NONFINITE_ENV}: term must be one of"):
-        _parse_test_injection('{"kind": "loss", "term": "reward"}')
+        parse_test_injection('{"kind": "loss", "term": "reward"}')
 
     good = {"pg_loss": 0.5, "entropy": 1.0, "kl_loss": 0.0, "ratio_mean": 1.0, "approx_kl": 0.0}
-    assert _nonfinite_bits(good, 0.5) == 0
-    assert _nonfinite_bits(good, math.nan) == 1  # a bad total with finite terms counts as policy_loss
+    assert nonfinite_bits(good, 0.5) == 0
+    assert nonfinite_bits(good, math.nan) == 1  # a bad total with finite terms counts as policy_loss
     for i, key in [(1, "entropy"), (2, "kl_loss"), (3, "ratio_mean"), (3, "approx_kl")]:
-        assert _nonfinite_bits(dict(good, **{key: math.inf}), 0.5) == 1 << i, key
+        assert nonfinite_bits(dict(good, **{key: math.inf}), 0.5) == 1 << i, key
     assert len(NONFINITE_TERMS) == 4
 
     monkeypatch.setenv(TEST_NONFINITE_ENV, '{"kind": "loss", "term": "entropy", "from_update": 2, '
@@ -151,10 +151,10 @@ def test_guard_hook_parsing_term_bits_and_update_selection(monkeypatch):
     spec = {"kind": "loss", "term": "entropy", "micro_batch": 1, "dp_rank": 0, "value": "inf"}
     mb = build_actor_batch([[1, 2]], [[3, 4]])
     mb.extras["mb_index"] = 1
-    assert _injected_term(spec, mb, dp_rank=0) == ("entropy", math.inf)
-    assert _injected_term(spec, mb, dp_rank=1) is None
-    assert _injected_term(dict(spec, micro_batch=0), mb, dp_rank=0) is None
-    assert _injected_term({"kind": "grad"}, mb, dp_rank=0) is None
+    assert injected_term(spec, mb, dp_rank=0) == ("entropy", math.inf)
+    assert injected_term(spec, mb, dp_rank=1) is None
+    assert injected_term(dict(spec, micro_batch=0), mb, dp_rank=0) is None
+    assert injected_term({"kind": "grad"}, mb, dp_rank=0) is None
 
     check = NonFiniteUpdate(True, ("entropy",), True, [(0, 1)])
     assert check.describe() == "non-finite entropy and non-finite gradient norm (first in micro-batch 1 of DP rank 0)"

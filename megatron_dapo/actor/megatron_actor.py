@@ -37,7 +37,7 @@ from ..models.hf_config import ModelSpec, gpt_model_kwargs, spec_from_hf_config,
 from . import hf_weights
 from .batching import ActorBatch, balance_across_ranks, make_micro_batches, pad_columns
 from .logprobs import vocab_parallel_logprobs_entropy
-from .nonfinite import NONFINITE_TERMS, NonFiniteGuard, NonFiniteUpdate, _injected_term, _nonfinite_bits
+from .nonfinite import NONFINITE_TERMS, NonFiniteGuard, NonFiniteUpdate, injected_term, nonfinite_bits
 from .offload import ensure_onloaded
 from .packing import make_packed_micro_batches, pack_sequences, packing_pad_multiple, padded_length
 
@@ -446,7 +446,7 @@ class MegatronActor:
         def loss_fn(model, mb, hidden):
             lp, ent = self._token_logprobs(_unwrap(model), hidden, mb, loss.temperature)
             mask = mb.response_mask.to(lp.device)
-            bad = _injected_term(inject, mb, self.dp_rank)  # tests only: (term, value) or None
+            bad = injected_term(inject, mb, self.dp_rank)  # tests only: (term, value) or None
             old_lp = mb.old_logprobs.to(lp.device)
             if bad and bad[0] == "ratio" and bool((mask > 0).any()):
                 old_lp = old_lp.clone()
@@ -477,7 +477,7 @@ class MegatronActor:
             elif bad and bad[0] == "kl_loss":
                 raise ValueError("test injection into kl_loss needs kl_loss_coef > 0 and ref_logprobs")
             out["_tokens"] = float(mask.sum())
-            out["_nonfinite"] = float(_nonfinite_bits(out, float(total.detach())))
+            out["_nonfinite"] = float(nonfinite_bits(out, float(total.detach())))
             return total * self._num_mb * dp, out
 
         outs, _ = self._run(batch, loss_fn, forward_only=False, local=local)

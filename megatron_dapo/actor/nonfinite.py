@@ -9,7 +9,7 @@ norm with ONE all-reduce of a flag vector over all ranks (model-parallel and dat
 update is skipped on every rank: parameters, fp32 master weights, Adam moments and step count and the LR
 scheduler stay bit-identical, and the gradients are zeroed.
 
-The per-micro-batch half (:func:`_nonfinite_bits`, and the test hook :func:`_injected_term`) runs inside
+The per-micro-batch half (:func:`nonfinite_bits`, and the test hook :func:`injected_term`) runs inside
 the loss function of :meth:`~megatron_dapo.actor.megatron_actor.MegatronActor.train_step`.
 """
 from __future__ import annotations
@@ -34,12 +34,12 @@ NONFINITE_TERMS = ("policy_loss", "entropy", "kl_loss", "ratio")
 TEST_NONFINITE_ENV = "MEGATRON_DAPO_TEST_NONFINITE"
 """Test hook, never set in production: JSON that makes
 :meth:`~megatron_dapo.actor.megatron_actor.MegatronActor.train_step` inject a non-finite value (see
-:func:`_parse_test_injection`). Tests may also assign ``actor.test_injection``."""
+:func:`parse_test_injection`). Tests may also assign ``actor.test_injection``."""
 
 _MB_SLOT = 1.0e6  # flag slot value for micro-batch k is _MB_SLOT - k, so the MAX reduction keeps the first
 
 
-def _parse_test_injection(text: Optional[str]) -> Optional[dict]:
+def parse_test_injection(text: Optional[str]) -> Optional[dict]:
     """Parse the :data:`TEST_NONFINITE_ENV` hook. Keys: ``updates`` (list of 0-based update indices of this
     actor) or ``from_update`` (every update from that index on); ``kind`` ``loss`` (with ``term`` in
     :data:`NONFINITE_TERMS`, ``micro_batch`` and ``dp_rank``: that DP rank's local micro-batch) or ``grad``
@@ -100,8 +100,8 @@ class NonFiniteGuard:
                  last_stage: bool):
         self.chunks, self.optimizer = list(chunks), optimizer
         self.rank, self.dp_rank, self.dp_size, self.last_stage = rank, dp_rank, dp_size, last_stage
-        self.test_injection: Optional[dict] = _parse_test_injection(os.environ.get(TEST_NONFINITE_ENV))
-        """The parsed test hook (see :func:`_parse_test_injection`); tests may assign it."""
+        self.test_injection: Optional[dict] = parse_test_injection(os.environ.get(TEST_NONFINITE_ENV))
+        """The parsed test hook (see :func:`parse_test_injection`); tests may assign it."""
         self.last: Optional[NonFiniteUpdate] = None
         """The check result of the latest update (``skipped`` False when it was applied)."""
 
@@ -130,7 +130,7 @@ class NonFiniteGuard:
 
         Args:
             outs: the loss dicts of this rank's micro-batches, in order (last pipeline stage; ignored
-                elsewhere); ``_nonfinite`` holds :func:`_nonfinite_bits`.
+                elsewhere); ``_nonfinite`` holds :func:`nonfinite_bits`.
             inject: the test hook's spec for this update (:meth:`injection`), else ``None``.
             update_index: 0-based index of this update (named in the warning of a skipped one).
 
@@ -194,7 +194,7 @@ class NonFiniteGuard:
         return check, grad_norm
 
 
-def _nonfinite_bits(out: dict[str, float], total: float) -> int:
+def nonfinite_bits(out: dict[str, float], total: float) -> int:
     """Bit ``i`` set when term ``NONFINITE_TERMS[i]`` of one micro-batch's loss dict is non-finite.
 
     ``ratio`` covers ``ratio_mean`` and ``approx_kl`` (the mean log-ratio); a non-finite total whose terms
@@ -210,7 +210,7 @@ def _nonfinite_bits(out: dict[str, float], total: float) -> int:
     return bits
 
 
-def _injected_term(spec: Optional[dict], mb: ActorBatch, dp_rank: int) -> Optional[tuple[str, float]]:
+def injected_term(spec: Optional[dict], mb: ActorBatch, dp_rank: int) -> Optional[tuple[str, float]]:
     """(term, value) when the test hook targets this micro-batch on this DP rank."""
     if spec is None or spec["kind"] != "loss":
         return None

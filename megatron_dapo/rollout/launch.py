@@ -11,7 +11,7 @@ import sys
 import time
 
 from megatron_dapo.rollout.launch_router import build_sglang_router_command, wait_router_routing
-from megatron_dapo.rollout.launch_sglang import _serve_sglang
+from megatron_dapo.rollout.launch_sglang import serve_sglang
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if args.cmd == "serve-sglang":
         args.extra = extra
-        return _serve_sglang(args)
+        return serve_sglang(args)
     urls = [u for u in args.worker_urls.split(",") if u]
     if args.cmd == "router-command":
         try:

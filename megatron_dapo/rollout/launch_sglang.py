@@ -7,7 +7,7 @@
   Megatron actor trains on the same GPUs.
 * :func:`sglang_cpu_args` / :func:`sglang_cpu_env` / :func:`checkpoint_dtype` - the flags, environment
   and ``--dtype`` of a CPU server.
-* :func:`_serve_sglang` - ``python -m megatron_dapo.rollout.launch serve-sglang`` (exec one server).
+* :func:`serve_sglang` - ``python -m megatron_dapo.rollout.launch serve-sglang`` (exec one server).
 
 :func:`launch_sglang_servers` returns a :class:`~megatron_dapo.rollout.launch_common.EngineProcesses`.
 """
@@ -185,7 +185,7 @@ def launch_sglang_servers(model_path: str, *, num_engines: int = 1, tp_size: int
     return EngineProcesses.launch(specs, env=run_env, api_key=api_key, health_timeout_s=health_timeout_s)
 
 
-def _serve_sglang(args) -> int:
+def serve_sglang(args) -> int:
     """``serve-sglang``: replace this process by the SGLang server (slurm/engines_on_node.sh runs it per
     engine, so the step's signals reach the server itself).  A missing engine venv: one line, exit 2."""
     if args.device is None:
