@@ -197,6 +197,15 @@ class RunningEngine:
     def inflight(self) -> int:
         return self.kind.inflight(self.url)
 
+    def restore_protocol_weights(self, scratch: Path) -> None:
+        """Load the protocol model's weights back into the server (after a test that changed them), from a
+        copy under ``scratch``: a client may add files to the directory it loads (vLLM's
+        ``lm_head.safetensors``) and the protocol model is shared by every engine kind."""
+        import shutil
+
+        src = shutil.copytree(self.model_dir, Path(scratch) / "restore")
+        self.run(lambda c: c.update_weights_from_disk(str(src), weight_version="restored"))
+
 
 def make_protocol_model(out_dir: Path) -> Path:
     """Write the protocol model (:data:`MODEL_KW`) to ``out_dir``."""
@@ -272,6 +281,14 @@ def pytest_generate_tests(metafunc):
 def engine(request, engine_pool) -> RunningEngine:
     """The running engine of the parametrised kind."""
     return engine_pool(request.param)
+
+
+@pytest.fixture
+def restore_protocol_weights(engine, tmp_path):
+    """For tests whose training runs push weights into the shared server: the protocol model's weights go
+    back afterwards (:meth:`RunningEngine.restore_protocol_weights`)."""
+    yield
+    engine.restore_protocol_weights(tmp_path)
 
 
 def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.05):

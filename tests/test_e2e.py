@@ -50,6 +50,11 @@ def _fail(proc) -> str:
     return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
 
 
+def read_steps(run_dir: Path) -> list[dict]:
+    """A run's per-step scalars: ``<run_dir>/steps.jsonl``, one JSON object per step, in step order."""
+    return [json.loads(x) for x in (run_dir / "steps.jsonl").read_text().splitlines() if x.strip()]
+
+
 def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

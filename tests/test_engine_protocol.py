@@ -61,15 +61,10 @@ def max_diff(engine, model, seq=SEQ, start=4):
 
 @pytest.fixture
 def restore(engine, protocol_hf, tmp_path):
-    """Put the protocol model's weights back after a test that changed them (disk update), from a copy:
-    a client may add files to the directory it loads (vLLM's ``lm_head.safetensors``) and the protocol
-    model is shared by every engine kind."""
+    """Put the protocol model's weights back after a test that changed them (disk update) and check them."""
     yield
     if engine.has("disk_update"):
-        import shutil
-
-        src = shutil.copytree(engine.model_dir, tmp_path / "restore")
-        engine.run(lambda c: c.update_weights_from_disk(str(src), weight_version="restored"))
+        engine.restore_protocol_weights(tmp_path)
         assert max_diff(engine, protocol_hf) <= TOL
 
 

@@ -21,12 +21,10 @@ test puts the protocol model's weights back on the shared server afterwards.
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 
-from test_e2e import _fail, run_train
+from test_e2e import _fail, read_steps, run_train
 
 TOL = 1e-4
 STEPS = 5
@@ -38,21 +36,8 @@ COMPARED = ("prompt_indices", "rollout/weight_version", "rollout/staleness", "ro
             "actor/pg_loss", "actor/grad_norm")
 
 
-def _steps(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "steps.jsonl").read_text().splitlines() if x.strip()]
-
-
 def _transport(engine) -> str:
     return "distributed" if engine.has("distributed_update") else "disk"
-
-
-@pytest.fixture
-def restore_protocol_weights(engine, tmp_path):
-    """The training runs change the shared server's weights: load the protocol model again afterwards
-    (from a copy, so the reload reads a fresh directory on every engine)."""
-    yield
-    src = shutil.copytree(engine.model_dir, tmp_path / "restore")
-    engine.run(lambda c: c.update_weights_from_disk(str(src), weight_version="restored"))
 
 
 @pytest.mark.slow
@@ -61,7 +46,7 @@ def test_one_step_off_five_steps_checked_pushes_and_exact_resume(engine, tmp_pat
               f"rollout.engine_urls=[{engine.url}]", f"weight_sync.transport={_transport(engine)}"] + SETTINGS
     ref = run_train(common + ["run_name=ref", f"trainer.total_steps={STEPS}", "resume=none"], timeout=1200)
     assert ref.returncode == 0, _fail(ref)
-    steps = _steps(tmp_path / "ref")
+    steps = read_steps(tmp_path / "ref")
     assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
     staleness = [s["rollout/staleness"] for s in steps]
     assert staleness == [0.0] + [1.0] * (STEPS - 1), staleness  # never beyond rollout.max_staleness=1
@@ -78,7 +63,7 @@ def test_one_step_off_five_steps_checked_pushes_and_exact_resume(engine, tmp_pat
     last = STEPS if seeded else 3
     resumed = run_train(common + ["run_name=resumed", f"trainer.total_steps={last}", f"resume={ckpt}"], timeout=1200)
     assert resumed.returncode == 0, _fail(resumed)
-    got = _steps(tmp_path / "resumed")
+    got = read_steps(tmp_path / "resumed")
     assert [s["step"] for s in got] == list(range(3, last + 1))
     assert got[0]["weight_sync/engine_actor_logprob_max_abs_diff"] <= TOL  # the resumed weights, pushed and checked
     for a, b in zip(got, steps[2:last]):

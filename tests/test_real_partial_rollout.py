@@ -11,13 +11,9 @@ logprobs of other tokens next to the trained ones), and the logprob check passes
 """
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-
 import pytest
 
-from test_e2e import _fail, run_train
+from test_e2e import _fail, read_steps, run_train
 
 TOL = 1e-4
 STEPS = 3
@@ -37,17 +33,6 @@ SIZES = {
 }
 
 
-def _steps(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "steps.jsonl").read_text().splitlines() if x.strip()]
-
-
-@pytest.fixture
-def restore_protocol_weights(engine, tmp_path):
-    yield
-    src = shutil.copytree(engine.model_dir, tmp_path / "restore")
-    engine.run(lambda c: c.update_weights_from_disk(str(src), weight_version="restored"))
-
-
 @pytest.mark.slow
 def test_partial_rollout_parks_and_continues_on_the_engine(engine, tmp_path, restore_protocol_weights):
     args = [f"output_dir={tmp_path}", "run_name=partial", f"model.hf_path={engine.model_dir}",
@@ -55,7 +40,7 @@ def test_partial_rollout_parks_and_continues_on_the_engine(engine, tmp_path, res
             f"trainer.total_steps={STEPS}", "weight_sync.transport=disk"] + COMMON + SIZES[engine.kind.name]
     proc = run_train(args, timeout=900)
     assert proc.returncode == 0, _fail(proc)
-    steps = _steps(tmp_path / "partial")
+    steps = read_steps(tmp_path / "partial")
     keys = ("partial_parked", "partial_continued", "partial_dropped_stale", "partial_tokens_reused")
     v = {k: [s[f"rollout/{k}"] for s in steps] for k in keys}
     print(f"{engine.kind.name}: {v}; aborted {[s['dynamic_sampling/aborted_requests'] for s in steps]}; "

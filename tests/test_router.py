@@ -21,7 +21,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, require
 from megatron_dapo.backend import MissingBackendError
 from megatron_dapo.config import ConfigError, load_config
 from megatron_dapo.rollout.client import EngineClient, EngineError
@@ -40,8 +40,16 @@ try:
 except ImportError:
     HAVE_ROUTER = False
 
-needs_router = pytest.mark.skipif(not HAVE_ROUTER, reason="sglang_router not importable "
-                                  "(pip install sglang-router==0.3.2, extra 'router')")
+ROUTER_HINT = "pip install sglang-router==0.3.2 (extra 'router'; `make venv` installs it)"
+
+
+@pytest.fixture
+def router_installed():
+    """The sglang-router package: a missing one skips locally and FAILS under CI=true (conftest.require)."""
+    require(HAVE_ROUTER, "the sglang_router package", ROUTER_HINT)
+
+
+needs_router = pytest.mark.usefixtures("router_installed")
 TINY_CFG = str(REPO_ROOT / "examples" / "tiny-cpu" / "dapo.yaml")
 
 
@@ -80,8 +88,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stack(model_dir, tmp_path_factory):
     """Two CPU engines + a round-robin router; yields ``(engines, router)``."""
-    if not HAVE_ROUTER:
-        pytest.skip("sglang_router not importable")
+    require(HAVE_ROUTER, "the sglang_router package", ROUTER_HINT)
     logs = tmp_path_factory.mktemp("router_logs")
     with launch_cpu_engines(str(model_dir), 2, seed=5, log_dir=logs, health_timeout_s=120) as engines:
         with launch_sglang_router(engines.urls, policy="round_robin", timeout=60,
