@@ -12,7 +12,8 @@ Sizes are chosen so that a step's rollout (32 prompts x G 4, up to 48 tokens) an
 shorter behind the longer (ideal ratio max(r, t) / (r + t), 0.5 when equal). Dynamic sampling is off here so
 that both runs generate the same amount per step.
 
-Y: :func:`bench_partial_rollout.measure` (dynamic sampling on, partial rollout on vs off, M steps each).
+Y: :func:`bench_partial_rollout.measure` (dynamic sampling on, partial rollout on vs off, M steps each; with
+partial rollout the aborted samples are continued and the surplus groups carried to the next step).
 
 Last line::
 

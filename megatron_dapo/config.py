@@ -118,7 +118,10 @@ class RolloutConfig:
     partial_max_age: int = 1
     """With ``partial_rollout``: how many weight versions old a parked sample's oldest token may be; an older
     sample is generated again from scratch while the rest of its group is kept (``rollout/partial_dropped_stale``
-    samples, ``rollout/partial_tokens_dropped`` tokens). ``>= 1`` (1: continue for one step)."""
+    samples, ``rollout/partial_tokens_dropped`` tokens). ``>= 1`` (1: continue for one step). The same bound
+    applies to the surplus groups carried with partial rollout (``algorithm.carry_over_surplus``). Ages count
+    from the engines' weights, so with ``max_staleness: 1`` a continued or carried token can be up to
+    ``1 + partial_max_age`` versions behind the policy trained on it (``rollout/token_age_max``)."""
     request_timeout_s: float = 600.0
     max_retries: int = 2
     health_timeout_s: float = 300.0
@@ -166,7 +169,14 @@ class AlgorithmConfig:
     dynamic_sampling: Optional[bool] = None
     max_num_gen_batches: int = 10
     oversample_factor: float = 1.0
-    carry_over_surplus: bool = False
+    carry_over_surplus: Optional[bool] = None
+    """Keep the complete surplus groups (mixed groups kept after the batch filled) for the next step instead of
+    dropping them (``dynamic_sampling/surplus_carried``, ``carried_in``). ``None``: on with
+    ``rollout.partial_rollout`` -- like slime's ``--partial-rollout``, which returns every group still in flight at
+    the abort to its buffer, finished ones included -- off otherwise; read it from
+    :meth:`DAPOConfig.carries_surplus`. With partial rollout, a carried group holding a token older than
+    ``rollout.partial_max_age`` weight versions is parked again and its stale samples are regenerated
+    (``dynamic_sampling/carried_stale``); without it, carried groups have no age bound."""
     kl_loss: Optional[bool] = None
     """Must stay off (both presets have it off): the KL term needs a reference model, which this recipe does
     not run; :meth:`DAPOConfig.validate` refuses ``true``."""
@@ -532,6 +542,12 @@ class DAPOConfig:
         need(t.eval_temperature >= 0, "trainer.eval_temperature", "must be >= 0")
         need(0 < t.eval_top_p <= 1, "trainer.eval_top_p", "must be in (0, 1]")
         need(t.log_interval >= 1, "trainer.log_interval", "must be >= 1")
+
+    def carries_surplus(self) -> bool:
+        """Whether the dynamic sampler carries surplus groups to the next step: ``algorithm.carry_over_surplus``,
+        or ``rollout.partial_rollout`` when that is ``None`` (see the field)."""
+        explicit = self.algorithm.carry_over_surplus
+        return bool(self.rollout.partial_rollout if explicit is None else explicit)
 
     def resolved_algorithm(self) -> "AlgorithmSwitches":
         """The preset's switches with every explicitly set (non-``None``) ``algorithm.*`` key applied on top;

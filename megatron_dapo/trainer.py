@@ -259,7 +259,7 @@ class Trainer:
                                       enabled=self.alg.dynamic_sampling,
                                       oversample_factor=cfg.algorithm.oversample_factor,
                                       max_num_gen_batches=cfg.algorithm.max_num_gen_batches,
-                                      carry_over_surplus=cfg.algorithm.carry_over_surplus)
+                                      carry_over_surplus=cfg.carries_surplus())
         self.loss = LossSettings(clip_ratio_low=self.alg.clip_ratio_low, clip_ratio_high=self.alg.clip_ratio_high,
                                  clip_ratio_c=self.alg.clip_ratio_c, loss_agg_mode=self.alg.loss_agg_mode,
                                  entropy_coeff=cfg.algorithm.entropy_coeff,

@@ -430,3 +430,106 @@ def test_fill_refuses_partial_rollout_without_its_counters():
 
     with pytest.raises(ValueError, match="RoundStats.partial is None"):
         aio.run(_fill(FakeEngine({}), _sampler(), Prompts(), Tok(), _settings(), RoundStats(), 0))
+
+
+def _carrying_sampler(oversample: float = 3.0):
+    return DynamicSampler(1, G, oversample_factor=oversample, carry_over_surplus=True)
+
+
+def test_surplus_groups_are_carried_and_a_carried_group_grown_stale_is_parked_and_regenerated():
+    # step 0 (version 0): three mixed groups finish (in the event loop's order), one fills the batch, two are
+    # surplus and carried
+    sampler, prompts = _carrying_sampler(), Prompts()
+    engine = FakeEngine({0: MIXED, 1: MIXED, 2: MIXED})
+    batch, stats = collect_batch(SyncClient(engine), sampler, prompts, Tok(), _settings(), step=0)
+    carried = [g["prompt_index"] for g in sampler.state_dict()["carry"]]
+    assert len(batch) == 1 and sorted(carried + [batch[0].prompt_index]) == [100, 101, 102]
+    assert sampler.metrics()["surplus_carried"] == 2
+    assert (stats.metrics()["token_age_mean"], stats.metrics()["token_age_max"]) == (0.0, 0.0)
+    # step 1 (version 1): the first carried group fills the batch at once, nothing is generated; its tokens are 1 old
+    engine = FakeEngine({})
+    batch, stats = collect_batch(SyncClient(engine), sampler, prompts, Tok(), _settings(), step=1)
+    assert [g.prompt_index for g in batch] == carried[:1] and engine.calls == [] and prompts.asked == [3]
+    m, d = stats.metrics(), sampler.metrics()
+    assert (m["token_age_mean"], m["token_age_max"], m["generated_tokens"]) == (1.0, 1.0, 0.0)
+    assert (d["carried_in"], d["carried_stale"], d["surplus_carried"]) == (2.0, 0.0, 1.0)
+    # step 2 (version 2, partial_max_age=1): the last carried group holds version-0 tokens, 2 versions old. It is
+    # parked, both samples are reset and generated again from the prompt; the group keeps its place first in line
+    k = carried[1] - 100
+    engine = FakeEngine({3: ALL_WRONG, 4: ALL_WRONG}, cont={(k, 0): ("done", _out([6, CORRECT], "stop", [-0.4, -0.5])),
+                                                            (k, 1): ("done", _out([WRONG], "stop", [-0.6]))})
+    batch, stats = collect_batch(SyncClient(engine), sampler, prompts, Tok(), _settings(), step=2)
+    m, d = stats.metrics(), sampler.metrics()
+    assert (d["carried_in"], d["carried_stale"]) == (0.0, 1.0)
+    assert (m["partial_dropped_stale"], m["partial_tokens_dropped"], m["partial_tokens_reused"]) == (2.0, 4.0, 0.0)
+    assert prompts.asked == [3, 2]  # want 3: the parked group + two new prompts
+    cont = sorted((c["rid"][-3:], c["input_ids"], c["sp"]["max_new_tokens"]) for c in engine.calls if c["sp"]["n"] == 1)
+    assert cont == [("-s0", [k, 1, 2], MAX_LEN), ("-s1", [k, 1, 2], MAX_LEN)]
+    (g,) = batch
+    assert g.prompt_index == carried[1] and g.responses == [[6, CORRECT], [WRONG]] and g.correct == [True, False]
+    assert g.token_versions == [[[0, 2, 2]], [[0, 1, 2]]] and g.meta["ground_truth"] == "42"
+    assert (m["token_age_mean"], m["token_age_max"]) == (0.0, 0.0)
+
+
+def test_without_partial_rollout_carried_groups_have_no_age_bound():
+    sampler, prompts = _carrying_sampler(), Prompts()
+    collect_batch(SyncClient(FakeEngine({0: MIXED, 1: MIXED, 2: MIXED})), sampler, prompts, Tok(),
+                  _settings(partial=False), step=0)
+    carried = [g["prompt_index"] for g in sampler.state_dict()["carry"]]
+    for step, index in ((1, carried[0]), (2, carried[1])):
+        batch, stats = collect_batch(SyncClient(FakeEngine({})), sampler, prompts, Tok(), _settings(partial=False),
+                                     step=step)
+        assert [g.prompt_index for g in batch] == [index] and stats.metrics()["token_age_max"] == float(step)
+    assert sampler.metrics()["carried_stale"] == 0.0 and sampler.num_pending == 0
+
+
+def test_one_step_off_ages_count_from_the_trained_policy():
+    # the engines hold version 0 while the batch will be trained at step 1: fresh tokens are 1 old
+    sampler, prompts = _carrying_sampler(), Prompts()
+    batch, stats = collect_batch(SyncClient(FakeEngine({0: MIXED, 1: MIXED, 2: MIXED})), sampler, prompts, Tok(),
+                                 _settings(), step=1, weight_version=0)
+    assert batch[0].token_versions == [[[0, 2, 0]], [[0, 2, 0]]] and stats.metrics()["token_age_max"] == 1.0
+    # next batch: engines at version 1, trained at step 2; a carried group (version 0) is 1 version old for the
+    # engines (kept, partial_max_age=1) and 2 for the trained policy
+    batch, stats = collect_batch(SyncClient(FakeEngine({})), sampler, prompts, Tok(), _settings(), step=2,
+                                 weight_version=1)
+    assert len(batch) == 1 and stats.metrics()["token_age_max"] == 2.0
+
+
+def test_token_ages_are_token_weighted():
+    from megatron_dapo.rollout.generation import token_ages
+
+    a = Group(0, [1], [[1, 2, 3, 4, 5], [6]], [1.0, 0.0], [True, False], ["stop", "stop"],
+              token_versions=[[[0, 3, 0], [3, 5, 1]], [[0, 1, 2]]])
+    b = Group(1, [1], [[1]], [1.0], [True], ["stop"])  # unknown versions: skipped
+    assert token_ages([a, b], 2) == (pytest.approx((3 * 2 + 2 * 1 + 1 * 0) / 6), 2)
+    assert token_ages([b], 2) == (0.0, 0) and token_ages([], 5) == (0.0, 0)
+
+
+def test_pending_group_from_group_and_start_step_validation():
+    g = Group(7, [1, 2], [[3, 4], [5]], [1.0, -1.0], [True, False], ["stop", "length"], rollout_logprobs=[[-0.1, -0.2], [-0.3]],
+              meta={"ground_truth": "42", "data_source": "gsm8k"}, token_versions=[[[0, 2, 3]], [[0, 1, 3]]])
+    pg = PendingGroup.from_group(g)
+    assert pg == PendingGroup(7, [1, 2], {"reward_model": {"ground_truth": "42"}, "data_source": "gsm8k"},
+                              [[3, 4], [5]], [[-0.1, -0.2], [-0.3]], ["stop", "length"], [[[0, 2, 3]], [[0, 1, 3]]])
+    assert pg.unfinished == [] and pg.responses is not g.responses
+    with pytest.raises(ValueError, match=r"Group\(prompt_index=7\): meta has no 'ground_truth'"):
+        PendingGroup.from_group(Group(7, [1], [[3]], [1.0], [True], ["stop"], token_versions=[[[0, 1, 0]]]))
+    with pytest.raises(ValueError, match="token_versions is None"):
+        PendingGroup.from_group(Group(7, [1], [[3]], [1.0], [True], ["stop"], meta={"ground_truth": "1"}))
+    s = _carrying_sampler()
+    with pytest.raises(ValueError, match="give both version and max_age"):
+        s.start_step(3)
+    with pytest.raises(ValueError, match="max_age must be an int >= 0"):
+        s.start_step(3, -1)
+    with pytest.raises(ValueError, match="version must be an int"):
+        s.start_step("3", 1)
+
+
+def test_config_carry_over_surplus_follows_partial_rollout_unless_set():
+    from megatron_dapo.config import load_config
+
+    assert load_config(None, [], validate=False).carries_surplus() is False
+    assert load_config(None, ["rollout.partial_rollout=true"], validate=False).carries_surplus() is True
+    assert load_config(None, ["rollout.partial_rollout=true", "algorithm.carry_over_surplus=false"], validate=False).carries_surplus() is False
+    assert load_config(None, ["algorithm.carry_over_surplus=true"], validate=False).carries_surplus() is True

@@ -1,6 +1,7 @@
 """End to end through the real CLI on the CPU engine: ``rollout.partial_rollout=true`` parks the groups aborted when
-the dynamic sampler fills, continues them the next step, reports it under ``rollout/partial_*``, and carries the
-parked groups through a checkpoint into a resumed run."""
+the dynamic sampler fills, continues them the next step, reports it under ``rollout/partial_*``, carries the surplus
+groups to the next step (``algorithm.carry_over_surplus`` follows partial rollout), and carries both through a
+checkpoint into a resumed run."""
 from __future__ import annotations
 
 import json
@@ -19,7 +20,9 @@ KEYS = ("parked", "continued", "tokens_reused", "dropped_stale", "tokens_dropped
 
 @pytest.mark.slow
 def test_partial_rollout_three_steps_then_resume(tmp_path, tiny_model):  # noqa: F811
-    base = [f"output_dir={tmp_path}", "run_name=partial", f"model.hf_path={tiny_model}"] + PARTIAL
+    # surplus groups dropped, as without partial rollout: a carried batch would leave a step nothing to continue
+    base = [f"output_dir={tmp_path}", "run_name=partial", f"model.hf_path={tiny_model}",
+            "algorithm.carry_over_surplus=false"] + PARTIAL
     proc = run_train(base + ["trainer.total_steps=3"])
     assert proc.returncode == 0, _fail(proc)
     run = tmp_path / "partial"
@@ -34,6 +37,7 @@ def test_partial_rollout_three_steps_then_resume(tmp_path, tiny_model):  # noqa:
         assert v["continued"][k] <= v["parked"][k - 1], v  # of a parked group included, G = 8 each)
         assert v["dropped_stale"][k] <= 8 * v["pending"][k - 1], v
     assert v["continued"][1] > 0 or v["dropped_stale"][1] > 0 or v["parked"][0] == 0, v
+    assert all(x == 0 for _, x in sc["dynamic_sampling/surplus_carried"])  # carry_over_surplus=false: dropped
     assert all(x > 0 for _, x in sc["rollout/trained_tokens"])
     # the parked groups are part of the checkpoint's trainer state
     state = json.loads((run / "checkpoints" / "iter_0000003" / "trainer_state.json").read_text())
@@ -53,3 +57,32 @@ def test_partial_rollout_three_steps_then_resume(tmp_path, tiny_model):  # noqa:
     handled = last["rollout/partial_continued"] + last["rollout/partial_dropped_stale"]
     print(f"partial rollout per step: {v}; parked prefixes at the checkpoint: {prefixes}; step 4 handled {handled}")
     assert handled <= with_tokens and (handled > 0 or prefixes == 0), (last, prefixes, with_tokens)
+
+
+@pytest.mark.slow
+def test_partial_rollout_carries_surplus_groups_through_resume(tmp_path, tiny_model):  # noqa: F811
+    """The default with partial rollout: surplus groups are carried (trained the next step, or parked again when a
+    token is older than ``partial_max_age``), their ages are logged, and the carry is part of the checkpoint."""
+    base = [f"output_dir={tmp_path}", "run_name=carry", f"model.hf_path={tiny_model}"] + PARTIAL
+    proc = run_train(base + ["trainer.total_steps=3"])
+    assert proc.returncode == 0, _fail(proc)
+    run = tmp_path / "carry"
+    sc = read_scalars(run / "tb")
+    ds = {k: [x for _, x in sc[f"dynamic_sampling/{k}"]] for k in ("surplus_carried", "carried_in", "carried_stale")}
+    ages = [x for _, x in sc["rollout/token_age_max"]]
+    print(f"carry per step: {ds}; token_age_max {ages}")
+    assert ds["carried_in"][0] == 0 and ds["carried_stale"][0] == 0
+    for k in (1, 2):  # every carried group comes in the next step: trained, or parked again when too old
+        assert ds["carried_in"][k] + ds["carried_stale"][k] == ds["surplus_carried"][k - 1], ds
+    # synchronous, partial_max_age=1: fresh tokens are 0 versions old, carried or continued ones 1, never more
+    assert ages[0] == 0 and all(0 <= a <= 1 for a in ages), ages
+    state = json.loads((run / "checkpoints" / "iter_0000003" / "trainer_state.json").read_text())
+    carry = state["sampler"]["carry"]
+    assert len(carry) == ds["surplus_carried"][2] and all(len(g["responses"]) == 8 for g in carry)
+    assert {span[2] for g in carry for spans in g["token_versions"] for span in spans} <= {0, 1, 2}
+    proc = run_train(base + ["trainer.total_steps=4"])  # resumed from iter_0000003: the carry comes in at step 4
+    assert proc.returncode == 0, _fail(proc)
+    last = json.loads((run / "steps.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 4
+    assert last["dynamic_sampling/carried_in"] + last["dynamic_sampling/carried_stale"] == len(carry), last
+    assert 0 <= last["rollout/token_age_max"] <= 1, last

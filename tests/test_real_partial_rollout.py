@@ -19,7 +19,10 @@ TOL = 1e-4
 STEPS = 3
 COMMON = ["rollout.colocated=false", "rollout.deterministic=false", "rollout.partial_rollout=true",
           "weight_sync.check_logprobs=true", "trainer.eval_interval=0", "trainer.save_interval=0",
-          "trainer.export_hf=false", "resume=none", "algorithm.overlong_buffer_length=16"]
+          "trainer.export_hf=false", "resume=none", "algorithm.overlong_buffer_length=16",
+          # surplus groups dropped (the default with partial rollout carries them, tested on the CPU engine in
+          # test_partial_rollout_e2e.py): a batch filled by carried groups would leave a step nothing to continue
+          "algorithm.carry_over_surplus=false"]
 # per kind: enough concurrent work that later requests wait or run while the first groups are scored
 SIZES = {
     "cpu": ["rollout.rollout_batch_size=2", "rollout.n_samples_per_prompt=8", "algorithm.oversample_factor=16",

@@ -36,6 +36,7 @@ TB_TAGS_ONE_STEP = frozenset({
     "colocate/engine_resume_kv_cache_s", "colocate/engine_resume_weights_s", "colocate/sync_s",
     "data/prompts_skipped_too_long", "dynamic_sampling/aborted_requests", "dynamic_sampling/all_correct",
     "dynamic_sampling/all_wrong", "dynamic_sampling/batch_response_tokens", "dynamic_sampling/carried_in",
+    "dynamic_sampling/carried_stale", "rollout/token_age_max", "rollout/token_age_mean",  # carried-group ages
     "dynamic_sampling/generated_response_tokens", "dynamic_sampling/keep_rate", "dynamic_sampling/kept_groups",
     "dynamic_sampling/num_gen_batches", "dynamic_sampling/prompts_tried", "dynamic_sampling/surplus_carried",
     "dynamic_sampling/surplus_dropped", "dynamic_sampling/waste_ratio", "memory/actor_offload_bytes",

@@ -26,6 +26,9 @@ surplus), so :meth:`DynamicSampler.state_dict` holds them and an exact resume re
 Staleness is judged per sample (:func:`reset_stale_samples`): a parked sample holding a token more than
 ``max_age`` weight versions older than the engines' is reset (its tokens are discarded and it is generated
 again from scratch), the others are kept, so a parked group is never lost while partial rollout is on.
+Carried surplus groups obey the same bound when :meth:`DynamicSampler.start_step` is given the engines' version
+and ``max_age``: a carried group with a token that old is parked (:meth:`PendingGroup.from_group`) instead of
+being trained on, and its stale samples are then reset like any parked sample's.
 """
 from __future__ import annotations
 
@@ -223,6 +226,30 @@ class PendingGroup:
         """Inverse of :meth:`to_dict`."""
         return cls(**copy.deepcopy(data))
 
+    @classmethod
+    def from_group(cls, group: Group) -> "PendingGroup":
+        """A complete (scored) group parked again, every sample finished: its responses, logprobs, finish reasons
+        and spans are copied, and the row to score it with is rebuilt from ``group.meta`` (``ground_truth``,
+        ``data_source``, default ``"math_dapo"``). Used for a carried surplus group grown too old
+        (:meth:`DynamicSampler.start_step`): :func:`reset_stale_samples` then empties its stale samples.
+
+        Raises:
+            ValueError: ``group.meta`` has no ``ground_truth`` (it could not be scored again), or
+                ``group.token_versions`` is None (no age to judge by).
+        """
+        where = f"Group(prompt_index={group.prompt_index})"
+        if "ground_truth" not in group.meta:
+            raise ValueError(f"{where}: meta has no 'ground_truth', so the group cannot be parked and scored again")
+        if group.token_versions is None:
+            raise ValueError(f"{where}: token_versions is None, so the group cannot be parked by age")
+        row = {"reward_model": {"ground_truth": str(group.meta["ground_truth"])},
+               "data_source": str(group.meta.get("data_source", "math_dapo"))}
+        return cls(prompt_index=int(group.prompt_index), prompt_ids=list(group.prompt_ids), row=row,
+                   responses=[list(r) for r in group.responses],
+                   rollout_logprobs=None if group.rollout_logprobs is None else [list(a) for a in group.rollout_logprobs],
+                   finish_reasons=list(group.finish_reasons),
+                   token_versions=[[list(span) for span in sp] for sp in group.token_versions])
+
 
 @dataclass(frozen=True)
 class StaleReset:
@@ -294,6 +321,7 @@ _COUNTERS = (
     "surplus_dropped",
     "surplus_carried",
     "carried_in",
+    "carried_stale",
     "generated_response_tokens",
     "aborted_response_tokens",
     "batch_response_tokens",
@@ -352,12 +380,40 @@ class DynamicSampler:
         self._counts: dict[str, int] = {k: 0 for k in _COUNTERS}
 
     # ------------------------------------------------------------------ step protocol
-    def start_step(self) -> None:
-        """Reset the per-step counters and move carried-over groups into the kept pool."""
+    def start_step(self, version: Optional[int] = None, max_age: Optional[int] = None) -> None:
+        """Reset the per-step counters and move carried-over groups into the kept pool.
+
+        With ``version`` and ``max_age`` (partial rollout: the engines' integer weight version and
+        ``rollout.partial_max_age``), a carried group holding a token more than ``max_age`` versions older than
+        ``version`` is not trained on: it is parked instead (:meth:`PendingGroup.from_group`, ahead of the groups
+        parked last step, being older), counted in ``carried_stale``, so that
+        :meth:`reset_stale_pending` regenerates its stale samples while its prompt and fresh samples are kept.
+        A carried group whose token versions are unknown (None) is kept. Without them, every carried group is
+        kept, whatever its age.
+
+        Raises:
+            ValueError: only one of ``version`` / ``max_age`` given, a bad value, or a stale carried group that
+                cannot be parked (:meth:`PendingGroup.from_group`).
+        """
+        if (version is None) != (max_age is None):
+            raise ValueError("start_step: give both version and max_age (partial rollout) or neither")
+        stale: list[Group] = []
+        carry = self._carry
+        if version is not None:
+            if isinstance(version, bool) or not isinstance(version, int):
+                raise ValueError(f"start_step: version must be an int (weight version), got {version!r}")
+            if isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 0:
+                raise ValueError(f"start_step: max_age must be an int >= 0 (weight versions), got {max_age!r}")
+            stale = [g for g in carry if g.token_versions is not None
+                     and any(version - span[2] > max_age for sp in g.token_versions for span in sp)]
+            carry = [g for g in carry if not any(g is x for x in stale)]
+        parked = [PendingGroup.from_group(g) for g in stale]
         self._counts = {k: 0 for k in _COUNTERS}
-        self._kept = self._carry
+        self._pending = parked + self._pending
+        self._kept = carry
         self._carry = []
         self._counts["carried_in"] = len(self._kept)
+        self._counts["carried_stale"] = len(parked)
         self._taken = False
 
     @property
@@ -556,7 +612,7 @@ class DynamicSampler:
         Keys: ``prompts_tried``, ``kept_groups`` (kept among the freshly generated groups),
         ``all_correct``, ``all_wrong``, ``num_gen_batches`` (rounds), ``aborted_requests``,
         ``surplus_dropped``, ``surplus_carried``, ``carried_in`` (groups carried in from the previous
-        step), ``keep_rate`` (``kept_groups / prompts_tried``; 0 if none tried), ``waste_ratio``
+        step), ``carried_stale`` (carried groups parked again instead, too old: :meth:`start_step`), ``keep_rate`` (``kept_groups / prompts_tried``; 0 if none tried), ``waste_ratio``
         (response tokens generated this step -- filtered, surplus and aborted included -- divided by
         the response tokens of the taken batch; 0 before :meth:`take_batch`.  Carried-in groups
         were generated in an earlier step, so it can fall below 1 with carry-over), plus the raw
@@ -566,7 +622,7 @@ class DynamicSampler:
         c = self._counts
         out = {k: float(c[k]) for k in (
             "prompts_tried", "kept_groups", "all_correct", "all_wrong", "num_gen_batches",
-            "aborted_requests", "surplus_dropped", "surplus_carried", "carried_in",
+            "aborted_requests", "surplus_dropped", "surplus_carried", "carried_in", "carried_stale",
         )}
         generated = c["generated_response_tokens"] + c["aborted_response_tokens"] - c["reused_response_tokens"]
         batch_tokens = c["batch_response_tokens"]

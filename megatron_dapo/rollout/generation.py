@@ -22,11 +22,18 @@ parked groups back before asking the dataset for new prompts and continues them 
   ``[start, end, version]`` span per step that generated tokens;
 * the group is screened, scored and handed to the sampler once all ``G`` samples are finished (it may
   be aborted and parked again, growing another span);
+* surplus groups -- finished, kept by the sampler after it filled (they were being scored, or finished
+  generating, when the batch filled) -- are carried to the next step too (``algorithm.carry_over_surplus``
+  defaults to on with partial rollout): slime's ``--partial-rollout`` likewise returns every group still
+  in flight at the abort to its buffer, finished ones included;
 * at the start of each step, a parked sample holding a token more than ``partial_max_age`` weight
   versions older than the engines' is reset -- its tokens discarded (counted), generated again from
   scratch -- while the group's other samples and its prompt are kept
   (:func:`~megatron_dapo.algorithm.dynamic_sampling.reset_stale_samples`); so a group is never lost, even
-  when aborted twice. With partial rollout off every parked group is dropped.
+  when aborted twice. A carried surplus group that old is parked first and reset the same way. With
+  partial rollout off every parked group is dropped. (When the carried groups alone fill a step's batch,
+  nothing is generated that step and the parked groups wait, one version older. Continuing them anyway was
+  measured: no fewer tokens generated per trained token, so it is not done.)
 
 The unit parked is the group (advantages are normalised over its ``G`` samples, eq. 9) and the unit
 continued is the sample: the simplest design that keeps both finished samples and prefixes. The
@@ -138,6 +145,11 @@ class RoundStats:
     prefixes continued from an earlier step are not generated again)."""
     trained_tokens: int = 0
     """Response tokens of the step's batch (set by :func:`collect_batch`)."""
+    token_age_mean: float = 0.0
+    """Mean age of the batch's response tokens, in weight versions (set by :func:`collect_batch`, see
+    :func:`token_ages`)."""
+    token_age_max: int = 0
+    """Largest age of a batch response token, in weight versions (set by :func:`collect_batch`)."""
     partial: Optional[PartialRolloutStats] = None
     """The partial-rollout counters (:meth:`metrics` adds their ``partial_*`` names); None when
     ``rollout.partial_rollout`` is off."""
@@ -179,8 +191,9 @@ class RoundStats:
         ``rollout/``): ``reward_mean``, ``score_mean``, ``acc``, ``response_length_mean``/``_max`` (tokens),
         ``response_length_clip_ratio``, ``no_answer_frac``, ``num_responses``, ``mean_token_prob`` (when
         the engines returned logprobs), ``acc/<data_source>``, ``generated_tokens`` / ``trained_tokens``
-        / ``generated_per_trained_token`` (response tokens) and, with partial rollout, the ``partial_*``
-        counters of :meth:`PartialRolloutStats.metrics`."""
+        / ``generated_per_trained_token`` (response tokens), ``token_age_mean`` / ``token_age_max`` (weight
+        versions, :func:`token_ages`) and, with partial rollout, the ``partial_*`` counters of
+        :meth:`PartialRolloutStats.metrics`."""
         n = max(len(self.rewards), 1)
         out = {
             "reward_mean": sum(self.rewards) / n,
@@ -196,6 +209,8 @@ class RoundStats:
         out["trained_tokens"] = float(self.trained_tokens)
         out["generated_per_trained_token"] = (self.generated_tokens / self.trained_tokens
                                               if self.trained_tokens else 0.0)
+        out["token_age_mean"] = float(self.token_age_mean)
+        out["token_age_max"] = float(self.token_age_max)
         if self.partial is not None:
             out.update(self.partial.metrics())
         if self.token_count:
@@ -434,8 +449,13 @@ def collect_batch(sync_client, sampler: DynamicSampler, next_prompts, tokenizer,
     integer version of the engines' weights this step: it tags the generated token spans
     (:attr:`Group.token_versions`) and ages the parked partial-rollout samples: before generating, a parked
     sample with a token more than ``s.partial_max_age`` versions old is reset to be generated again
-    (``partial_dropped_stale`` / ``partial_tokens_dropped``), its group kept; with ``s.partial_rollout`` off
-    every parked group is dropped.
+    (``partial_dropped_stale`` / ``partial_tokens_dropped``), its group kept; a surplus group carried from an
+    earlier step with such a token is parked first (``dynamic_sampling/carried_stale``), so the same rule
+    applies to it. With ``s.partial_rollout`` off every parked group is dropped.
+
+    ``step`` (seeds the sampling) is also the version of the policy the batch will be trained against (the
+    trainer's completed updates when it trains on it): the batch's token ages (``token_age_mean`` /
+    ``token_age_max``, :func:`token_ages`) are measured from it.
 
     Raises:
         DynamicSamplingExhausted: ``max_num_gen_batches`` rounds did not fill the batch.
@@ -443,10 +463,11 @@ def collect_batch(sync_client, sampler: DynamicSampler, next_prompts, tokenizer,
     """
     stats = RoundStats(partial=PartialRolloutStats() if s.partial_rollout else None)
     version = step if weight_version is None else int(weight_version)
-    sampler.start_step()
     if stats.partial is not None:
+        sampler.start_step(version, s.partial_max_age)  # a carried group grown too old is parked, then reset
         stats.partial.record_stale(sampler.reset_stale_pending(version, s.partial_max_age))
     else:
+        sampler.start_step()
         sampler.drop_pending()  # groups parked by an earlier run with partial rollout on
     rnd = 0
     while not sampler.is_full:
@@ -457,9 +478,30 @@ def collect_batch(sync_client, sampler: DynamicSampler, next_prompts, tokenizer,
         sampler.record_round()
     batch = sampler.take_batch()
     stats.trained_tokens = sum(g.num_response_tokens for g in batch)
+    stats.token_age_mean, stats.token_age_max = token_ages(batch, step)
     if stats.partial is not None:
         stats.partial.pending = sampler.num_pending
     return batch, stats
+
+
+def token_ages(groups: Iterable[Group], policy_version: int) -> tuple[float, int]:
+    """Mean and largest age of the groups' response tokens: ``policy_version - v`` for each token generated by
+    weight version ``v`` (its :attr:`Group.token_versions` span), in weight versions (optimizer updates).
+
+    ``policy_version`` is the version of the policy the batch is trained against (the proximal policy: the
+    actor before the step's update). Fresh tokens are 0 old in a synchronous run and 1 in one-step off-policy
+    (``rollout/staleness``); a continued prefix or a carried surplus group adds the steps it waited. Groups
+    without token versions are skipped; ``(0.0, 0)`` when no token has a known version.
+    """
+    total = count = oldest = 0
+    for g in groups:
+        for spans in g.token_versions or ():
+            for start, end, v in spans:
+                age = int(policy_version) - int(v)
+                total += age * (end - start)
+                count += end - start
+                oldest = max(oldest, age)
+    return (total / count if count else 0.0), oldest
 
 
 def generated_per_trained_token(step_metrics: Iterable[dict]) -> float:
