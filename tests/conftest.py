@@ -33,9 +33,13 @@ def require(condition: object, what: str, how_to_fix: str) -> None:
         how_to_fix: the command or step that provides it, e.g.
             ``"bash ../shared/tools/local-slurm/start_local_slurm.sh"``.
     """
-    if condition:
-        return
-    msg = f"missing {what}; to fix: {how_to_fix}"
+    if not condition:
+        unavailable(f"missing {what}; to fix: {how_to_fix}")
+
+
+def unavailable(msg: str) -> None:
+    """Skip (locally) or fail (``CI=true``: a missing dependency is a broken CI) the calling test; ``msg`` says what
+    is missing and how to provide it."""
     if in_ci():
         pytest.fail(f"CI=true: {msg}", pytrace=False)
     pytest.skip(msg)

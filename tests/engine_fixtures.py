@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
+from conftest import unavailable  # noqa: F401  (re-exported: test files import it from here)
 
 CAPABILITIES = {
     "honours_seed": "same sampling_seed -> same sample",
@@ -153,13 +154,6 @@ def enabled_kinds() -> list[str]:
         raise pytest.UsageError(f"MEGATRON_DAPO_TEST_ENGINES names unknown engine kind(s) {unknown}; "
                                 f"known: {sorted(ENGINE_KINDS)}")
     return [k for k in ENGINE_KINDS if k in want]
-
-
-def unavailable(msg: str):
-    """Fail under ``CI=true`` (a missing engine is a broken CI), skip elsewhere; ``msg`` says what to do."""
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(msg, pytrace=False)
-    pytest.skip(msg)
 
 
 @dataclass

@@ -507,7 +507,8 @@ def test_token_ages_are_token_weighted():
 
 
 def test_pending_group_from_group_and_start_step_validation():
-    g = Group(7, [1, 2], [[3, 4], [5]], [1.0, -1.0], [True, False], ["stop", "length"], rollout_logprobs=[[-0.1, -0.2], [-0.3]],
+    g = Group(7, [1, 2], [[3, 4], [5]], [1.0, -1.0], [True, False], ["stop", "length"],
+              rollout_logprobs=[[-0.1, -0.2], [-0.3]],
               meta={"ground_truth": "42", "data_source": "gsm8k"}, token_versions=[[[0, 2, 3]], [[0, 1, 3]]])
     pg = PendingGroup.from_group(g)
     assert pg == PendingGroup(7, [1, 2], {"reward_model": {"ground_truth": "42"}, "data_source": "gsm8k"},
@@ -531,5 +532,6 @@ def test_config_carry_over_surplus_follows_partial_rollout_unless_set():
 
     assert load_config(None, [], validate=False).carries_surplus() is False
     assert load_config(None, ["rollout.partial_rollout=true"], validate=False).carries_surplus() is True
-    assert load_config(None, ["rollout.partial_rollout=true", "algorithm.carry_over_surplus=false"], validate=False).carries_surplus() is False
+    explicit_off = ["rollout.partial_rollout=true", "algorithm.carry_over_surplus=false"]
+    assert load_config(None, explicit_off, validate=False).carries_surplus() is False
     assert load_config(None, ["algorithm.carry_over_surplus=true"], validate=False).carries_surplus() is True

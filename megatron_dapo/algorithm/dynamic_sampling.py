@@ -246,7 +246,8 @@ class PendingGroup:
                "data_source": str(group.meta.get("data_source", "math_dapo"))}
         return cls(prompt_index=int(group.prompt_index), prompt_ids=list(group.prompt_ids), row=row,
                    responses=[list(r) for r in group.responses],
-                   rollout_logprobs=None if group.rollout_logprobs is None else [list(a) for a in group.rollout_logprobs],
+                   rollout_logprobs=(None if group.rollout_logprobs is None
+                                     else [list(a) for a in group.rollout_logprobs]),
                    finish_reasons=list(group.finish_reasons),
                    token_versions=[[list(span) for span in sp] for sp in group.token_versions])
 
@@ -612,7 +613,8 @@ class DynamicSampler:
         Keys: ``prompts_tried``, ``kept_groups`` (kept among the freshly generated groups),
         ``all_correct``, ``all_wrong``, ``num_gen_batches`` (rounds), ``aborted_requests``,
         ``surplus_dropped``, ``surplus_carried``, ``carried_in`` (groups carried in from the previous
-        step), ``carried_stale`` (carried groups parked again instead, too old: :meth:`start_step`), ``keep_rate`` (``kept_groups / prompts_tried``; 0 if none tried), ``waste_ratio``
+        step), ``carried_stale`` (carried groups parked again instead, too old: :meth:`start_step`),
+        ``keep_rate`` (``kept_groups / prompts_tried``; 0 if none tried), ``waste_ratio``
         (response tokens generated this step -- filtered, surplus and aborted included -- divided by
         the response tokens of the taken batch; 0 before :meth:`take_batch`.  Carried-in groups
         were generated in an earlier step, so it can fall below 1 with carry-over), plus the raw
