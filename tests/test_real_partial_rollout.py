@@ -7,7 +7,9 @@ logprobs (the protocol suite checks the engine side: ``test_aborted_prefix_conti
 are parked, and are continued at the next step with prompt + prefix as input. Checked: samples were parked
 with prefixes and continued (or reset as stale), the trained batches stay consistent with the engine's
 logprobs (``rollout/train_rollout_logprob_abs_diff_max`` is small: a misaligned continuation would put
-logprobs of other tokens next to the trained ones), and the logprob check passes after every push.
+logprobs of other tokens next to the trained ones), and the logprob check passes after every push. Run twice
+per engine: without and with the surplus carry (``algorithm.carry_over_surplus``, the default with partial
+rollout).
 """
 from __future__ import annotations
 
@@ -19,10 +21,7 @@ TOL = 1e-4
 STEPS = 3
 COMMON = ["rollout.colocated=false", "rollout.deterministic=false", "rollout.partial_rollout=true",
           "weight_sync.check_logprobs=true", "trainer.eval_interval=0", "trainer.save_interval=0",
-          "trainer.export_hf=false", "resume=none", "algorithm.overlong_buffer_length=16",
-          # surplus groups dropped (the default with partial rollout carries them, tested on the CPU engine in
-          # test_partial_rollout_e2e.py): a batch filled by carried groups would leave a step nothing to continue
-          "algorithm.carry_over_surplus=false"]
+          "trainer.export_hf=false", "resume=none", "algorithm.overlong_buffer_length=16"]
 # per kind: enough concurrent work that later requests wait or run while the first groups are scored
 SIZES = {
     "cpu": ["rollout.rollout_batch_size=2", "rollout.n_samples_per_prompt=8", "algorithm.oversample_factor=16",
@@ -37,20 +36,36 @@ SIZES = {
 
 
 @pytest.mark.slow
-def test_partial_rollout_parks_and_continues_on_the_engine(engine, tmp_path, restore_protocol_weights):
+@pytest.mark.parametrize("carry", [False, True], ids=["prefixes", "carry"])
+def test_partial_rollout_parks_and_continues_on_the_engine(engine, tmp_path, restore_protocol_weights, carry):
+    """``carry=False``: surplus groups dropped, so every step after the first generates and continues what the one
+    before parked. ``carry=True`` (the default with partial rollout): the surplus groups are carried as well, and
+    every carried group comes in at the next step (trained, or parked again when too old)."""
     args = [f"output_dir={tmp_path}", "run_name=partial", f"model.hf_path={engine.model_dir}",
             f"rollout.backend={engine.kind.name}", f"rollout.engine_urls=[{engine.url}]",
             f"trainer.total_steps={STEPS}", "weight_sync.transport=disk"] + COMMON + SIZES[engine.kind.name]
+    if not carry:
+        args.append("algorithm.carry_over_surplus=false")
     proc = run_train(args, timeout=900)
     assert proc.returncode == 0, _fail(proc)
     steps = read_steps(tmp_path / "partial")
     keys = ("partial_parked", "partial_continued", "partial_dropped_stale", "partial_tokens_reused")
     v = {k: [s[f"rollout/{k}"] for s in steps] for k in keys}
-    print(f"{engine.kind.name}: {v}; aborted {[s['dynamic_sampling/aborted_requests'] for s in steps]}; "
+    ds = {k: [s[f"dynamic_sampling/{k}"] for s in steps] for k in ("surplus_carried", "carried_in", "carried_stale")}
+    print(f"{engine.kind.name}: {v}; {ds}; aborted {[s['dynamic_sampling/aborted_requests'] for s in steps]}; "
+          f"token_age_max {[s['rollout/token_age_max'] for s in steps]}; "
           f"train-rollout max |logprob diff| {[s.get('rollout/train_rollout_logprob_abs_diff_max') for s in steps]}")
     assert sum(v["partial_parked"][:-1]) > 0, v  # aborted samples kept their prefixes
-    assert sum(v["partial_continued"][1:]) + sum(v["partial_dropped_stale"][1:]) > 0, v
     for k in range(1, STEPS):
         assert v["partial_continued"][k] <= v["partial_parked"][k - 1], v
+    assert all(0 <= s["rollout/token_age_max"] <= 1 for s in steps)  # synchronous, partial_max_age=1
+    if carry:
+        for k in range(1, STEPS):
+            assert ds["carried_in"][k] + ds["carried_stale"][k] == ds["surplus_carried"][k - 1], ds
+        # what a step left behind (parked prefixes, surplus groups) is used by the next ones
+        assert sum(v["partial_continued"][1:]) + sum(v["partial_dropped_stale"][1:]) + sum(ds["carried_in"][1:]) > 0
+    else:
+        assert sum(ds["surplus_carried"]) == 0, ds
+        assert sum(v["partial_continued"][1:]) + sum(v["partial_dropped_stale"][1:]) > 0, v
     diffs = [s["weight_sync/engine_actor_logprob_max_abs_diff"] for s in steps]
     assert max(diffs) <= TOL, diffs
