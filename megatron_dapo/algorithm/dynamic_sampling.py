@@ -242,8 +242,7 @@ class PendingGroup:
             raise ValueError(f"{where}: meta has no 'ground_truth', so the group cannot be parked and scored again")
         if group.token_versions is None:
             raise ValueError(f"{where}: token_versions is None, so the group cannot be parked by age")
-        row = {"reward_model": {"ground_truth": str(group.meta["ground_truth"])},
-               "data_source": str(group.meta.get("data_source", "math_dapo"))}
+        row = scoring_row(group.meta["ground_truth"], group.meta.get("data_source", "math_dapo"))
         return cls(prompt_index=int(group.prompt_index), prompt_ids=list(group.prompt_ids), row=row,
                    responses=[list(r) for r in group.responses],
                    rollout_logprobs=(None if group.rollout_logprobs is None
@@ -265,6 +264,24 @@ class StaleReset:
     group: PendingGroup
     reset: tuple[int, ...]
     tokens_dropped: int
+
+
+def _check_age_args(where: str, version: int, max_age: int) -> None:
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{where}: version must be an int (weight version), got {version!r}")
+    if isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 0:
+        raise ValueError(f"{where}: max_age must be an int >= 0 (weight versions), got {max_age!r}")
+
+
+def _is_stale(spans: list[list[int]], version: int, max_age: int) -> bool:
+    """Whether one response's ``[start, end, version]`` spans hold a token more than ``max_age`` versions older
+    than ``version`` (an empty response is never stale)."""
+    return any(version - span[2] > max_age for span in spans)
+
+
+def scoring_row(ground_truth: Any, data_source: Any = "math_dapo") -> dict:
+    """The part of a dataset row that scoring needs (:attr:`PendingGroup.row`), JSON-safe."""
+    return {"reward_model": {"ground_truth": str(ground_truth)}, "data_source": str(data_source)}
 
 
 def reset_stale_samples(group: PendingGroup, version: int, max_age: int) -> StaleReset:
@@ -294,12 +311,8 @@ def reset_stale_samples(group: PendingGroup, version: int, max_age: int) -> Stal
     """
     if not isinstance(group, PendingGroup):
         raise TypeError(f"reset_stale_samples expects a PendingGroup, got {type(group).__name__}")
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise ValueError(f"reset_stale_samples: version must be an int (weight version), got {version!r}")
-    if isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 0:
-        raise ValueError(f"reset_stale_samples: max_age must be an int >= 0 (weight versions), got {max_age!r}")
-    reset = tuple(j for j, oldest in enumerate(group.sample_oldest_versions)
-                  if oldest is not None and version - oldest > max_age)
+    _check_age_args("reset_stale_samples", version, max_age)
+    reset = tuple(j for j, spans in enumerate(group.token_versions) if _is_stale(spans, version, max_age))
     if not reset:
         return StaleReset(group=group, reset=(), tokens_dropped=0)
     fresh = copy.deepcopy(group)
@@ -398,17 +411,14 @@ class DynamicSampler:
         """
         if (version is None) != (max_age is None):
             raise ValueError("start_step: give both version and max_age (partial rollout) or neither")
-        stale: list[Group] = []
-        carry = self._carry
+        carry, parked = [], []
         if version is not None:
-            if isinstance(version, bool) or not isinstance(version, int):
-                raise ValueError(f"start_step: version must be an int (weight version), got {version!r}")
-            if isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 0:
-                raise ValueError(f"start_step: max_age must be an int >= 0 (weight versions), got {max_age!r}")
-            stale = [g for g in carry if g.token_versions is not None
-                     and any(version - span[2] > max_age for sp in g.token_versions for span in sp)]
-            carry = [g for g in carry if not any(g is x for x in stale)]
-        parked = [PendingGroup.from_group(g) for g in stale]
+            _check_age_args("start_step", version, max_age)
+        for g in self._carry:
+            if version is not None and any(_is_stale(sp, version, max_age) for sp in g.token_versions or ()):
+                parked.append(PendingGroup.from_group(g))
+            else:
+                carry.append(g)
         self._counts = {k: 0 for k in _COUNTERS}
         self._pending = parked + self._pending
         self._kept = carry

@@ -55,6 +55,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from ..algorithm import DynamicSampler, Group, PendingGroup, StaleReset, soft_overlong_penalty
+from ..algorithm.dynamic_sampling import scoring_row
 from ..reward import RewardResult, get_score_executor, score_batch
 from .payloads import GenerateOutput
 from .validate import screen_group
@@ -262,8 +263,7 @@ def _park(att: _Attempt) -> PendingGroup:
     lps = [o.output_logprobs for o in att.outs]
     if any(lp is None or len(lp) != len(o.output_ids) for lp, o in zip(lps, att.outs)):
         lps = None
-    row = {"reward_model": {"ground_truth": str(att.row["reward_model"]["ground_truth"])},
-           "data_source": str(att.row.get("data_source", "math_dapo"))}
+    row = scoring_row(att.row["reward_model"]["ground_truth"], att.row.get("data_source", "math_dapo"))
     return PendingGroup(prompt_index=int(att.idx), prompt_ids=[int(t) for t in att.ids], row=row,
                         responses=[[int(t) for t in o.output_ids] for o in att.outs],
                         rollout_logprobs=None if lps is None else [[float(x) for x in lp] for lp in lps],
