@@ -27,16 +27,16 @@ MODEL_KW = dict(hidden_size=64, num_layers=2, num_attention_heads=2, num_key_val
 
 def _start(kind: str, model: str, log_dir: str):
     if kind == "cpu":
-        from megatron_dapo.rollout.launch_cpu_engine import launch_cpu_engines
+        from megatron_dapo.engines.launch_cpu import launch_cpu_engines
 
         return launch_cpu_engines(model, 1, log_dir=log_dir, health_timeout_s=300)
     if kind == "sglang":
-        from megatron_dapo.rollout.launch_sglang import launch_sglang_servers
+        from megatron_dapo.engines.launch_sglang import launch_sglang_servers
 
         return launch_sglang_servers(model, num_engines=1, base_port=None, device="cpu", dtype="float32",
                                      log_dir=log_dir, health_timeout_s=900)
     if kind == "vllm":
-        from megatron_dapo.rollout.launch_vllm import launch_vllm_servers
+        from megatron_dapo.engines.launch_vllm import launch_vllm_servers
 
         return launch_vllm_servers(model, num_engines=1, log_dir=log_dir)
     raise ValueError(kind)
@@ -44,10 +44,10 @@ def _start(kind: str, model: str, log_dir: str):
 
 def _client(kind: str, urls, model: str):
     if kind == "vllm":
-        from megatron_dapo.rollout.vllm_backend import VLLMClient
+        from megatron_dapo.engines.vllm_client import VLLMClient
 
         return VLLMClient(urls, request_timeout_s=1800)  # the launcher serves one model, named "policy"
-    from megatron_dapo.rollout.client import EngineClient
+    from megatron_dapo.engines.client import EngineClient
 
     return EngineClient(urls, request_timeout_s=1800)
 

@@ -16,8 +16,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from megatron_dapo.rollout.client import EngineClient  # noqa: E402
-from megatron_dapo.rollout.launch_cpu_engine import launch_cpu_engines  # noqa: E402
+from megatron_dapo.engines.client import EngineClient  # noqa: E402
+from megatron_dapo.engines.launch_cpu import launch_cpu_engines  # noqa: E402
 
 N_PROMPTS, NEW_TOKENS = 16, 64
 

@@ -81,7 +81,7 @@ def worker() -> None:
 
     from megatron_dapo.actor.megatron_actor import MegatronActor
     from megatron_dapo.config import ActorConfig
-    from megatron_dapo.rollout.client import SyncEngineClient
+    from megatron_dapo.engines.client import SyncEngineClient
     from megatron_dapo.sync import WeightSync, iter_buckets
     from megatron_dapo.sync.bucketing import bucket_bytes_from_mb
 
@@ -192,8 +192,8 @@ def main() -> None:
     args = ap.parse_args()
     if not CONFIG.is_file():
         sys.exit(f"model config not found: {CONFIG}")
-    from megatron_dapo.rollout.launch_common import find_free_ports
-    from megatron_dapo.rollout.launch_cpu_engine import launch_cpu_engines
+    from megatron_dapo.engines.launch_common import find_free_ports
+    from megatron_dapo.engines.launch_cpu import launch_cpu_engines
 
     ckpt_dir = Path(args.ckpt_dir or Path(tempfile.gettempdir()) / f"bench_weight_sync_qwen05b_{args.layers}l")
     t0 = time.perf_counter()

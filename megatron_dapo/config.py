@@ -388,7 +388,7 @@ class DAPOConfig:
         need(isinstance(r.partial_max_age, int) and not isinstance(r.partial_max_age, bool)
              and r.partial_max_age >= 1, "rollout.partial_max_age",
              f"must be an int >= 1 (weight versions a continued prefix may lag), got {r.partial_max_age!r}")
-        from .rollout.launch_router import ROUTER_POLICIES
+        from .engines.launch_router import ROUTER_POLICIES
 
         need(r.router_policy in ROUTER_POLICIES, "rollout.router_policy",
              f"must be one of {', '.join(ROUTER_POLICIES)} (got {r.router_policy!r})")

@@ -14,7 +14,7 @@ Pieces:
 * pure metrics: :func:`avg_at_k`, :func:`pass_at_k`, :func:`mean_pass_at_k`, :func:`per_problem_accuracy`;
 * :func:`evaluate` / :func:`evaluate_async`: render the prompts with the chat template, send one
   ``/generate`` request per prompt (``n = n_samples``) to SGLang-compatible engines concurrently through
-  :class:`~megatron_dapo.rollout.client.EngineClient`, score with
+  :class:`~megatron_dapo.engines.client.EngineClient`, score with
   :func:`~megatron_dapo.reward.score_batch` and aggregate per ``data_source`` into an :class:`EvalResult`;
 * :func:`log_eval_to_tensorboard`: scalars + the per-problem markdown table;
 * :func:`eval_main`: the ``megatron-dapo eval CONFIG [key=value ...]`` command line.
@@ -275,7 +275,7 @@ async def evaluate_async(client, tokenizer, rows: Sequence[dict], *, n_samples: 
                          stop_token_ids: Sequence[int] | None = None, num_reward_workers: int = 1,
                          progress: bool = True, max_concurrent_prompts: int = 0,
                          return_responses: bool = False) -> EvalResult:
-    """Coroutine version of :func:`evaluate` for an :class:`~megatron_dapo.rollout.client.EngineClient`
+    """Coroutine version of :func:`evaluate` for an :class:`~megatron_dapo.engines.client.EngineClient`
     (or any object with the same ``async generate(input_ids, sampling_params, *, return_logprob, rid)``)
     used inside a running event loop.  Arguments, result and errors as :func:`evaluate`."""
     _check_eval_args(n_samples, temperature, top_p, max_response_length, max_prompt_length, max_prompts,
@@ -392,8 +392,8 @@ def evaluate(client, tokenizer, rows: Sequence[dict], *, n_samples: int = 32, te
     with each row's ``data_source`` and ``reward_model.ground_truth``.
 
     Args:
-        client: :class:`~megatron_dapo.rollout.client.SyncEngineClient` (runs on its loop) or
-            :class:`~megatron_dapo.rollout.client.EngineClient` / compatible (run with ``asyncio.run``;
+        client: :class:`~megatron_dapo.engines.client.SyncEngineClient` (runs on its loop) or
+            :class:`~megatron_dapo.engines.client.EngineClient` / compatible (run with ``asyncio.run``;
             its HTTP session is closed afterwards).  Inside a running loop use :func:`evaluate_async`.
         tokenizer: HF tokenizer with a chat template.
         rows: verl-schema rows (:func:`megatron_dapo.data.load_rows`).
@@ -418,13 +418,13 @@ def evaluate(client, tokenizer, rows: Sequence[dict], *, n_samples: int = 32, te
             :class:`megatron_dapo.data.RowValidationError` for a malformed row (names it).
         RuntimeError: called with an async client inside a running event loop, or an engine returned a
             wrong number of samples.
-        megatron_dapo.rollout.client.EngineError: an engine failed after retries.
+        megatron_dapo.engines.client.EngineError: an engine failed after retries.
     """
     kwargs = dict(n_samples=n_samples, temperature=temperature, top_p=top_p, max_response_length=max_response_length,
                   max_prompt_length=max_prompt_length, seed=seed, max_prompts=max_prompts,
                   stop_token_ids=stop_token_ids, num_reward_workers=num_reward_workers, progress=progress,
                   max_concurrent_prompts=max_concurrent_prompts, return_responses=return_responses)
-    from megatron_dapo.rollout.client import SyncEngineClient
+    from megatron_dapo.engines.client import SyncEngineClient
 
     if isinstance(client, SyncEngineClient):
         return client.run(evaluate_async(client.client, tokenizer, rows, **kwargs))
@@ -555,9 +555,9 @@ def eval_main(argv: list[str] | None = None) -> int:
 
     t, r = cfg.trainer, cfg.rollout
     from megatron_dapo.backend import MissingBackendError
-    from megatron_dapo.engines import Endpoints, LaunchRequest, engine_client, launch_engines
-    from megatron_dapo.rollout.launch_common import EngineLaunchError
-    from megatron_dapo.rollout.transport import EngineError
+    from megatron_dapo.engines.engine_set import Endpoints, LaunchRequest, engine_client, launch_engines
+    from megatron_dapo.engines.launch_common import EngineLaunchError
+    from megatron_dapo.engines.transport import EngineError
 
     # the trainer's launch code; the engines run alone here (not colocated) and are used directly (no router)
     r = dataclasses.replace(r, engine_urls=settings["urls"])

@@ -44,7 +44,7 @@ from .actor.parallel import destroy_parallel
 from .algorithm import DynamicSamplingExhausted, RolloutCorrection, logprob_mismatch_parts
 from .config import DAPOConfig, dump_config
 from .data import generate_tasks, load_rows, make_tiny_checkpoint, render_batch
-from .engines import BACKENDS, EngineSet
+from .engines.engine_set import BACKENDS, EngineSet
 from .errors import EXIT_USER_ERROR, MegatronDapoError, one_line
 from .launch import REQUEUE_EXIT_CODE
 from .metrics import scalars, scoped, timed

@@ -39,11 +39,11 @@ for ((i = 0; i < per_node; i++)); do
       "${extra[@]}" >> "$log" 2>&1 &
   elif [ "$kind" = sglang-cpu ]; then  # real SGLang on a CPU node (.venv-sglang, CPU flags; ~2 min start-up)
     echo "engines_on_node[$node]: sglang (CPU) port $port -> $log"
-    "$py" -m megatron_dapo.rollout.launch serve-sglang "$model" --device cpu --host 0.0.0.0 --port "$port" \
+    "$py" -m megatron_dapo.engines.launch serve-sglang "$model" --device cpu --host 0.0.0.0 --port "$port" \
       -- "${extra[@]}" >> "$log" 2>&1 &
   elif [ "$kind" = cpu ]; then
     echo "engines_on_node[$node]: cpu engine port $port -> $log"
-    "$py" -m megatron_dapo.rollout.cpu_engine --model-path "$model" --host 0.0.0.0 --port "$port" >> "$log" 2>&1 &
+    "$py" -m megatron_dapo.engines.cpu.server --model-path "$model" --host 0.0.0.0 --port "$port" >> "$log" 2>&1 &
   else
     echo "engines_on_node[$node]: unknown engine kind '$kind' (sglang, sglang-cpu or cpu)" >&2
     exit 1

@@ -59,7 +59,7 @@ SLURM_START = ("SLURM_LOCAL_NODES=16 bash ../shared/tools/local-slurm/start_loca
 
 def require_engine_venv(engine: str) -> Path:
     """The python of the ``.venv-<engine>`` venv (``sglang``/``vllm``), or skip/fail via :func:`require`."""
-    from megatron_dapo.rollout.launch_common import default_engine_python
+    from megatron_dapo.engines.launch_common import default_engine_python
 
     try:
         py = default_engine_python(engine)

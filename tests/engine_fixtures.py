@@ -9,7 +9,7 @@ drift from the engines.
 
 Kinds: ``cpu`` (the project's CPU engine), ``sglang`` (real SGLang 0.5.x from ``.venv-sglang``, ~2 min
 start-up on CPU) and ``vllm`` (real vLLM; written against ``launch_vllm_servers`` /
-``VLLMClient`` of :mod:`megatron_dapo.rollout.launch_vllm` / :mod:`megatron_dapo.rollout.vllm_backend` and
+``VLLMClient`` of :mod:`megatron_dapo.engines.launch_vllm` / :mod:`megatron_dapo.engines.vllm_client` and
 in :data:`DEFAULT_KINDS`).  ``MEGATRON_DAPO_TEST_ENGINES`` (comma-separated) selects kinds; default
 :data:`DEFAULT_KINDS`.  Under ``CI=true`` an engine that cannot start (missing venv) FAILS its tests with
 what to run; elsewhere they are skipped with the same message.
@@ -78,33 +78,33 @@ def _get_json(url: str) -> Any:
 
 
 def _start_cpu(model_dir: Path, log_dir: Path):
-    from megatron_dapo.rollout.launch_cpu_engine import launch_cpu_engines
+    from megatron_dapo.engines.launch_cpu import launch_cpu_engines
 
     return launch_cpu_engines(str(model_dir), 1, seed=123, log_dir=log_dir, health_timeout_s=180)
 
 
 def _start_sglang(model_dir: Path, log_dir: Path):
-    from megatron_dapo.rollout.launch_sglang import launch_sglang_servers
+    from megatron_dapo.engines.launch_sglang import launch_sglang_servers
 
     return launch_sglang_servers(str(model_dir), num_engines=1, base_port=None, device="cpu", dtype="float32",
                                  log_dir=log_dir, health_timeout_s=600)
 
 
 def _start_vllm(model_dir: Path, log_dir: Path):
-    from megatron_dapo.rollout.launch_vllm import launch_vllm_servers  # the vLLM helper's launcher
+    from megatron_dapo.engines.launch_vllm import launch_vllm_servers  # the vLLM helper's launcher
 
     return launch_vllm_servers(str(model_dir), num_engines=1, log_dir=log_dir)
 
 
 def _sglang_client(urls, **kw):
-    from megatron_dapo.rollout.client import EngineClient
+    from megatron_dapo.engines.client import EngineClient
 
     return EngineClient(urls, **kw)
 
 
 def _vllm_client(urls, **kw):
     """vLLM's client; no ``model``: the servers of ``launch_vllm_servers`` serve one model (``policy``)."""
-    from megatron_dapo.rollout.vllm_backend import VLLMClient
+    from megatron_dapo.engines.vllm_client import VLLMClient
 
     return VLLMClient(urls, **kw)
 
@@ -175,8 +175,8 @@ class RunningEngine:
         return self.kind.make_client([self.url], **kw)
 
     def sync_client(self, **kw):
-        """The blocking client the trainer builds for this kind (:data:`megatron_dapo.engines.BACKENDS`)."""
-        from megatron_dapo.engines import BACKENDS
+        """The blocking client the trainer builds for this kind (:data:`megatron_dapo.engines.engine_set.BACKENDS`)."""
+        from megatron_dapo.engines.engine_set import BACKENDS
 
         kw = {"router_url": None, "api_key": None, "request_timeout_s": 3600.0, "max_retries": 3, **kw}
         return BACKENDS[self.kind.name].client([self.url], **kw)

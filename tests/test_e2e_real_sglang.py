@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
-from megatron_dapo.rollout.launch_common import descendant_pids
+from megatron_dapo.engines.launch_common import descendant_pids
 from tests.engine_fixtures import wait_until
 
 CONFIG = str(REPO_ROOT / "examples" / "tiny-cpu" / "dapo.yaml")
@@ -90,7 +90,7 @@ def aborted_counts():
 def restore_engine(sglang):
     """Runs on the shared server change its weights: put the protocol model back afterwards."""
     yield
-    from megatron_dapo.rollout.client import SyncEngineClient
+    from megatron_dapo.engines.client import SyncEngineClient
 
     with SyncEngineClient([sglang.url]) as c:
         c.update_weights_from_disk(str(sglang.model_dir), weight_version="restored")

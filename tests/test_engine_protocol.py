@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_dapo.rollout.client import EngineError, serialize_named_tensors_for_sglang
-from megatron_dapo.rollout.launch_common import find_free_ports
-from megatron_dapo.rollout.tensor_ipc import serialize_flattened_bucket, share_bucket
+from megatron_dapo.engines.client import EngineError, serialize_named_tensors_for_sglang
+from megatron_dapo.engines.launch_common import find_free_ports
+from megatron_dapo.engines.tensor_ipc import serialize_flattened_bucket, share_bucket
 from tests.engine_fixtures import unavailable, wait_until
 
 TOL = 1e-4
@@ -366,8 +366,8 @@ print("RESULT " + json.dumps(out))
 def test_payloads_validate_against_sglang_request_classes(tmp_path):
     """Every JSON body the client builds parses as SGLang's own request class, and SGLang's
     ``MultiprocessingSerializer`` / ``FlattenedTensorBucket`` read our tensor handles (one subprocess)."""
-    from megatron_dapo.rollout.launch_common import default_engine_python
-    from megatron_dapo.rollout.payloads import (build_generate_payload, build_init_weights_update_group_payload,
+    from megatron_dapo.engines.launch_common import default_engine_python
+    from megatron_dapo.engines.payloads import (build_generate_payload, build_init_weights_update_group_payload,
                                                 build_update_weights_from_distributed_payload)
     try:
         python = default_engine_python("sglang")

@@ -1,4 +1,4 @@
-"""The engine lifecycle (megatron_dapo.engines.EngineSet), the rank-0 helper (sync.collective.on_rank0), the
+"""The engine lifecycle (megatron_dapo.engines.engine_set.EngineSet), the rank-0 helper (sync.collective.on_rank0), the
 backend / transport registries, and one Trainer.train_one_step with a fake actor and a fake engine set.
 
 Fast: fake actors / engine clients (a real WeightSync over the disk transport where a push is involved); the
@@ -17,9 +17,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_dapo.config import DAPOConfig, RolloutConfig, WeightSyncConfig
-from megatron_dapo.engines import BACKENDS, EngineSet, LogprobCheck, engine_transport, fixed_sequence_logprobs
-from megatron_dapo.protocols import RolloutBackendName, WeightTransportName
-from megatron_dapo.rollout.transport import EngineError
+from megatron_dapo.engines.engine_set import BACKENDS, EngineSet, LogprobCheck, engine_transport, fixed_sequence_logprobs
+from megatron_dapo.engines.protocols import RolloutBackendName, WeightTransportName
+from megatron_dapo.engines.transport import EngineError
 from megatron_dapo.sync import WeightSync, WeightSyncError
 from megatron_dapo.sync.collective import from_rank0, on_rank0
 from megatron_dapo.sync.transports import TRANSPORTS
@@ -341,9 +341,9 @@ def test_train_one_step_transitions_around_rollout_and_update():
 
 def test_clients_and_transports_implement_their_protocols():
     """Every member the Protocols name is defined on the classes the registries hand out (no __getattr__)."""
-    from megatron_dapo.protocols import RolloutEngine, WeightTransport
-    from megatron_dapo.rollout.client import SyncEngineClient
-    from megatron_dapo.rollout.vllm_backend import SyncVLLMClient
+    from megatron_dapo.engines.protocols import RolloutEngine, WeightTransport
+    from megatron_dapo.engines.client import SyncEngineClient
+    from megatron_dapo.engines.vllm_client import SyncVLLMClient
 
     def members(proto):
         return {n for n in vars(proto) if not n.startswith("_")} | set(proto.__annotations__)

@@ -30,9 +30,9 @@ from megatron_dapo.models.hf_config import UnsupportedModelError
 from megatron_dapo.models.mapping import MappingError
 from megatron_dapo.models.real_model import MissingExtraError
 from megatron_dapo.reward.math_verify_pool import MathVerifyWorkerError
-from megatron_dapo.rollout.launch_common import EngineLaunchError
-from megatron_dapo.rollout.launch_router import RouterNotInstalledError
-from megatron_dapo.rollout.transport import EngineError
+from megatron_dapo.engines.launch_common import EngineLaunchError
+from megatron_dapo.engines.launch_router import RouterNotInstalledError
+from megatron_dapo.engines.transport import EngineError
 from megatron_dapo.rollout.validate import MalformedEngineOutput
 from megatron_dapo.sync.transports import WeightSyncError
 from megatron_dapo.trainer import TrainingStopped, run_training

@@ -24,7 +24,7 @@ from megatron_dapo.evaluation import (
     pass_k_values,
     per_problem_accuracy,
 )
-from megatron_dapo.rollout.client import GenerateOutput
+from megatron_dapo.engines.client import GenerateOutput
 
 
 # ------------------------------------------------------------------------------ pure metrics
@@ -309,7 +309,7 @@ def test_aime_rows_load_render_and_score_with_qwen_tokenizer():
 @pytest.fixture(scope="module")
 def tiny_engine(tmp_path_factory):
     from megatron_dapo.data import make_tiny_checkpoint
-    from megatron_dapo.rollout.launch_cpu_engine import launch_cpu_engines
+    from megatron_dapo.engines.launch_cpu import launch_cpu_engines
 
     d = tmp_path_factory.mktemp("eval_tiny")
     model_dir = make_tiny_checkpoint(d / "model", family="qwen2")
@@ -320,7 +320,7 @@ def tiny_engine(tmp_path_factory):
 
 def test_evaluate_real_cpu_engine_end_to_end_and_deterministic(tiny_engine):
     from megatron_dapo.data import generate_tasks, load_tokenizer
-    from megatron_dapo.rollout.client import SyncEngineClient
+    from megatron_dapo.engines.client import SyncEngineClient
 
     model_dir, urls = tiny_engine
     tok = load_tokenizer(model_dir)

@@ -110,7 +110,7 @@ def test_config_keys_validated():
 
 
 def test_parser_passes_wrong_logprob_count_to_the_validator():
-    from megatron_dapo.rollout.payloads import parse_generate_response
+    from megatron_dapo.engines.payloads import parse_generate_response
 
     (o,) = parse_generate_response({"output_ids": [3, 4], "meta_info": {
         "finish_reason": "stop", "output_token_logprobs": [[-1.0, 3, None]]}})
@@ -229,7 +229,7 @@ def test_tp2_nonfinite_updates_skip_bit_exact(tmp_path, tiny_hf):
 @pytest.fixture(scope="module")
 def cpu_engine(tiny_model, tmp_path_factory):
     """One CPU engine on ``tiny_model`` for the module (the trainer runs use it through rollout.engine_urls)."""
-    from megatron_dapo.rollout.launch_cpu_engine import launch_cpu_engines
+    from megatron_dapo.engines.launch_cpu import launch_cpu_engines
 
     procs = launch_cpu_engines(str(tiny_model), 1, seed=0, log_dir=tmp_path_factory.mktemp("engine_logs"),
                                health_timeout_s=180)
@@ -319,7 +319,7 @@ def _collect(url: str, vocab: int, tokenizer_dir: Path, threshold: int = 8):
     """One step's rollout through ``collect_batch`` against ``url`` with a validator (no trainer)."""
     from megatron_dapo.algorithm import DynamicSampler
     from megatron_dapo.data import PromptDataset, generate_tasks, load_tokenizer, render_batch
-    from megatron_dapo.rollout.client import SyncEngineClient
+    from megatron_dapo.engines.client import SyncEngineClient
     from megatron_dapo.rollout.generation import RolloutSettings, collect_batch
 
     tok = load_tokenizer(tokenizer_dir)

@@ -15,7 +15,7 @@ import pytest
 from megatron_dapo.algorithm import DynamicSampler, Group, PendingGroup
 from megatron_dapo.algorithm.dynamic_sampling import StaleReset, reset_stale_samples
 from megatron_dapo.rollout.generation import PartialRolloutStats, RolloutSettings, RoundStats, collect_batch
-from megatron_dapo.rollout.payloads import GenerateOutput
+from megatron_dapo.engines.payloads import GenerateOutput
 
 G = 2
 CORRECT, WRONG = 7, 8  # token ids the fake tokenizer decodes as a right / wrong answer
@@ -75,7 +75,7 @@ def dataclasses_replace(o, **kw):
 
 
 class SyncClient:
-    """What ``collect_batch`` needs of :class:`~megatron_dapo.rollout.client.SyncEngineClient`."""
+    """What ``collect_batch`` needs of :class:`~megatron_dapo.engines.client.SyncEngineClient`."""
 
     def __init__(self, engine):
         self.client = engine

@@ -222,7 +222,7 @@ def engine_logprob_check(client, prompts: list[list[int]], responses: list[list[
     """Score ``prompt + response`` on an SGLang-API engine and compare with reference log-probs.
 
     Args:
-        client: a :class:`megatron_dapo.rollout.client.SyncEngineClient` (our CPU engine, SGLang, vLLM ...).
+        client: a :class:`megatron_dapo.engines.client.SyncEngineClient` (our CPU engine, SGLang, vLLM ...).
         prompts, responses: token ids per sequence.
         reference: ``[N, L]`` log-probs in the actor's alignment (position ``t`` scores token ``t``);
             compared on ``mask`` (``[N, L]``, 1 on response tokens).
@@ -240,8 +240,8 @@ def engine_logprob_check(client, prompts: list[list[int]], responses: list[list[
 @pytest.mark.slow
 def test_cpu_engine_logprobs_equal_the_actors(smollm, parity, tmp_path):
     from megatron_dapo.actor.batching import build_actor_batch
-    from megatron_dapo.rollout.client import SyncEngineClient
-    from megatron_dapo.rollout.launch_cpu_engine import launch_cpu_engines
+    from megatron_dapo.engines.client import SyncEngineClient
+    from megatron_dapo.engines.launch_cpu import launch_cpu_engines
 
     sys.path.insert(0, str(SCRIPTS))
     from real_model_worker import real_batch

@@ -4,8 +4,8 @@ The model's tokenizer, chat template and stop token go through the real engines 
 through our CPU engine (tests/test_real_model.py): each engine (SGLang 0.5.x from ``.venv-sglang``, vLLM
 0.32 from ``.venv-vllm``; ``make engines``) is started ONCE for this module, from the prepared fp32 HF
 checkpoint, by the project's launchers (``launch_sglang_servers`` / ``launch_vllm_servers``) and driven by
-the project's clients (:class:`~megatron_dapo.rollout.client.EngineClient`,
-:class:`~megatron_dapo.rollout.vllm_backend.VLLMClient`, through their blocking facades):
+the project's clients (:class:`~megatron_dapo.engines.client.EngineClient`,
+:class:`~megatron_dapo.engines.vllm_client.VLLMClient`, through their blocking facades):
 
 * log-probs: prompts rendered with the model's own chat template plus responses ending in the model's EOS
   (``<|im_end|>``, id 2) are scored by the engine and compared with the exact (fp64 transformers) log-probs
@@ -96,10 +96,10 @@ def odd_ids(smollm) -> dict:
 @pytest.fixture(scope="module", params=ENGINES)
 def served(request, smollm, tmp_path_factory):
     """One real engine on the SmolLM2 fp32 checkpoint (started once per kind) and its blocking client."""
-    from megatron_dapo.rollout.client import SyncEngineClient
-    from megatron_dapo.rollout.launch_sglang import launch_sglang_servers
-    from megatron_dapo.rollout.launch_vllm import launch_vllm_servers
-    from megatron_dapo.rollout.vllm_backend import SyncVLLMClient
+    from megatron_dapo.engines.client import SyncEngineClient
+    from megatron_dapo.engines.launch_sglang import launch_sglang_servers
+    from megatron_dapo.engines.launch_vllm import launch_vllm_servers
+    from megatron_dapo.engines.vllm_client import SyncVLLMClient
 
     kind = request.param
     py = require_engine_venv(kind)

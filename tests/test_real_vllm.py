@@ -35,7 +35,7 @@ TOL = 1e-4
 
 def _vllm_python() -> str:
     from megatron_dapo.backend import MissingBackendError
-    from megatron_dapo.rollout.launch_common import default_engine_python
+    from megatron_dapo.engines.launch_common import default_engine_python
 
     try:
         return default_engine_python("vllm")
@@ -114,7 +114,7 @@ def restore_base(vllm_server, tmp_path):
 
 
 def _client(url):
-    from megatron_dapo.rollout.vllm_backend import VLLMClient
+    from megatron_dapo.engines.vllm_client import VLLMClient
 
     return VLLMClient([url], request_timeout_s=300, max_retries=1)
 
@@ -171,7 +171,7 @@ def test_weight_reload_tied_and_untied_versions_and_logprobs(vllm_server, tmp_pa
     logprobs equal the NEW weights' transformers logprobs - for a tied checkpoint (the client adds the
     ``lm_head.weight`` vLLM would otherwise keep stale) and an untied one. Without the added output layer,
     vLLM 0.32 keeps the old one (measured here, the reason for the fix)."""
-    from megatron_dapo.rollout.transport import EngineError
+    from megatron_dapo.engines.transport import EngineError
 
     url, models, _ = vllm_server
     prompt = _prompts(models["base"], 1)[0]
@@ -223,7 +223,7 @@ class _Recording:
 
     @staticmethod
     def make():
-        from megatron_dapo.rollout.vllm_backend import VLLMClient
+        from megatron_dapo.engines.vllm_client import VLLMClient
 
         class Rec(VLLMClient):
             def __init__(self):
@@ -256,7 +256,7 @@ def test_client_payloads_validate_against_vllm_classes(tmp_path):
     ONE subprocess of ``.venv-vllm``; deliberately wrong payloads are rejected by the same checker."""
     import torch as _t
 
-    from megatron_dapo.rollout.vllm_backend import (
+    from megatron_dapo.engines.vllm_client import (
         build_ipc_update_info, build_nccl_update_info, build_vllm_generate_payload, check_payloads_in_vllm,
     )
 
@@ -412,7 +412,7 @@ def test_missing_vllm_interpreter_is_one_line_exit_2(tmp_path):
 def test_capability_table_matches_the_client():
     """The protocol suite's ``vllm`` capabilities (CPU) are what :attr:`VLLMClient.capabilities` declares for
     CPU servers, restricted to the suite's names; a GPU server adds ``memory_release`` (``/sleep``)."""
-    from megatron_dapo.rollout.vllm_backend import VLLMClient
+    from megatron_dapo.engines.vllm_client import VLLMClient
     from tests.engine_fixtures import CAPABILITIES, ENGINE_KINDS
 
     cpu = VLLMClient(["http://127.0.0.1:1"], cpu=True).capabilities & set(CAPABILITIES)
@@ -422,8 +422,8 @@ def test_capability_table_matches_the_client():
 
 
 def test_vllm_command_generate_payload_and_parse():
-    from megatron_dapo.rollout.launch_vllm import build_vllm_command, vllm_env
-    from megatron_dapo.rollout.vllm_backend import (
+    from megatron_dapo.engines.launch_vllm import build_vllm_command, vllm_env
+    from megatron_dapo.engines.vllm_client import (
         build_nccl_init_info, build_reload_payload, build_vllm_generate_payload, parse_vllm_generate_response,
     )
 

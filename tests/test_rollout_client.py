@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron_dapo.rollout.client import EngineClient, EngineError, SyncEngineClient
-from megatron_dapo.rollout.launch_common import EngineLaunchError, EngineProcesses
-from megatron_dapo.rollout.launch_cpu_engine import launch_cpu_engines
+from megatron_dapo.engines.client import EngineClient, EngineError, SyncEngineClient
+from megatron_dapo.engines.launch_common import EngineLaunchError, EngineProcesses
+from megatron_dapo.engines.launch_cpu import launch_cpu_engines
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_rollout_engine import make_tiny_qwen2  # noqa: E402

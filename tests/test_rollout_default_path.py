@@ -13,7 +13,7 @@ import pytest
 
 from megatron_dapo.algorithm import DynamicSampler
 from megatron_dapo.rollout.generation import RolloutSettings, RoundStats, _fill
-from megatron_dapo.rollout.payloads import GenerateOutput
+from megatron_dapo.engines.payloads import GenerateOutput
 
 G = 4
 CORRECT, WRONG = 7, 8  # token ids the fake tokenizer decodes as a right / wrong answer

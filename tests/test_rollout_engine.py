@@ -13,9 +13,9 @@ import urllib.request
 import pytest
 import torch
 
-from megatron_dapo.rollout.client import EngineClient, EngineError
-from megatron_dapo.rollout.launch_common import find_free_ports
-from megatron_dapo.rollout.launch_cpu_engine import launch_cpu_engines
+from megatron_dapo.engines.client import EngineClient, EngineError
+from megatron_dapo.engines.launch_common import find_free_ports
+from megatron_dapo.engines.launch_cpu import launch_cpu_engines
 
 EOS = 2
 

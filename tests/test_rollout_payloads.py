@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from megatron_dapo.rollout.client import (
+from megatron_dapo.engines.client import (
     SGLANG_SAMPLING_FIELDS,
     EngineClient,
     build_generate_payload,
@@ -17,15 +17,15 @@ from megatron_dapo.rollout.client import (
     serialize_named_tensors_for_sglang,
     validate_sampling_params,
 )
-from megatron_dapo.rollout.cpu_engine import (
+from megatron_dapo.engines.cpu.server import (
     RequestError,
     expand_generate_request,
     parse_sampling_params,
     truncated_sample,
 )
-from megatron_dapo.rollout.launch_cpu_engine import build_cpu_engine_command
-from megatron_dapo.rollout.launch_sglang import build_sglang_command
-from megatron_dapo.rollout.update_group import create_weight_update_group, dtype_to_str, parse_torch_dtype
+from megatron_dapo.engines.launch_cpu import build_cpu_engine_command
+from megatron_dapo.engines.launch_sglang import build_sglang_command
+from megatron_dapo.engines.update_group import create_weight_update_group, dtype_to_str, parse_torch_dtype
 
 # Fields documented for SGLang's GenerateReqInput (docs/basic_usage/sampling_params.md).
 GENERATE_REQ_FIELDS = {"text", "input_ids", "input_embeds", "image_data", "audio_data", "sampling_params", "rid",
@@ -129,7 +129,7 @@ def test_weight_sync_payloads():
     # SGLang's MultiprocessingSerializer format without sglang: one base64 ForkingPickler entry per TP rank
     entries = serialize_named_tensors_for_sglang([("w", torch.arange(3.0))], tp_size=2)
     assert len(entries) == 2 and entries[0] == entries[1]
-    from megatron_dapo.rollout.tensor_ipc import deserialize_named_tensors
+    from megatron_dapo.engines.tensor_ipc import deserialize_named_tensors
 
     (name, t), = deserialize_named_tensors(entries[0])
     assert name == "w" and torch.equal(t, torch.arange(3.0))
@@ -162,7 +162,7 @@ def test_sglang_and_cpu_commands():
     with pytest.raises(ValueError, match="mem_fraction_static"):
         build_sglang_command("/m", port=1, mem_fraction_static=1.5)
     cpu = build_cpu_engine_command("/m", port=5, api_key="k", seed=4, python="py")
-    assert cpu[:3] == ["py", "-m", "megatron_dapo.rollout.cpu_engine"] and "--seed" in cpu and "k" in cpu
+    assert cpu[:3] == ["py", "-m", "megatron_dapo.engines.cpu.server"] and "--seed" in cpu and "k" in cpu
 
 
 def test_truncated_sample_topk_topp_and_distribution():
@@ -206,7 +206,7 @@ def test_engine_request_expansion_and_validation():
 
 
 def test_update_group_gloo_in_process_and_errors():
-    from megatron_dapo.rollout.launch_common import find_free_ports
+    from megatron_dapo.engines.launch_common import find_free_ports
 
     port = find_free_ports(1)[0]
     groups = {}

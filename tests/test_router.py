@@ -24,11 +24,11 @@ import torch
 from conftest import REPO_ROOT, require
 from megatron_dapo.backend import MissingBackendError
 from megatron_dapo.config import ConfigError, load_config
-from megatron_dapo.rollout.client import EngineClient, EngineError
-from megatron_dapo.rollout.launch import main as launch_main
-from megatron_dapo.rollout.launch_common import find_free_ports
-from megatron_dapo.rollout.launch_cpu_engine import launch_cpu_engines
-from megatron_dapo.rollout.launch_router import (
+from megatron_dapo.engines.client import EngineClient, EngineError
+from megatron_dapo.engines.launch import main as launch_main
+from megatron_dapo.engines.launch_common import find_free_ports
+from megatron_dapo.engines.launch_cpu import launch_cpu_engines
+from megatron_dapo.engines.launch_router import (
     ROUTER_POLICIES, RouterLaunchError, RouterNotInstalledError, build_sglang_router_command, launch_sglang_router,
     router_worker_health, wait_router_routing,
 )

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_dapo.rollout import launch_common, launch_sglang
-from megatron_dapo.rollout.client import needs_weight_update_bracket, parse_server_version
-from megatron_dapo.rollout.tensor_ipc import (FLATTENED_BUCKET, TensorPayloadError, deserialize_payload,
+from megatron_dapo.engines import launch_common, launch_sglang
+from megatron_dapo.engines.client import needs_weight_update_bracket, parse_server_version
+from megatron_dapo.engines.tensor_ipc import (FLATTENED_BUCKET, TensorPayloadError, deserialize_payload,
                                               serialize_flattened_bucket, unflatten_bucket)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def test_bracket_rule_by_server_version():
 GROUP_SCRIPT = textwrap.dedent('''
     import sys, threading, datetime, torch, torch.distributed as dist
     from torch.distributed.distributed_c10d import PrefixStore, _new_process_group_helper, _world, rendezvous
-    from megatron_dapo.rollout.update_group import create_weight_update_group
+    from megatron_dapo.engines.update_group import create_weight_update_group
     port = int(sys.argv[1])
     out = {}
     def sglang_side():  # what sglang.srt.utils.init_custom_process_group does for rank 1

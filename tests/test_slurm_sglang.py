@@ -1,7 +1,7 @@
 """slurm/cpu_smoke.sbatch with REAL SGLang engines (DAPO_ENGINE_BACKEND=sglang) on the local Slurm cluster.
 
 The same 2-node job as tests/test_slurm_e2e.py (TP=2 trainer, one task per node, disk weight sync), but
-its engine step runs ``python -m megatron_dapo.rollout.launch serve-sglang`` (slurm/engines_on_node.sh,
+its engine step runs ``python -m megatron_dapo.engines.launch serve-sglang`` (slurm/engines_on_node.sh,
 kind ``sglang-cpu``): SGLang 0.5.x from ``.venv-sglang`` with the CPU flags.  After every sync the engine's
 logprobs must equal the actor's (<= 1e-4).  Needs the local cluster (../shared/tools/local-slurm); under
 ``CI=true`` a missing cluster or engine venv is a failure.
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_cpu_smoke_job_with_real_sglang_engines(tmp_path):
-    from megatron_dapo.rollout.launch_common import default_engine_python
+    from megatron_dapo.engines.launch_common import default_engine_python
 
     probe = _probe()
     if isinstance(probe, str):

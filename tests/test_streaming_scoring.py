@@ -17,7 +17,7 @@ from megatron_dapo.algorithm import DynamicSampler
 from megatron_dapo.reward import RewardResult
 from megatron_dapo.rollout import generation
 from megatron_dapo.rollout.generation import RolloutSettings, RoundStats, _fill, _fill_ordered
-from megatron_dapo.rollout.payloads import GenerateOutput
+from megatron_dapo.engines.payloads import GenerateOutput
 
 G = 2
 WAIT_S = 20.0  # only reached when the behaviour under test is broken

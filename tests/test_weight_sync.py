@@ -316,8 +316,8 @@ def _engine_weights(client, names):
 def test_cpu_engine_transports_single_process(tmp_path):
     """Fake actor → a real CPU engine over gloo, disk and shared-memory tensor handles; bit-exact weights;
     failure then recovery."""
-    from megatron_dapo.rollout.client import SyncEngineClient
-    from megatron_dapo.rollout.launch_cpu_engine import launch_cpu_engines
+    from megatron_dapo.engines.client import SyncEngineClient
+    from megatron_dapo.engines.launch_cpu import launch_cpu_engines
 
     ckpt = _write_tiny_hf(tmp_path / "ckpt", family="qwen3", tie=False)
     actor = HFActor(ckpt)
@@ -364,8 +364,8 @@ def test_megatron_actor_to_cpu_engines(layout, tmp_path):
     """After a train step, every CPU transport × bucket size (0.05 MB, 1 MB, unbounded; and bf16) leaves two
     CPU engines with weights bit-equal to ``iter_hf_tensors`` and logprobs within 1e-5 of the actor's."""
     from megatron_dapo.data.tiny_checkpoint import make_tiny_checkpoint
-    from megatron_dapo.rollout.launch_common import find_free_ports
-    from megatron_dapo.rollout.launch_cpu_engine import launch_cpu_engines
+    from megatron_dapo.engines.launch_common import find_free_ports
+    from megatron_dapo.engines.launch_cpu import launch_cpu_engines
 
     nproc, env_extra, ckpt_kw = LAYOUTS[layout]
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", num_layers=4, hidden_size=128, intermediate_size=256,

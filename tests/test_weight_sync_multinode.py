@@ -96,7 +96,7 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def two_engines(tmp_path_factory):
     from megatron_dapo.data.tiny_checkpoint import make_tiny_checkpoint
-    from megatron_dapo.rollout.launch_cpu_engine import launch_cpu_engines
+    from megatron_dapo.engines.launch_cpu import launch_cpu_engines
 
     tmp = tmp_path_factory.mktemp("multinode")
     ckpt = make_tiny_checkpoint(tmp / "ckpt", num_layers=2, hidden_size=64, intermediate_size=128,
@@ -112,7 +112,7 @@ def test_two_simulated_nodes_feed_their_own_engines(layout, two_engines):
     """4 ranks as nodes a (ranks 0-1) and b (ranks 2-3), engine 0 on a, engine 1 on b: after a train step
     both engines hold weights bit-equal to ``iter_hf_tensors`` and score within 1e-5 of the actor; engine 1
     was fed by node b's sender; a node-b failure and an unmapped engine fail every rank alike."""
-    from megatron_dapo.rollout.launch_common import find_free_ports
+    from megatron_dapo.engines.launch_common import find_free_ports
 
     ckpt, urls, tmp = two_engines
     env = dict(os.environ, CKPT=str(ckpt), ENGINE_URLS=",".join(urls), NODE_OF_RANK="a,a,b,b",

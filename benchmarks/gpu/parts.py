@@ -26,7 +26,7 @@ Parts (sizes for the real run; the dry run shrinks every dimension):
     offloaded storage bit-exact after onload, and a further train step that runs.
 ``tensor_ipc``
     ``weight_sync.transport=tensor`` from an fp32 actor (after one train step) into our engine
-    (``python -m megatron_dapo.rollout.cpu_engine --device cuda``, a separate process on the same GPU) with
+    (``python -m megatron_dapo.engines.cpu.server --device cuda``, a separate process on the same GPU) with
     CUDA-IPC handles; probe weights bit-exact and the engine's scored log-probs equal to the actor's.
 ``thd_packing``
     padding-free THD packing (``actor.pack_sequences``) on the local layer spec (no Transformer Engine):
@@ -233,8 +233,8 @@ def part_tensor_ipc(dry: bool) -> dict:
 
     from megatron_dapo.actor.megatron_actor import LossSettings, MegatronActor
     from megatron_dapo.config import ActorConfig
-    from megatron_dapo.rollout.client import SyncEngineClient
-    from megatron_dapo.rollout.launch_cpu_engine import launch_cpu_engines
+    from megatron_dapo.engines.client import SyncEngineClient
+    from megatron_dapo.engines.launch_cpu import launch_cpu_engines
     from megatron_dapo.sync import WeightSync, rollout_logprob_mismatch
 
     cuda = _cuda()

@@ -104,8 +104,8 @@ def measure(model_dir: str, rows: list[dict], g: int, max_new_tokens: int, seed:
     from megatron_dapo.data.tokenizer import load_tokenizer
     from megatron_dapo.reward import score_batch
     from megatron_dapo.reward.extract import find_answer_line
-    from megatron_dapo.rollout.cpu_engine_model import CPUEngine
-    from megatron_dapo.rollout.cpu_engine_requests import SamplingConfig, SeqRequest
+    from megatron_dapo.engines.cpu.model import CPUEngine
+    from megatron_dapo.engines.cpu.requests import SamplingConfig, SeqRequest
     from megatron_dapo.rollout.generation import stop_ids_for
 
     tok = load_tokenizer(model_dir)

@@ -143,7 +143,7 @@ def add_output_layer_copy(weights_dir: str | Path) -> bool:
     (created for a single-file checkpoint). Nothing is done when ``lm_head.weight`` already exists or
     there is no ``model.embed_tokens.weight``. Used for engines that serve an untied copy of a tied model
     (vLLM's in-place reload loads only the names present on disk, so a tied output layer would keep its
-    old weights: :mod:`megatron_dapo.rollout.vllm_backend`).
+    old weights: :mod:`megatron_dapo.engines.vllm_client`).
 
     Returns:
         ``True`` when the copy was written.

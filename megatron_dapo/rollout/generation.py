@@ -57,7 +57,7 @@ import torch
 from ..algorithm import DynamicSampler, Group, PendingGroup, StaleReset, soft_overlong_penalty
 from ..algorithm.dynamic_sampling import scoring_row
 from ..reward import RewardResult, get_score_executor, score_batch
-from .payloads import GenerateOutput
+from ..engines.payloads import GenerateOutput
 from .validate import screen_group
 
 

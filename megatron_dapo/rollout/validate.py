@@ -1,6 +1,6 @@
 """Validation of engine responses before they enter a training batch (issue 16). Pure Python, no I/O.
 
-Every response an engine returns (a :class:`~megatron_dapo.rollout.payloads.GenerateOutput`) is checked:
+Every response an engine returns (a :class:`~megatron_dapo.engines.payloads.GenerateOutput`) is checked:
 
 * every token id lies in ``[0, vocab_size)`` (the model's vocabulary, ``config.json`` ``vocab_size``);
 * there is exactly one logprob per output token (``output_token_logprobs`` of SGLang's ``/generate``);

@@ -11,7 +11,7 @@ SGLang native HTTP API (``python/sglang/srt/entrypoints/http_server.py`` and ``m
   bucket ``/update_weights_from_distributed`` (names / dtypes / shapes) while rank 0 broadcasts each
   tensor in the same order.
 * ``tensor`` — colocated engines: ``/update_weights_from_tensor`` with SGLang's serialised tensor
-  handles (``MultiprocessingSerializer``, :mod:`megatron_dapo.rollout.tensor_ipc`): CUDA-IPC on GPU,
+  handles (``MultiprocessingSerializer``, :mod:`megatron_dapo.engines.tensor_ipc`): CUDA-IPC on GPU,
   shared-memory segment names on CPU. Handles only open on the sender's node (engines on several nodes:
   :mod:`megatron_dapo.sync.nodes`).
 
@@ -35,7 +35,7 @@ from urllib.parse import urlparse
 import torch
 
 from ..errors import MegatronDapoError
-from ..protocols import RolloutEngine, WeightTransportName
+from ..engines.protocols import RolloutEngine, WeightTransportName
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ class DistributedTransport:
 
     def connect(self) -> None:
         """Create the group once (rank 0 = this process; engine ranks offset per engine)."""
-        from ..rollout.launch_common import find_free_ports
+        from ..engines.launch_common import find_free_ports
 
         ews = self._resolve_engine_tp()
         addr = self.master_address or address_towards(list(self.client.control_urls))
@@ -299,7 +299,7 @@ class TensorTransport:
     """``/update_weights_from_tensor`` with tensor handles (engines on the sending rank's node).
 
     On GPU each bucket's tensors are moved to this rank's device and pass as CUDA-IPC handles; on CPU they
-    are copied into one shared-memory segment per dtype (:func:`~megatron_dapo.rollout.tensor_ipc.share_bucket`)
+    are copied into one shared-memory segment per dtype (:func:`~megatron_dapo.engines.tensor_ipc.share_bucket`)
     and pass as segment names. Either way the engine maps the memory and copies it into its weights; the
     bucket is kept alive until the engine has answered.
 
@@ -366,8 +366,8 @@ class TensorTransport:
         Raises:
             WeightSyncError: an engine refused or could not be reached (names the node and engines).
         """
-        from ..rollout.client import serialize_named_tensors_for_sglang
-        from ..rollout.tensor_ipc import share_bucket
+        from ..engines.client import serialize_named_tensors_for_sglang
+        from ..engines.tensor_ipc import share_bucket
 
         self.prepare()
         if torch.cuda.is_available():

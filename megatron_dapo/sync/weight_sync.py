@@ -12,7 +12,7 @@ Flow of one :meth:`WeightSync.sync` (collective over every trainer rank)::
     all   : metrics / error from rank 0 (:func:`megatron_dapo.sync.collective.on_rank0`)
 
 It only moves weights: releasing / resuming the engines' memory and offloading the actor around a sync
-(colocated engines) is :class:`megatron_dapo.engines.EngineSet`'s job. The transports (``disk``,
+(colocated engines) is :class:`megatron_dapo.engines.engine_set.EngineSet`'s job. The transports (``disk``,
 ``distributed``, ``tensor``) are in :mod:`megatron_dapo.sync.transports`, chosen from its ``TRANSPORTS``.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from ..protocols import PolicyActor, RolloutEngine, WeightTransport, WeightTransportName
+from ..engines.protocols import PolicyActor, RolloutEngine, WeightTransport, WeightTransportName
 from .bucketing import bucket_bytes_from_mb, bucket_nbytes, iter_buckets_with_last, resolve_dtype
 from .collective import distributed_on, on_rank0
 from .nodes import (NodePlan, assign_engines_to_nodes, local_node_id, node_leaders, parse_engine_nodes, relay_recv,
@@ -107,7 +107,7 @@ def tied_embeddings(actor: PolicyActor) -> bool:
 
 
 def _default_client_factory(urls: list[str], api_key: Optional[str]) -> RolloutEngine:
-    from ..rollout.client import SyncEngineClient
+    from ..engines.client import SyncEngineClient
 
     return SyncEngineClient(urls, api_key=api_key)
 
@@ -121,18 +121,18 @@ class WeightSync:
     """Push the actor's weights to every rollout engine (see the module docstring for the protocol).
 
     Args:
-        actor: the :class:`~megatron_dapo.protocols.PolicyActor` parts used here: ``.spec`` (``None``
+        actor: the :class:`~megatron_dapo.engines.protocols.PolicyActor` parts used here: ``.spec`` (``None``
             skips the name check), ``.rank`` (global rank), ``.dp_rank``, ``.hf_path`` (config files for
             ``disk``; may be ``None``) and ``.iter_hf_tensors(dtype)`` (collective generator of
             ``(hf_name, tensor)``; rank 0 must receive every tensor).
-        client: the blocking :class:`~megatron_dapo.protocols.RolloutEngine` over ALL engines
-            (:data:`megatron_dapo.engines.BACKENDS` builds it); required on rank 0, ignored (may be
+        client: the blocking :class:`~megatron_dapo.engines.protocols.RolloutEngine` over ALL engines
+            (:data:`megatron_dapo.engines.engine_set.BACKENDS` builds it); required on rank 0, ignored (may be
             ``None``) elsewhere.
         transport: ``disk`` | ``distributed`` | ``tensor`` (``weight_sync.transport``; the class comes
             from :data:`~megatron_dapo.sync.transports.TRANSPORTS`).
         bucket_mb: bucket capacity in MiB (fractions allowed; ``0`` = one unbounded bucket).
         dtype: engine dtype (``torch.dtype`` or ``fp32``/``bf16``/``fp16``); the trainer passes the actor's
-            ``params_dtype`` (:meth:`megatron_dapo.engines.EngineSet.launch`).
+            ``params_dtype`` (:meth:`megatron_dapo.engines.engine_set.EngineSet.launch`).
         work_dir: directory for ``disk`` checkpoints (must be on a file system the engines see).
         engine_world_size: engine ranks in the update group over ALL engines (``num_engines * tp_size``;
             the group has ``1 + engine_world_size`` ranks, engine ``e`` starts at ``1 + e * tp_size``);
@@ -147,7 +147,7 @@ class WeightSync:
             lowest rank finds its URL local. Rank 0's value is used on every rank.
         node_id: this rank's node id; ``None`` = env ``MEGATRON_DAPO_NODE_ID``, else the host name.
         client_factory: ``f(urls, api_key) -> client`` building a node sender's engine client (``tensor``
-            across nodes); default :class:`~megatron_dapo.rollout.client.SyncEngineClient`.
+            across nodes); default :class:`~megatron_dapo.engines.client.SyncEngineClient`.
 
     The engine URLs need not be known off rank 0: the ``tensor`` transport shares rank 0's list (its
     client's ``control_urls``) with every rank at the first sync, which also fixes the node plan.

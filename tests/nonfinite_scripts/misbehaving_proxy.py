@@ -3,7 +3,7 @@ engine (``upstream``: our CPU engine, or an SGLang server) and corrupts chosen `
 
 Items are numbered across all ``/generate`` answers in arrival order (a batched answer's list in its order).
 ``plan`` maps an item number to a corruption; ``corrupt_all`` corrupts every item. Corruptions (each keeps the
-answer parseable by :func:`megatron_dapo.rollout.payloads.parse_generate_response`):
+answer parseable by :func:`megatron_dapo.engines.payloads.parse_generate_response`):
 
 * ``oov``: the first token id becomes ``vocab_size + 7`` (in ``output_ids`` and ``output_token_logprobs``);
 * ``nan_logprob``: the first logprob becomes NaN (JSON ``NaN``, as Python's json writes it);

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from megatron_dapo.rollout.client import SyncEngineClient  # noqa: E402
+from megatron_dapo.engines.client import SyncEngineClient  # noqa: E402
 from megatron_dapo.sync import WeightSync, WeightSyncError, rollout_logprob_mismatch  # noqa: E402
 from megatron_dapo.sync.nodes import NODE_ID_ENV  # noqa: E402
 from sync_worker import engine_tensor, train_one_step_from_env  # noqa: E402  (same actor + batch)

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 from megatron_dapo.actor.batching import build_actor_batch  # noqa: E402
 from megatron_dapo.actor.megatron_actor import LossSettings, MegatronActor  # noqa: E402
 from megatron_dapo.config import ActorConfig  # noqa: E402
-from megatron_dapo.rollout.client import SyncEngineClient  # noqa: E402
+from megatron_dapo.engines.client import SyncEngineClient  # noqa: E402
 from megatron_dapo.sync import WeightSync, rollout_logprob_mismatch  # noqa: E402
 
 

@@ -5,7 +5,7 @@
   ``/workers`` lists every engine as healthy.
 * :func:`wait_router_routing` - the same wait for an externally started router (the sbatch scripts).
 
-:class:`RouterProcess` is a :class:`~megatron_dapo.rollout.launch_common.EngineProcesses` of one process.
+:class:`RouterProcess` is a :class:`~megatron_dapo.engines.launch_common.EngineProcesses` of one process.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from megatron_dapo.backend import MissingBackendError
-from megatron_dapo.rollout.launch_common import EngineLaunchError, EngineProcesses, _http_ok, _tail, find_free_ports
+from megatron_dapo.engines.launch_common import EngineLaunchError, EngineProcesses, _http_ok, _tail, find_free_ports
 
 
 ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")
@@ -82,7 +82,7 @@ def build_sglang_router_command(worker_urls: Sequence[str], *, port: int, host: 
 
 
 def _plain_tail(path: Path | None, n: int = 40) -> str:
-    """:func:`~megatron_dapo.rollout.launch_common._tail` without ANSI colour codes (the router always colours its log
+    """:func:`~megatron_dapo.engines.launch_common._tail` without ANSI colour codes (the router always colours its log
     lines)."""
     import re
 
@@ -120,7 +120,7 @@ def router_worker_health(router_url: str, api_key: str | None = None, timeout_s:
 
 @dataclass(eq=False)
 class RouterProcess(EngineProcesses):
-    """A started ``sglang-router`` (an :class:`~megatron_dapo.rollout.launch_common.EngineProcesses` of one process:
+    """A started ``sglang-router`` (an :class:`~megatron_dapo.engines.launch_common.EngineProcesses` of one process:
     same process-group stop, atexit / SIGTERM hooks and context-manager use); ``url`` is the router's base
     URL and ``worker_urls`` the engines behind it."""
 
@@ -174,7 +174,7 @@ def launch_sglang_router(worker_urls: Sequence[str], *, host: str = "127.0.0.1",
 
     Generation sent to the returned ``.url`` is spread over ``worker_urls`` by ``policy`` (see
     :data:`ROUTER_POLICIES`); control calls (weight updates, memory release) should still go to
-    the engines directly (:class:`~megatron_dapo.rollout.client.EngineClient` with ``router_url``).
+    the engines directly (:class:`~megatron_dapo.engines.client.EngineClient` with ``router_url``).
 
     Args:
         worker_urls: engine base URLs (already healthy).
@@ -193,7 +193,7 @@ def launch_sglang_router(worker_urls: Sequence[str], *, host: str = "127.0.0.1",
 
     Returns:
         :class:`RouterProcess` - use as a context manager;
-        :meth:`~megatron_dapo.rollout.launch_common.EngineProcesses.stop` SIGTERMs then SIGKILLs its process
+        :meth:`~megatron_dapo.engines.launch_common.EngineProcesses.stop` SIGTERMs then SIGKILLs its process
         group (no orphans).
 
     Raises:

@@ -1,6 +1,6 @@
-"""Start our CPU engine (``python -m megatron_dapo.rollout.cpu_engine``; tests, CPU runs).
+"""Start our CPU engine (``python -m megatron_dapo.engines.cpu.server``; tests, CPU runs).
 
-:func:`launch_cpu_engines` returns a :class:`~megatron_dapo.rollout.launch_common.EngineProcesses`.
+:func:`launch_cpu_engines` returns a :class:`~megatron_dapo.engines.launch_common.EngineProcesses`.
 """
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from megatron_dapo.rollout.launch_common import EngineProcesses, find_free_ports
+from megatron_dapo.engines.launch_common import EngineProcesses, find_free_ports
 
 
 def build_cpu_engine_command(model_path: str, *, port: int, host: str = "127.0.0.1", api_key: str | None = None,
                              seed: int = 0, max_batch_size: int = 64, num_threads: int = 1,
                              extra_args: Sequence[str] = (), python: str | None = None) -> list[str]:
-    """argv of ``python -m megatron_dapo.rollout.cpu_engine`` for one engine (pure)."""
-    cmd = [python or sys.executable, "-m", "megatron_dapo.rollout.cpu_engine", "--model-path", str(model_path),
+    """argv of ``python -m megatron_dapo.engines.cpu.server`` for one engine (pure)."""
+    cmd = [python or sys.executable, "-m", "megatron_dapo.engines.cpu.server", "--model-path", str(model_path),
            "--host", host, "--port", str(int(port)), "--seed", str(int(seed)),
            "--max-batch-size", str(int(max_batch_size)), "--num-threads", str(int(num_threads))]
     if api_key:

@@ -3,14 +3,14 @@
 - :class:`PolicyActor`: what the trainer and the weight sync use of
   :class:`~megatron_dapo.actor.megatron_actor.MegatronActor` (tests pass small fakes).
 - :class:`RolloutEngine`: the blocking engine client over all engines
-  (:class:`~megatron_dapo.rollout.client.SyncEngineClient` for the CPU engine and SGLang,
-  :class:`~megatron_dapo.rollout.vllm_backend.SyncVLLMClient` for vLLM), as the engine set, the weight sync
+  (:class:`~megatron_dapo.engines.client.SyncEngineClient` for the CPU engine and SGLang,
+  :class:`~megatron_dapo.engines.vllm_client.SyncVLLMClient` for vLLM), as the engine set, the weight sync
   and the rollout use it.
 - :class:`WeightTransport`: one way of moving bucketed weights into the engines
   (:mod:`megatron_dapo.sync.transports`: ``disk``, ``distributed``, ``tensor``).
 
 Which implementation is used is chosen once from a registry keyed by the config's ``Literal`` value:
-``rollout.backend`` -> :data:`megatron_dapo.engines.BACKENDS`, ``weight_sync.transport`` ->
+``rollout.backend`` -> :data:`megatron_dapo.engines.engine_set.BACKENDS`, ``weight_sync.transport`` ->
 :data:`megatron_dapo.sync.transports.TRANSPORTS`.
 """
 from __future__ import annotations
@@ -78,7 +78,7 @@ class PolicyActor(Protocol):
 class RolloutEngine(Protocol):
     """The blocking client over every rollout engine (control calls go to each engine in ``control_urls``).
 
-    Raises (every method): :class:`~megatron_dapo.rollout.transport.EngineError` naming the engine when a
+    Raises (every method): :class:`~megatron_dapo.engines.transport.EngineError` naming the engine when a
     call fails after the client's retries.
     """
 

@@ -15,8 +15,8 @@ copy with ``n = 1`` and, when ``sampling_seed`` is set, seed ``sampling_seed + k
 
 Weight-update bodies: ``InitWeightsUpdateGroupReqInput``, ``UpdateWeightsFromDistributedReqInput``
 and the ``serialized_named_tensors`` of ``UpdateWeightsFromTensorReqInput``.
-:class:`~megatron_dapo.rollout.client.EngineClient` sends all of them; everything here is also
-importable from :mod:`megatron_dapo.rollout.client`.
+:class:`~megatron_dapo.engines.client.EngineClient` sends all of them; everything here is also
+importable from :mod:`megatron_dapo.engines.client`.
 """
 from __future__ import annotations
 
@@ -286,7 +286,7 @@ def build_update_weights_from_distributed_payload(names: Sequence[str], dtypes: 
 def serialize_named_tensors_for_sglang(named_tensors: Sequence[tuple[str, torch.Tensor]], tp_size: int = 1) -> list:
     """Build ``serialized_named_tensors`` for ``/update_weights_from_tensor``: one entry per engine TP rank.
 
-    Each entry is :func:`megatron_dapo.rollout.tensor_ipc.serialize_named_tensors` of the same list (SGLang's
+    Each entry is :func:`megatron_dapo.engines.tensor_ipc.serialize_named_tensors` of the same list (SGLang's
     ``MultiprocessingSerializer`` format: base64 text of a ForkingPickler pickle); CUDA tensors travel as
     CUDA-IPC handles, CPU tensors as shared-memory names. No ``sglang`` import is needed.
 

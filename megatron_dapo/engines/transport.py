@@ -1,4 +1,4 @@
-"""HTTP transport under :class:`~megatron_dapo.rollout.client.EngineClient`: one aiohttp session,
+"""HTTP transport under :class:`~megatron_dapo.engines.client.EngineClient`: one aiohttp session,
 least-outstanding-requests balancing, retries with failover, and control-call fan-out.
 
 Generation requests go to the generation URL (an engine, or the ``router_url``) with the fewest
@@ -13,9 +13,9 @@ generation goes to the router only, and aborts of requests sent through it go to
 behind it (the router has no ``/abort_request`` route; it forwards the ``rid`` unchanged).
 
 The SGLang endpoints themselves (``/generate``, weight updates, memory release ...) are the
-methods of :class:`~megatron_dapo.rollout.client.EngineClient`, which subclasses
+methods of :class:`~megatron_dapo.engines.client.EngineClient`, which subclasses
 :class:`EngineTransport`.  :class:`EngineError` and :class:`EngineTransport` are also importable
-from :mod:`megatron_dapo.rollout.client`.
+from :mod:`megatron_dapo.engines.client`.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from typing import Any, Sequence
 from ..errors import MegatronDapoError
 
 # The records keep the logger name they had before this module was split out of client.py.
-logger = logging.getLogger("megatron_dapo.rollout.client")
+logger = logging.getLogger("megatron_dapo.engines.client")
 
 
 class EngineError(MegatronDapoError, RuntimeError):
@@ -51,7 +51,7 @@ def _is_retryable_exc(exc: BaseException) -> bool:
 class EngineTransport:
     """Connection pool, balancing and retry machinery shared by every engine call.
 
-    Constructor arguments are documented on :class:`~megatron_dapo.rollout.client.EngineClient`
+    Constructor arguments are documented on :class:`~megatron_dapo.engines.client.EngineClient`
     (the class to use).
 
     Raises:

@@ -1,8 +1,8 @@
 """vLLM (0.32, ``VLLM_SERVER_DEV_MODE=1``) as a rollout backend behind the interface of
-:class:`~megatron_dapo.rollout.client.EngineClient`.
+:class:`~megatron_dapo.engines.client.EngineClient`.
 
 Generation: ``POST /inference/v1/generate`` (server started with ``--enable-scale-out``, see
-:func:`~megatron_dapo.rollout.launch_vllm.launch_vllm_servers`) rather than ``/v1/completions``: it is
+:func:`~megatron_dapo.engines.launch_vllm.launch_vllm_servers`) rather than ``/v1/completions``: it is
 vLLM's token-in/token-out route (no tokenizer on the path, ``token_ids`` in and out), its logprobs
 carry the integer ``token_id`` of every sampled token (checked against ``token_ids``), each choice
 reports ``weight_versions`` spans (which weight version produced which tokens), the request id is ours
@@ -33,7 +33,7 @@ Control (all routes of vLLM's RL router ``vllm/entrypoints/rl/online/api_router.
   {"update_info"}``, ``/finish_weight_update {"weight_version"}``, for the ``nccl`` and ``ipc``
   backends; payloads from :func:`build_nccl_init_info`, :func:`build_nccl_update_info` and
   :func:`build_ipc_update_info` (checked against vLLM's own routes and dataclasses by
-  :func:`check_payloads_in_vllm`, which runs :mod:`megatron_dapo.rollout.vllm_payload_check` inside
+  :func:`check_payloads_in_vllm`, which runs :mod:`megatron_dapo.engines.vllm_payload_check` inside
   ``.venv-vllm``).
 * sleep / wake (``/sleep?level=1``, ``/wake_up?tags=..``): GPU memory only; vLLM answers 200 but does
   nothing on CPU, so the CPU lifecycle never relies on them (:attr:`VLLMClient.capabilities` lacks
@@ -42,7 +42,7 @@ Control (all routes of vLLM's RL router ``vllm/entrypoints/rl/online/api_router.
   ``/begin_weight_update``, ``/get_weights_by_name``, ...) are never sent: those methods raise
   :class:`EngineError` without a request, and :meth:`VLLMClient.weight_update_bracket` answers ``False``.
 
-Every failing control call raises :class:`~megatron_dapo.rollout.transport.EngineError` naming the URL.
+Every failing control call raises :class:`~megatron_dapo.engines.transport.EngineError` naming the URL.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ import pickle
 import uuid
 from typing import Any, Sequence
 
-from megatron_dapo.rollout.client import (
+from megatron_dapo.engines.client import (
     EngineClient,
     EngineError,
     GenerateOutput,
@@ -645,7 +645,7 @@ class VLLMClient(EngineClient):
 
 
 class SyncVLLMClient(SyncEngineClient):
-    """Blocking client over :class:`VLLMClient` (the :class:`~megatron_dapo.protocols.RolloutEngine` of vLLM):
+    """Blocking client over :class:`VLLMClient` (the :class:`~megatron_dapo.engines.protocols.RolloutEngine` of vLLM):
     :class:`SyncEngineClient`'s methods plus vLLM's own routes, each the coroutine of the same name run on the
     client's loop."""
 
@@ -704,11 +704,11 @@ class SyncVLLMClient(SyncEngineClient):
 
 def check_payloads_in_vllm(items: list[dict], *, python: str | None = None, timeout_s: float = 600.0) -> list[dict]:
     """Validate HTTP requests (``{"path", "body", "backend"?}``) against vLLM's own routes and request
-    classes in ONE subprocess of the vLLM interpreter (:mod:`megatron_dapo.rollout.vllm_payload_check`).
+    classes in ONE subprocess of the vLLM interpreter (:mod:`megatron_dapo.engines.vllm_payload_check`).
 
     Args:
         items: the requests, e.g. recorded from a :class:`VLLMClient`.
-        python: the vLLM interpreter; default :func:`~megatron_dapo.rollout.launch_common.default_engine_python`.
+        python: the vLLM interpreter; default :func:`~megatron_dapo.engines.launch_common.default_engine_python`.
 
     Returns:
         one ``{"ok", "error", "call"}`` per item.
@@ -721,8 +721,8 @@ def check_payloads_in_vllm(items: list[dict], *, python: str | None = None, time
     import subprocess
     from pathlib import Path
 
-    from megatron_dapo.rollout.launch_common import default_engine_python
-    from megatron_dapo.rollout.launch_vllm import vllm_env
+    from megatron_dapo.engines.launch_common import default_engine_python
+    from megatron_dapo.engines.launch_vllm import vllm_env
 
     py = python or default_engine_python("vllm")
     script = Path(__file__).with_name("vllm_payload_check.py")

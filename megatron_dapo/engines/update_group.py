@@ -8,7 +8,7 @@ This mirrors SGLang's ``/init_weights_update_group`` + ``/update_weights_from_di
 protocol (``InitWeightsUpdateGroupReqInput``: ``master_address``, ``master_port``,
 ``rank_offset``, ``world_size``, ``group_name``, ``backend``).  On GPU clusters SGLang itself
 builds the NCCL group inside its server; this helper is what the *trainer* side uses there and
-what the CPU engine (:mod:`megatron_dapo.rollout.cpu_engine`) uses on both sides.
+what the CPU engine (:mod:`megatron_dapo.engines.cpu.server`) uses on both sides.
 
 Rendezvous: rank 0 hosts a ``torch.distributed.TCPStore`` on ``master_address:master_port``;
 the other ranks connect to it.  The store keys are laid out exactly as SGLang's side lays them out,

@@ -6,8 +6,8 @@
 * :class:`EngineProcesses` / :class:`EngineProcess` / :func:`descendant_pids` - start, health-wait and reap
   engine processes.
 
-The launchers live in :mod:`megatron_dapo.rollout.launch_sglang`, :mod:`megatron_dapo.rollout.launch_vllm`,
-:mod:`megatron_dapo.rollout.launch_cpu_engine` and :mod:`megatron_dapo.rollout.launch_router`.
+The launchers live in :mod:`megatron_dapo.engines.launch_sglang`, :mod:`megatron_dapo.engines.launch_vllm`,
+:mod:`megatron_dapo.engines.launch_cpu` and :mod:`megatron_dapo.engines.launch_router`.
 
 Every launcher returns an :class:`EngineProcesses`: a context manager that waits for ``/health``
 (raising :class:`EngineLaunchError` with the last log lines when an engine exits or never

@@ -10,7 +10,7 @@ what the CPU engine does not implement (stop strings, penalties, ``min_p``).
 :func:`truncated_sample` draws one token per row under top-k then top-p truncation.
 
 Bad input raises :class:`RequestError` naming the field (the server answers HTTP 400).  Everything
-here is also importable from :mod:`megatron_dapo.rollout.cpu_engine`.
+here is also importable from :mod:`megatron_dapo.engines.cpu.server`.
 """
 from __future__ import annotations
 

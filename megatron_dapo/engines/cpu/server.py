@@ -2,11 +2,11 @@
 
 Run::
 
-    python -m megatron_dapo.rollout.cpu_engine --model-path DIR --host 127.0.0.1 --port P \
+    python -m megatron_dapo.engines.cpu.server --model-path DIR --host 127.0.0.1 --port P \
         [--api-key K] [--seed S] [--max-batch-size 64] [--num-threads 1]
 
 It is a drop-in stand-in for ``python -m sglang.launch_server`` at tiny scale so that the same
-:class:`megatron_dapo.rollout.client.EngineClient` drives both.  Endpoints and payloads follow
+:class:`megatron_dapo.engines.client.EngineClient` drives both.  Endpoints and payloads follow
 SGLang's native API (``io_struct.GenerateReqInput``, ``sampling_params.SamplingParams``,
 ``UpdateWeightFromDiskReqInput``, ``InitWeightsUpdateGroupReqInput``,
 ``UpdateWeightsFromDistributedReqInput``, ``ReleaseMemoryOccupationReqInput``, ``AbortReq``):
@@ -65,8 +65,8 @@ before ``/release_memory_occupation``).
 
 This module is the HTTP layer (aiohttp routes, :func:`build_app`) and the CLI (:func:`main`).
 The model, its batching worker thread and weight loading are
-:class:`~megatron_dapo.rollout.cpu_engine_model.CPUEngine`; request validation, ``n`` expansion
-and top-k / top-p sampling are in :mod:`megatron_dapo.rollout.cpu_engine_requests`.  Both are
+:class:`~megatron_dapo.engines.cpu.model.CPUEngine`; request validation, ``n`` expansion
+and top-k / top-p sampling are in :mod:`megatron_dapo.engines.cpu.requests`.  Both are
 re-exported here.
 """
 from __future__ import annotations
@@ -85,12 +85,12 @@ import torch
 
 # The model / worker and the pure request helpers live in cpu_engine_model.py and
 # cpu_engine_requests.py; re-exported because callers import them from this module.
-from megatron_dapo.rollout.cpu_engine_model import CPUEngine, _Job  # noqa: F401
-from megatron_dapo.rollout.cpu_engine_requests import (  # noqa: F401
+from megatron_dapo.engines.cpu.model import CPUEngine, _Job  # noqa: F401
+from megatron_dapo.engines.cpu.requests import (  # noqa: F401
     _KNOWN_SAMPLING_KEYS, _TOP_K_ALL, RequestError, SamplingConfig, SeqRequest, expand_generate_request,
     parse_sampling_params, truncated_sample,
 )
-from megatron_dapo.rollout.update_group import WeightUpdateGroup, create_weight_update_group, parse_torch_dtype
+from megatron_dapo.engines.update_group import WeightUpdateGroup, create_weight_update_group, parse_torch_dtype
 
 logger = logging.getLogger("megatron_dapo.cpu_engine")
 
@@ -387,7 +387,7 @@ def build_app(engine: CPUEngine, *, api_key: str | None = None):
         return web.json_response(values)
 
     def load_from_tensor_handles(serialized: str, version, load_format=None):
-        from .tensor_ipc import deserialize_payload
+        from ..tensor_ipc import deserialize_payload
 
         named = deserialize_payload(serialized, load_format)  # maps the sender's shared memory (no copy yet)
         names = [n for n, _ in named]
@@ -484,7 +484,7 @@ def build_app(engine: CPUEngine, *, api_key: str | None = None):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI entry point (``python -m megatron_dapo.rollout.cpu_engine``)."""
+    """CLI entry point (``python -m megatron_dapo.engines.cpu.server``)."""
     parser = argparse.ArgumentParser(description="CPU rollout engine with SGLang's native HTTP API")
     parser.add_argument("--model-path", required=True, help="HF model directory (config + safetensors)")
     parser.add_argument("--host", default="127.0.0.1")

@@ -33,18 +33,18 @@ from typing import Callable, Literal, Optional
 
 import torch
 
-from .actor.batching import build_actor_batch
-from .config import DAPOConfig, RolloutConfig
+from ..actor.batching import build_actor_batch
+from ..config import DAPOConfig, RolloutConfig
 from .protocols import PolicyActor, RolloutBackendName, RolloutEngine, WeightTransportName
-from .rollout.launch_common import EngineProcesses, default_engine_python
-from .rollout.launch_cpu_engine import launch_cpu_engines
-from .rollout.launch_router import launch_sglang_router
-from .rollout.launch_sglang import launch_sglang_servers
-from .rollout.launch_vllm import launch_vllm_servers
-from .rollout.transport import EngineError
-from .sync import WeightSync
-from .sync.collective import on_rank0
-from .sync.transports import WeightSyncError
+from .launch_common import EngineProcesses, default_engine_python
+from .launch_cpu import launch_cpu_engines
+from .launch_router import launch_sglang_router
+from .launch_sglang import launch_sglang_servers
+from .launch_vllm import launch_vllm_servers
+from .transport import EngineError
+from ..sync import WeightSync
+from ..sync.collective import on_rank0
+from ..sync.transports import WeightSyncError
 
 log = logging.getLogger("megatron_dapo")
 
@@ -102,7 +102,7 @@ def _launch_vllm(r: RolloutConfig, req: LaunchRequest) -> EngineProcesses:
 
 def _sglang_api_client(urls: list[str], *, router_url: Optional[str], api_key: Optional[str],
                        request_timeout_s: float, max_retries: int) -> RolloutEngine:
-    from .rollout.client import SyncEngineClient
+    from .client import SyncEngineClient
 
     return SyncEngineClient(urls, router_url=router_url, api_key=api_key, request_timeout_s=request_timeout_s,
                             max_retries=max_retries)
@@ -110,7 +110,7 @@ def _sglang_api_client(urls: list[str], *, router_url: Optional[str], api_key: O
 
 def _vllm_client(urls: list[str], *, router_url: Optional[str], api_key: Optional[str],
                  request_timeout_s: float, max_retries: int) -> RolloutEngine:
-    from .rollout.vllm_backend import SyncVLLMClient
+    from .vllm_client import SyncVLLMClient
 
     if router_url is not None:
         raise ValueError("vLLM engines take no router_url (rollout.use_router / rollout.router_url are for "
@@ -123,12 +123,12 @@ def _no_preflight(_engine_python: Optional[str]) -> None:
 
 
 def _sglang_preflight(engine_python: Optional[str]) -> None:
-    """:func:`~megatron_dapo.rollout.launch_common.default_engine_python` finds an SGLang interpreter (or raises)."""
+    """:func:`~megatron_dapo.engines.launch_common.default_engine_python` finds an SGLang interpreter (or raises)."""
     default_engine_python("sglang", engine_python)
 
 
 def _vllm_preflight(engine_python: Optional[str]) -> None:
-    """:func:`~megatron_dapo.rollout.launch_common.default_engine_python` finds a vLLM interpreter (or raises)."""
+    """:func:`~megatron_dapo.engines.launch_common.default_engine_python` finds a vLLM interpreter (or raises)."""
     default_engine_python("vllm", engine_python)
 
 

@@ -15,7 +15,7 @@ in ``output_ids`` with its logprob.
 Weights: :meth:`CPUEngine.update_from_disk` (``*.safetensors`` of a HF checkpoint, all parameters
 required) and :meth:`CPUEngine.load_named_tensors` (a subset by HF name, used after a broadcast)
 check names and shapes strictly before copying, under ``model_lock`` so updates happen between
-batches.  The HTTP server around it is :mod:`megatron_dapo.rollout.cpu_engine`, from which
+batches.  The HTTP server around it is :mod:`megatron_dapo.engines.cpu.server`, from which
 :class:`CPUEngine` is also importable.
 """
 from __future__ import annotations
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_dapo.rollout.cpu_engine_requests import SeqRequest, truncated_sample
-from megatron_dapo.rollout.update_group import WeightUpdateGroup
+from megatron_dapo.engines.cpu.requests import SeqRequest, truncated_sample
+from megatron_dapo.engines.update_group import WeightUpdateGroup
 
 # Same logger name as the server module: one name for all of the engine's records.
 logger = logging.getLogger("megatron_dapo.cpu_engine")

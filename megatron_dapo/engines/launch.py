@@ -1,26 +1,26 @@
-"""``python -m megatron_dapo.rollout.launch``: the command line the sbatch scripts run (:func:`main`).
+"""``python -m megatron_dapo.engines.launch``: the command line the sbatch scripts run (:func:`main`).
 
-The launchers themselves live by concern: :mod:`megatron_dapo.rollout.launch_common` (engine interpreter,
-free ports, :class:`~megatron_dapo.rollout.launch_common.EngineProcesses`),
-:mod:`megatron_dapo.rollout.launch_sglang`, :mod:`megatron_dapo.rollout.launch_router`,
-:mod:`megatron_dapo.rollout.launch_vllm` and :mod:`megatron_dapo.rollout.launch_cpu_engine`.
+The launchers themselves live by concern: :mod:`megatron_dapo.engines.launch_common` (engine interpreter,
+free ports, :class:`~megatron_dapo.engines.launch_common.EngineProcesses`),
+:mod:`megatron_dapo.engines.launch_sglang`, :mod:`megatron_dapo.engines.launch_router`,
+:mod:`megatron_dapo.engines.launch_vllm` and :mod:`megatron_dapo.engines.launch_cpu`.
 """
 from __future__ import annotations
 
 import sys
 import time
 
-from megatron_dapo.rollout.launch_router import build_sglang_router_command, wait_router_routing
-from megatron_dapo.rollout.launch_sglang import serve_sglang
+from megatron_dapo.engines.launch_router import build_sglang_router_command, wait_router_routing
+from megatron_dapo.engines.launch_sglang import serve_sglang
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m megatron_dapo.rollout.launch router-command|wait-router|serve-sglang ...`` (used by the
+    """``python -m megatron_dapo.engines.launch router-command|wait-router|serve-sglang ...`` (used by the
     sbatch scripts): print the ``sglang-router`` argv one argument per line / wait until it routes (exit 1
     with the missing workers on stderr) / exec an SGLang server (on CPU from ``.venv-sglang``)."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m megatron_dapo.rollout.launch")
+    ap = argparse.ArgumentParser(prog="python -m megatron_dapo.engines.launch")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("router-command", help="print the sglang-router argv, one argument per line")
     p.add_argument("worker_urls", help="comma-separated engine URLs")

@@ -7,11 +7,11 @@ memory release / resume, cache flush, abort) go to every engine.  Through a rout
 lets it spread one batch over all engines.  Connection errors, timeouts and
 5xx answers are retried with exponential back-off on another engine; when retries run out an
 :class:`EngineError` names the URL(s) tried and the last error — a dead engine never hangs a
-rollout.  That machinery is :class:`~megatron_dapo.rollout.transport.EngineTransport`, the base
+rollout.  That machinery is :class:`~megatron_dapo.engines.transport.EngineTransport`, the base
 class of :class:`EngineClient`; this module adds SGLang's endpoints on top of it.
 
 The JSON bodies (SGLang's ``GenerateReqInput`` / ``SamplingParams`` and the weight-update
-requests) are built and parsed by the pure helpers of :mod:`megatron_dapo.rollout.payloads`.
+requests) are built and parsed by the pure helpers of :mod:`megatron_dapo.engines.payloads`.
 Those helpers, :class:`EngineError` and :class:`GenerateOutput` are all importable from here.
 
 ``n > 1`` is expanded CLIENT-side exactly as SGLang expands it (``input_ids * n``, sample-major),
@@ -31,13 +31,13 @@ import torch
 
 # Re-exported: these names were defined here before payloads.py / transport.py were split out,
 # and callers import them from this module.
-from megatron_dapo.rollout.payloads import (  # noqa: F401
+from megatron_dapo.engines.payloads import (  # noqa: F401
     _FIELD_HINTS, FINISH_REASONS, SGLANG_SAMPLING_FIELDS, GenerateOutput, _check_prompts, _finish_reason,
     build_generate_payload, build_init_weights_update_group_payload,
     build_update_weights_from_distributed_payload, parse_generate_response,
     reorder_sample_major_to_prompt_major, serialize_named_tensors_for_sglang, validate_sampling_params,
 )
-from megatron_dapo.rollout.transport import EngineError, EngineTransport, _is_retryable_exc, logger  # noqa: F401
+from megatron_dapo.engines.transport import EngineError, EngineTransport, _is_retryable_exc, logger  # noqa: F401
 
 
 WEIGHT_UPDATE_BRACKET_SINCE = (0, 5, 23)
@@ -353,7 +353,7 @@ class EngineClient(EngineTransport):
 
         Engine ``e`` gets ``rank_offset = 1 + e * tp_size`` and ``world_size = 1 +
         num_engines * tp_size`` (rank 0 = trainer).  Run concurrently with the trainer's
-        :func:`~megatron_dapo.rollout.update_group.create_weight_update_group` (or use
+        :func:`~megatron_dapo.engines.update_group.create_weight_update_group` (or use
         :meth:`connect_weight_update_group`).
         """
         world = 1 + len(self.control_urls) * tp_size
@@ -370,8 +370,8 @@ class EngineClient(EngineTransport):
                                           group_name: str = "weight_update_group", backend: str = "gloo",
                                           tp_size: int = 1, timeout_s: float = 120.0):
         """Trainer side: create rank 0 of the group while the engines join; returns the
-        :class:`~megatron_dapo.rollout.update_group.WeightUpdateGroup`."""
-        from megatron_dapo.rollout.update_group import create_weight_update_group
+        :class:`~megatron_dapo.engines.update_group.WeightUpdateGroup`."""
+        from megatron_dapo.engines.update_group import create_weight_update_group
 
         world = 1 + len(self.control_urls) * tp_size
         trainer = asyncio.get_running_loop().run_in_executor(
@@ -423,7 +423,7 @@ class EngineClient(EngineTransport):
         """``POST /update_weights_from_tensor`` (``UpdateWeightsFromTensorReqInput``: one serialized
         string per TP rank, see :func:`serialize_named_tensors_for_sglang`; ``load_format`` ``None`` for a
         list of ``(name, tensor)`` or ``"flattened_bucket"`` for
-        :func:`~megatron_dapo.rollout.tensor_ipc.serialize_flattened_bucket`): CUDA-IPC handles on GPU,
+        :func:`~megatron_dapo.engines.tensor_ipc.serialize_flattened_bucket`): CUDA-IPC handles on GPU,
         shared-memory handles on CPU (same host).  Bracketed by begin/end_weight_update where the
         server needs it (:meth:`weight_update_session`)."""
         body: dict[str, Any] = {"serialized_named_tensors": list(serialized_named_tensors),
@@ -506,7 +506,7 @@ class EngineClient(EngineTransport):
 
 class SyncEngineClient:
     """Blocking client over :class:`EngineClient` for the (synchronous) trainer: the
-    :class:`~megatron_dapo.protocols.RolloutEngine` of the CPU engine and SGLang.
+    :class:`~megatron_dapo.engines.protocols.RolloutEngine` of the CPU engine and SGLang.
 
     Runs a private event loop in a daemon thread; each method below is the coroutine of the same name on
     :attr:`client`, run there and waited for (same arguments, same result, same exceptions). Code that needs
