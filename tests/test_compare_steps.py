@@ -17,11 +17,11 @@ def _write(path: Path, rows: list[dict]) -> Path:
 
 
 ROW = {"step": 1, "prompt_indices": [3, 1], "actor/pg_loss": 0.125, "rollout/acc": float("nan"),
-       "timing/step_s": 2.5, "actor/push_s": 0.3}
+       "timing/step_s": 2.5, "actor/push_s": 0.3, "weight_sync/seconds": 0.1}
 
 
 def test_equal_runs_ignore_wall_clock(tmp_path, capsys):
-    other = dict(ROW, **{"timing/step_s": 9.0, "actor/push_s": 1.0})  # only wall-clock keys differ
+    other = dict(ROW, **{"timing/step_s": 9.0, "actor/push_s": 1.0, "weight_sync/seconds": 0.7})  # only wall-clock keys differ
     a, b = _write(tmp_path / "a.jsonl", [ROW]), _write(tmp_path / "b.jsonl", [other])
     assert compare_steps.main([str(a), str(b)]) == 0
     out = capsys.readouterr().out

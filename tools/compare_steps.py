@@ -5,8 +5,8 @@
 
 Every line of ``steps.jsonl`` is one trainer step (``{"step", "prompt_indices", <every scalar>}``, written by
 :meth:`megatron_dapo.trainer.Trainer._log`). Two runs of a deterministic config (``rollout.deterministic: true``,
-the tiny CPU demo) must agree on every value except the wall-clock ones: keys under ``timing/`` and keys ending
-in ``_s`` (seconds) are ignored by default, and ``--ignore`` adds shell-style globs (``fnmatch``). Values compare
+the tiny CPU demo) must agree on every value except the wall-clock ones: keys under ``timing/``, keys ending
+in ``_s`` and ``*/seconds`` (``weight_sync/seconds``) are ignored by default, and ``--ignore`` adds shell-style globs (``fnmatch``). Values compare
 exactly unless ``--rtol`` is given (``|a - b| <= rtol * max(|a|, |b|)``); NaN equals NaN.
 
 Prints one line per difference (step, key, both values), a key present in one run only, or a different number
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 #: Wall-clock figures: they differ between any two runs.
-DEFAULT_IGNORE = ("timing/*", "*_s")
+DEFAULT_IGNORE = ("timing/*", "*_s", "*/seconds")
 
 
 def read_steps(path: Path) -> list[dict[str, Any]]:
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("before", type=Path)
     p.add_argument("after", type=Path)
     p.add_argument("--rtol", type=float, default=0.0, help="relative tolerance for floats (default: exact)")
-    p.add_argument("--ignore", nargs="*", default=[], help="more key globs to ignore (timing/* and *_s always are)")
+    p.add_argument("--ignore", nargs="*", default=[], help="more key globs to ignore (timing/*, *_s and */seconds always are)")
     args = p.parse_args(argv)
     try:
         before, after = read_steps(args.before), read_steps(args.after)
