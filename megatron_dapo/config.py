@@ -316,8 +316,6 @@ class AlgorithmConfig:
     See :func:`~megatron_dapo.algorithm.icepop_token_mask`."""
     icepop_high: Optional[float] = None
     """IcePop: tokens with pi_old / pi_rollout above this get no loss (beta, e.g. 5.0; ``None`` = no upper bound)."""
-    clip_higher: Optional[bool] = None
-    token_level_loss: Optional[bool] = None
 
     def resolved(self, max_response_length: int) -> "AlgorithmSwitches":
         """The preset's switches with every explicitly set (non-``None``) switch applied on top;
@@ -327,10 +325,9 @@ class AlgorithmConfig:
             ConfigError: an invalid switch value (the ``algorithm.*`` field is named).
         """
         # function-level: megatron_dapo.algorithm imports torch (heavy), which loading a config does not need
-        from .algorithm.presets import ABLATION_SWITCHES, SWITCH_KEYS, resolve_preset
+        from .algorithm.presets import SWITCH_KEYS, resolve_preset
 
-        known = set(SWITCH_KEYS) | set(ABLATION_SWITCHES)
-        explicit = {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k in known}
+        explicit = {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k in SWITCH_KEYS}
         explicit["max_response_length"] = max_response_length
         try:
             return resolve_preset(self.preset, explicit)
@@ -645,6 +642,14 @@ class DAPOConfig:
 
 # -------------------------------------------------------------------- loading
 
+REMOVED_KEYS: dict[str, str] = {
+    "algorithm.clip_higher": "set algorithm.clip_ratio_high (= clip_ratio_low for no clip-higher)",
+    "algorithm.token_level_loss":
+        "set algorithm.loss_agg_mode (token-mean; seq-mean-token-mean for no token-level loss)",
+}
+"""Keys a config or override may no longer use -> what to set instead; :func:`load_config` refuses them with
+one line ``<key> was removed: <what to set>``. Each value has one key (the aliases set the same switch)."""
+
 
 def _type_hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -722,6 +727,8 @@ def _build(cls, data: dict[str, Any], prefix: str):
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in data.items():
+        if f"{prefix}{k}" in REMOVED_KEYS:
+            raise ConfigError(f"{prefix}{k} was removed: {REMOVED_KEYS[prefix + k]}")
         if k not in names:
             close = [n for n in names if n.startswith(k[:4])]
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""
