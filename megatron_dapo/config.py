@@ -128,7 +128,7 @@ class DeterminismWarning(UserWarning):
 
 
 SGLANG_DETERMINISM_WARNING = (
-    "rollout.deterministic=true with rollout.backend=sglang: SGLang ignores sampling_seed on CPU (and its "
+    "rollout.mode=deterministic with rollout.backend=sglang: SGLang ignores sampling_seed on CPU (and its "
     "--enable-deterministic-inference refuses the torch_native attention), so rollouts are ordered but NOT "
     "reproducible and an exact resume cannot replay them; use rollout.backend=cpu (or vllm, which honours "
     "seeds) when samples must repeat")
@@ -160,18 +160,21 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
-    deterministic: bool = False
-    """Reproducible rollouts: each round is one ordered request, groups scored in prompt order, no
-    mid-round abort (CPU demo and exact-resume tests). Cluster runs keep it off for throughput. Needs an
-    engine that honours per-request seeds (cpu, vllm); with ``sglang`` ``validate()`` warns
-    (:class:`DeterminismWarning`): SGLang ignores ``sampling_seed`` on CPU."""
-    partial_rollout: bool = False
-    """Partial rollout (slime's ``--partial-rollout``): requests aborted when the dynamic sampler fills keep
-    their tokens and logprobs and are continued next step (prompt + prefix as input, the rest of
-    ``max_response_length`` to generate), each token span tagged with its weight version; see
-    :mod:`megatron_dapo.rollout.generation`. Needs ``deterministic: false`` (the only path that aborts)."""
+    mode: Literal["streaming", "deterministic", "partial"] = "streaming"
+    """How a rollout round runs (:mod:`megatron_dapo.rollout.generation`):
+
+    * ``streaming``: one request per prompt, all in flight at once, groups scored as they complete; the requests
+      still in flight when the dynamic sampler fills are aborted and dropped. Cluster runs (throughput).
+    * ``deterministic``: reproducible rollouts: each round is one ordered request, groups scored in prompt order,
+      no mid-round abort (CPU demo and exact-resume tests). Needs an engine that honours per-request seeds
+      (cpu, vllm); with ``sglang`` ``validate()`` warns (:class:`DeterminismWarning`): SGLang ignores
+      ``sampling_seed`` on CPU.
+    * ``partial``: partial rollout (slime's ``--partial-rollout``): ``streaming``, but the requests aborted when
+      the dynamic sampler fills keep their tokens and logprobs and are continued next step (prompt + prefix as
+      input, the rest of ``max_response_length`` to generate), each token span tagged with its weight version.
+    """
     partial_max_age: int = 1
-    """With ``partial_rollout``: how many weight versions old a parked sample's oldest token may be; an older
+    """With ``mode: partial``: how many weight versions old a parked sample's oldest token may be; an older
     sample is generated again from scratch while the rest of its group is kept (``rollout/partial_dropped_stale``
     samples, ``rollout/partial_tokens_dropped`` tokens). ``>= 1`` (1: continue for one step). The same bound
     applies to the surplus groups carried with partial rollout (``algorithm.carry_over_surplus``). Ages count
@@ -206,7 +209,7 @@ class RolloutConfig:
     def validate(self, local: bool = True) -> None:
         """Check the ``rollout.*`` keys; ``local=False`` skips the check of ``engine_python`` on disk.
 
-        Warns :class:`DeterminismWarning` for ``deterministic`` with ``backend=sglang``.
+        Warns :class:`DeterminismWarning` for ``mode=deterministic`` with ``backend=sglang``.
 
         Raises:
             ConfigError: the first failing rule, naming ``rollout.<field>``.
@@ -225,13 +228,12 @@ class RolloutConfig:
         _need(not (self.colocated and self.max_staleness > 0), "rollout.max_staleness",
               "colocated runs stay synchronous (the engines and the actor share the GPUs, so generation cannot "
               "overlap training); set rollout.colocated=false for one-step off-policy, or max_staleness=0")
-        if self.deterministic and self.backend == "sglang":
+        if self.mode == "deterministic" and self.backend == "sglang":
             # stacklevel 3: the caller of DAPOConfig.validate, as before the per-section split
             warnings.warn(SGLANG_DETERMINISM_WARNING, DeterminismWarning, stacklevel=3)
         _need(0 < self.mem_fraction_static < 1, "rollout.mem_fraction_static", "must be in (0, 1)")
-        _need(isinstance(self.partial_rollout, bool), "rollout.partial_rollout", "must be true or false")
-        _need(not (self.partial_rollout and self.deterministic), "rollout.partial_rollout",
-              "needs rollout.deterministic=false: deterministic rounds never abort, so there is nothing to continue")
+        _need(self.mode in ("streaming", "deterministic", "partial"), "rollout.mode",
+              f"must be streaming, deterministic or partial (got {self.mode!r})")
         _need(isinstance(self.partial_max_age, int) and not isinstance(self.partial_max_age, bool)
               and self.partial_max_age >= 1, "rollout.partial_max_age",
               f"must be an int >= 1 (weight versions a continued prefix may lag), got {self.partial_max_age!r}")
@@ -288,7 +290,7 @@ class AlgorithmConfig:
     carry_over_surplus: Optional[bool] = None
     """Keep the complete surplus groups (mixed groups kept after the batch filled) for the next step instead of
     dropping them (``dynamic_sampling/surplus_carried``, ``carried_in``). ``None``: on with
-    ``rollout.partial_rollout`` -- like slime's ``--partial-rollout``, which returns every group still in flight at
+    ``rollout.mode: partial`` -- like slime's ``--partial-rollout``, which returns every group still in flight at
     the abort to its buffer, finished ones included -- off otherwise; read it from
     :meth:`DAPOConfig.carries_surplus`. With partial rollout, a carried group holding a token older than
     ``rollout.partial_max_age`` weight versions is parked again and its stale samples are regenerated
@@ -623,9 +625,9 @@ class DAPOConfig:
 
     def carries_surplus(self) -> bool:
         """Whether the dynamic sampler carries surplus groups to the next step: ``algorithm.carry_over_surplus``,
-        or ``rollout.partial_rollout`` when that is ``None`` (see the field)."""
+        or ``rollout.mode == "partial"`` when that is ``None`` (see the field)."""
         explicit = self.algorithm.carry_over_surplus
-        return bool(self.rollout.partial_rollout if explicit is None else explicit)
+        return self.rollout.mode == "partial" if explicit is None else explicit
 
     def resolved_algorithm(self) -> "AlgorithmSwitches":
         """The preset's switches with every explicitly set (non-``None``) ``algorithm.*`` key applied on top;
@@ -646,9 +648,12 @@ REMOVED_KEYS: dict[str, str] = {
     "algorithm.clip_higher": "set algorithm.clip_ratio_high (= clip_ratio_low for no clip-higher)",
     "algorithm.token_level_loss":
         "set algorithm.loss_agg_mode (token-mean; seq-mean-token-mean for no token-level loss)",
+    "rollout.deterministic": "set rollout.mode (deterministic for true, streaming for false)",
+    "rollout.partial_rollout": "set rollout.mode (partial for true, streaming for false)",
 }
 """Keys a config or override may no longer use -> what to set instead; :func:`load_config` refuses them with
-one line ``<key> was removed: <what to set>``. Each value has one key (the aliases set the same switch)."""
+one line ``<key> was removed: <what to set>``. Each value has one key: the algorithm aliases set the same
+switch; the booleans ``rollout.deterministic`` / ``partial_rollout`` excluded each other (one ``rollout.mode``)."""
 
 
 def _type_hints(cls) -> dict[str, Any]:
