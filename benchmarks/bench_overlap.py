@@ -35,7 +35,7 @@ from benchmarks import bench_partial_rollout  # noqa: E402
 from benchmarks._cli_run import mean_of, prepare_model, train  # noqa: E402
 
 #: The fixed run of X: disaggregated CPU engine, no dynamic sampling (both modes generate the same per step).
-OVERLAP = ["rollout.colocated=false", "rollout.deterministic=false", "rollout.rollout_batch_size=32",
+OVERLAP = ["rollout.colocated=false", "rollout.mode=streaming", "rollout.rollout_batch_size=32",
            "rollout.n_samples_per_prompt=4", "rollout.max_response_length=48", "algorithm.overlong_buffer_length=8",
            "actor.ppo_mini_batch_size=64", "algorithm.tis_cap=2.0", "algorithm.dynamic_sampling=false"]
 

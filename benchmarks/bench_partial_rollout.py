@@ -4,11 +4,11 @@ Run: ``.venv/bin/python benchmarks/bench_partial_rollout.py [--steps N] [--ablat
 
 Trains the demo task (tiny random Qwen2, ``examples/tiny-cpu/dapo.yaml``) twice through the real CLI, with the
 default (streaming, aborting) rollout path and dynamic sampling, identical except for
-``rollout.partial_rollout``: 2 kept groups of G=8 per step, ``oversample_factor=8`` (16 prompts in flight), two
+``rollout.mode=partial``: 2 kept groups of G=8 per step, ``oversample_factor=8`` (16 prompts in flight), two
 CPU engines (their decode batches are out of step, so the sampler usually fills while the other engine is
 half-way through a batch and many requests are aborted with long prefixes). With partial rollout the aborted
 samples are continued next step and the surplus groups (finished after the batch filled) are carried to it
-(``algorithm.carry_over_surplus`` follows ``rollout.partial_rollout``); without it both are dropped. Each run's
+(``algorithm.carry_over_surplus`` follows ``rollout.mode=partial``); without it both are dropped. Each run's
 figure is :func:`~megatron_dapo.rollout.generation.generated_per_trained_token` over its ``steps.jsonl``;
 ``--ablation`` adds a third run, partial rollout without the carry, to show what each part recovers. The last
 line is
@@ -31,16 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._cli_run import prepare_model, train  # noqa: E402
 from megatron_dapo.rollout.generation import generated_per_trained_token  # noqa: E402
 
-SETTINGS = ["rollout.deterministic=false", "rollout.num_engines=2", "algorithm.oversample_factor=8",
+SETTINGS = ["rollout.num_engines=2", "algorithm.oversample_factor=8",
             "rollout.rollout_batch_size=2", "rollout.n_samples_per_prompt=8", "algorithm.overlong_buffer_length=16",
             "actor.ppo_mini_batch_size=16"]
 MAX_RESPONSE_LENGTH = 48
 
 
 #: name -> overrides of the runs :func:`measure` can train ("partial" and "drop" always; "prefixes only" on request).
-RUNS = {"partial": ["rollout.partial_rollout=true"],
-        "drop": ["rollout.partial_rollout=false"],
-        "prefixes only": ["rollout.partial_rollout=true", "algorithm.carry_over_surplus=false"]}
+RUNS = {"partial": ["rollout.mode=partial"],
+        "drop": ["rollout.mode=streaming"],
+        "prefixes only": ["rollout.mode=partial", "algorithm.carry_over_surplus=false"]}
 
 
 def measure(out: Path, model: Path, steps: int, log=print, max_response_length: int = MAX_RESPONSE_LENGTH,

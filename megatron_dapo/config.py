@@ -15,12 +15,15 @@ import math
 import os
 import re
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 
+from .backend import has_cuda, has_transformer_engine
+from .engines.launch_router import ROUTER_POLICIES
 from .errors import MegatronDapoError
 
 if typing.TYPE_CHECKING:
@@ -29,6 +32,19 @@ if typing.TYPE_CHECKING:
 
 class ConfigError(MegatronDapoError, ValueError):
     """A configuration key is unknown, mistyped or inconsistent; the message names the key."""
+
+
+def _need(cond: bool, key: str, msg: str) -> None:
+    """Raise ``ConfigError("<key>: <msg>")`` unless ``cond``."""
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _need_finite(section: Any, name: str) -> None:
+    """Every float field of the dataclass ``section`` (config section ``name``) is finite (no NaN / inf)."""
+    for f in dataclasses.fields(section):
+        v = getattr(section, f.name)
+        _need(not isinstance(v, float) or math.isfinite(v), f"{name}.{f.name}", f"must be a finite number (got {v!r})")
 
 
 @dataclass
@@ -55,6 +71,26 @@ class ModelConfig:
     to a ``.gguf`` file: ``prepare`` dequantises it into an fp32 HF checkpoint at ``hf_path`` when missing
     (megatron_dapo.models.real_model)."""
 
+    def validate(self, local: bool = True) -> None:
+        """Check the ``model.*`` keys; ``local=False`` skips file-existence checks.
+
+        Raises:
+            ConfigError: the first failing rule, naming ``model.<field>``.
+        """
+        _need(bool(self.hf_path), "model.hf_path", "is required (HF model directory)")
+        _need(not local or self.make_tiny or self.from_gguf or Path(self.hf_path, "config.json").exists(),
+              "model.hf_path",
+              f"{self.hf_path!r} has no config.json (set model.make_tiny=true to create a tiny random model)")
+        _need(not (self.make_tiny and self.from_gguf), "model.from_gguf", "cannot be combined with model.make_tiny")
+        _need(self.tiny_family in ("qwen2", "llama", "qwen3"), "model.tiny_family", "must be qwen2, llama or qwen3")
+        _need_finite(self, "model")
+        for k in ("tiny_hidden_size", "tiny_num_layers", "tiny_num_attention_heads", "tiny_num_key_value_heads",
+                  "tiny_intermediate_size"):
+            _need(getattr(self, k) >= 1, f"model.{k}", "must be >= 1")
+        for k in ("tokenizer_path", "megatron_ckpt", "tiny_tokenizer_dir"):
+            v = getattr(self, k)
+            _need(v is None or not local or Path(v).exists(), f"model.{k}", f"not found: {v!r}")
+
 
 @dataclass
 class DataConfig:
@@ -67,13 +103,32 @@ class DataConfig:
     max_prompt_length: int = 256
     shuffle: bool = True
 
+    def validate(self, local: bool = True) -> None:
+        """Check the ``data.*`` keys; ``local=False`` skips file-existence checks.
+
+        Raises:
+            ConfigError: the first failing rule, naming ``data.<field>``.
+        """
+        for i, f in enumerate(self.train_files):
+            _need(not local or Path(f).exists(), f"data.train_files[{i}]", f"file not found: {f}")
+            _need(str(f).endswith((".parquet", ".jsonl", ".json")), f"data.train_files[{i}]",
+                  "must be .parquet or .jsonl")
+        _need(self.max_prompt_length > 0, "data.max_prompt_length", "must be > 0")
+        _need(self.demo_num_rows > 0, "data.demo_num_rows", "must be > 0")
+        _need_finite(self, "data")
+        for i, f in enumerate(self.val_files):
+            _need(not local or Path(f).exists(), f"data.val_files[{i}]", f"file not found: {f}")
+            _need(str(f).endswith((".parquet", ".jsonl", ".json")), f"data.val_files[{i}]",
+                  "must be .parquet or .jsonl")
+        _need(self.demo_num_val_rows >= 0, "data.demo_num_val_rows", "must be >= 0")
+
 
 class DeterminismWarning(UserWarning):
     """A setting asks for reproducible samples the chosen engine cannot promise."""
 
 
 SGLANG_DETERMINISM_WARNING = (
-    "rollout.deterministic=true with rollout.backend=sglang: SGLang ignores sampling_seed on CPU (and its "
+    "rollout.mode=deterministic with rollout.backend=sglang: SGLang ignores sampling_seed on CPU (and its "
     "--enable-deterministic-inference refuses the torch_native attention), so rollouts are ordered but NOT "
     "reproducible and an exact resume cannot replay them; use rollout.backend=cpu (or vllm, which honours "
     "seeds) when samples must repeat")
@@ -105,18 +160,21 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
-    deterministic: bool = False
-    """Reproducible rollouts: each round is one ordered request, groups scored in prompt order, no
-    mid-round abort (CPU demo and exact-resume tests). Cluster runs keep it off for throughput. Needs an
-    engine that honours per-request seeds (cpu, vllm); with ``sglang`` ``validate()`` warns
-    (:class:`DeterminismWarning`): SGLang ignores ``sampling_seed`` on CPU."""
-    partial_rollout: bool = False
-    """Partial rollout (slime's ``--partial-rollout``): requests aborted when the dynamic sampler fills keep
-    their tokens and logprobs and are continued next step (prompt + prefix as input, the rest of
-    ``max_response_length`` to generate), each token span tagged with its weight version; see
-    :mod:`megatron_dapo.rollout.generation`. Needs ``deterministic: false`` (the only path that aborts)."""
+    mode: Literal["streaming", "deterministic", "partial"] = "streaming"
+    """How a rollout round runs (:mod:`megatron_dapo.rollout.generation`):
+
+    * ``streaming``: one request per prompt, all in flight at once, groups scored as they complete; the requests
+      still in flight when the dynamic sampler fills are aborted and dropped. Cluster runs (throughput).
+    * ``deterministic``: reproducible rollouts: each round is one ordered request, groups scored in prompt order,
+      no mid-round abort (CPU demo and exact-resume tests). Needs an engine that honours per-request seeds
+      (cpu, vllm); with ``sglang`` ``validate()`` warns (:class:`DeterminismWarning`): SGLang ignores
+      ``sampling_seed`` on CPU.
+    * ``partial``: partial rollout (slime's ``--partial-rollout``): ``streaming``, but the requests aborted when
+      the dynamic sampler fills keep their tokens and logprobs and are continued next step (prompt + prefix as
+      input, the rest of ``max_response_length`` to generate), each token span tagged with its weight version.
+    """
     partial_max_age: int = 1
-    """With ``partial_rollout``: how many weight versions old a parked sample's oldest token may be; an older
+    """With ``mode: partial``: how many weight versions old a parked sample's oldest token may be; an older
     sample is generated again from scratch while the rest of its group is kept (``rollout/partial_dropped_stale``
     samples, ``rollout/partial_tokens_dropped`` tokens). ``>= 1`` (1: continue for one step). The same bound
     applies to the surplus groups carried with partial rollout (``algorithm.carry_over_surplus``). Ages count
@@ -148,6 +206,66 @@ class RolloutConfig:
     ``old_logprobs`` (the proximal policy) and only the truncated importance weight pi_old / pi_rollout
     corrects for the older behaviour policy (AReaL's decoupled objective, arXiv 2505.24298)."""
 
+    def validate(self, local: bool = True) -> None:
+        """Check the ``rollout.*`` keys; ``local=False`` skips the check of ``engine_python`` on disk.
+
+        Warns :class:`DeterminismWarning` for ``mode=deterministic`` with ``backend=sglang``.
+
+        Raises:
+            ConfigError: the first failing rule, naming ``rollout.<field>``.
+        """
+        _need(self.backend in ("cpu", "sglang", "vllm"), "rollout.backend",
+              f"must be cpu, sglang or vllm (got {self.backend!r})")
+        _need(self.rollout_batch_size > 0, "rollout.rollout_batch_size", "must be > 0")
+        _need(self.n_samples_per_prompt >= 2, "rollout.n_samples_per_prompt",
+              "must be >= 2 (group-normalised advantages need G >= 2)")
+        _need(self.max_response_length > 0, "rollout.max_response_length", "must be > 0")
+        _need(self.temperature > 0, "rollout.temperature", "must be > 0")
+        _need(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        _need(self.num_engines >= 1, "rollout.num_engines", "must be >= 1")
+        _need(self.max_staleness in (0, 1), "rollout.max_staleness",
+              f"must be 0 (synchronous) or 1 (one-step off-policy) (got {self.max_staleness})")
+        _need(not (self.colocated and self.max_staleness > 0), "rollout.max_staleness",
+              "colocated runs stay synchronous (the engines and the actor share the GPUs, so generation cannot "
+              "overlap training); set rollout.colocated=false for one-step off-policy, or max_staleness=0")
+        if self.mode == "deterministic" and self.backend == "sglang":
+            # stacklevel 3: the caller of DAPOConfig.validate, as before the per-section split
+            warnings.warn(SGLANG_DETERMINISM_WARNING, DeterminismWarning, stacklevel=3)
+        _need(0 < self.mem_fraction_static < 1, "rollout.mem_fraction_static", "must be in (0, 1)")
+        _need(self.mode in ("streaming", "deterministic", "partial"), "rollout.mode",
+              f"must be streaming, deterministic or partial (got {self.mode!r})")
+        _need(isinstance(self.partial_max_age, int) and not isinstance(self.partial_max_age, bool)
+              and self.partial_max_age >= 1, "rollout.partial_max_age",
+              f"must be an int >= 1 (weight versions a continued prefix may lag), got {self.partial_max_age!r}")
+        _need(self.router_policy in ROUTER_POLICIES, "rollout.router_policy",
+              f"must be one of {', '.join(ROUTER_POLICIES)} (got {self.router_policy!r})")
+        _need(not (self.use_router or self.router_url) or self.backend in ("cpu", "sglang"), "rollout.use_router",
+              f"sglang-router fronts SGLang-API engines (backend cpu or sglang), not {self.backend!r}")
+        if self.router_url:
+            _need(not self.use_router, "rollout.router_url",
+                  "set either rollout.use_router=true (start a router) or rollout.router_url (use a running one)")
+            _need(str(self.router_url).startswith(("http://", "https://")), "rollout.router_url",
+                  f"must start with http:// or https:// (got {self.router_url!r})")
+            _need(bool(self.engine_urls), "rollout.router_url",
+                  "needs rollout.engine_urls too: control calls (weight sync, sleep/wake) go to the engines directly")
+        _need(self.max_consecutive_malformed_per_engine >= 1, "rollout.max_consecutive_malformed_per_engine",
+              "must be >= 1")
+        _need_finite(self, "rollout")
+        for i, u in enumerate(self.engine_urls):
+            _need(str(u).startswith(("http://", "https://")), f"rollout.engine_urls[{i}]",
+                  f"must start with http:// or https:// (got {u!r})")
+        _need(re.fullmatch(r"[A-Za-z0-9._:\-]+", self.host or "") is not None, "rollout.host",
+              f"must be a host name or IP address (got {self.host!r})")
+        _need(self.engine_tp_size >= 1, "rollout.engine_tp_size", "must be >= 1")
+        _need(0 <= self.base_port <= 65535, "rollout.base_port", "must be a port number, or 0 to pick free ports")
+        _need(self.engine_python is None or not local or (os.path.isfile(self.engine_python)
+                                                          and os.access(self.engine_python, os.X_OK)),
+              "rollout.engine_python", f"must be an executable file (got {self.engine_python!r}); unset, the "
+              f"engine venv built by `make engines` is used")
+        _need(self.request_timeout_s > 0, "rollout.request_timeout_s", "must be > 0")
+        _need(self.health_timeout_s > 0, "rollout.health_timeout_s", "must be > 0")
+        _need(self.max_retries >= 0, "rollout.max_retries", "must be >= 0")
+
 
 @dataclass
 class AlgorithmConfig:
@@ -172,7 +290,7 @@ class AlgorithmConfig:
     carry_over_surplus: Optional[bool] = None
     """Keep the complete surplus groups (mixed groups kept after the batch filled) for the next step instead of
     dropping them (``dynamic_sampling/surplus_carried``, ``carried_in``). ``None``: on with
-    ``rollout.partial_rollout`` -- like slime's ``--partial-rollout``, which returns every group still in flight at
+    ``rollout.mode: partial`` -- like slime's ``--partial-rollout``, which returns every group still in flight at
     the abort to its buffer, finished ones included -- off otherwise; read it from
     :meth:`DAPOConfig.carries_surplus`. With partial rollout, a carried group holding a token older than
     ``rollout.partial_max_age`` weight versions is parked again and its stale samples are regenerated
@@ -200,8 +318,56 @@ class AlgorithmConfig:
     See :func:`~megatron_dapo.algorithm.icepop_token_mask`."""
     icepop_high: Optional[float] = None
     """IcePop: tokens with pi_old / pi_rollout above this get no loss (beta, e.g. 5.0; ``None`` = no upper bound)."""
-    clip_higher: Optional[bool] = None
-    token_level_loss: Optional[bool] = None
+
+    def resolved(self, max_response_length: int) -> "AlgorithmSwitches":
+        """The preset's switches with every explicitly set (non-``None``) switch applied on top;
+        ``max_response_length`` (tokens, ``rollout.max_response_length``) is ``L_max`` of DAPO eq. 13.
+
+        Raises:
+            ConfigError: an invalid switch value (the ``algorithm.*`` field is named).
+        """
+        # function-level: megatron_dapo.algorithm imports torch (heavy), which loading a config does not need
+        from .algorithm.presets import SWITCH_KEYS, resolve_preset
+
+        explicit = {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k in SWITCH_KEYS}
+        explicit["max_response_length"] = max_response_length
+        try:
+            return resolve_preset(self.preset, explicit)
+        except ValueError as e:
+            named = re.match(r"switch '(\w+)' (.*)", str(e), flags=re.S)
+            raise ConfigError(f"algorithm.{named.group(1)}: {named.group(2)}" if named else f"algorithm: {e}") from None
+
+    def validate(self, max_response_length: int) -> None:
+        """Check the ``algorithm.*`` keys and the switches they resolve to; ``max_response_length`` is
+        ``rollout.max_response_length`` (tokens).
+
+        Raises:
+            ConfigError: the first failing rule, naming ``algorithm.<field>``.
+        """
+        _need(self.preset in ("dapo", "grpo"), "algorithm.preset", f"must be dapo or grpo (got {self.preset!r})")
+        alg = self.resolved(max_response_length)
+        _need(not alg.kl_loss, "algorithm.kl_loss",
+              "true needs a reference model, which this recipe does not run (DAPO removes the KL term; the grpo "
+              "preset here runs without it too); set algorithm.kl_loss=false")
+        _need(alg.loss_agg_mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
+              "algorithm.loss_agg_mode", f"unknown mode {alg.loss_agg_mode!r}")
+        _need(0 <= alg.clip_ratio_low < 1, "algorithm.clip_ratio_low", "must be in [0, 1)")
+        _need(alg.clip_ratio_high >= 0, "algorithm.clip_ratio_high", "must be >= 0")
+        _need(alg.clip_ratio_c is None or alg.clip_ratio_c > 1, "algorithm.clip_ratio_c",
+              "must be > 1 (e.g. 10) or null")
+        _need(0 < self.overlong_buffer_length <= max_response_length, "algorithm.overlong_buffer_length",
+              f"must be in (0, rollout.max_response_length={max_response_length}]")
+        _need(self.max_num_gen_batches >= 0, "algorithm.max_num_gen_batches", "must be >= 0 (0 = no limit)")
+        _need(self.oversample_factor >= 1.0, "algorithm.oversample_factor", "must be >= 1")
+        _need(alg.kl_loss_type in ("k1", "k2", "k3"), "algorithm.kl_loss_type", "must be k1, k2 or k3")
+        _need(self.tis_cap is None or self.tis_cap > 0, "algorithm.tis_cap", "must be > 0 or null")
+        for key in ("seq_is_mask_low", "icepop_low"):
+            v = getattr(self, key)
+            _need(v is None or 0 <= v <= 1, f"algorithm.{key}", f"must be in [0, 1] or null (got {v})")
+        for key in ("seq_is_mask_high", "icepop_high"):
+            v = getattr(self, key)
+            _need(v is None or v >= 1, f"algorithm.{key}", f"must be >= 1 or null (got {v})")
+        _need_finite(self, "algorithm")
 
 
 @dataclass
@@ -265,6 +431,66 @@ class ActorConfig:
     ``false`` keeps the actor resident when it fits beside the engines (``tools/plan_parallelism.py``
     says which). On CPU the calls keep their contract but move nothing."""
 
+    def validate(self, world_size: Optional[int] = None, local: bool = True) -> None:
+        """Check the ``actor.*`` keys. ``world_size`` (trainer processes) enables the TP x PP x CP
+        divisibility check; ``local=False`` skips the GPU-only features (FP8, context parallelism).
+
+        Raises:
+            ConfigError: the first failing rule, naming ``actor.<field>``.
+        """
+        tp, pp, vpp, cp = (self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
+                           self.virtual_pipeline_model_parallel_size, self.context_parallel_size)
+        _need(tp >= 1, "actor.tensor_model_parallel_size", "must be >= 1")
+        _need(pp >= 1, "actor.pipeline_model_parallel_size", "must be >= 1")
+        _need(vpp is None or (vpp >= 2 and pp >= 2), "actor.virtual_pipeline_model_parallel_size",
+              "needs pipeline_model_parallel_size >= 2 and a value >= 2 (or null)")
+        _need(cp >= 1, "actor.context_parallel_size", "must be >= 1")
+        for key in ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage"):
+            v = getattr(self, key)
+            _need(v is None or (v >= 1 and pp >= 2), f"actor.{key}",
+                  "needs pipeline_model_parallel_size >= 2 and >= 1 layer")
+        if world_size is not None:
+            _need(world_size % (tp * pp * cp) == 0, "actor.tensor_model_parallel_size",
+                  f"TP({tp}) x PP({pp}) x CP({cp}) = {tp * pp * cp} must divide the world size {world_size}")
+        _need(self.params_dtype in ("fp32", "bf16"), "actor.params_dtype", "must be fp32 or bf16")
+        _need(self.recompute in (None, "full", "selective"), "actor.recompute", "must be null, full or selective")
+        _need(self.dist_optimizer_ckpt_format in ("dp_reshardable", "fully_reshardable"),
+              "actor.dist_optimizer_ckpt_format", "must be dp_reshardable or fully_reshardable")
+        _need(self.fp8 in (None, "e4m3", "hybrid"), "actor.fp8", "must be null, e4m3 or hybrid")
+        _need(self.fp8_recipe in ("delayed", "tensorwise", "blockwise"), "actor.fp8_recipe",
+              "must be delayed, tensorwise or blockwise")
+        if self.fp8 is not None and local:
+            _need(has_transformer_engine() and has_cuda(), "actor.fp8",
+                  "FP8 needs transformer-engine on a GPU (pip install megatron_dapo[gpu] on an H100 node); "
+                  "set actor.fp8=null on CPU")
+        if cp > 1 and local:
+            _need(has_transformer_engine() and has_cuda(), "actor.context_parallel_size",
+                  "context parallelism needs the Transformer Engine layer spec on a GPU; "
+                  "it is not supported by the local (CPU) layer spec")
+        _need(self.sequence_parallel is False or tp > 1, "actor.sequence_parallel",
+              "needs tensor_model_parallel_size > 1")
+        _need(self.ppo_mini_batch_size >= 1, "actor.ppo_mini_batch_size", "must be >= 1")
+        _need(self.ppo_epochs >= 1, "actor.ppo_epochs", "must be >= 1")
+        _need(self.micro_batch_size is None or self.micro_batch_size >= 1, "actor.micro_batch_size", "must be >= 1")
+        _need(not self.pack_sequences or cp == 1, "actor.pack_sequences",
+              f"packing with context_parallel_size={cp} would need each packed row split per CP rank "
+              "(THD load balancing), which the actor does not do; set actor.pack_sequences=false or CP=1")
+        _need(self.logprob_chunk_size >= 1, "actor.logprob_chunk_size", "must be >= 1")
+        _need(isinstance(self.logprob_tf32, bool), "actor.logprob_tf32", "must be true or false")
+        _need(self.optimizer in ("adam", "sgd"), "actor.optimizer", "must be adam or sgd")
+        _need(self.lr >= 0, "actor.lr", "must be >= 0")
+        _need(self.lr_decay_style in ("constant", "linear", "cosine"), "actor.lr_decay_style",
+              "must be constant, linear or cosine")
+        _need(self.lr_warmup_steps >= 0, "actor.lr_warmup_steps", "must be >= 0")
+        _need_finite(self, "actor")
+        _need(self.make_vocab_size_divisible_by >= 1, "actor.make_vocab_size_divisible_by", "must be >= 1")
+        _need(0 <= self.min_lr <= max(self.lr, 0.0), "actor.min_lr", f"must be in [0, actor.lr={self.lr}]")
+        _need(self.weight_decay >= 0, "actor.weight_decay", "must be >= 0")
+        _need(0 <= self.adam_beta1 < 1, "actor.adam_beta1", "must be in [0, 1)")
+        _need(0 <= self.adam_beta2 < 1, "actor.adam_beta2", "must be in [0, 1)")
+        _need(self.adam_eps > 0, "actor.adam_eps", "must be > 0")
+        _need(self.clip_grad >= 0, "actor.clip_grad", "must be >= 0 (0 = no clipping)")
+
 
 @dataclass
 class WeightSyncConfig:
@@ -278,6 +504,18 @@ class WeightSyncConfig:
     """Engine dtype (``fp32``/``bf16``); ``None`` = the actor's ``params_dtype``."""
     check_logprobs: bool = False
     """After each sync, score a fixed sequence on the engine and compare with the actor (debug)."""
+
+    def validate(self) -> None:
+        """Check the ``weight_sync.*`` keys.
+
+        Raises:
+            ConfigError: the first failing rule, naming ``weight_sync.<field>``.
+        """
+        _need(self.transport in ("disk", "distributed", "tensor"), "weight_sync.transport",
+              "must be disk, distributed or tensor")
+        _need(self.bucket_mb >= 0, "weight_sync.bucket_mb", "must be >= 0 (0 = unbounded)")
+        _need(self.dtype in (None, "fp32", "bf16"), "weight_sync.dtype", "must be null, fp32 or bf16")
+        _need_finite(self, "weight_sync")
 
 
 @dataclass
@@ -295,6 +533,24 @@ class TrainerConfig:
     export_hf: bool = True
     max_consecutive_nonfinite: int = 3
     """Stop (exit 2) after this many consecutive optimizer updates skipped for NaN/inf loss or gradients."""
+
+    def validate(self) -> None:
+        """Check the ``trainer.*`` keys.
+
+        Raises:
+            ConfigError: the first failing rule, naming ``trainer.<field>``.
+        """
+        _need(self.total_steps >= 0, "trainer.total_steps", "must be >= 0")
+        _need(self.save_interval >= 0, "trainer.save_interval", "must be >= 0")
+        _need(self.keep_last_checkpoints >= 1, "trainer.keep_last_checkpoints", "must be >= 1")
+        _need(self.eval_n_samples >= 1, "trainer.eval_n_samples", "must be >= 1")
+        _need(self.max_consecutive_nonfinite >= 1, "trainer.max_consecutive_nonfinite", "must be >= 1")
+        _need_finite(self, "trainer")
+        _need(self.eval_interval >= 0, "trainer.eval_interval", "must be >= 0 (0 = no periodic evaluation)")
+        _need(self.eval_max_prompts >= 0, "trainer.eval_max_prompts", "must be >= 0 (0 = all)")
+        _need(self.eval_temperature >= 0, "trainer.eval_temperature", "must be >= 0")
+        _need(0 < self.eval_top_p <= 1, "trainer.eval_top_p", "must be in (0, 1]")
+        _need(self.log_interval >= 1, "trainer.log_interval", "must be >= 1")
 
 
 @dataclass
@@ -333,245 +589,71 @@ class DAPOConfig:
     def validate(self, world_size: Optional[int] = None, target: str = "local") -> "DAPOConfig":
         """Check every field; raise :class:`ConfigError` naming the key. Returns ``self``.
 
+        Each section checks its own keys (its ``validate()``); the rules across sections are checked here.
         ``world_size`` (number of trainer processes) enables the parallel-layout divisibility checks.
         ``target="cluster"`` (dry runs) skips what only the target machine can tell: file existence and
         GPU-only features (FP8, sequence/context parallelism, the CUDA-IPC transport).
         """
         local = target == "local"
-        def need(cond: bool, key: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"{key}: {msg}")
-
-        need(bool(self.run_name) and "/" not in self.run_name, "run_name", "must be a non-empty name without '/'")
-        need(self.resume in ("auto", "none") or not local or Path(self.resume).exists(), "resume",
-             f"must be 'auto', 'none' or an existing checkpoint directory (got {self.resume!r})")
-        m = self.model
-        need(bool(m.hf_path), "model.hf_path", "is required (HF model directory)")
-        need(not local or m.make_tiny or m.from_gguf or Path(m.hf_path, "config.json").exists(), "model.hf_path",
-             f"{m.hf_path!r} has no config.json (set model.make_tiny=true to create a tiny random model)")
-        need(not (m.make_tiny and m.from_gguf), "model.from_gguf", "cannot be combined with model.make_tiny")
-        need(m.tiny_family in ("qwen2", "llama", "qwen3"), "model.tiny_family", "must be qwen2, llama or qwen3")
-        if m.make_tiny and self.rollout.backend == "vllm":  # vLLM's CPU attention kernels: these head sizes only
+        _need(bool(self.run_name) and "/" not in self.run_name, "run_name", "must be a non-empty name without '/'")
+        _need(self.resume in ("auto", "none") or not local or Path(self.resume).exists(), "resume",
+              f"must be 'auto', 'none' or an existing checkpoint directory (got {self.resume!r})")
+        m, d, r, act = self.model, self.data, self.rollout, self.actor
+        m.validate(local)
+        d.validate(local)
+        r.validate(local)
+        self.algorithm.validate(r.max_response_length)
+        act.validate(world_size, local)
+        self.weight_sync.validate()
+        self.trainer.validate()
+        if m.make_tiny and r.backend == "vllm":  # vLLM's CPU attention kernels: these head sizes only
             head = m.tiny_hidden_size // max(m.tiny_num_attention_heads, 1)
-            need(head in (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512), "model.tiny_num_attention_heads",
-                 f"gives head size {head} (tiny_hidden_size / tiny_num_attention_heads); rollout.backend=vllm "
-                 f"needs 32, 64, 80, 96, 112, 128, 160, 192, 224, 256 or 512")
-        d = self.data
-        for i, f in enumerate(d.train_files):
-            need(not local or Path(f).exists(), f"data.train_files[{i}]", f"file not found: {f}")
-            need(str(f).endswith((".parquet", ".jsonl", ".json")), f"data.train_files[{i}]",
-                 "must be .parquet or .jsonl")
-        need(d.max_prompt_length > 0, "data.max_prompt_length", "must be > 0")
-        need(d.demo_num_rows > 0, "data.demo_num_rows", "must be > 0")
-        r = self.rollout
-        need(r.backend in ("cpu", "sglang", "vllm"), "rollout.backend", f"must be cpu, sglang or vllm (got {r.backend!r})")
-        need(r.rollout_batch_size > 0, "rollout.rollout_batch_size", "must be > 0")
-        need(r.n_samples_per_prompt >= 2, "rollout.n_samples_per_prompt",
-             "must be >= 2 (group-normalised advantages need G >= 2)")
-        need(r.max_response_length > 0, "rollout.max_response_length", "must be > 0")
-        need(r.temperature > 0, "rollout.temperature", "must be > 0")
-        need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
-        need(r.num_engines >= 1, "rollout.num_engines", "must be >= 1")
-        need(r.max_staleness in (0, 1), "rollout.max_staleness",
-             f"must be 0 (synchronous) or 1 (one-step off-policy) (got {r.max_staleness})")
-        need(not (r.colocated and r.max_staleness > 0), "rollout.max_staleness",
-             "colocated runs stay synchronous (the engines and the actor share the GPUs, so generation cannot "
-             "overlap training); set rollout.colocated=false for one-step off-policy, or max_staleness=0")
-        if r.deterministic and r.backend == "sglang":
-            import warnings
-
-            warnings.warn(SGLANG_DETERMINISM_WARNING, DeterminismWarning, stacklevel=2)
-        need(0 < r.mem_fraction_static < 1, "rollout.mem_fraction_static", "must be in (0, 1)")
-        need(isinstance(r.partial_rollout, bool), "rollout.partial_rollout", "must be true or false")
-        need(not (r.partial_rollout and r.deterministic), "rollout.partial_rollout",
-             "needs rollout.deterministic=false: deterministic rounds never abort, so there is nothing to continue")
-        need(isinstance(r.partial_max_age, int) and not isinstance(r.partial_max_age, bool)
-             and r.partial_max_age >= 1, "rollout.partial_max_age",
-             f"must be an int >= 1 (weight versions a continued prefix may lag), got {r.partial_max_age!r}")
-        from .engines.launch_router import ROUTER_POLICIES
-
-        need(r.router_policy in ROUTER_POLICIES, "rollout.router_policy",
-             f"must be one of {', '.join(ROUTER_POLICIES)} (got {r.router_policy!r})")
-        need(not (r.use_router or r.router_url) or r.backend in ("cpu", "sglang"), "rollout.use_router",
-             f"sglang-router fronts SGLang-API engines (backend cpu or sglang), not {r.backend!r}")
-        if r.router_url:
-            need(not r.use_router, "rollout.router_url",
-                 "set either rollout.use_router=true (start a router) or rollout.router_url (use a running one)")
-            need(str(r.router_url).startswith(("http://", "https://")), "rollout.router_url",
-                 f"must start with http:// or https:// (got {r.router_url!r})")
-            need(bool(r.engine_urls), "rollout.router_url",
-                 "needs rollout.engine_urls too: control calls (weight sync, sleep/wake) go to the engines directly")
-        a = self.algorithm
-        need(a.preset in ("dapo", "grpo"), "algorithm.preset", f"must be dapo or grpo (got {a.preset!r})")
-        alg = self.resolved_algorithm()
-        need(not alg.kl_loss, "algorithm.kl_loss",
-             "true needs a reference model, which this recipe does not run (DAPO removes the KL term; the grpo "
-             "preset here runs without it too); set algorithm.kl_loss=false")
-        need(alg.loss_agg_mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
-             "algorithm.loss_agg_mode", f"unknown mode {alg.loss_agg_mode!r}")
-        need(0 <= alg.clip_ratio_low < 1, "algorithm.clip_ratio_low", "must be in [0, 1)")
-        need(alg.clip_ratio_high >= 0, "algorithm.clip_ratio_high", "must be >= 0")
-        need(alg.clip_ratio_c is None or alg.clip_ratio_c > 1, "algorithm.clip_ratio_c", "must be > 1 (e.g. 10) or null")
-        need(0 < a.overlong_buffer_length <= r.max_response_length, "algorithm.overlong_buffer_length",
-             f"must be in (0, rollout.max_response_length={r.max_response_length}]")
-        need(a.max_num_gen_batches >= 0, "algorithm.max_num_gen_batches", "must be >= 0 (0 = no limit)")
-        need(a.oversample_factor >= 1.0, "algorithm.oversample_factor", "must be >= 1")
-        need(alg.kl_loss_type in ("k1", "k2", "k3"), "algorithm.kl_loss_type", "must be k1, k2 or k3")
-        need(a.tis_cap is None or a.tis_cap > 0, "algorithm.tis_cap", "must be > 0 or null")
-        for key in ("seq_is_mask_low", "icepop_low"):
-            v = getattr(a, key)
-            need(v is None or 0 <= v <= 1, f"algorithm.{key}", f"must be in [0, 1] or null (got {v})")
-        for key in ("seq_is_mask_high", "icepop_high"):
-            v = getattr(a, key)
-            need(v is None or v >= 1, f"algorithm.{key}", f"must be >= 1 or null (got {v})")
-        act = self.actor
-        tp, pp, vpp, cp = (act.tensor_model_parallel_size, act.pipeline_model_parallel_size,
-                           act.virtual_pipeline_model_parallel_size, act.context_parallel_size)
-        need(tp >= 1, "actor.tensor_model_parallel_size", "must be >= 1")
-        need(pp >= 1, "actor.pipeline_model_parallel_size", "must be >= 1")
-        need(vpp is None or (vpp >= 2 and pp >= 2), "actor.virtual_pipeline_model_parallel_size",
-             "needs pipeline_model_parallel_size >= 2 and a value >= 2 (or null)")
-        need(cp >= 1, "actor.context_parallel_size", "must be >= 1")
-        for key in ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage"):
-            v = getattr(act, key)
-            need(v is None or (v >= 1 and pp >= 2), f"actor.{key}", "needs pipeline_model_parallel_size >= 2 and >= 1 layer")
-        if world_size is not None:
-            need(world_size % (tp * pp * cp) == 0, "actor.tensor_model_parallel_size",
-                 f"TP({tp}) x PP({pp}) x CP({cp}) = {tp * pp * cp} must divide the world size {world_size}")
-        need(act.params_dtype in ("fp32", "bf16"), "actor.params_dtype", "must be fp32 or bf16")
-        need(act.recompute in (None, "full", "selective"), "actor.recompute", "must be null, full or selective")
-        need(act.dist_optimizer_ckpt_format in ("dp_reshardable", "fully_reshardable"),
-             "actor.dist_optimizer_ckpt_format", "must be dp_reshardable or fully_reshardable")
-        need(act.fp8 in (None, "e4m3", "hybrid"), "actor.fp8", "must be null, e4m3 or hybrid")
-        need(act.fp8_recipe in ("delayed", "tensorwise", "blockwise"), "actor.fp8_recipe",
-             "must be delayed, tensorwise or blockwise")
-        if act.fp8 is not None and local:
-            from .backend import has_transformer_engine, has_cuda
-            need(has_transformer_engine() and has_cuda(), "actor.fp8",
-                 "FP8 needs transformer-engine on a GPU (pip install megatron_dapo[gpu] on an H100 node); "
-                 "set actor.fp8=null on CPU")
-        if cp > 1 and local:
-            from .backend import has_transformer_engine, has_cuda
-            need(has_transformer_engine() and has_cuda(), "actor.context_parallel_size",
-                 "context parallelism needs the Transformer Engine layer spec on a GPU; "
-                 "it is not supported by the local (CPU) layer spec")
-        need(act.sequence_parallel is False or tp > 1, "actor.sequence_parallel", "needs tensor_model_parallel_size > 1")
-        need(act.ppo_mini_batch_size >= 1, "actor.ppo_mini_batch_size", "must be >= 1")
+            _need(head in (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512), "model.tiny_num_attention_heads",
+                  f"gives head size {head} (tiny_hidden_size / tiny_num_attention_heads); rollout.backend=vllm "
+                  f"needs 32, 64, 80, 96, 112, 128, 160, 192, 224, 256 or 512")
         total_responses = r.rollout_batch_size * r.n_samples_per_prompt
-        need(total_responses % act.ppo_mini_batch_size == 0, "actor.ppo_mini_batch_size",
-             f"must divide rollout_batch_size x n_samples_per_prompt = {total_responses}")
-        need(act.ppo_epochs >= 1, "actor.ppo_epochs", "must be >= 1")
-        need(act.max_tokens_per_gpu >= d.max_prompt_length + r.max_response_length, "actor.max_tokens_per_gpu",
-             f"must hold one full sequence (max_prompt_length + max_response_length = "
-             f"{d.max_prompt_length + r.max_response_length})")
-        need(act.micro_batch_size is None or act.micro_batch_size >= 1, "actor.micro_batch_size", "must be >= 1")
-        need(not act.pack_sequences or cp == 1, "actor.pack_sequences",
-             f"packing with context_parallel_size={cp} would need each packed row split per CP rank "
-             "(THD load balancing), which the actor does not do; set actor.pack_sequences=false or CP=1")
-        need(act.logprob_chunk_size >= 1, "actor.logprob_chunk_size", "must be >= 1")
-        need(isinstance(act.logprob_tf32, bool), "actor.logprob_tf32", "must be true or false")
-        need(act.optimizer in ("adam", "sgd"), "actor.optimizer", "must be adam or sgd")
-        need(act.lr >= 0, "actor.lr", "must be >= 0")
-        need(act.lr_decay_style in ("constant", "linear", "cosine"), "actor.lr_decay_style",
-             "must be constant, linear or cosine")
-        need(act.lr_warmup_steps >= 0, "actor.lr_warmup_steps", "must be >= 0")
-        w = self.weight_sync
-        need(w.transport in ("disk", "distributed", "tensor"), "weight_sync.transport",
-             "must be disk, distributed or tensor")
-        if w.transport == "tensor":
-            need(r.colocated, "weight_sync.transport",
-                 "'tensor' passes memory handles (CUDA IPC on GPU, shared memory on CPU) and needs the engines on "
-                 "rank 0's node (rollout.colocated=true); use 'distributed' or 'disk'")
-        need(w.bucket_mb >= 0, "weight_sync.bucket_mb", "must be >= 0 (0 = unbounded)")
-        need(w.dtype in (None, "fp32", "bf16"), "weight_sync.dtype", "must be null, fp32 or bf16")
-        t = self.trainer
-        need(t.total_steps >= 0, "trainer.total_steps", "must be >= 0")
-        need(t.save_interval >= 0, "trainer.save_interval", "must be >= 0")
-        need(t.keep_last_checkpoints >= 1, "trainer.keep_last_checkpoints", "must be >= 1")
-        need(t.eval_n_samples >= 1, "trainer.eval_n_samples", "must be >= 1")
-        need(t.max_consecutive_nonfinite >= 1, "trainer.max_consecutive_nonfinite", "must be >= 1")
-        need(r.max_consecutive_malformed_per_engine >= 1, "rollout.max_consecutive_malformed_per_engine",
-             "must be >= 1")
-        self._validate_ranges(need, local)
+        _need(total_responses % act.ppo_mini_batch_size == 0, "actor.ppo_mini_batch_size",
+              f"must divide rollout_batch_size x n_samples_per_prompt = {total_responses}")
+        _need(act.max_tokens_per_gpu >= d.max_prompt_length + r.max_response_length, "actor.max_tokens_per_gpu",
+              f"must hold one full sequence (max_prompt_length + max_response_length = "
+              f"{d.max_prompt_length + r.max_response_length})")
+        if self.weight_sync.transport == "tensor":
+            _need(r.colocated, "weight_sync.transport",
+                  "'tensor' passes memory handles (CUDA IPC on GPU, shared memory on CPU) and needs the engines on "
+                  "rank 0's node (rollout.colocated=true); use 'distributed' or 'disk'")
         return self
-
-    def _validate_ranges(self, need, local: bool) -> None:
-        """Finite numbers everywhere; ranges, paths and URLs of the keys the rules above leave open."""
-        for sec in dataclasses.fields(self):
-            val = getattr(self, sec.name)
-            items = ([(f"{sec.name}.{f.name}", getattr(val, f.name)) for f in dataclasses.fields(val)]
-                     if dataclasses.is_dataclass(val) else [(sec.name, val)])
-            for key, v in items:
-                if isinstance(v, float):
-                    need(math.isfinite(v), key, f"must be a finite number (got {v!r})")
-        m, d, r, act, t = self.model, self.data, self.rollout, self.actor, self.trainer
-        for k in ("tiny_hidden_size", "tiny_num_layers", "tiny_num_attention_heads", "tiny_num_key_value_heads",
-                  "tiny_intermediate_size"):
-            need(getattr(m, k) >= 1, f"model.{k}", "must be >= 1")
-        for k in ("tokenizer_path", "megatron_ckpt", "tiny_tokenizer_dir"):
-            v = getattr(m, k)
-            need(v is None or not local or Path(v).exists(), f"model.{k}", f"not found: {v!r}")
-        for i, f in enumerate(d.val_files):
-            need(not local or Path(f).exists(), f"data.val_files[{i}]", f"file not found: {f}")
-            need(str(f).endswith((".parquet", ".jsonl", ".json")), f"data.val_files[{i}]",
-                 "must be .parquet or .jsonl")
-        need(d.demo_num_val_rows >= 0, "data.demo_num_val_rows", "must be >= 0")
-        for i, u in enumerate(r.engine_urls):
-            need(str(u).startswith(("http://", "https://")), f"rollout.engine_urls[{i}]",
-                 f"must start with http:// or https:// (got {u!r})")
-        need(re.fullmatch(r"[A-Za-z0-9._:\-]+", r.host or "") is not None, "rollout.host",
-             f"must be a host name or IP address (got {r.host!r})")
-        need(r.engine_tp_size >= 1, "rollout.engine_tp_size", "must be >= 1")
-        need(0 <= r.base_port <= 65535, "rollout.base_port", "must be a port number, or 0 to pick free ports")
-        need(r.engine_python is None or not local or (os.path.isfile(r.engine_python)
-                                                      and os.access(r.engine_python, os.X_OK)),
-             "rollout.engine_python", f"must be an executable file (got {r.engine_python!r}); unset, the "
-             f"engine venv built by `make engines` is used")
-        need(r.request_timeout_s > 0, "rollout.request_timeout_s", "must be > 0")
-        need(r.health_timeout_s > 0, "rollout.health_timeout_s", "must be > 0")
-        need(r.max_retries >= 0, "rollout.max_retries", "must be >= 0")
-        need(act.make_vocab_size_divisible_by >= 1, "actor.make_vocab_size_divisible_by", "must be >= 1")
-        need(0 <= act.min_lr <= max(act.lr, 0.0), "actor.min_lr", f"must be in [0, actor.lr={act.lr}]")
-        need(act.weight_decay >= 0, "actor.weight_decay", "must be >= 0")
-        need(0 <= act.adam_beta1 < 1, "actor.adam_beta1", "must be in [0, 1)")
-        need(0 <= act.adam_beta2 < 1, "actor.adam_beta2", "must be in [0, 1)")
-        need(act.adam_eps > 0, "actor.adam_eps", "must be > 0")
-        need(act.clip_grad >= 0, "actor.clip_grad", "must be >= 0 (0 = no clipping)")
-        need(t.eval_interval >= 0, "trainer.eval_interval", "must be >= 0 (0 = no periodic evaluation)")
-        need(t.eval_max_prompts >= 0, "trainer.eval_max_prompts", "must be >= 0 (0 = all)")
-        need(t.eval_temperature >= 0, "trainer.eval_temperature", "must be >= 0")
-        need(0 < t.eval_top_p <= 1, "trainer.eval_top_p", "must be in (0, 1]")
-        need(t.log_interval >= 1, "trainer.log_interval", "must be >= 1")
 
     def carries_surplus(self) -> bool:
         """Whether the dynamic sampler carries surplus groups to the next step: ``algorithm.carry_over_surplus``,
-        or ``rollout.partial_rollout`` when that is ``None`` (see the field)."""
+        or ``rollout.mode == "partial"`` when that is ``None`` (see the field)."""
         explicit = self.algorithm.carry_over_surplus
-        return bool(self.rollout.partial_rollout if explicit is None else explicit)
+        return self.rollout.mode == "partial" if explicit is None else explicit
 
     def resolved_algorithm(self) -> "AlgorithmSwitches":
         """The preset's switches with every explicitly set (non-``None``) ``algorithm.*`` key applied on top;
-        ``max_response_length`` comes from ``rollout.max_response_length``.
+        ``max_response_length`` comes from ``rollout.max_response_length`` (:meth:`AlgorithmConfig.resolved`).
 
         Raises:
             ConfigError: an invalid switch value (the ``algorithm.*`` field is named).
         """
-        from .algorithm.presets import ABLATION_SWITCHES, SWITCH_KEYS, resolve_preset
-
-        known = set(SWITCH_KEYS) | set(ABLATION_SWITCHES)
-        explicit = {k: v for k, v in dataclasses.asdict(self.algorithm).items() if v is not None and k in known}
-        explicit["max_response_length"] = self.rollout.max_response_length
-        try:
-            return resolve_preset(self.algorithm.preset, explicit)
-        except ValueError as e:
-            named = re.match(r"switch '(\w+)' (.*)", str(e), flags=re.S)
-            raise ConfigError(f"algorithm.{named.group(1)}: {named.group(2)}" if named else f"algorithm: {e}") from None
+        return self.algorithm.resolved(self.rollout.max_response_length)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 # -------------------------------------------------------------------- loading
+
+REMOVED_KEYS: dict[str, str] = {
+    "algorithm.clip_higher": "set algorithm.clip_ratio_high (= clip_ratio_low for no clip-higher)",
+    "algorithm.token_level_loss":
+        "set algorithm.loss_agg_mode (token-mean; seq-mean-token-mean for no token-level loss)",
+    "rollout.deterministic": "set rollout.mode (deterministic for true, streaming for false)",
+    "rollout.partial_rollout": "set rollout.mode (partial for true, streaming for false)",
+}
+"""Keys a config or override may no longer use -> what to set instead; :func:`load_config` refuses them with
+one line ``<key> was removed: <what to set>``. Each value has one key: the algorithm aliases set the same
+switch; the booleans ``rollout.deterministic`` / ``partial_rollout`` excluded each other (one ``rollout.mode``)."""
 
 
 def _type_hints(cls) -> dict[str, Any]:
@@ -650,6 +732,8 @@ def _build(cls, data: dict[str, Any], prefix: str):
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in data.items():
+        if f"{prefix}{k}" in REMOVED_KEYS:
+            raise ConfigError(f"{prefix}{k} was removed: {REMOVED_KEYS[prefix + k]}")
         if k not in names:
             close = [n for n in names if n.startswith(k[:4])]
             hint = f" (did you mean {', '.join(sorted(close))}?)" if close else ""

@@ -297,8 +297,8 @@ class Trainer:
             soft_overlong_punishment=self.alg.soft_overlong_punishment,
             overlong_buffer_length=self.alg.overlong_buffer_length,
             overlong_penalty_factor=self.alg.overlong_penalty_factor, seed=cfg.seed,
-            deterministic=r.deterministic, response_validator=self.response_validator,
-            partial_rollout=r.partial_rollout, partial_max_age=r.partial_max_age)
+            deterministic=r.mode == "deterministic", response_validator=self.response_validator,
+            partial_rollout=r.mode == "partial", partial_max_age=r.partial_max_age)
         if self.rank == 0:
             log.info("stop token ids: %s", list(self.rollout_settings.stop_token_ids))
         self.val_rows = val_rows(cfg)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -619,6 +620,20 @@ def test_config_switches_left_unset_take_the_preset_values():
         cfg.resolved_algorithm()
     for example in sorted(Path(__file__).resolve().parents[1].glob("examples/*/dapo.yaml")):
         assert isinstance(load_config(example, validate=False).resolved_algorithm(), AlgorithmSwitches), example
+
+
+@pytest.mark.parametrize("key,new_key", [("clip_higher", "algorithm.clip_ratio_high"),
+                                         ("token_level_loss", "algorithm.loss_agg_mode")])
+def test_config_refuses_removed_ablation_aliases(tmp_path, key, new_key):
+    """One key per value: the Table 1 aliases are refused in overrides and in YAML, in one line naming the key."""
+    from megatron_dapo.config import ConfigError, load_config
+
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(f"algorithm:\n  {key}: true\n")
+    for path, overrides in ((None, [f"algorithm.{key}=true"]), (cfg_path, [])):
+        with pytest.raises(ConfigError, match=rf"^algorithm\.{key} was removed: set {re.escape(new_key)} ") as e:
+            load_config(path, overrides, validate=False)
+        assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("overrides,refused", [

@@ -1,6 +1,6 @@
 """End to end through the real CLI, on the paths the cluster examples use and the tiny demo does not:
 
-* the default rollout path (``rollout.deterministic=false``: one request per prompt, concurrent,
+* the default rollout path (``rollout.mode=streaming``: one request per prompt, concurrent,
   abort when the dynamic sampler is full) with overlong filtering, for 3 steps;
 * each algorithm preset: ``dapo`` (above) and ``grpo``. The recipe runs no reference model, so the
   ``grpo`` preset has its KL term off and trains as is; ``algorithm.kl_loss=true`` is refused by the
@@ -30,11 +30,11 @@ def _base(tmp, model, name, steps):
 @pytest.mark.slow
 def test_default_rollout_path_with_overlong_filtering_trains_3_steps(tmp_path, tiny_model):  # noqa: F811
     proc = run_train(_base(tmp_path, tiny_model, "nd", 3) + [
-        "rollout.deterministic=false", "algorithm.overlong_filtering=true", "algorithm.preset=dapo"])
+        "rollout.mode=streaming", "algorithm.overlong_filtering=true", "algorithm.preset=dapo"])
     assert proc.returncode == 0, _fail(proc)
     run = tmp_path / "nd"
     cfg_text = (run / "config.yaml").read_text()
-    assert "deterministic: false" in cfg_text and "overlong_filtering: true" in cfg_text
+    assert "\n  mode: streaming\n" in cfg_text and "overlong_filtering: true" in cfg_text
     steps = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2, 3]
     for s in steps:

@@ -35,7 +35,7 @@ def _env():
 
 def _overrides(tmp: Path, model: Path, transport: str, colocated: bool, steps: int = 3) -> list[str]:
     return [f"output_dir={tmp}", "run_name=sgl", f"model.hf_path={model}", f"trainer.total_steps={steps}",
-            "rollout.backend=sglang", "rollout.deterministic=false", f"rollout.colocated={str(colocated).lower()}",
+            "rollout.backend=sglang", "rollout.mode=streaming", f"rollout.colocated={str(colocated).lower()}",
             f"weight_sync.transport={transport}", "weight_sync.check_logprobs=true", "trainer.save_interval=0",
             "trainer.eval_interval=0", "resume=none"]
 

@@ -100,7 +100,7 @@ def test_seed_capability_is_what_the_engine_does(engine):
         sp["sampling_seed"] = 4321
         assert sample() != a, "another seed gave the same samples"
         assert len({tuple(x) for x in a}) > 1, "the 3 items of one request share a seed"
-    else:  # e.g. SGLang on CPU ignores sampling_seed (rollout.deterministic warns for it)
+    else:  # e.g. SGLang on CPU ignores sampling_seed (rollout.mode=deterministic warns for it)
         assert a != b, "declared without honours_seed, but 36 seeded tokens repeated exactly"
 
 

@@ -15,7 +15,7 @@ SMALL = ["rollout.rollout_batch_size=4", "rollout.n_samples_per_prompt=4", "acto
 @pytest.mark.slow
 def test_corrections_train_and_report_masked_fractions(tmp_path, tiny_model):  # noqa: F811
     proc = run_train([f"output_dir={tmp_path}", "run_name=offp", f"model.hf_path={tiny_model}",
-                      "trainer.total_steps=2", "rollout.deterministic=false", "algorithm.tis_cap=2.0",
+                      "trainer.total_steps=2", "rollout.mode=streaming", "algorithm.tis_cap=2.0",
                       "algorithm.seq_is_mask_low=0.999", "algorithm.seq_is_mask_high=1.001",
                       "algorithm.icepop_low=0.5", "algorithm.icepop_high=5.0"] + SMALL)
     assert proc.returncode == 0, _fail(proc)

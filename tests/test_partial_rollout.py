@@ -1,4 +1,4 @@
-"""Partial rollout (``rollout.partial_rollout``): aborted samples are parked and continued the next step.
+"""Partial rollout (``rollout.mode: partial``): aborted samples are parked and continued the next step.
 
 A fake engine scripts each prompt: a ``"done"`` prompt answers at once; a ``"hold"`` prompt waits for
 ``abort(rid)`` and then answers with the per-sample outputs of its script (finished samples and aborted
@@ -302,15 +302,22 @@ def test_pending_group_and_token_versions_validation():
 
 
 def test_config_validates_partial_rollout_keys():
-    from megatron_dapo.config import ConfigError, DAPOConfig
+    from megatron_dapo.config import ConfigError, DAPOConfig, load_config
 
     cfg = DAPOConfig()
-    assert cfg.rollout.partial_rollout is False and cfg.rollout.partial_max_age == 1
+    assert cfg.rollout.mode == "streaming" and cfg.rollout.partial_max_age == 1
     cfg.model.make_tiny, cfg.model.hf_path = True, "unused"
-    cfg.rollout.partial_rollout, cfg.rollout.deterministic = True, True
-    with pytest.raises(ConfigError, match="rollout.partial_rollout: needs rollout.deterministic=false"):
+    # partial rollout and deterministic rounds are one key's values: the pair cannot be asked for; the old
+    # booleans are refused in one line naming rollout.mode
+    for key, value in (("partial_rollout", "partial"), ("deterministic", "deterministic")):
+        with pytest.raises(ConfigError, match=rf"^rollout\.{key} was removed: set rollout\.mode \({value} for true,"):
+            load_config(None, [f"rollout.{key}=true"], validate=False)
+    with pytest.raises(ConfigError, match="rollout.mode: must be one of streaming, deterministic, partial"):
+        load_config(None, ["rollout.mode=both"], validate=False)
+    cfg.rollout.mode = "both"
+    with pytest.raises(ConfigError, match="rollout.mode: must be streaming, deterministic or partial"):
         cfg.validate(target="cluster")
-    cfg.rollout.deterministic = False
+    cfg.rollout.mode = "partial"
     cfg.validate(target="cluster")
     cfg.rollout.partial_max_age = 0
     with pytest.raises(ConfigError, match="rollout.partial_max_age: must be an int >= 1"):
@@ -531,7 +538,8 @@ def test_config_carry_over_surplus_follows_partial_rollout_unless_set():
     from megatron_dapo.config import load_config
 
     assert load_config(None, [], validate=False).carries_surplus() is False
-    assert load_config(None, ["rollout.partial_rollout=true"], validate=False).carries_surplus() is True
-    explicit_off = ["rollout.partial_rollout=true", "algorithm.carry_over_surplus=false"]
+    assert load_config(None, ["rollout.mode=deterministic"], validate=False).carries_surplus() is False
+    assert load_config(None, ["rollout.mode=partial"], validate=False).carries_surplus() is True
+    explicit_off = ["rollout.mode=partial", "algorithm.carry_over_surplus=false"]
     assert load_config(None, explicit_off, validate=False).carries_surplus() is False
     assert load_config(None, ["algorithm.carry_over_surplus=true"], validate=False).carries_surplus() is True

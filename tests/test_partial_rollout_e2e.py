@@ -1,4 +1,4 @@
-"""End to end through the real CLI on the CPU engine: ``rollout.partial_rollout=true`` parks the groups aborted when
+"""End to end through the real CLI on the CPU engine: ``rollout.mode=partial`` parks the groups aborted when
 the dynamic sampler fills, continues them the next step, reports it under ``rollout/partial_*``, carries the surplus
 groups to the next step (``algorithm.carry_over_surplus`` follows partial rollout), and carries both through a
 checkpoint into a resumed run."""
@@ -12,7 +12,7 @@ from test_e2e import _fail, read_scalars, run_train, tiny_model  # noqa: F401  (
 
 # 2 kept groups of 8 samples, 32 prompts requested per round: the CPU engine decodes them in batches of 64
 # sequences, so the sampler fills while later batches are queued or decoding, and those requests are aborted
-PARTIAL = ["rollout.deterministic=false", "rollout.partial_rollout=true", "algorithm.oversample_factor=16",
+PARTIAL = ["rollout.mode=partial", "algorithm.oversample_factor=16",
            "rollout.rollout_batch_size=2", "rollout.n_samples_per_prompt=8", "actor.ppo_mini_batch_size=16",
            "trainer.export_hf=false", "trainer.save_interval=0", "trainer.eval_interval=0"]
 KEYS = ("parked", "continued", "tokens_reused", "dropped_stale", "tokens_dropped", "pending")
@@ -26,7 +26,7 @@ def test_partial_rollout_three_steps_then_resume(tmp_path, tiny_model):  # noqa:
     proc = run_train(base + ["trainer.total_steps=3"])
     assert proc.returncode == 0, _fail(proc)
     run = tmp_path / "partial"
-    assert "partial_rollout: true" in (run / "config.yaml").read_text()
+    assert "\n  mode: partial\n" in (run / "config.yaml").read_text()
     sc = read_scalars(run / "tb")
     for k in [f"rollout/partial_{k}" for k in KEYS] + ["rollout/generated_tokens", "rollout/trained_tokens"]:
         assert [s for s, _ in sc[k]] == [1, 2, 3], k

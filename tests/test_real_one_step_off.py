@@ -28,7 +28,7 @@ from test_e2e import _fail, read_steps, run_train
 
 TOL = 1e-4
 STEPS = 5
-SETTINGS = ["rollout.colocated=false", "rollout.max_staleness=1", "rollout.deterministic=true",
+SETTINGS = ["rollout.colocated=false", "rollout.max_staleness=1", "rollout.mode=deterministic",
             "rollout.rollout_batch_size=4", "rollout.n_samples_per_prompt=4", "actor.ppo_mini_batch_size=16",
             "algorithm.tis_cap=2.0", "weight_sync.check_logprobs=true", "trainer.eval_interval=0",
             "trainer.save_interval=2", "trainer.keep_last_checkpoints=3", "trainer.export_hf=false"]

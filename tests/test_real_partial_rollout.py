@@ -1,7 +1,7 @@
 """Partial rollout end to end on every engine kind: our CPU engine, REAL SGLang and REAL vLLM.
 
 The same run on each session engine of ``tests/engine_fixtures.py`` (``rollout.engine_urls``, the default
-streaming rollout with ``rollout.partial_rollout=true``), sized per kind so the server is overfilled and requests
+streaming rollout with ``rollout.mode=partial``), sized per kind so the server is overfilled and requests
 are still generating when the dynamic sampler fills: the aborted requests come back with their tokens and
 logprobs (the protocol suite checks the engine side: ``test_aborted_prefix_continues_with_aligned_logprobs``),
 are parked, and are continued at the next step with prompt + prefix as input. Checked: samples were parked
@@ -19,7 +19,7 @@ from test_e2e import _fail, read_steps, run_train
 
 TOL = 1e-4
 STEPS = 3
-COMMON = ["rollout.colocated=false", "rollout.deterministic=false", "rollout.partial_rollout=true",
+COMMON = ["rollout.colocated=false", "rollout.mode=partial",
           "weight_sync.check_logprobs=true", "trainer.eval_interval=0", "trainer.save_interval=0",
           "trainer.export_hf=false", "resume=none", "algorithm.overlong_buffer_length=16"]
 # per kind: enough concurrent work that later requests wait or run while the first groups are scored

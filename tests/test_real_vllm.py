@@ -384,7 +384,7 @@ def test_trainer_on_vllm_concurrent_rollout_counts_aborts(vllm_server, tmp_path,
         # the second half waits while the first is generated and scored, so when one mixed group fills the
         # sampler there are requests in flight to abort (groups that finished generating are kept as surplus
         # by the streaming scorer, and the sequences of one batch finish together on the protocol model)
-        "trainer.total_steps=3", "rollout.deterministic=false", "rollout.rollout_batch_size=1",
+        "trainer.total_steps=3", "rollout.mode=streaming", "rollout.rollout_batch_size=1",
         "rollout.n_samples_per_prompt=32", "algorithm.oversample_factor=8.0", "rollout.max_response_length=200",
         "algorithm.overlong_buffer_length=16", "actor.ppo_mini_batch_size=32"])
     assert proc.returncode == 0, _fail(proc) + _server_log(server_log)

@@ -1,4 +1,4 @@
-"""The default rollout path (``rollout.deterministic: false``), the one every cluster example uses.
+"""The default rollout path (``rollout.mode: streaming``), the one every cluster example uses.
 
 One request per prompt, all in flight at once; groups are scored as they complete and handed to the
 dynamic sampler; once it is full the requests still running are aborted, their partial tokens

@@ -1,7 +1,7 @@
 """Fast checks (no engine server) of the real-SGLang pieces: CPU launch command and environment, the
 weight-update bracket rule, the update-group store layout against torch's own helper (what SGLang's
 ``init_custom_process_group`` calls), the flattened-bucket format, tied-embedding filtering, the
-``rollout.deterministic`` warning and the one-line exit 2 for a missing engine interpreter."""
+``rollout.mode=deterministic`` warning and the one-line exit 2 for a missing engine interpreter."""
 from __future__ import annotations
 
 import os
@@ -160,9 +160,9 @@ def test_weight_sync_drops_tied_lm_head(tmp_path):
 def test_deterministic_with_sglang_warns_and_names_the_key():
     from megatron_dapo.config import DeterminismWarning, load_config
 
-    with pytest.warns(DeterminismWarning, match="rollout.deterministic"):
+    with pytest.warns(DeterminismWarning, match="rollout.mode=deterministic"):
         load_config(str(REPO / "examples/tiny-cpu/dapo.yaml"), ["rollout.backend=sglang"])
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeterminismWarning)
         load_config(str(REPO / "examples/tiny-cpu/dapo.yaml"), ["rollout.backend=cpu"])
-        load_config(str(REPO / "examples/tiny-cpu/dapo.yaml"), ["rollout.backend=sglang", "rollout.deterministic=false"])
+        load_config(str(REPO / "examples/tiny-cpu/dapo.yaml"), ["rollout.backend=sglang", "rollout.mode=streaming"])

@@ -243,7 +243,7 @@ TOTAL_STEPS = 4
 # Both jobs run this: the smoke job uninterrupted (it is the reference), the other preempted. Rollouts are
 # made reproducible (one ordered engine request per round, no mid-round abort), so the two runs see the
 # same batches; dynamic sampling stays on, as in the example.
-RUN_OVERRIDES = [f"trainer.total_steps={TOTAL_STEPS}", "rollout.deterministic=true"]
+RUN_OVERRIDES = [f"trainer.total_steps={TOTAL_STEPS}", "rollout.mode=deterministic"]
 
 
 @pytest.fixture(scope="module")
@@ -396,7 +396,7 @@ def test_sigusr1_checkpoints_requeues_and_resumes_with_the_next_batch(preemption
     trains steps k+1..N (:func:`drive_preemption` runs the job, see the ``preemption`` fixture).
 
     "The batch it would have had" is the uninterrupted reference job's batch: same config, same TP=2
-    layout across the two nodes, rollouts made reproducible (``rollout.deterministic``: one ordered
+    layout across the two nodes, rollouts made reproducible (``rollout.mode=deterministic``: one ordered
     engine request per round, so the engine's batch composition, and with it every sampled token, does
     not depend on timing). Steps 1..k show the two runs agree when nothing happens; step k+1 onwards
     can only agree if the step counter, the data position, the dynamic sampler, the actor's weights and

@@ -31,7 +31,7 @@ def test_cpu_smoke_job_with_real_sglang_engines(tmp_path):
     # the job's Python is this one (a checkout without .venv would fall back to python3)
     env = {**probe, "DAPO_ENGINE_BACKEND": "sglang", "DAPO_PYTHON": probe.get("DAPO_PYTHON", sys.executable)}
     run = SmokeRun(tmp_path, tmp_path / "model" / "tiny-qwen2", "sglang",
-                   ["trainer.total_steps=2", "rollout.deterministic=false", "weight_sync.check_logprobs=true"])
+                   ["trainer.total_steps=2", "rollout.mode=streaming", "weight_sync.check_logprobs=true"])
     r = run.submit(env, wait=True, timeout=900)
     assert r.returncode == 0, f"job {run.job} failed (sbatch rc {r.returncode}: {r.stderr.strip()})\n{run.diagnose()}"
     assert [s["step"] for s in run.steps()] == [1, 2], run.diagnose()

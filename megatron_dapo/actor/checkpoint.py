@@ -207,7 +207,7 @@ and loads at any layout."""
 
 
 def _optim_format(actor) -> str:
-    return getattr(actor.cfg, "dist_optimizer_ckpt_format", None) or "dp_reshardable"
+    return actor.cfg.dist_optimizer_ckpt_format
 
 
 def _sharded_state_dict(actor, with_optimizer: bool, is_loading: bool,

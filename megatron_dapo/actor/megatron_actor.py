@@ -136,8 +136,8 @@ class MegatronActor:
             self.spec, tp=self.tp, pp=self.pp, vpp=self.vpp, params_dtype=c.params_dtype,
             sequence_parallel=c.sequence_parallel, context_parallel=c.context_parallel_size,
             recompute=c.recompute, fp8=c.fp8, fp8_recipe=c.fp8_recipe, on_cpu=on_cpu,
-            num_layers_in_first_pipeline_stage=getattr(c, "num_layers_in_first_pipeline_stage", None),
-            num_layers_in_last_pipeline_stage=getattr(c, "num_layers_in_last_pipeline_stage", None))
+            num_layers_in_first_pipeline_stage=c.num_layers_in_first_pipeline_stage,
+            num_layers_in_last_pipeline_stage=c.num_layers_in_last_pipeline_stage)
         self.tconfig = TransformerConfig(**kw)
         if on_cpu or c.fp8 is None and not _has_te():
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -314,7 +314,7 @@ class MegatronActor:
         if local and not lengths:
             raise ValueError(f"data-parallel rank {self.dp_rank} received no rows")
         mine = list(range(len(lengths))) if local else balance_across_ranks(lengths, self.dp_size)[self.dp_rank]
-        pack = bool(getattr(self.cfg, "pack_sequences", False))
+        pack = self.cfg.pack_sequences
         if pack:
             enable_local_thd_attention()  # the local layer spec (CPU, or GPU without TE) needs it
             pad_multiple = packing_pad_multiple(self.tp, self.cfg.context_parallel_size,

@@ -22,6 +22,9 @@ Switches (fields of :class:`AlgorithmSwitches`, the resolved config)
 
 Ablation switches (accepted by :func:`resolve_preset` in ``overrides``)
 -----------------------------------------------------------------------
+Table 1's vocabulary for the rows below; a run's config (``algorithm.*``) takes the concrete switches only
+(``clip_ratio_high``, ``loss_agg_mode``), one key per value.
+
 * ``clip_higher``: True -> ``clip_ratio_high = 0.28``; False -> ``0.2`` (``clip_ratio_low`` stays 0.2).
 * ``token_level_loss``: True -> ``loss_agg_mode = "token-mean"``; False -> ``"seq-mean-token-mean"``.
 

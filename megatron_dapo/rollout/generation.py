@@ -10,7 +10,7 @@ Streaming scoring: a group's reward is computed in a worker thread
 requests keep generating while it is scored; a group being scored is past generation and is never
 aborted (when the sampler fills meanwhile it is kept as surplus).
 
-Partial rollout (``rollout.partial_rollout``, slime's ``--partial-rollout``): an aborted group is not
+Partial rollout (``rollout.mode: partial``, slime's ``--partial-rollout``): an aborted group is not
 dropped but parked in the sampler (:class:`~megatron_dapo.algorithm.PendingGroup`) with whatever each
 sample had generated (tokens, logprobs, the weight version of each span). The next step takes the
 parked groups back before asking the dataset for new prompts and continues them sample by sample:
@@ -88,7 +88,7 @@ class RolloutSettings:
 
 @dataclass
 class PartialRolloutStats:
-    """One step's partial-rollout counters (``rollout.partial_rollout``); :meth:`metrics` names them.
+    """One step's partial-rollout counters (``rollout.mode: partial``); :meth:`metrics` names them.
 
     Counts are samples (responses) or response tokens, summed over the step's rounds.
     """
@@ -153,7 +153,7 @@ class RoundStats:
     """Largest age of a batch response token, in weight versions (set by :func:`collect_batch`)."""
     partial: Optional[PartialRolloutStats] = None
     """The partial-rollout counters (:meth:`metrics` adds their ``partial_*`` names); None when
-    ``rollout.partial_rollout`` is off."""
+    ``rollout.mode`` is not ``partial``."""
 
     def scoring_started(self, now: Optional[float] = None) -> None:
         """A group's scoring begins (``now``: ``time.perf_counter()`` seconds, default the current time)."""
@@ -319,7 +319,7 @@ async def _continue(client, pg: PendingGroup, sp: dict, s: RolloutSettings, rid:
 async def _fill(client, sampler: DynamicSampler, next_prompts: Callable[[int], list[tuple[int, dict, list[int]]]],
                 tokenizer, s: RolloutSettings, stats: RoundStats, round_index: int, version: int = 0) -> None:
     if s.partial_rollout and stats.partial is None:
-        raise ValueError("rollout.partial_rollout is on but RoundStats.partial is None (pass a PartialRolloutStats)")
+        raise ValueError("RolloutSettings.partial_rollout is on but RoundStats.partial is None (pass a PartialRolloutStats)")
     want = sampler.num_prompts_to_request()
     resumed = sampler.take_pending(want) if s.partial_rollout else []  # parked groups first (partial rollout)
     prompts = next_prompts(want - len(resumed)) if want > len(resumed) else []
@@ -511,7 +511,7 @@ def generated_per_trained_token(step_metrics: Iterable[dict]) -> float:
     (the trainer's step scalars, e.g. the lines of ``<run_dir>/steps.jsonl``). Returns
     ``sum(generated) / sum(trained)`` (dimensionless; filtered, surplus and aborted work count as generated,
     a continued prefix only in the step that generated it). Dividing this figure of a run with
-    ``rollout.partial_rollout=true`` by that of the same run without it gives the "generated per trained
+    ``rollout.mode=partial`` by that of the same run without it gives the "generated per trained
     token partial/drop" of ``benchmarks/bench_partial_rollout.py``.
 
     Raises:

@@ -20,9 +20,12 @@ step with one line naming that engine's URL.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from ..errors import MegatronDapoError
+
+if TYPE_CHECKING:  # generation imports this module
+    from .generation import RolloutSettings
 
 __all__ = ["MALFORMED_REASONS", "MalformedEngineOutput", "ResponseValidator", "check_response", "screen_group"]
 
@@ -152,8 +155,8 @@ class ResponseValidator:
         return out
 
 
-def screen_group(settings: Any, outs: Sequence[Any]) -> bool:
+def screen_group(settings: RolloutSettings, outs: Sequence[Any]) -> bool:
     """Call-site hook of the generation loop: the ``response_validator`` of ``settings`` (a
     :class:`~megatron_dapo.rollout.generation.RolloutSettings`) screens ``outs``; True without one."""
-    validator = getattr(settings, "response_validator", None)
+    validator = settings.response_validator
     return True if validator is None else validator.screen_group(outs)
