@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from megatron_dapo.engines.cpu.requests import SeqRequest, truncated_sample
 
@@ -75,8 +77,6 @@ class CPUEngine:
 
     def __init__(self, model_path: str, *, seed: int = 0, max_batch_size: int = 64,
                  attn_implementation: str = "sdpa", device: str = "cpu") -> None:
-        from transformers import AutoModelForCausalLM
-
         self.model_path = os.path.abspath(model_path)
         if not os.path.isdir(self.model_path):
             raise FileNotFoundError(f"--model-path {model_path!r} is not a directory")
@@ -92,8 +92,6 @@ class CPUEngine:
         tok_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
         if any(os.path.exists(os.path.join(self.model_path, f)) for f in tok_files):
             try:
-                from transformers import AutoTokenizer
-
                 self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
             except Exception as exc:  # unreadable tokenizer: text fields are ""
                 logger.warning("could not load the tokenizer in %s (%s); responses carry text=''",
@@ -230,8 +228,6 @@ class CPUEngine:
             if s.return_logprob and s.logprob_start_len >= 0:
                 keep = max(keep, lens[b] - max(s.logprob_start_len, 1) + 1)
         temps = torch.tensor([s.params.logprob_temperature for s in live], dtype=torch.float32)
-        from transformers import DynamicCache
-
         cache = DynamicCache()
         dev = self.device
         out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
@@ -370,8 +366,6 @@ class CPUEngine:
             ValueError: ``path`` is not a directory, has no safetensors file, repeats a tensor across
                 files, or fails :meth:`load_named_tensors`.
         """
-        from safetensors.torch import load_file
-
         if not os.path.isdir(path):
             raise ValueError(f"model_path {path!r} is not a directory")
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))

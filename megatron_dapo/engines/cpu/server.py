@@ -96,6 +96,7 @@ ALL_MEMORY_TAGS = ("weights", "kv_cache")
 """The memory tags of ``/release_memory_occupation`` / ``/resume_memory_occupation`` (all of them by default)."""
 
 _DEFAULT_GROUP = "weight_update_group"  # SGLang's default group_name
+_WEIGHTS_RELEASED = "weights are released; call /resume_memory_occupation with tags=['weights'] first"
 
 
 def _json_error(status: int, message: str) -> web.Response:
@@ -395,8 +396,7 @@ class CPUEngineServer:
         except RequestError as exc:
             return _json_error(400, str(exc))
         if "weights" in self.released_tags:
-            return _failure("weights are released; call /resume_memory_occupation with tags=['weights'] first",
-                            num_paused_requests=0)
+            return _failure(_WEIGHTS_RELEASED, num_paused_requests=0)
         self._abort_all_if_asked(body)
         try:
             msg = await self._run_blocking(self.engine.update_from_disk, path, body.get("weight_version"))
@@ -517,7 +517,7 @@ class CPUEngineServer:
         except RequestError as exc:
             return _json_error(400, str(exc))
         if "weights" in self.released_tags:
-            return _failure("weights are released; call /resume_memory_occupation with tags=['weights'] first")
+            return _failure(_WEIGHTS_RELEASED)
         self._abort_all_if_asked(body)
         fmt = body.get("load_format")
         try:
