@@ -17,7 +17,7 @@ from megatron_dapo.engines.client import (
     serialize_named_tensors_for_sglang,
     validate_sampling_params,
 )
-from megatron_dapo.engines.cpu.server import (
+from megatron_dapo.engines.cpu.requests import (
     RequestError,
     expand_generate_request,
     parse_sampling_params,

@@ -14,9 +14,9 @@ in ``output_ids`` with its logprob.
 
 Weights: :meth:`CPUEngine.update_from_disk` (``*.safetensors`` of a HF checkpoint, all parameters
 required) and :meth:`CPUEngine.load_named_tensors` (a subset by HF name, used after a broadcast)
-check names and shapes strictly before copying, under ``model_lock`` so updates happen between
-batches.  The HTTP server around it is :mod:`megatron_dapo.engines.cpu.server`, from which
-:class:`CPUEngine` is also importable.
+check names and shapes strictly; :meth:`CPUEngine.update_weights` copies them and bumps the weight
+version under ``model_lock``, so updates happen between batches.  The HTTP server around it is
+:mod:`megatron_dapo.engines.cpu.server`.
 """
 from __future__ import annotations
 
@@ -30,9 +30,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from megatron_dapo.engines.cpu.requests import SeqRequest, truncated_sample
-from megatron_dapo.engines.update_group import WeightUpdateGroup
 
 # Same logger name as the server module: one name for all of the engine's records.
 logger = logging.getLogger("megatron_dapo.cpu_engine")
@@ -76,8 +77,6 @@ class CPUEngine:
 
     def __init__(self, model_path: str, *, seed: int = 0, max_batch_size: int = 64,
                  attn_implementation: str = "sdpa", device: str = "cpu") -> None:
-        from transformers import AutoModelForCausalLM
-
         self.model_path = os.path.abspath(model_path)
         if not os.path.isdir(self.model_path):
             raise FileNotFoundError(f"--model-path {model_path!r} is not a directory")
@@ -93,8 +92,6 @@ class CPUEngine:
         tok_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
         if any(os.path.exists(os.path.join(self.model_path, f)) for f in tok_files):
             try:
-                from transformers import AutoTokenizer
-
                 self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
             except Exception as exc:  # unreadable tokenizer: text fields are ""
                 logger.warning("could not load the tokenizer in %s (%s); responses carry text=''",
@@ -109,8 +106,6 @@ class CPUEngine:
         self._seed_gen = torch.Generator().manual_seed(int(seed))
         self._seed_lock = threading.Lock()
         self.model_lock = threading.Lock()
-        self.released_tags: set[str] = set()
-        self.groups: dict[str, WeightUpdateGroup] = {}
         self._queue: "queue.Queue[_Job]" = queue.Queue()
         self._active: dict[str, SeqRequest] = {}
         self._active_lock = threading.Lock()
@@ -131,10 +126,12 @@ class CPUEngine:
         return ids
 
     def next_seed(self) -> int:
+        """The next seed of the master generator, in ``[0, 2**62)`` (thread-safe; arrival order)."""
         with self._seed_lock:
             return int(torch.randint(0, 2**62, (1,), generator=self._seed_gen).item())
 
     def decode(self, ids: list[int]) -> str:
+        """Text of token ``ids`` without special tokens; ``""`` without a (working) tokenizer."""
         if self.tokenizer is None:
             return ""
         try:
@@ -143,12 +140,10 @@ class CPUEngine:
             return ""
 
     def stop(self) -> None:
+        """Abort every in-flight sequence and stop the worker thread (waits up to 5 s for it)."""
         self._stop.set()
         self.abort(abort_all=True)
         self._worker.join(timeout=5)
-        for g in list(self.groups.values()):
-            g.destroy()
-        self.groups.clear()
 
     # ---- requests ----------------------------------------------------------------------
     def submit(self, seqs: list[SeqRequest], loop: asyncio.AbstractEventLoop | None = None) -> _Job:
@@ -162,6 +157,7 @@ class CPUEngine:
         return job
 
     def finish_job(self, job: _Job) -> None:
+        """Forget ``job``'s sequences (no longer abortable) and count it out of ``inflight``."""
         with self._active_lock:
             for s in job.seqs:
                 if self._active.get(s.rid) is s:
@@ -232,8 +228,6 @@ class CPUEngine:
             if s.return_logprob and s.logprob_start_len >= 0:
                 keep = max(keep, lens[b] - max(s.logprob_start_len, 1) + 1)
         temps = torch.tensor([s.params.logprob_temperature for s in live], dtype=torch.float32)
-        from transformers import DynamicCache
-
         cache = DynamicCache()
         dev = self.device
         out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
@@ -311,7 +305,8 @@ class CPUEngine:
         return res
 
     # ---- weights -----------------------------------------------------------------------
-    def _param_table(self) -> dict[str, torch.Tensor]:
+    def param_table(self) -> dict[str, torch.Tensor]:
+        """The model's parameters and persistent buffers by HF name (tied names included), live tensors."""
         table = dict(self.model.named_parameters(remove_duplicate=False))
         persistent = set(self.model.state_dict().keys())
         for name, buf in self.model.named_buffers(remove_duplicate=False):
@@ -325,7 +320,7 @@ class CPUEngine:
         Raises:
             ValueError: unknown name, shape mismatch, or (``require_complete``) missing params.
         """
-        table = self._param_table()
+        table = self.param_table()
         unknown = sorted(k for k in named if k not in table)
         if unknown:
             raise ValueError(f"unknown parameter name(s) for this model: {unknown[:8]}"
@@ -345,14 +340,32 @@ class CPUEngine:
                 table[k].copy_(v.to(dtype=table[k].dtype))
         return f"loaded {len(named)} tensors"
 
-    def bump_version(self, weight_version: str | None) -> str:
-        self._num_updates += 1
-        self.weight_version = str(weight_version) if weight_version is not None else str(self._num_updates)
-        return self.weight_version
+    def update_weights(self, named: dict[str, torch.Tensor], weight_version: str | None, *,
+                       require_complete: bool, source: str) -> str:
+        """Load ``named`` (:meth:`load_named_tensors`) and set the weight version, under ``model_lock``.
+
+        The new version is ``weight_version``, or the number of updates so far when it is None.
+        Returns ``"loaded N tensors {source}; weight_version=V"``.
+
+        Raises:
+            ValueError: as :meth:`load_named_tensors`; nothing is loaded and the version stays.
+        """
+        with self.model_lock:
+            msg = self.load_named_tensors(named, require_complete=require_complete)
+            self._num_updates += 1
+            version = str(weight_version) if weight_version is not None else str(self._num_updates)
+            self.weight_version = version
+        return f"{msg} {source}; weight_version={version}"
 
     def update_from_disk(self, path: str, weight_version: str | None) -> str:
-        from safetensors.torch import load_file
+        """Load every tensor of the ``*.safetensors`` files in directory ``path`` (all parameters required).
 
+        Returns the summary of :meth:`update_weights`.
+
+        Raises:
+            ValueError: ``path`` is not a directory, has no safetensors file, repeats a tensor across
+                files, or fails :meth:`load_named_tensors`.
+        """
         if not os.path.isdir(path):
             raise ValueError(f"model_path {path!r} is not a directory")
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
@@ -364,7 +377,4 @@ class CPUEngine:
                 if k in named:
                     raise ValueError(f"tensor {k!r} appears in more than one file under {path!r}")
                 named[k] = v
-        with self.model_lock:
-            msg = self.load_named_tensors(named, require_complete=True)
-            version = self.bump_version(weight_version)
-        return f"{msg} from {len(files)} file(s); weight_version={version}"
+        return self.update_weights(named, weight_version, require_complete=True, source=f"from {len(files)} file(s)")

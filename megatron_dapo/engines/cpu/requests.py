@@ -9,8 +9,7 @@ from the engine.  :func:`parse_sampling_params` checks one ``SamplingParams`` di
 what the CPU engine does not implement (stop strings, penalties, ``min_p``).
 :func:`truncated_sample` draws one token per row under top-k then top-p truncation.
 
-Bad input raises :class:`RequestError` naming the field (the server answers HTTP 400).  Everything
-here is also importable from :mod:`megatron_dapo.engines.cpu.server`.
+Bad input raises :class:`RequestError` naming the field (the server answers HTTP 400).
 """
 from __future__ import annotations
 
