@@ -24,12 +24,14 @@ import logging
 import threading
 from typing import Any, Callable, Optional, Protocol
 
-from ..algorithm import DynamicSamplingExhausted, Group
-from ..data import render_batch
+from ..algorithm import DynamicSampler, DynamicSamplingExhausted, Group
+from ..data import PromptDataset, render_batch
+from ..engines.engine_set import EngineSet
 from ..errors import MegatronDapoError, TrainingStopped, one_line
 from ..metrics import scoped, timed
 from ..sync.collective import from_rank0, on_rank0
 from .generation import RolloutSettings, collect_batch
+from .validate import ResponseValidator
 
 log = logging.getLogger("megatron_dapo")
 
@@ -59,8 +61,8 @@ class BatchSource(Protocol):
         """Wait until nothing is generating (before a checkpoint, an evaluation or a push from outside)."""
 
     def state_dict(self) -> Optional[dict[str, Any]]:
-        """The batch generated for the next step but not trained yet (rank 0; ``None`` when none or elsewhere);
-        call :meth:`drain` first."""
+        """The batch generated for the next step but not trained yet, JSON-serialisable (rank 0, which waits for
+        it if it is still generating; ``None`` when there is none, or on other ranks)."""
 
     def load_state_dict(self, state: Optional[dict[str, Any]], step: int) -> None:
         """Make ``state`` (from :meth:`state_dict` of a checkpoint at ``step``) the next step's batch."""
@@ -80,8 +82,8 @@ class Rollout:
         max_prompt_length: longer prompts (tokens) are skipped and counted in :attr:`prompt_skips`.
     """
 
-    def __init__(self, engines, dataset, sampler, tokenizer, settings: RolloutSettings, validator,
-                 max_prompt_length: int) -> None:
+    def __init__(self, engines: EngineSet, dataset: PromptDataset, sampler: DynamicSampler, tokenizer: Any,
+                 settings: RolloutSettings, validator: ResponseValidator, max_prompt_length: int) -> None:
         self.engines = engines
         self.dataset = dataset
         self.sampler = sampler
@@ -219,7 +221,7 @@ class SyncBatchSource:
     max_staleness = 0
     """The largest ``rollout/staleness`` of a batch this source hands out."""
 
-    def __init__(self, rollout: Callable[[int], RolloutResult], engines, *, is_rank0: bool) -> None:
+    def __init__(self, rollout: Callable[[int], RolloutResult], engines: EngineSet, *, is_rank0: bool) -> None:
         self.rollout = rollout
         self.engines = engines
         self.is_rank0 = bool(is_rank0)

@@ -50,18 +50,16 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
 from ..algorithm import DynamicSampler, Group, PendingGroup, StaleReset, soft_overlong_penalty
 from ..algorithm.dynamic_sampling import scoring_row
+from ..config import DAPOConfig
 from ..reward import RewardResult, get_score_executor, score_batch
 from ..engines.payloads import GenerateOutput
 from .validate import screen_group
-
-if TYPE_CHECKING:
-    from ..config import DAPOConfig
 
 
 @dataclass
@@ -89,7 +87,7 @@ class RolloutSettings:
     """Largest age, in weight versions, of a token of a continued sample; older samples are regenerated."""
 
     @classmethod
-    def from_config(cls, cfg: "DAPOConfig", *, stop_token_ids: Sequence[int],
+    def from_config(cls, cfg: DAPOConfig, *, stop_token_ids: Sequence[int],
                     response_validator: Optional[object] = None) -> "RolloutSettings":
         """The settings of ``cfg.rollout`` and the resolved algorithm's overlong shaping
         (:meth:`~megatron_dapo.config.DAPOConfig.resolved_algorithm`), seeded by ``cfg.seed``.
