@@ -210,7 +210,9 @@ def with_staleness(metrics: dict[str, float], step: int, version: int, max_stale
 
 class SyncBatchSource:
     """Synchronous rollout (``rollout.max_staleness: 0``): each batch is generated when it is asked for, with
-    the weights of the steps done; :meth:`push` pushes at once.
+    the weights of the steps done; :meth:`push` pushes at once. A batch ready in advance -- restored by
+    :meth:`load_state_dict` when no staler than :attr:`max_staleness`, or generated in the background by
+    :class:`OneStepOffBatchSource` -- is taken instead.
 
     Args:
         rollout: rank 0's ``(step) -> RolloutResult`` (a :class:`Rollout`); not called on other ranks.
