@@ -23,3 +23,7 @@ def one_line(message: str) -> str:
     """``message`` folded onto one line: its non-blank lines stripped and joined with ``"; "`` (an engine's
     log tail or a multi-line reason stays readable in the single line a stopped run ends with)."""
     return "; ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
+class TrainingStopped(MegatronDapoError, RuntimeError):
+    """The run cannot continue; the message says why and what to change (no traceback needed)."""

@@ -197,7 +197,7 @@ def test_trainer_dispatch_single_process_and_error_on_every_rank():
     cfg = DAPOConfig()
     cfg.actor.ppo_mini_batch_size = 4
     fake = SimpleNamespace(rank=0, alg=resolve_preset("dapo", {}), cfg=cfg, step=3, dispatcher=Dispatcher(0, 1))
-    shard = Trainer._dispatch_batch(fake, _groups())
+    shard = Trainer._dispatch(fake, *Trainer._advantages(fake, _groups()))
     flat = flatten_groups(_groups(), fake.alg)
     plan = plan_step(flat, mini_batch_size=4, ppo_epochs=1, dp_size=1,
                      generator=torch.Generator().manual_seed(cfg.seed * 7919 + 3))
@@ -206,4 +206,4 @@ def test_trainer_dispatch_single_process_and_error_on_every_rank():
     bad = _groups()
     bad[1].rewards = [1.0, float("nan"), 0.0, 0.0]
     with pytest.raises(NonFiniteAdvantageError, match="group 1"):
-        Trainer._dispatch_batch(fake, bad)
+        Trainer._advantages(fake, bad)

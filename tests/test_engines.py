@@ -307,6 +307,7 @@ def test_train_one_step_transitions_around_rollout_and_update():
     """Rollout on generating engines, training on released ones, then the new weights pushed as the next
     version; the trainer itself holds no engine state."""
     from megatron_dapo.algorithm import Group
+    from megatron_dapo.rollout.batch_source import SyncBatchSource
     from megatron_dapo.trainer import Trainer
 
     events = Events()
@@ -324,11 +325,11 @@ def test_train_one_step_transitions_around_rollout_and_update():
                     rewards=[1.0, -1.0, 1.0, -1.0], correct=[True, False, True, False],
                     finish_reasons=["stop"] * 4) for i in range(2)]
 
-    def rollout():
+    def rollout(step):
         events.log.append(("trainer", "rollout"))
         return groups, {"rollout/reward_mean": 0.0}, None
 
-    trainer._rollout = rollout
+    trainer.batches = SyncBatchSource(rollout, trainer.engines, is_rank0=True)
     metrics = trainer.train_one_step()
     log = events.log
     assert log[0] == ("engines", "to_generation", "0") and log[1] == ("trainer", "rollout")

@@ -30,6 +30,7 @@ from megatron_dapo.models.hf_config import UnsupportedModelError
 from megatron_dapo.models.mapping import MappingError
 from megatron_dapo.models.real_model import MissingExtraError
 from megatron_dapo.reward.math_verify_pool import MathVerifyWorkerError
+from megatron_dapo.rollout import batch_source
 from megatron_dapo.engines.launch_common import EngineLaunchError
 from megatron_dapo.engines.launch_router import RouterNotInstalledError
 from megatron_dapo.engines.transport import EngineError
@@ -118,13 +119,13 @@ def test_run_training_lets_bugs_propagate(fake_trainer):
 
 
 # ---------------------------------------------------------------------------------------------- rollout
-def _fake_self(validator_dropped: int = 0, prompt_skips: int = 0):
+def _fake_rollout(validator_dropped: int = 0, prompt_skips: int = 0) -> batch_source.Rollout:
     validator = SimpleNamespace(start_step=lambda: None, groups_dropped=validator_dropped,
                                 examples=["token id 999 >= vocab 300"], metrics=lambda: {})
-    return SimpleNamespace(response_validator=validator, prompt_skips=prompt_skips, client=None, sampler=None,
-                           engines=SimpleNamespace(weight_version="0"),
-                           tokenizer=None, rollout_settings=None, step=0, dataset=None,
-                           cfg=SimpleNamespace(data=SimpleNamespace(max_prompt_length=64)))
+    rollout = batch_source.Rollout(SimpleNamespace(client=None, weight_version="0"), dataset=None, sampler=None,
+                                   tokenizer=None, settings=None, validator=validator, max_prompt_length=64)
+    rollout.prompt_skips = prompt_skips
+    return rollout
 
 
 @pytest.mark.parametrize("exc", [EngineError("engine http://e0 died", urls=["http://e0"], status=503),
@@ -135,8 +136,8 @@ def test_rollout_returns_the_error_for_every_rank(monkeypatch, exc):
     def failing(*a, **k):
         raise exc
 
-    monkeypatch.setattr(trainer_mod, "collect_batch", failing)
-    groups, metrics, error = trainer_mod.Trainer._rollout(_fake_self())
+    monkeypatch.setattr(batch_source, "collect_batch", failing)
+    groups, metrics, error = _fake_rollout()(0)
     assert groups is None and metrics == {} and error is exc
     copy = pickle.loads(pickle.dumps(error))  # what _broadcast does to it
     assert type(copy) is type(exc) and str(copy) == str(exc)
@@ -146,8 +147,8 @@ def test_rollout_exhausted_sampling_adds_its_notes(monkeypatch):
     def failing(*a, **k):
         raise DynamicSamplingExhausted("max_num_gen_batches=2 rounds gave 1/4 groups.")
 
-    monkeypatch.setattr(trainer_mod, "collect_batch", failing)
-    _, _, error = trainer_mod.Trainer._rollout(_fake_self(validator_dropped=2, prompt_skips=5))
+    monkeypatch.setattr(batch_source, "collect_batch", failing)
+    _, _, error = _fake_rollout(validator_dropped=2, prompt_skips=5)(0)
     assert isinstance(error, DynamicSamplingExhausted)
     assert "2 groups were dropped for malformed engine responses (e.g. token id 999 >= vocab 300)" in str(error)
     assert "5 prompts were skipped as longer than data.max_prompt_length=64" in str(error)
@@ -158,9 +159,9 @@ def test_rollout_lets_bugs_propagate(monkeypatch):
     def failing(*a, **k):
         raise ZeroDivisionError
 
-    monkeypatch.setattr(trainer_mod, "collect_batch", failing)
+    monkeypatch.setattr(batch_source, "collect_batch", failing)
     with pytest.raises(ZeroDivisionError):
-        trainer_mod.Trainer._rollout(_fake_self())
+        _fake_rollout()(0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -130,7 +130,7 @@ def test_no_orphan_engines_after_ctrl_c_or_kill(tmp_path, tiny_model, sig):  # n
     while not (log.exists() and log.read_text().strip()) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     children = psutil.Process(proc.pid).children(recursive=True)
-    engines = [c for c in children if "cpu_engine" in " ".join(c.cmdline())]
+    engines = [c for c in children if "megatron_dapo.engines.cpu.server" in " ".join(c.cmdline())]
     assert engines, "the trainer should have started a CPU engine"
     proc.send_signal(sig)
     proc.wait(timeout=120)

@@ -59,6 +59,22 @@ class LossSettings:
     ``icepop_*``, built once by :meth:`RolloutCorrection.from_config`); ``None``: none."""
     temperature: float = 1.0
 
+    @classmethod
+    def from_config(cls, cfg) -> "LossSettings":
+        """The loss of a :class:`~megatron_dapo.config.DAPOConfig`: clipping, aggregation and KL of the resolved
+        algorithm (``kl_loss_coef`` 0 unless ``kl_loss``), ``algorithm.entropy_coeff``, the behaviour-policy
+        corrections of ``cfg.algorithm`` and the sampling ``rollout.temperature``.
+
+        Raises:
+            ConfigError: an invalid ``algorithm.*`` switch.
+        """
+        alg = cfg.resolved_algorithm()
+        return cls(clip_ratio_low=alg.clip_ratio_low, clip_ratio_high=alg.clip_ratio_high,
+                   clip_ratio_c=alg.clip_ratio_c, loss_agg_mode=alg.loss_agg_mode,
+                   entropy_coeff=cfg.algorithm.entropy_coeff,
+                   kl_loss_coef=float(alg.kl_loss_coef) if alg.kl_loss else 0.0, kl_loss_type=alg.kl_loss_type,
+                   correction=RolloutCorrection.from_config(cfg.algorithm), temperature=cfg.rollout.temperature)
+
 
 def _unwrap(module):
     while hasattr(module, "module"):

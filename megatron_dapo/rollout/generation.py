@@ -56,6 +56,7 @@ import torch
 
 from ..algorithm import DynamicSampler, Group, PendingGroup, StaleReset, soft_overlong_penalty
 from ..algorithm.dynamic_sampling import scoring_row
+from ..config import DAPOConfig
 from ..reward import RewardResult, get_score_executor, score_batch
 from ..engines.payloads import GenerateOutput
 from .validate import screen_group
@@ -84,6 +85,29 @@ class RolloutSettings:
     """Continue aborted groups next step instead of dropping them (module docstring)."""
     partial_max_age: int = 1
     """Largest age, in weight versions, of a token of a continued sample; older samples are regenerated."""
+
+    @classmethod
+    def from_config(cls, cfg: DAPOConfig, *, stop_token_ids: Sequence[int],
+                    response_validator: Optional[object] = None) -> "RolloutSettings":
+        """The settings of ``cfg.rollout`` and the resolved algorithm's overlong shaping
+        (:meth:`~megatron_dapo.config.DAPOConfig.resolved_algorithm`), seeded by ``cfg.seed``.
+
+        Args:
+            cfg: the run's validated config.
+            stop_token_ids: the ids that end a response (:func:`stop_ids_for_model`).
+            response_validator: see the field.
+
+        Raises:
+            ConfigError: an invalid ``algorithm.*`` switch.
+        """
+        r, alg = cfg.rollout, cfg.resolved_algorithm()
+        return cls(n_samples_per_prompt=r.n_samples_per_prompt, max_response_length=r.max_response_length,
+                   temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, stop_token_ids=stop_token_ids,
+                   soft_overlong_punishment=alg.soft_overlong_punishment,
+                   overlong_buffer_length=alg.overlong_buffer_length,
+                   overlong_penalty_factor=alg.overlong_penalty_factor, seed=cfg.seed,
+                   deterministic=r.mode == "deterministic", response_validator=response_validator,
+                   partial_rollout=r.mode == "partial", partial_max_age=r.partial_max_age)
 
 
 @dataclass
