@@ -194,9 +194,10 @@ def _stub_root(tmp_path: Path) -> Path:
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO_ROOT / "megatron_dapo" / "config.py", pkg / "config.py")
     (pkg / "__init__.py").write_text("")
-    (pkg / "rollout").mkdir()
-    (pkg / "rollout" / "__init__.py").write_text("")
-    (pkg / "rollout" / "cpu_engine.py").write_text(STUB_ENGINE)
+    (pkg / "engines" / "cpu").mkdir(parents=True)
+    for d in (pkg / "engines", pkg / "engines" / "cpu"):
+        (d / "__init__.py").write_text("")
+    (pkg / "engines" / "cpu" / "server.py").write_text(STUB_ENGINE)
     (pkg / "cli.py").write_text(STUB_CLI)
     (pkg / "train.py").write_text(STUB_TRAIN)
     (root / "examples" / "tiny-cpu").mkdir(parents=True)
