@@ -41,11 +41,10 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from megatron_dapo.config import ConfigError, load_config
-from megatron_dapo.data import RowValidationError, load_tokenizer, render_prompt, validate_row
+from megatron_dapo.data import RowValidationError, load_tokenizer, render_prompt, val_rows, validate_row
 from megatron_dapo.data.tokenizer import stop_token_ids as default_stop_ids
 from megatron_dapo.reward import score_batch
 from megatron_dapo.rollout.generation import stop_ids_for_model
-from megatron_dapo.trainer import val_rows
 
 logger = logging.getLogger(__name__)
 

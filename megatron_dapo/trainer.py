@@ -43,7 +43,7 @@ import torch.distributed as dist
 from .actor.parallel import destroy_parallel
 from .algorithm import DynamicSamplingExhausted, RolloutCorrection, logprob_mismatch_parts
 from .config import DAPOConfig, dump_config
-from .data import generate_tasks, load_rows, make_tiny_checkpoint, render_batch
+from .data import demo_rows, make_tiny_checkpoint, render_batch, val_rows
 from .engines.engine_set import BACKENDS, EngineSet
 from .errors import EXIT_USER_ERROR, MegatronDapoError, one_line
 from .launch import REQUEUE_EXIT_CODE
@@ -74,20 +74,6 @@ CONSOLE_KEYS = ("rollout/reward_mean", "rollout/acc", "rollout/response_length_m
 
 def _local_rank0() -> bool:
     return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0
-
-
-def demo_rows(cfg: DAPOConfig) -> list[dict]:
-    """The embedded default task: the project's own arithmetic problems (deterministic in ``seed``)."""
-    return generate_tasks(cfg.data.demo_num_rows, seed=cfg.seed)
-
-
-def val_rows(cfg: DAPOConfig) -> list[dict]:
-    """Evaluation rows: ``data.val_files``, else (demo task only) held-out generated problems, else none."""
-    if cfg.data.val_files:
-        return load_rows(cfg.data.val_files)
-    if not cfg.data.train_files:
-        return generate_tasks(cfg.data.demo_num_val_rows, seed=cfg.seed + 1)
-    return []
 
 
 def prepare_model(cfg: DAPOConfig, wait_s: float = 600.0) -> Path:

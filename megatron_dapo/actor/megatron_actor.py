@@ -35,7 +35,8 @@ from ..cpu_shims import apply_cpu_shims, cuda_available, device_remap, enable_lo
 from ..models import mapping
 from ..models.hf_config import ModelSpec, gpt_model_kwargs, spec_from_hf_config, transformer_config_kwargs
 from . import hf_weights
-from .batching import ActorBatch, balance_across_ranks, make_micro_batches, pad_columns
+from ..batch import ActorBatch
+from .batching import balance_across_ranks, make_micro_batches, pad_columns
 from .logprobs import vocab_parallel_logprobs_entropy
 from .nonfinite import NONFINITE_TERMS, NonFiniteGuard, NonFiniteUpdate, injected_term, nonfinite_bits
 from .offload import ensure_onloaded

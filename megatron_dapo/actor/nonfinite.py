@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..cpu_shims import cuda_available
-from .batching import ActorBatch
+from ..batch import ActorBatch
 
 log = logging.getLogger("megatron_dapo")
 

@@ -23,7 +23,7 @@ satisfy all constraints at once. With none of them the multiple is 1: no padding
 
 The inverse map (:meth:`PackedMicroBatch.unpack`) scatters per-token outputs of the packed row back to
 the ``[b, L]`` positions of the source rows, so logprobs/entropies keep the meaning of
-:class:`~megatron_dapo.actor.batching.ActorBatch` (entry ``[i, j]`` = token ``j`` of row ``i``).
+:class:`~megatron_dapo.batch.ActorBatch` (entry ``[i, j]`` = token ``j`` of row ``i``).
 """
 from __future__ import annotations
 

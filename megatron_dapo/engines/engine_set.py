@@ -33,7 +33,7 @@ from typing import Callable, Literal, Optional
 
 import torch
 
-from ..actor.batching import build_actor_batch
+from ..batch import build_actor_batch
 from ..config import DAPOConfig, RolloutConfig
 from .protocols import PolicyActor, RolloutBackendName, RolloutEngine, WeightTransportName
 from .launch_common import EngineProcesses, default_engine_python
