@@ -37,13 +37,9 @@ import contextlib
 import sys
 import types
 
+from .backend import has_cuda
+
 _APPLIED = False
-
-
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _stub_paged_stash() -> None:
@@ -239,7 +235,7 @@ def apply_cpu_shims() -> bool:
     Call before importing megatron.core model code.
     """
     global _APPLIED
-    if cuda_available():
+    if has_cuda():
         return False
     if _APPLIED:
         return True
@@ -286,7 +282,7 @@ def _make_remap_mode():
 @contextlib.contextmanager
 def device_remap():
     """Context in which CUDA device literals mean CPU (shim 4). A no-op on CUDA machines."""
-    if cuda_available():
+    if has_cuda():
         yield
         return
     apply_cpu_shims()

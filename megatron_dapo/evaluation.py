@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from megatron_dapo.config import ConfigError, load_config
 from megatron_dapo.data import RowValidationError, load_tokenizer, render_prompt, val_rows, validate_row
 from megatron_dapo.data.tokenizer import stop_token_ids as default_stop_ids
-from megatron_dapo.reward import score_batch
+from megatron_dapo.reward import score_batch, scoring_resources
 from megatron_dapo.rollout.generation import stop_ids_for_model
 
 logger = logging.getLogger(__name__)
@@ -561,6 +561,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     # the trainer's launch code; the engines run alone here (not colocated) and are used directly (no router)
     r = dataclasses.replace(r, engine_urls=settings["urls"])
     with ExitStack() as stack:
+        stack.enter_context(scoring_resources())
         try:
             try:
                 endpoints = launch_engines(r, LaunchRequest(settings["model"], cfg.run_dir / "eval_engine_logs",

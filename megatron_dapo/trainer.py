@@ -49,6 +49,7 @@ from .errors import EXIT_USER_ERROR, MegatronDapoError, one_line
 from .launch import REQUEUE_EXIT_CODE
 from .metrics import scalars, scoped, timed
 from .models.real_model import MissingExtraError, prepare_from_gguf
+from .reward import scoring_resources
 from .rollout.generation import collect_batch, stop_ids_for_model
 from .sync.collective import from_rank0 as _broadcast
 from .sync.collective import on_rank0
@@ -222,6 +223,7 @@ class Trainer:
     def __init__(self, cfg: DAPOConfig, preempt: Optional["_Preemption"] = None):
         self.cfg = cfg
         self._stack = ExitStack()
+        self._stack.enter_context(scoring_resources())  # the reward threads and math-verify workers end with the run
         self.preempt = preempt or _Preemption()
         self.alg = cfg.resolved_algorithm()
         if not cfg.rollout.engine_urls:  # a missing engine venv fails fast, before the actor is built

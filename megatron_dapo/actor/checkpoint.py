@@ -51,6 +51,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from ..backend import has_cuda
 from ..errors import MegatronDapoError
 from ..sync.collective import on_rank0
 
@@ -169,7 +170,7 @@ def _rng_state() -> dict[str, Any]:
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch_cpu": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state() if has_cuda() else None,
         "tracker": {k: v.clone() if torch.is_tensor(v) else v
                     for k, v in get_cuda_rng_tracker().get_states().items()},
     }
@@ -183,7 +184,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch_cpu"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
+    if state.get("cuda") is not None and has_cuda():
         torch.cuda.set_rng_state(state["cuda"])
     if state.get("tracker"):
         get_cuda_rng_tracker().set_states(state["tracker"])

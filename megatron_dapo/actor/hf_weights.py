@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
-from ..backend import has_cuda
+from ..backend import default_device
 from ..models import mapping
 from ..models.hf_config import ModelSpec
 
@@ -116,7 +116,7 @@ def iter_full_params(actor: ShardedActor, dtype: Optional[torch.dtype] = None, *
     tp_group = actor.ps.get_tensor_model_parallel_group()
     pp_group = actor.ps.get_pipeline_model_parallel_group()
     pp_ranks = dist.get_process_group_ranks(pp_group)
-    dev = torch.cuda.current_device() if has_cuda() else torch.device("cpu")
+    dev = default_device()
     if actor.dp_rank != 0:
         return
     for name in mapping.mcore_names(actor.spec):

@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from ..algorithm.policy_loss import RolloutCorrection
-from ..cpu_shims import apply_cpu_shims, cuda_available, device_remap, enable_local_thd_attention
+from ..backend import default_device, has_cuda
+from ..cpu_shims import apply_cpu_shims, device_remap, enable_local_thd_attention
 from ..models import mapping
 from ..models.hf_config import ModelSpec, gpt_model_kwargs, spec_from_hf_config, transformer_config_kwargs
 from . import hf_weights
@@ -132,7 +133,7 @@ class MegatronActor:
         from megatron.core.transformer import TransformerConfig
 
         c = self.cfg
-        on_cpu = not cuda_available()
+        on_cpu = not has_cuda()
         kw = transformer_config_kwargs(
             self.spec, tp=self.tp, pp=self.pp, vpp=self.vpp, params_dtype=c.params_dtype,
             sequence_parallel=c.sequence_parallel, context_parallel=c.context_parallel_size,
@@ -159,7 +160,7 @@ class MegatronActor:
             if model.post_process:
                 # The LM head is applied by the memory-lean chunked logprob kernel, not by GPTModel.
                 model.output_layer.forward = types.MethodType(_hidden_passthrough, model.output_layer)
-            if cuda_available():
+            if has_cuda():
                 model.cuda(torch.cuda.current_device())
             chunks.append(model)
         return chunks
@@ -290,7 +291,7 @@ class MegatronActor:
 
     def _forward_step(self, loss_fn, data_iterator, model):
         mb: ActorBatch = next(data_iterator)
-        dev = torch.cuda.current_device() if cuda_available() else torch.device("cpu")
+        dev = default_device()
         packed = mb.extras.get("packed") if mb.extras else None
         if packed is not None:
             # one THD row [1, T]: attention per cu_seqlens segment (TE on GPU, cpu_shims 5 on CPU), RoPE
@@ -395,7 +396,7 @@ class MegatronActor:
                 l = min(o["logprobs"].shape[1], L)  # micro-batches may be padded beyond L (sequence parallel)
                 res[0, r, :l] = o["logprobs"][: len(r), :l]
                 res[1, r, :l] = o["entropy"][: len(r), :l]
-        res = res.to(torch.cuda.current_device()) if cuda_available() else res
+        res = res.to(default_device())
         if not local:
             dist.all_reduce(res)  # exactly one contributor per row (last stage, TP rank 0, owning DP rank)
         elif self.tp * self.pp > 1:  # one contributor per row among this DP rank's TP x PP peers
@@ -504,7 +505,7 @@ class MegatronActor:
                 for i, k in enumerate(keys):
                     v = o.get(k, 0.0)
                     vec[i] += v if k in additive else v * o["_tokens"]
-        vec = vec.to(torch.cuda.current_device()) if cuda_available() else vec
+        vec = vec.to(default_device())
         dist.all_reduce(vec)
         vec = vec.cpu()
         tokens = max(float(vec[keys.index("_tokens")]), 1.0)

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..cpu_shims import cuda_available
+from ..backend import default_device
 from ..batch import ActorBatch
 
 log = logging.getLogger("megatron_dapo")
@@ -162,7 +162,7 @@ class NonFiniteGuard:
                     if bits >> i & 1:
                         flags[2 + i] = 1.0
                 flags[2 + n_terms + self.dp_rank] = max(float(flags[2 + n_terms + self.dp_rank]), _MB_SLOT - k)
-        flags = flags.to(torch.cuda.current_device()) if cuda_available() else flags
+        flags = flags.to(default_device())
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # default group: every TP x PP x CP x DP rank
         flags = flags.cpu()
         terms = tuple(t for i, t in enumerate(NONFINITE_TERMS) if flags[2 + i] > 0)

@@ -9,7 +9,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..cpu_shims import apply_cpu_shims, cuda_available
+from ..backend import has_cuda
+from ..cpu_shims import apply_cpu_shims
 
 
 def free_port() -> int:
@@ -51,8 +52,8 @@ def init_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int =
         rank, world, local, addr, port = _dist_env()
         if world == 1 and not port:
             port = free_port()
-        backend = "nccl" if cuda_available() else "gloo"
-        if cuda_available():
+        backend = "nccl" if has_cuda() else "gloo"
+        if has_cuda():
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend, init_method=f"tcp://{addr}:{port}", rank=rank,
                                 world_size=world, timeout=timedelta(seconds=timeout_s))

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from megatron_dapo.backend import has_cuda
 from megatron_dapo.engines.launch_common import EngineProcesses, default_engine_python, find_free_ports
 
 
@@ -84,9 +85,7 @@ VLLM_SERVED_MODEL_NAME = "policy"
 
 def _on_cpu() -> bool:
     try:
-        import torch
-
-        return not torch.cuda.is_available()
+        return not has_cuda()
     except Exception:  # pragma: no cover - no torch in this interpreter
         return True
 

@@ -25,6 +25,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from ..backend import has_cuda
 from . import mapping
 from .export import copy_side_files, write_safetensors_shards
 from .hf_config import ModelSpec, gpt_model_kwargs, read_hf_config, spec_from_hf_config, transformer_config_kwargs
@@ -82,7 +83,7 @@ def megatron_model(spec: ModelSpec, *, tp: int = 1, pp: int = 1, params_dtype: s
     Yields ``{"model", "padded_vocab", "ps"}``; tears megatron's model-parallel groups down on exit.
     """
     from ..actor.parallel import init_parallel
-    from ..cpu_shims import apply_cpu_shims, cuda_available, device_remap
+    from ..cpu_shims import apply_cpu_shims, device_remap
 
     apply_cpu_shims()
     init_parallel(tp=tp, pp=pp, seed=seed)
@@ -94,12 +95,12 @@ def megatron_model(spec: ModelSpec, *, tp: int = 1, pp: int = 1, params_dtype: s
     padded = spec.padded_vocab_size(tp, divisible_by)
     with device_remap():
         cfg = TransformerConfig(**transformer_config_kwargs(spec, tp=tp, pp=pp, params_dtype=params_dtype,
-                                                            on_cpu=not cuda_available()))
+                                                            on_cpu=not has_cuda()))
         model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(
             qk_layernorm=spec.qk_layernorm, normalization="RMSNorm"),
             pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
             **gpt_model_kwargs(spec, padded))
-        if cuda_available():
+        if has_cuda():
             model.cuda(torch.cuda.current_device())
         model.eval()
         try:

@@ -447,7 +447,9 @@ def get_pool(num_workers: int = 1) -> MathVerifyPool:
 
 
 def shutdown_pool() -> None:
-    """Stop the process-wide pool's workers (registered with ``atexit``)."""
+    """Stop the process-wide pool's workers (idempotent). A run calls it through
+    :func:`megatron_dapo.reward.executor.scoring_resources`; it is also registered with ``atexit`` for library
+    callers."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is not None:

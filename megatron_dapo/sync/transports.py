@@ -34,6 +34,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from ..backend import MissingBackendError, has_cuda
 from ..errors import MegatronDapoError
 from ..engines.protocols import RolloutEngine, WeightTransportName
 
@@ -244,7 +245,7 @@ class DistributedTransport:
         self.timeout_s = float(timeout_s)
         self.master_address = master_address
         self.group_name = group_name or f"megatron_dapo_sync_{uuid.uuid4().hex[:8]}"
-        self.backend = "nccl" if torch.cuda.is_available() else "gloo"
+        self.backend = "nccl" if has_cuda() else "gloo"
         self.group = None
 
     def _resolve_engine_tp(self) -> int:
@@ -370,7 +371,7 @@ class TensorTransport:
         from ..engines.tensor_ipc import share_bucket
 
         self.prepare()
-        if torch.cuda.is_available():
+        if has_cuda():
             dev = torch.device("cuda", torch.cuda.current_device())
             tensors = [(n, t if t.device == dev else t.to(dev)) for n, t in bucket]
             torch.cuda.synchronize()
