@@ -30,18 +30,20 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from ..algorithm import agg_loss, compute_decoupled_policy_loss, kl_penalty
 from ..algorithm.policy_loss import RolloutCorrection
-from ..backend import default_device, has_cuda
+from ..backend import default_device, has_cuda, has_transformer_engine
+from ..batch import ActorBatch
 from ..cpu_shims import apply_cpu_shims, device_remap, enable_local_thd_attention
 from ..models import mapping
 from ..models.hf_config import ModelSpec, gpt_model_kwargs, spec_from_hf_config, transformer_config_kwargs
 from . import hf_weights
-from ..batch import ActorBatch
 from .batching import balance_across_ranks, make_micro_batches, pad_columns
 from .logprobs import vocab_parallel_logprobs_entropy
 from .nonfinite import NONFINITE_TERMS, NonFiniteGuard, NonFiniteUpdate, injected_term, nonfinite_bits
-from .offload import ensure_onloaded
+from .offload import ActorOffloader, ensure_onloaded
 from .packing import make_packed_micro_batches, pack_sequences, packing_pad_multiple, padded_length
+from .parallel import init_parallel
 
 log = logging.getLogger("megatron_dapo")
 
@@ -82,9 +84,8 @@ class MegatronActor:
     def __init__(self, hf_path: str | Path, actor_cfg, *, total_train_steps: int = 1, seed: int = 1234,
                  load_weights: bool = True):
         apply_cpu_shims()
+        # heavy: megatron-core, imported once a model is built (after the CPU shims)
         from megatron.core import parallel_state as ps
-
-        from .parallel import init_parallel
 
         self.cfg = actor_cfg
         self.hf_path = Path(hf_path)
@@ -129,6 +130,7 @@ class MegatronActor:
 
     # ------------------------------------------------------------------ construction
     def _build_model(self):
+        # heavy: megatron-core, imported once a model is built (after the CPU shims)
         from megatron.core.models.gpt import GPTModel
         from megatron.core.transformer import TransformerConfig
 
@@ -142,10 +144,12 @@ class MegatronActor:
             num_layers_in_last_pipeline_stage=getattr(c, "num_layers_in_last_pipeline_stage", None))
         self.tconfig = TransformerConfig(**kw)
         if on_cpu or c.fp8 is None and not _has_te():
+            # heavy: megatron-core, imported once a model is built (after the CPU shims)
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
             layer_spec = get_gpt_layer_local_spec(qk_layernorm=self.spec.qk_layernorm, normalization="RMSNorm")
         else:
+            # heavy: megatron-core, imported once a model is built (after the CPU shims)
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
             layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=self.spec.qk_layernorm)
@@ -166,6 +170,7 @@ class MegatronActor:
         return chunks
 
     def _wrap_ddp_and_optimizer(self, total_train_steps: int) -> None:
+        # heavy: megatron-core, imported once a model is built (after the CPU shims)
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -310,6 +315,7 @@ class MegatronActor:
         """Split ``batch`` over DP (unless ``local``: it is this DP rank's share already), into
         micro-batches, and run Megatron's schedule. Returns the loss dicts (last stage only) and the local
         row indices in micro-batch order."""
+        # heavy: megatron-core, imported once a model is built (after the CPU shims)
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         lengths = batch.seq_lengths.tolist()
@@ -426,8 +432,6 @@ class MegatronActor:
         inf/nan for a skipped update), ``update_skipped`` (0/1), ``nonfinite_grad_norm`` and
         ``nonfinite_<term>`` (0/1) for each term of :data:`NONFINITE_TERMS`.
         """
-        from ..algorithm import agg_loss, compute_decoupled_policy_loss, kl_penalty
-
         if local and (global_num_tokens is None or global_num_seqs is None):
             raise ValueError("train_step(local=True) needs global_num_tokens and global_num_seqs of the whole "
                              "mini-batch (a local count would mis-normalise the loss across DP ranks)")
@@ -527,8 +531,6 @@ class MegatronActor:
             ``memory/actor_offload_bytes``, per-category ``memory/actor_offload_*_bytes`` and
             ``timing/actor_offload_s`` (also kept in :attr:`offload_metrics`).
         """
-        from .offload import ActorOffloader
-
         if getattr(self, "_offloader", None) is None:
             self._offloader = ActorOffloader(self.chunks, self.optimizer)
         out = self._offloader.offload(force=force)
@@ -573,6 +575,7 @@ def _hidden_passthrough(self, input_, weight=None, runtime_gather_output=None):
     (``_sp_gathered`` tells :meth:`MegatronActor._token_logprobs`).
     """
     if getattr(self, "sequence_parallel", False):
+        # heavy: megatron-core, imported once a model is built (after the CPU shims)
         from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
         input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True)
@@ -580,6 +583,4 @@ def _hidden_passthrough(self, input_, weight=None, runtime_gather_output=None):
 
 
 def _has_te() -> bool:
-    from ..backend import has_transformer_engine
-
     return has_transformer_engine()

@@ -180,6 +180,7 @@ class NonFiniteGuard:
                 log.warning("update %d skipped: %s; parameters, optimizer state and LR schedule unchanged",
                             update_index, check.describe())
             return check, grad_norm
+        # heavy: megatron-core, imported once a model is built (after the CPU shims)
         from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
         for o in getattr(opt, "chained_optimizers", [opt]):

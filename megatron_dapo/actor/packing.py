@@ -32,6 +32,8 @@ from typing import Optional
 
 import torch
 
+from ..cpu_shims import apply_cpu_shims
+
 
 class PackingError(ValueError):
     """Invalid input to packing (names the offending row or argument)."""
@@ -113,9 +115,8 @@ class PackedMicroBatch:
         (TE skips the filler between them); ``max_seqlen_q/kv`` is the longest padded segment.
         Source: ``megatron/core/packed_seq_params.py`` and TE ``DotProductAttention`` (``qkv_format="thd"``).
         """
-        from ..cpu_shims import apply_cpu_shims
-
         apply_cpu_shims()  # before the first megatron import (a no-op with CUDA)
+        # heavy: megatron-core, imported once a model is built (after the CPU shims)
         from megatron.core.packed_seq_params import PackedSeqParams
 
         cu = self.cu_seqlens.to(device=device, dtype=torch.int32)

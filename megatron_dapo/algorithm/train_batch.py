@@ -94,6 +94,7 @@ def logprob_mismatch_parts(old_logprobs: torch.Tensor, rollout_logprobs: torch.T
     returns the pieces of). ``max`` is 0 without valid tokens. Shapes ``[N, L]``; raises ``ValueError`` as
     that function does.
     """
+    # heavy: importing megatron_dapo.sync loads the weight-sync stack; the algorithm stays pure torch
     from ..sync.metrics import rollout_logprob_mismatch
 
     m = rollout_logprob_mismatch(old_logprobs, rollout_logprobs, mask)

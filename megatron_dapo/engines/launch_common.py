@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import importlib.util
 import os
 import signal
 import socket
@@ -64,7 +65,6 @@ def default_engine_python(backend: str, configured: str | None = None) -> str:
             raise MissingBackendError(f"rollout.engine_python={configured!r} is not an executable file (run `make "
                                       f"engines` to build {ENGINE_VENVS[backend]}, or unset it)")
         return configured
-    import importlib.util
 
     if importlib.util.find_spec(_ENGINE_MODULES[backend]) is not None:
         return sys.executable

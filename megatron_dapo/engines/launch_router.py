@@ -9,7 +9,10 @@
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -84,14 +87,10 @@ def build_sglang_router_command(worker_urls: Sequence[str], *, port: int, host: 
 def _plain_tail(path: Path | None, n: int = 40) -> str:
     """:func:`~megatron_dapo.engines.launch_common._tail` without ANSI colour codes (the router always colours its log
     lines)."""
-    import re
-
     return re.sub(r"\x1b\[[0-9;]*m", "", _tail(path, n))
 
 
 def _http_json(url: str, api_key: str | None, timeout_s: float = 2.0):
-    import json
-
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
@@ -202,8 +201,6 @@ def launch_sglang_router(worker_urls: Sequence[str], *, host: str = "127.0.0.1",
             sglang-router``), the router exited (e.g. a bad flag) or did not route in time - with its log's last lines.
         ValueError: bad arguments (see :func:`build_sglang_router_command`).
     """
-    import importlib.util
-
     if importlib.util.find_spec("sglang_router") is None:
         raise RouterNotInstalledError(ROUTER_INSTALL_HINT)
     free = find_free_ports(2, host)

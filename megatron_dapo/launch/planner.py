@@ -19,6 +19,7 @@ pipeline bubble, and a larger token budget.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from collections import Counter
@@ -240,8 +241,6 @@ def format_plan(result: PlanResult, top: int = 10, show_rejected: bool = False) 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
     """``tools/plan_parallelism.py`` entry point (see ``--help``). Returns 0, or 1 when nothing fits."""
-    import argparse
-
     ap = argparse.ArgumentParser(description="List Megatron parallel layouts that fit in GPU memory (analytic).")
     ap.add_argument("--hf-config", required=True, help="HF model directory or config.json")
     ap.add_argument("--nodes", type=int, default=1)

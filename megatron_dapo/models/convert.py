@@ -24,11 +24,18 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from tqdm import tqdm
 
+from ..actor.parallel import init_parallel
 from ..backend import has_cuda
+from ..cpu_shims import apply_cpu_shims, device_remap
 from . import mapping
 from .export import copy_side_files, write_safetensors_shards
-from .hf_config import ModelSpec, gpt_model_kwargs, read_hf_config, spec_from_hf_config, transformer_config_kwargs
+from .hf_config import (ModelSpec, UnsupportedModelError, gpt_model_kwargs, read_hf_config, spec_from_hf_config,
+                        transformer_config_kwargs)
+from .mapping import MappingError
 
 CONVERT_INFO = "convert_info.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,7 +44,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def _progress(it, total: int, desc: str, enabled: bool):
     if not enabled:
         return it
-    from tqdm import tqdm
 
     return tqdm(it, total=total, desc=desc, unit="tensor")
 
@@ -59,8 +65,6 @@ class HFTensorReader:
     """Lazy reader over the ``*.safetensors`` files of a HF directory (``get(name)`` → tensor)."""
 
     def __init__(self, hf_dir: str | Path):
-        from safetensors import safe_open
-
         hf_dir = Path(hf_dir)
         files = sorted(hf_dir.glob("*.safetensors"))
         if not files:
@@ -82,11 +86,9 @@ def megatron_model(spec: ModelSpec, *, tp: int = 1, pp: int = 1, params_dtype: s
 
     Yields ``{"model", "padded_vocab", "ps"}``; tears megatron's model-parallel groups down on exit.
     """
-    from ..actor.parallel import init_parallel
-    from ..cpu_shims import apply_cpu_shims, device_remap
-
     apply_cpu_shims()
     init_parallel(tp=tp, pp=pp, seed=seed)
+    # heavy: megatron-core, imported once a model is built (after the CPU shims)
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -137,10 +139,8 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: 
         UnsupportedModelError: architecture / fields megatron_dapo cannot build.
         MappingError: a HF tensor is missing or has the wrong shape.
     """
-    import torch.distributed as dist
+    # heavy: megatron-core, imported once a model is built (after the CPU shims)
     from megatron.core import dist_checkpointing
-
-    from ..cpu_shims import device_remap
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     cfg = read_hf_config(hf_dir)
@@ -191,9 +191,8 @@ def load_megatron_model(model, ckpt_dir: Path) -> None:
         FileNotFoundError: no ``metadata.json`` in ``ckpt_dir``.
         MappingError: a parameter is missing from the checkpoint.
     """
+    # heavy: megatron-core, imported once a model is built (after the CPU shims)
     from megatron.core import dist_checkpointing
-
-    from ..cpu_shims import device_remap
 
     if not (ckpt_dir / "metadata.json").is_file():
         raise FileNotFoundError(f"{ckpt_dir} is not a megatron-core dist checkpoint (no metadata.json)")
@@ -257,14 +256,13 @@ def fixed_batch(vocab_size: int, n: int = 3, length: int = 16, seed: int = 0) ->
 def megatron_logits(model, tokens: torch.Tensor, tp: int, true_vocab: int) -> torch.Tensor:
     """Full-vocabulary fp32 logits ``[n, length, true_vocab]`` of a PP=1 ``GPTModel`` (TP gathered); fp64 when
     the model was cast with ``.double()``."""
-    from ..cpu_shims import device_remap
-
     b, s = tokens.shape
     pos = torch.arange(s).unsqueeze(0).expand(b, s)
     causal = torch.ones(s, s, dtype=torch.bool).triu(1).view(1, 1, s, s)
     with torch.no_grad(), device_remap():
         out = model(tokens, pos, causal)
         if tp > 1:
+            # heavy: megatron-core, imported once a model is built (after the CPU shims)
             from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
             out = gather_from_tensor_model_parallel_region(out)
@@ -289,7 +287,7 @@ def exact_rmsnorm(model: torch.nn.Module) -> int:
 def hf_logits(hf_dir: str | Path, tokens: torch.Tensor, *, fp64: bool = False) -> torch.Tensor:
     """transformers' fp32 logits ``[n, length, vocab]`` for ``tokens``; ``fp64=True``: the model cast to
     float64 with :func:`exact_rmsnorm` (RoPE tables stay fp32-computed, as in Megatron), fp64 logits."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: transformers, only loaded where a model or tokenizer is
 
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     if fp64:
@@ -363,7 +361,4 @@ def report_verify(diff: dict, tolerance: float) -> int:
 
 def tool_errors() -> tuple:
     """Exceptions the conversion tools turn into one ``error: ...`` line and exit code 2."""
-    from .hf_config import UnsupportedModelError
-    from .mapping import MappingError
-
     return (UnsupportedModelError, MappingError, FileNotFoundError, ValueError)

@@ -27,7 +27,9 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from ..engines.client import SyncEngineClient
 from ..engines.protocols import PolicyActor, RolloutEngine, WeightTransport, WeightTransportName
+from ..models import mapping
 from .bucketing import bucket_bytes_from_mb, bucket_nbytes, iter_buckets_with_last, resolve_dtype
 from .collective import distributed_on, on_rank0
 from .nodes import (NodePlan, assign_engines_to_nodes, local_node_id, node_leaders, parse_engine_nodes, relay_recv,
@@ -107,8 +109,6 @@ def tied_embeddings(actor: PolicyActor) -> bool:
 
 
 def _default_client_factory(urls: list[str], api_key: Optional[str]) -> RolloutEngine:
-    from ..engines.client import SyncEngineClient
-
     return SyncEngineClient(urls, api_key=api_key)
 
 
@@ -186,8 +186,6 @@ class WeightSync:
         self.tied_embeddings = tied_embeddings(actor)
         self._expected: Optional[list[str]] = None
         if actor.spec is not None:
-            from ..models import mapping
-
             self._expected = mapping.hf_names(actor.spec)
         self._engine_world_size = int(engine_world_size) if engine_world_size is not None else None
         self._api_key = api_key

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from safetensors.torch import load_file
 
 from megatron_dapo.engines.cpu.requests import SeqRequest, truncated_sample
 from megatron_dapo.engines.update_group import WeightUpdateGroup
@@ -76,7 +77,7 @@ class CPUEngine:
 
     def __init__(self, model_path: str, *, seed: int = 0, max_batch_size: int = 64,
                  attn_implementation: str = "sdpa", device: str = "cpu") -> None:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM  # heavy: transformers, only loaded where a model or tokenizer is
 
         self.model_path = os.path.abspath(model_path)
         if not os.path.isdir(self.model_path):
@@ -93,7 +94,7 @@ class CPUEngine:
         tok_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
         if any(os.path.exists(os.path.join(self.model_path, f)) for f in tok_files):
             try:
-                from transformers import AutoTokenizer
+                from transformers import AutoTokenizer  # heavy: transformers, only loaded where a model or tokenizer is
 
                 self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
             except Exception as exc:  # unreadable tokenizer: text fields are ""
@@ -232,7 +233,7 @@ class CPUEngine:
             if s.return_logprob and s.logprob_start_len >= 0:
                 keep = max(keep, lens[b] - max(s.logprob_start_len, 1) + 1)
         temps = torch.tensor([s.params.logprob_temperature for s in live], dtype=torch.float32)
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # heavy: transformers, only loaded where a model or tokenizer is
 
         cache = DynamicCache()
         dev = self.device
@@ -351,8 +352,6 @@ class CPUEngine:
         return self.weight_version
 
     def update_from_disk(self, path: str, weight_version: str | None) -> str:
-        from safetensors.torch import load_file
-
         if not os.path.isdir(path):
             raise ValueError(f"model_path {path!r} is not a directory")
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
