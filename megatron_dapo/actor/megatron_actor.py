@@ -228,17 +228,7 @@ class MegatronActor:
     def _local_params(self) -> Iterator[tuple[str, int, str, torch.nn.Parameter]]:
         """(canonical global name, chunk index, local name, param) for this rank's parameters."""
         for ci, chunk in enumerate(self.chunks):
-            gpt = _unwrap(chunk)
-            layer_num = {i: layer.layer_number - 1 for i, layer in enumerate(gpt.decoder.layers)} \
-                if hasattr(gpt, "decoder") else {}
-            for lname, p in gpt.named_parameters():
-                cname = mapping.canonical_name(lname)
-                if cname.startswith("decoder.layers."):
-                    parts = cname.split(".")
-                    parts[2] = str(layer_num[int(parts[2])])
-                    cname = ".".join(parts)
-                if cname == "output_layer.weight" and self.spec.tie_word_embeddings:
-                    cname = "output_layer.weight(tied)"
+            for cname, lname, p in mapping.local_params(_unwrap(chunk), self.spec):
                 yield cname, ci, lname, p
 
     # ------------------------------------------------------------------ HF weights in / out

@@ -111,20 +111,6 @@ def megatron_model(spec: ModelSpec, *, tp: int = 1, pp: int = 1, params_dtype: s
             ps.destroy_model_parallel()
 
 
-def local_params(model, spec: ModelSpec) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
-    """``(canonical global name, local name, parameter)`` of one ``GPTModel`` stage."""
-    layer_num = {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
-    for lname, p in model.named_parameters():
-        cname = mapping.canonical_name(lname)
-        if cname.startswith("decoder.layers."):
-            parts = cname.split(".")
-            parts[2] = str(layer_num[int(parts[2])])
-            cname = ".".join(parts)
-        if cname == "output_layer.weight" and spec.tie_word_embeddings:
-            cname = "output_layer.weight(tied)"
-        yield cname, lname, p
-
-
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1,
                    divisible_by: int = 128, progress: bool = True) -> Path:
     """Convert a HF checkpoint into a megatron-core torch_dist checkpoint at ``out_dir`` (collective).
@@ -154,7 +140,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: 
             raise ValueError(f"hf_to_megatron needs world_size == tp*pp = {tp * pp}, got {dist.get_world_size()}")
         tp_rank = ps.get_tensor_model_parallel_rank()
         rank = dist.get_rank()
-        items = list(local_params(model, spec))
+        items = list(mapping.local_params(model, spec))
         with torch.no_grad():
             for cname, lname, p in _progress(items, len(items), "HF -> Megatron", progress and rank == 0):
                 src = "output_layer.weight" if cname == "output_layer.weight(tied)" else cname
@@ -228,7 +214,7 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, hf_config_dir: 
     with megatron_model(spec, tp=1, pp=1, params_dtype="bf16" if dtype == torch.bfloat16 else "fp32") as mm:
         model = mm["model"]
         load_megatron_model(model, ckpt_dir)
-        params = {c: p for c, _, p in local_params(model, spec) if not c.endswith("(tied)")}
+        params = {c: p for c, _, p in mapping.local_params(model, spec) if not c.endswith("(tied)")}
         missing = [n for n in mapping.mcore_names(spec) if n not in params]
         if missing:
             raise mapping.MappingError(f"model lacks parameters {missing[:5]}")

@@ -97,6 +97,13 @@ TIED_OUTPUT_NAME = "lm_head.weight"
 """HF name of the output layer; never sent when the embeddings are tied (see :meth:`WeightSync._engine_tensors`)."""
 
 
+def _drain(stream: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Consume what is left of the actor's tensor stream: producing it is collective, so every rank reads it to
+    the end (keeping the actor's collectives matched on the other ranks), whether or not it sends anything."""
+    for _ in stream:
+        pass
+
+
 def tied_embeddings(actor: PolicyActor) -> bool:
     """Whether ``actor``'s model ties the output layer to the input embedding: ``actor.spec.tie_word_embeddings``,
     else (``spec`` is ``None``) ``tie_word_embeddings`` of ``actor.hf_path/config.json`` (transformers'
@@ -301,11 +308,9 @@ class WeightSync:
             except Exception as exc:
                 err = exc
             finally:
-                for _ in stream:  # keep the actor's collectives matched on the other ranks
-                    pass
+                _drain(stream)
         else:
-            for _ in stream:
-                pass
+            _drain(stream)
         if self.is_driver and err is None:
             try:
                 if pause:
@@ -471,11 +476,9 @@ class WeightSync:
             except Exception as exc:
                 err = err or exc
             finally:
-                for _ in stream:  # keep the actor's collectives matched on the other ranks
-                    pass
+                _drain(stream)
         else:
-            for _ in stream:
-                pass
+            _drain(stream)
         if self.is_driver and err is None and stats.num_buckets == 0:
             err = WeightSyncError("the actor exported no tensors")
         mine = {"rank": self.rank, "node": node, "sender": sender, "engines": plan.senders.get(self.rank, []),
