@@ -2,15 +2,16 @@
 
 The graph is read from the source with :mod:`ast` (nothing is imported). An edge ``A -> B`` means running
 module ``A`` may import module ``B`` or names ``B`` defines: module-level imports, imports inside functions and
-imports under ``if TYPE_CHECKING:`` all count (a cycle through type annotations is still a cycle of the design). ``import a.b.c`` and ``from a.b import c`` (``c`` a
-submodule) give an edge to ``a.b.c``; ``from a.b import name`` (``name`` not a submodule) gives one to ``a.b``.
+imports under ``if TYPE_CHECKING:`` all count (a cycle through type annotations is still a cycle of the
+design). ``import a.b.c`` and ``from a.b import c`` (``c`` a submodule) give an edge to ``a.b.c``;
+``from a.b import name`` (``name`` not a submodule) gives one to ``a.b``.
 Importing a module also runs its parent packages' ``__init__``, so an edge to ``a.b.c`` is also one to
 ``a.b`` and ``a`` -- except to the importer's own ancestors, which Python has started importing before the
 importer runs.
 
 A function-level import is allowed when it is optional (an extra that may be missing), heavy (its import cost
-matters, e.g. for the command line), or breaks a cycle: a comment on its line or the line above says so with
-one of those words.
+matters, e.g. for the command line), or breaks a cycle: a comment on its line, or one above it with only
+imports in between, says so with one of those words.
 """
 from __future__ import annotations
 
