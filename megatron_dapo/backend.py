@@ -6,20 +6,31 @@ one calls :func:`require` which raises a clear :class:`MissingBackendError`.
 from __future__ import annotations
 
 import importlib.util
-from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from .errors import MegatronDapoError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class MissingBackendError(MegatronDapoError, RuntimeError):
     """A GPU-only package (transformer-engine, sglang, vllm) or a CUDA device is needed but absent."""
 
 
-@lru_cache(maxsize=None)
 def has_cuda() -> bool:
-    import torch
+    """True when torch sees a CUDA device: the one CUDA check of the package (``torch.cuda.is_available()``)."""
+    import torch  # heavy: this module is imported by the configuration, which the command line loads
 
     return torch.cuda.is_available()
+
+
+def default_device() -> torch.device:
+    """The device this process computes on: ``torch.device("cuda", torch.cuda.current_device())`` when
+    :func:`has_cuda`, else ``torch.device("cpu")`` (a ``torch.device``)."""
+    import torch  # heavy: see has_cuda
+
+    return torch.device("cuda", torch.cuda.current_device()) if has_cuda() else torch.device("cpu")
 
 
 def has_package(name: str) -> bool:

@@ -16,6 +16,7 @@ import sys
 import warnings
 from typing import Optional
 
+from .config import ConfigError, load_config
 from .errors import MegatronDapoError
 
 
@@ -28,8 +29,6 @@ def _setup_logging() -> None:
 
 
 def _load(args, validate: bool = True):
-    from .config import ConfigError, load_config
-
     try:
         return load_config(args.config, args.overrides, validate=validate)
     except (ConfigError, FileNotFoundError) as e:
@@ -39,12 +38,14 @@ def _load(args, validate: bool = True):
 
 def cmd_train(args) -> int:
     if args.dry_run:
+        # heavy: the training stack (torch, megatron-core) loads only for the subcommand that needs it
         from .dry_run import dry_run
 
         cfg = _load(args, validate=False)
         return dry_run(cfg, args.config, args.overrides, hf_config=args.hf_config, nodes=args.nodes,
                        gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory_gb)
     cfg = _load(args)
+    # heavy: the training stack (torch, megatron-core) loads only for the subcommand that needs it
     from .trainer import run_training
 
     return run_training(cfg)
@@ -52,6 +53,7 @@ def cmd_train(args) -> int:
 
 def cmd_prepare(args) -> int:
     cfg = _load(args)
+    # heavy: the training stack (torch, megatron-core) loads only for the subcommand that needs it
     from .trainer import prepare_model
 
     try:
@@ -64,18 +66,21 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
+    # heavy: the training stack (torch, megatron-core) loads only for the subcommand that needs it
     from .evaluation import eval_main
 
     return eval_main(argv)
 
 
 def cmd_launch(argv: list[str]) -> int:
+    # heavy: the training stack (torch, megatron-core) loads only for the subcommand that needs it
     from .launch.nemo import main
 
     return main(argv)
 
 
 def cmd_plan(argv: list[str]) -> int:
+    # heavy: the training stack (torch, megatron-core) loads only for the subcommand that needs it
     from .launch.planner import main
 
     return main(argv)

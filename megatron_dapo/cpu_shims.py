@@ -37,13 +37,12 @@ import contextlib
 import sys
 import types
 
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .backend import has_cuda
+
 _APPLIED = False
-
-
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _stub_paged_stash() -> None:
@@ -51,6 +50,7 @@ def _stub_paged_stash() -> None:
     if name in sys.modules:
         return
     try:
+        # optional: a GPU-only package
         import triton  # noqa: F401
 
         return
@@ -93,8 +93,6 @@ class _NullStream:
 
 
 def _patch_cuda_entry_points() -> None:
-    import torch
-
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.current_stream = lambda *a, **k: _NullStream()
@@ -103,7 +101,7 @@ def _patch_cuda_entry_points() -> None:
 
 
 def _install_cpu_rng_tracker() -> None:
-    import torch
+    # heavy: megatron-core, imported once a model is built (after the CPU shims)
     import megatron.core.tensor_parallel.random as mrandom
 
     def _get_state(device="cuda", clone=False, graph_safe=False):
@@ -148,7 +146,7 @@ def enable_local_thd_attention() -> None:
         ValueError: ``qkv_format`` other than ``"thd"``, different q/kv boundaries (cross attention), or
             boundaries that do not fit the packed length.
     """
-    import torch
+    # heavy: megatron-core, imported once a model is built (after the CPU shims)
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     if getattr(DotProductAttention.forward, "_megatron_dapo_thd", False):
@@ -207,6 +205,7 @@ def enable_local_sequence_parallel_norm() -> None:
     (``megatron/core/distributed/finalize_model_grads.py``). Without sequence parallelism the module is
     exactly the original's.
     """
+    # heavy: megatron-core, imported once a model is built (after the CPU shims)
     from megatron.core.transformer import torch_norm
 
     cls = torch_norm.WrappedTorchNorm
@@ -239,7 +238,7 @@ def apply_cpu_shims() -> bool:
     Call before importing megatron.core model code.
     """
     global _APPLIED
-    if cuda_available():
+    if has_cuda():
         return False
     if _APPLIED:
         return True
@@ -253,9 +252,6 @@ def apply_cpu_shims() -> bool:
 
 
 def _make_remap_mode():
-    import torch
-    from torch.overrides import TorchFunctionMode
-
     def fix(dev):
         if isinstance(dev, str) and dev.startswith("cuda"):
             return "cpu"
@@ -286,7 +282,7 @@ def _make_remap_mode():
 @contextlib.contextmanager
 def device_remap():
     """Context in which CUDA device literals mean CPU (shim 4). A no-op on CUDA machines."""
-    if cuda_available():
+    if has_cuda():
         yield
         return
     apply_cpu_shims()

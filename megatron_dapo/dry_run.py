@@ -17,8 +17,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
+from .actor.parallel import free_port
 from .config import ConfigError, DAPOConfig
+from .cpu_shims import apply_cpu_shims
+from .launch.nemo import build_launch_plan, render_dry_run
+from .launch.planner import Arch, Layout, PlanRequest, count_parameters, estimate_memory
+from .models import mapping
+from .models.hf_config import gpt_model_kwargs, read_hf_config, spec_from_hf_config, transformer_config_kwargs
 
 
 @dataclass
@@ -48,6 +55,7 @@ class _FakeGroup:
 
 
 def _fake_pg_collection(tp: int, t: int, pp: int, p: int):
+    # heavy: megatron-core, imported once a model is built (after the CPU shims)
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     one = _FakeGroup(1, 0)
@@ -60,6 +68,7 @@ def _fake_pg_collection(tp: int, t: int, pp: int, p: int):
 @contextmanager
 def _fake_parallel_state(tp: int, pp: int, vpp: Optional[int]):
     """Make megatron-core believe it runs at TP×PP without any process group (single process, meta device)."""
+    # heavy: megatron-core, imported once a model is built (after the CPU shims)
     from megatron.core import parallel_state as ps
 
     ps.set_tensor_model_parallel_world_size(tp)
@@ -85,12 +94,7 @@ def count_shards_on_meta(hf_config: dict, tp: int, pp: int, vpp: Optional[int] =
     rank already owns (TP-replicated norms on TP ranks > 0, the tied output-embedding copy on the last
     stage). So ``sum(unique)`` over the grid is the HF parameter count.
     """
-    from .cpu_shims import apply_cpu_shims
-
     apply_cpu_shims()
-    import torch.distributed as dist
-
-    from .actor.parallel import free_port
 
     own_pg = not dist.is_initialized()
     if own_pg:  # megatron-core reads group sizes only when torch.distributed is initialised
@@ -103,12 +107,10 @@ def count_shards_on_meta(hf_config: dict, tp: int, pp: int, vpp: Optional[int] =
 
 
 def _count(hf_config, tp, pp, vpp, make_vocab_size_divisible_by):
+    # heavy: megatron-core, imported once a model is built (after the CPU shims)
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
-
-    from .models import mapping
-    from .models.hf_config import gpt_model_kwargs, spec_from_hf_config, transformer_config_kwargs
 
     spec = spec_from_hf_config(hf_config)
     vpad = spec.padded_vocab_size(tp, make_vocab_size_divisible_by)
@@ -154,9 +156,6 @@ def _fmt(n: float) -> str:
 def dry_run(cfg: DAPOConfig, config_path: str, overrides: list[str], *, hf_config: Optional[str] = None,
             nodes: Optional[int] = None, gpus_per_node: int = 8, gpu_memory_gb: float = 80.0) -> int:
     """Run the checks above and print the report. Returns 0, or 2 with a message on a config error."""
-    from .launch.planner import Layout, PlanRequest, count_parameters, estimate_memory
-    from .models.hf_config import read_hf_config
-
     try:
         cfg.validate(target="cluster")
         src = hf_config or cfg.model.hf_path
@@ -210,7 +209,6 @@ def dry_run(cfg: DAPOConfig, config_path: str, overrides: list[str], *, hf_confi
     mem = estimate_memory(_arch(hfc), layout, req, analytic, engine_tp=cfg.rollout.engine_tp_size)
     print("\nplanner memory estimate (per GPU, peak pipeline stage):")
     print(memory_table(mem, gpu_memory_gb))
-    from .launch.nemo import build_launch_plan, render_dry_run
 
     mode = "colocated" if cfg.rollout.colocated else "disaggregated"
     plan = build_launch_plan(config_path, overrides, nodes=nodes, gpus_per_node=gpus_per_node, mode=mode)
@@ -237,6 +235,4 @@ def memory_table(mem, gpu_memory_gb: float) -> str:
 
 
 def _arch(hfc):
-    from .launch.planner import Arch
-
     return Arch.from_hf_config(hfc)

@@ -40,12 +40,16 @@ import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from megatron_dapo.backend import MissingBackendError
 from megatron_dapo.config import ConfigError, load_config
-from megatron_dapo.data import RowValidationError, load_tokenizer, render_prompt, validate_row
+from megatron_dapo.data import RowValidationError, load_tokenizer, render_prompt, val_rows, validate_row
 from megatron_dapo.data.tokenizer import stop_token_ids as default_stop_ids
-from megatron_dapo.reward import score_batch
+from megatron_dapo.engines.client import SyncEngineClient
+from megatron_dapo.engines.engine_set import Endpoints, LaunchRequest, engine_client, launch_engines
+from megatron_dapo.engines.launch_common import EngineLaunchError
+from megatron_dapo.engines.transport import EngineError
+from megatron_dapo.reward import score_batch, scoring_resources
 from megatron_dapo.rollout.generation import stop_ids_for_model
-from megatron_dapo.trainer import val_rows
 
 logger = logging.getLogger(__name__)
 
@@ -424,7 +428,6 @@ def evaluate(client, tokenizer, rows: Sequence[dict], *, n_samples: int = 32, te
                   max_prompt_length=max_prompt_length, seed=seed, max_prompts=max_prompts,
                   stop_token_ids=stop_token_ids, num_reward_workers=num_reward_workers, progress=progress,
                   max_concurrent_prompts=max_concurrent_prompts, return_responses=return_responses)
-    from megatron_dapo.engines.client import SyncEngineClient
 
     if isinstance(client, SyncEngineClient):
         return client.run(evaluate_async(client.client, tokenizer, rows, **kwargs))
@@ -554,14 +557,11 @@ def eval_main(argv: list[str] | None = None) -> int:
         return 2
 
     t, r = cfg.trainer, cfg.rollout
-    from megatron_dapo.backend import MissingBackendError
-    from megatron_dapo.engines.engine_set import Endpoints, LaunchRequest, engine_client, launch_engines
-    from megatron_dapo.engines.launch_common import EngineLaunchError
-    from megatron_dapo.engines.transport import EngineError
 
     # the trainer's launch code; the engines run alone here (not colocated) and are used directly (no router)
     r = dataclasses.replace(r, engine_urls=settings["urls"])
     with ExitStack() as stack:
+        stack.enter_context(scoring_resources())
         try:
             try:
                 endpoints = launch_engines(r, LaunchRequest(settings["model"], cfg.run_dir / "eval_engine_logs",

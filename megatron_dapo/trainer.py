@@ -46,14 +46,17 @@ from .actor.dispatch import Dispatcher, LocalShard, StepPlan, plan_step
 from .actor.megatron_actor import LossSettings, MegatronActor
 from .actor.parallel import destroy_parallel
 from .algorithm import DynamicSampler, Group, flatten_groups, logprob_mismatch_parts
+from .backend import default_device, has_cuda
 from .config import DAPOConfig, dump_config
-from .data import PromptDataset, generate_tasks, load_rows, load_tokenizer, make_tiny_checkpoint, write_rows
+from .data import (PromptDataset, demo_rows, load_rows, load_tokenizer, make_tiny_checkpoint, val_rows,
+                   write_rows)
 from .engines.engine_set import BACKENDS, EngineSet
 from .errors import EXIT_USER_ERROR, MegatronDapoError, TrainingStopped, one_line
 from .launch import REQUEUE_EXIT_CODE
 from .metrics import scalars, scoped, timed
 from .models.export import save_hf_checkpoint
 from .models.real_model import MissingExtraError, prepare_from_gguf
+from .reward import scoring_resources
 from .rollout.batch_source import BatchSource, OneStepOffBatchSource, Rollout, SyncBatchSource
 from .rollout.generation import RolloutSettings, stop_ids_for_model
 from .rollout.validate import ResponseValidator
@@ -74,20 +77,6 @@ CONSOLE_KEYS = ("rollout/reward_mean", "rollout/acc", "rollout/response_length_m
 
 def _local_rank0() -> bool:
     return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0
-
-
-def demo_rows(cfg: DAPOConfig) -> list[dict]:
-    """The embedded default task: the project's own arithmetic problems (deterministic in ``seed``)."""
-    return generate_tasks(cfg.data.demo_num_rows, seed=cfg.seed)
-
-
-def val_rows(cfg: DAPOConfig) -> list[dict]:
-    """Evaluation rows: ``data.val_files``, else (demo task only) held-out generated problems, else none."""
-    if cfg.data.val_files:
-        return load_rows(cfg.data.val_files)
-    if not cfg.data.train_files:
-        return generate_tasks(cfg.data.demo_num_val_rows, seed=cfg.seed + 1)
-    return []
 
 
 def prepare_model(cfg: DAPOConfig, wait_s: float = 600.0) -> Path:
@@ -132,9 +121,7 @@ def prepare_model(cfg: DAPOConfig, wait_s: float = 600.0) -> Path:
 
 def _all_flag(flag: bool) -> bool:
     """True on every rank when any rank saw ``flag``."""
-    t = torch.tensor([1.0 if flag else 0.0])
-    if torch.cuda.is_available():
-        t = t.cuda()
+    t = torch.tensor([1.0 if flag else 0.0], device=default_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
@@ -179,6 +166,9 @@ class Trainer:
     def __init__(self, cfg: DAPOConfig, preempt: Optional["_Preemption"] = None):
         self.cfg = cfg
         self._stack = ExitStack()
+        self._dispatcher: Optional[Dispatcher] = None  # built collectively at the first step (:attr:`dispatcher`)
+        self._batch_ids: list[int] = []  # the prompt indices of the step's batch (rank 0), for steps.jsonl
+        self._stack.enter_context(scoring_resources())  # the reward threads and math-verify workers end with the run
         self.preempt = preempt or _Preemption()
         self.alg = cfg.resolved_algorithm()
         if not cfg.rollout.engine_urls:  # a missing engine venv fails fast, before the actor is built
@@ -359,9 +349,9 @@ class Trainer:
     @property
     def dispatcher(self) -> Dispatcher:
         """Sends each DP rank its rows (built on first use; collective)."""
-        if getattr(self, "_dispatcher", None) is None:
-            dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-            self._dispatcher = Dispatcher(self.actor.dp_rank, self.actor.dp_size, device=dev)
+        if self._dispatcher is None:
+            self._dispatcher = Dispatcher(self.actor.dp_rank, self.actor.dp_size,
+                                          device=default_device() if has_cuda() else None)
         return self._dispatcher
 
     def _old_logprobs(self, batch, shard: "LocalShard") -> dict[str, float]:
@@ -463,7 +453,7 @@ class Trainer:
             self.writer.add_scalar(k, v, self.step)
         self.writer.flush()
         with open(self.cfg.run_dir / "steps.jsonl", "a") as f:
-            f.write(json.dumps({"step": self.step, "prompt_indices": getattr(self, "_batch_ids", []), **values}) + "\n")
+            f.write(json.dumps({"step": self.step, "prompt_indices": self._batch_ids, **values}) + "\n")
         short = "  ".join(f"{k.split('/')[-1]}={values[k]:.4g}" for k in CONSOLE_KEYS if k in values)
         print(f"[step {self.step}/{self.cfg.trainer.total_steps}] {short}", flush=True)
 

@@ -318,6 +318,7 @@ def test_train_one_step_transitions_around_rollout_and_update():
     trainer.alg = trainer.cfg.resolved_algorithm()
     trainer.loss = SimpleNamespace()
     trainer.nonfinite_streak = 0
+    trainer._dispatcher, trainer._batch_ids = None, []
     trainer._resume_push_metrics = {}
     trainer.engines = FakeEngineSet(events)
     trainer.actor = StepActor(events)

@@ -171,6 +171,7 @@ def test_train_one_step_overlaps_the_next_rollout_with_training():
     trainer.alg = trainer.cfg.resolved_algorithm()
     trainer.loss = SimpleNamespace()
     trainer.nonfinite_streak = 0
+    trainer._dispatcher, trainer._batch_ids = None, []
     trainer._resume_push_metrics = {}
     trainer.engines = FakeEngineSet(events)
     trainer.actor = StepActor(events)

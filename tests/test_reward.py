@@ -410,3 +410,23 @@ def test_regex_bait_in_tail_is_linear():
         r = compute_score(text, "3")
         assert time.perf_counter() - t0 < 10 * LIMIT
         assert r.score in (1.0, -1.0)
+
+
+def test_scoring_resources_end_with_the_run():
+    """A run's ExitStack owns the scoring threads and the math-verify workers: both stop when it closes."""
+    from contextlib import ExitStack
+
+    from megatron_dapo.reward import (executor, get_score_executor, math_verify_pool, scoring_resources,
+                                      shutdown_score_executor)
+
+    with ExitStack() as stack:
+        stack.enter_context(scoring_resources())
+        threads = get_score_executor()
+        pool = get_pool()
+        assert threads.submit(lambda: 7).result() == 7
+        assert executor._EXECUTOR is threads and math_verify_pool._POOL is pool
+    assert executor._EXECUTOR is None and math_verify_pool._POOL is None
+    with pytest.raises(RuntimeError):
+        threads.submit(lambda: 7)
+    assert get_score_executor() is not threads  # a later run gets fresh threads
+    shutdown_score_executor()

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -48,9 +49,12 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..backend import has_cuda
+from ..cpu_shims import device_remap
 from ..errors import MegatronDapoError
 from ..sync.collective import on_rank0
 
@@ -162,14 +166,14 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------- RNG
 def _rng_state() -> dict[str, Any]:
-    import numpy as np
+    # heavy: megatron-core, imported once a model is built (after the CPU shims)
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch_cpu": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state() if has_cuda() else None,
         "tracker": {k: v.clone() if torch.is_tensor(v) else v
                     for k, v in get_cuda_rng_tracker().get_states().items()},
     }
@@ -177,13 +181,13 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
+    # heavy: megatron-core, imported once a model is built (after the CPU shims)
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch_cpu"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
+    if state.get("cuda") is not None and has_cuda():
         torch.cuda.set_rng_state(state["cuda"])
     if state.get("tracker"):
         get_cuda_rng_tracker().set_states(state["tracker"])
@@ -319,8 +323,6 @@ def _maybe_kill(point: str, root: Path) -> None:
         shutil.copytree(root, Path(armed[len("copy:"):]) / point, symlinks=True)
         return
     if armed == point:
-        import multiprocessing
-
         # dist_checkpointing keeps a multiprocessing Manager process; a hard exit would orphan it
         for child in multiprocessing.active_children():
             child.kill()
@@ -383,9 +385,8 @@ def save_checkpoint(actor, root: str | Path, step: int, trainer_state: dict) -> 
         NonFiniteCheckpointError: some rank's weights or optimizer state hold NaN/inf (checked by
             :func:`check_finite_state` before anything is written).
     """
+    # heavy: megatron-core, imported once a model is built (after the CPU shims)
     from megatron.core import dist_checkpointing
-
-    from ..cpu_shims import device_remap
 
     root = Path(root)
     name = iter_dir_name(step)
@@ -471,9 +472,8 @@ def load_checkpoint(actor, ckpt_dir_or_root: str | Path, *, load_optimizer: bool
         CheckpointLayoutError: ``load_optimizer=True`` with the distributed optimizer at another layout,
             or a saved/current optimizer mismatch (distributed vs regular).
     """
+    # heavy: megatron-core, imported once a model is built (after the CPU shims)
     from megatron.core import dist_checkpointing
-
-    from ..cpu_shims import device_remap
 
     ckpt = _resolve(ckpt_dir_or_root)
     saved = read_layout(ckpt)

@@ -1,6 +1,6 @@
 """Each data-parallel rank receives only its share of a step's batch.
 
-Rank 0 builds the step's rows (:class:`~megatron_dapo.actor.batching.FlatBatch`) and decides, once, which
+Rank 0 builds the step's rows (:class:`~megatron_dapo.batch.FlatBatch`) and decides, once, which
 rows every DP rank trains on (:func:`plan_step`): the mini-batch permutation of every PPO epoch and, inside
 each mini-batch, the token-balanced split over DP ranks (:func:`~megatron_dapo.actor.batching.balance_across_ranks`)
 -- the same rows, in the same order, as the actor picks itself from a full batch, so the micro-batches,
@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .batching import FlatBatch, balance_across_ranks
+from ..batch import FlatBatch
+from .batching import balance_across_ranks
 
 __all__ = ["LocalUpdate", "StepPlan", "LocalShard", "plan_step", "shard_for", "Dispatcher"]
 

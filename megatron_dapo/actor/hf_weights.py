@@ -9,20 +9,39 @@ and layouts (TP slices, fused QKV / gate-up, vocabulary padding).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Protocol
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 
-from ..cpu_shims import cuda_available
+from ..backend import default_device
 from ..models import mapping
+from ..models.hf_config import ModelSpec
 
-if TYPE_CHECKING:
-    from .megatron_actor import MegatronActor
+
+class ShardedActor(Protocol):
+    """What these functions read of the actor; :class:`~megatron_dapo.actor.megatron_actor.MegatronActor`
+    implements it (a protocol, so that this module need not import the actor's)."""
+
+    spec: ModelSpec
+    cfg: Any
+    ps: Any
+    """megatron-core's ``parallel_state`` module."""
+    chunks: list
+    padded_vocab: int
+    tp: int
+    tp_rank: int
+    pp: int
+    pp_rank: int
+    dp_rank: int
+    _owners: Optional[dict[str, tuple[int, int, str]]]
+
+    def _local_params(self) -> Iterator[tuple[str, int, str, torch.nn.Parameter]]: ...
 
 
 @torch.no_grad()
-def load_hf_weights(actor: MegatronActor, hf_path: str | Path) -> None:
+def load_hf_weights(actor: ShardedActor, hf_path: str | Path) -> None:
     """Copy HF safetensors weights into ``actor``'s shards on this rank (TP slice, PP stage, vocab padding).
 
     After the optimizer exists (a reload) the DDP chunks re-broadcast their parameters and the optimizer
@@ -32,8 +51,6 @@ def load_hf_weights(actor: MegatronActor, hf_path: str | Path) -> None:
         FileNotFoundError: no ``*.safetensors`` file in ``hf_path``.
         mapping.MappingError: a tensor's shape does not match this rank's shard of the parameter.
     """
-    from safetensors import safe_open
-
     files = sorted(Path(hf_path).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {hf_path}")
@@ -56,7 +73,7 @@ def load_hf_weights(actor: MegatronActor, hf_path: str | Path) -> None:
         actor.optimizer.reload_model_params()
 
 
-def _owner_map(actor: MegatronActor) -> dict[str, tuple[int, int, str]]:
+def _owner_map(actor: ShardedActor) -> dict[str, tuple[int, int, str]]:
     """Canonical name -> ``(pipeline rank, chunk index, local name)`` of the stage that owns it.
 
     Gathered once over the pipeline group (collective on first use) and cached in ``actor._owners``
@@ -81,7 +98,7 @@ def _owner_map(actor: MegatronActor) -> dict[str, tuple[int, int, str]]:
 
 
 @torch.no_grad()
-def iter_full_params(actor: MegatronActor, dtype: Optional[torch.dtype] = None, *,
+def iter_full_params(actor: ShardedActor, dtype: Optional[torch.dtype] = None, *,
                      grads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(canonical_name, full tensor)`` for every parameter, on data-parallel rank 0 ranks.
 
@@ -99,7 +116,7 @@ def iter_full_params(actor: MegatronActor, dtype: Optional[torch.dtype] = None, 
     tp_group = actor.ps.get_tensor_model_parallel_group()
     pp_group = actor.ps.get_pipeline_model_parallel_group()
     pp_ranks = dist.get_process_group_ranks(pp_group)
-    dev = torch.cuda.current_device() if cuda_available() else torch.device("cpu")
+    dev = default_device()
     if actor.dp_rank != 0:
         return
     for name in mapping.mcore_names(actor.spec):
@@ -131,7 +148,7 @@ def _master_or_param(p: torch.nn.Parameter, grads: bool) -> torch.Tensor:
     return p.detach()
 
 
-def iter_full_grads(actor: MegatronActor) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_full_grads(actor: ShardedActor) -> Iterator[tuple[str, torch.Tensor]]:
     """Like :func:`iter_full_params` but for the DP-reduced gradients (``main_grad``, fp32) left by
     ``train_step(apply_update=False)``. Not available with the distributed optimizer (its gradients
     are reduce-scattered).
@@ -144,13 +161,13 @@ def iter_full_grads(actor: MegatronActor) -> Iterator[tuple[str, torch.Tensor]]:
     yield from iter_full_params(actor, torch.float32, grads=True)
 
 
-def iter_hf_tensors(actor: MegatronActor, dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_tensors(actor: ShardedActor, dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` (HF layout, vocab padding dropped). Collective; see iter_full_params."""
     for name, full in iter_full_params(actor, dtype):
         yield from mapping.mcore_to_hf(actor.spec, name, full)
 
 
-def output_weight(actor: MegatronActor, gpt) -> torch.Tensor:
+def output_weight(actor: ShardedActor, gpt) -> torch.Tensor:
     """The output layer's weight of ``gpt`` (``[padded_vocab / TP, h]``, this TP rank's vocabulary slice): the
     shared embedding when the model ties them."""
     if actor.spec.tie_word_embeddings:

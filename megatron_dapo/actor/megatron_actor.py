@@ -30,16 +30,20 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from ..algorithm import agg_loss, compute_decoupled_policy_loss, kl_penalty
 from ..algorithm.policy_loss import RolloutCorrection
-from ..cpu_shims import apply_cpu_shims, cuda_available, device_remap, enable_local_thd_attention
+from ..backend import default_device, has_cuda, has_transformer_engine
+from ..batch import ActorBatch
+from ..cpu_shims import apply_cpu_shims, device_remap, enable_local_thd_attention
 from ..models import mapping
 from ..models.hf_config import ModelSpec, gpt_model_kwargs, spec_from_hf_config, transformer_config_kwargs
 from . import hf_weights
-from .batching import ActorBatch, balance_across_ranks, make_micro_batches, pad_columns
+from .batching import balance_across_ranks, make_micro_batches, pad_columns
 from .logprobs import vocab_parallel_logprobs_entropy
 from .nonfinite import NONFINITE_TERMS, NonFiniteGuard, NonFiniteUpdate, injected_term, nonfinite_bits
-from .offload import ensure_onloaded
+from .offload import ActorOffloader, ensure_onloaded
 from .packing import make_packed_micro_batches, pack_sequences, packing_pad_multiple, padded_length
+from .parallel import init_parallel
 
 log = logging.getLogger("megatron_dapo")
 
@@ -96,9 +100,8 @@ class MegatronActor:
     def __init__(self, hf_path: str | Path, actor_cfg, *, total_train_steps: int = 1, seed: int = 1234,
                  load_weights: bool = True):
         apply_cpu_shims()
+        # heavy: megatron-core, imported once a model is built (after the CPU shims)
         from megatron.core import parallel_state as ps
-
-        from .parallel import init_parallel
 
         self.cfg = actor_cfg
         self.hf_path = Path(hf_path)
@@ -143,11 +146,12 @@ class MegatronActor:
 
     # ------------------------------------------------------------------ construction
     def _build_model(self):
+        # heavy: megatron-core, imported once a model is built (after the CPU shims)
         from megatron.core.models.gpt import GPTModel
         from megatron.core.transformer import TransformerConfig
 
         c = self.cfg
-        on_cpu = not cuda_available()
+        on_cpu = not has_cuda()
         kw = transformer_config_kwargs(
             self.spec, tp=self.tp, pp=self.pp, vpp=self.vpp, params_dtype=c.params_dtype,
             sequence_parallel=c.sequence_parallel, context_parallel=c.context_parallel_size,
@@ -156,10 +160,12 @@ class MegatronActor:
             num_layers_in_last_pipeline_stage=c.num_layers_in_last_pipeline_stage)
         self.tconfig = TransformerConfig(**kw)
         if on_cpu or c.fp8 is None and not _has_te():
+            # heavy: megatron-core, imported once a model is built (after the CPU shims)
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
             layer_spec = get_gpt_layer_local_spec(qk_layernorm=self.spec.qk_layernorm, normalization="RMSNorm")
         else:
+            # heavy: megatron-core, imported once a model is built (after the CPU shims)
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
             layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=self.spec.qk_layernorm)
@@ -174,12 +180,13 @@ class MegatronActor:
             if model.post_process:
                 # The LM head is applied by the memory-lean chunked logprob kernel, not by GPTModel.
                 model.output_layer.forward = types.MethodType(_hidden_passthrough, model.output_layer)
-            if cuda_available():
+            if has_cuda():
                 model.cuda(torch.cuda.current_device())
             chunks.append(model)
         return chunks
 
     def _wrap_ddp_and_optimizer(self, total_train_steps: int) -> None:
+        # heavy: megatron-core, imported once a model is built (after the CPU shims)
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -237,17 +244,7 @@ class MegatronActor:
     def _local_params(self) -> Iterator[tuple[str, int, str, torch.nn.Parameter]]:
         """(canonical global name, chunk index, local name, param) for this rank's parameters."""
         for ci, chunk in enumerate(self.chunks):
-            gpt = _unwrap(chunk)
-            layer_num = {i: layer.layer_number - 1 for i, layer in enumerate(gpt.decoder.layers)} \
-                if hasattr(gpt, "decoder") else {}
-            for lname, p in gpt.named_parameters():
-                cname = mapping.canonical_name(lname)
-                if cname.startswith("decoder.layers."):
-                    parts = cname.split(".")
-                    parts[2] = str(layer_num[int(parts[2])])
-                    cname = ".".join(parts)
-                if cname == "output_layer.weight" and self.spec.tie_word_embeddings:
-                    cname = "output_layer.weight(tied)"
+            for cname, lname, p in mapping.local_params(_unwrap(chunk), self.spec):
                 yield cname, ci, lname, p
 
     # ------------------------------------------------------------------ HF weights in / out
@@ -305,7 +302,7 @@ class MegatronActor:
 
     def _forward_step(self, loss_fn, data_iterator, model):
         mb: ActorBatch = next(data_iterator)
-        dev = torch.cuda.current_device() if cuda_available() else torch.device("cpu")
+        dev = default_device()
         packed = mb.extras.get("packed") if mb.extras else None
         if packed is not None:
             # one THD row [1, T]: attention per cu_seqlens segment (TE on GPU, cpu_shims 5 on CPU), RoPE
@@ -324,6 +321,7 @@ class MegatronActor:
         """Split ``batch`` over DP (unless ``local``: it is this DP rank's share already), into
         micro-batches, and run Megatron's schedule. Returns the loss dicts (last stage only) and the local
         row indices in micro-batch order."""
+        # heavy: megatron-core, imported once a model is built (after the CPU shims)
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         lengths = batch.seq_lengths.tolist()
@@ -410,7 +408,7 @@ class MegatronActor:
                 l = min(o["logprobs"].shape[1], L)  # micro-batches may be padded beyond L (sequence parallel)
                 res[0, r, :l] = o["logprobs"][: len(r), :l]
                 res[1, r, :l] = o["entropy"][: len(r), :l]
-        res = res.to(torch.cuda.current_device()) if cuda_available() else res
+        res = res.to(default_device())
         if not local:
             dist.all_reduce(res)  # exactly one contributor per row (last stage, TP rank 0, owning DP rank)
         elif self.tp * self.pp > 1:  # one contributor per row among this DP rank's TP x PP peers
@@ -440,8 +438,6 @@ class MegatronActor:
         inf/nan for a skipped update), ``update_skipped`` (0/1), ``nonfinite_grad_norm`` and
         ``nonfinite_<term>`` (0/1) for each term of :data:`NONFINITE_TERMS`.
         """
-        from ..algorithm import agg_loss, compute_decoupled_policy_loss, kl_penalty
-
         if local and (global_num_tokens is None or global_num_seqs is None):
             raise ValueError("train_step(local=True) needs global_num_tokens and global_num_seqs of the whole "
                              "mini-batch (a local count would mis-normalise the loss across DP ranks)")
@@ -519,7 +515,7 @@ class MegatronActor:
                 for i, k in enumerate(keys):
                     v = o.get(k, 0.0)
                     vec[i] += v if k in additive else v * o["_tokens"]
-        vec = vec.to(torch.cuda.current_device()) if cuda_available() else vec
+        vec = vec.to(default_device())
         dist.all_reduce(vec)
         vec = vec.cpu()
         tokens = max(float(vec[keys.index("_tokens")]), 1.0)
@@ -541,8 +537,6 @@ class MegatronActor:
             ``memory/actor_offload_bytes``, per-category ``memory/actor_offload_*_bytes`` and
             ``timing/actor_offload_s`` (also kept in :attr:`offload_metrics`).
         """
-        from .offload import ActorOffloader
-
         if getattr(self, "_offloader", None) is None:
             self._offloader = ActorOffloader(self.chunks, self.optimizer)
         out = self._offloader.offload(force=force)
@@ -587,6 +581,7 @@ def _hidden_passthrough(self, input_, weight=None, runtime_gather_output=None):
     (``_sp_gathered`` tells :meth:`MegatronActor._token_logprobs`).
     """
     if getattr(self, "sequence_parallel", False):
+        # heavy: megatron-core, imported once a model is built (after the CPU shims)
         from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
         input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True)
@@ -594,6 +589,4 @@ def _hidden_passthrough(self, input_, weight=None, runtime_gather_output=None):
 
 
 def _has_te() -> bool:
-    from ..backend import has_transformer_engine
-
     return has_transformer_engine()

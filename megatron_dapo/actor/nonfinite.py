@@ -23,8 +23,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..cpu_shims import cuda_available
-from .batching import ActorBatch
+from ..backend import default_device
+from ..batch import ActorBatch
 
 log = logging.getLogger("megatron_dapo")
 
@@ -162,7 +162,7 @@ class NonFiniteGuard:
                     if bits >> i & 1:
                         flags[2 + i] = 1.0
                 flags[2 + n_terms + self.dp_rank] = max(float(flags[2 + n_terms + self.dp_rank]), _MB_SLOT - k)
-        flags = flags.to(torch.cuda.current_device()) if cuda_available() else flags
+        flags = flags.to(default_device())
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # default group: every TP x PP x CP x DP rank
         flags = flags.cpu()
         terms = tuple(t for i, t in enumerate(NONFINITE_TERMS) if flags[2 + i] > 0)
@@ -180,6 +180,7 @@ class NonFiniteGuard:
                 log.warning("update %d skipped: %s; parameters, optimizer state and LR schedule unchanged",
                             update_index, check.describe())
             return check, grad_norm
+        # heavy: megatron-core, imported once a model is built (after the CPU shims)
         from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
         for o in getattr(opt, "chained_optimizers", [opt]):

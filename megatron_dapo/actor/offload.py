@@ -40,6 +40,8 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
+from ..backend import has_cuda
+
 logger = logging.getLogger(__name__)
 
 #: Optimizer attributes (megatron-core 0.16.1) holding lists of parameter groups.
@@ -239,7 +241,7 @@ class ActorOffloader:
     def __init__(self, chunks: Iterable[torch.nn.Module], optimizer, *, keep_host_buffers: Optional[bool] = None):
         self.chunks = list(chunks)
         self.optimizer = optimizer
-        self.cuda = torch.cuda.is_available()
+        self.cuda = has_cuda()
         self.keep_host_buffers = self.cuda if keep_host_buffers is None else bool(keep_host_buffers)
         self.offloaded = False
         self.entries: list[OffloadEntry] = []

@@ -23,7 +23,7 @@ satisfy all constraints at once. With none of them the multiple is 1: no padding
 
 The inverse map (:meth:`PackedMicroBatch.unpack`) scatters per-token outputs of the packed row back to
 the ``[b, L]`` positions of the source rows, so logprobs/entropies keep the meaning of
-:class:`~megatron_dapo.actor.batching.ActorBatch` (entry ``[i, j]`` = token ``j`` of row ``i``).
+:class:`~megatron_dapo.batch.ActorBatch` (entry ``[i, j]`` = token ``j`` of row ``i``).
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from ..cpu_shims import apply_cpu_shims
 
 
 class PackingError(ValueError):
@@ -113,9 +115,8 @@ class PackedMicroBatch:
         (TE skips the filler between them); ``max_seqlen_q/kv`` is the longest padded segment.
         Source: ``megatron/core/packed_seq_params.py`` and TE ``DotProductAttention`` (``qkv_format="thd"``).
         """
-        from ..cpu_shims import apply_cpu_shims
-
         apply_cpu_shims()  # before the first megatron import (a no-op with CUDA)
+        # heavy: megatron-core, imported once a model is built (after the CPU shims)
         from megatron.core.packed_seq_params import PackedSeqParams
 
         cu = self.cu_seqlens.to(device=device, dtype=torch.int32)

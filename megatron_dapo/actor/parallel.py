@@ -9,7 +9,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..cpu_shims import apply_cpu_shims, cuda_available
+from ..backend import has_cuda
+from ..cpu_shims import apply_cpu_shims
+from ..launch.dist_env import resolve_dist_env
 
 
 def free_port() -> int:
@@ -22,8 +24,6 @@ def free_port() -> int:
 def _dist_env():
     """(rank, world_size, local_rank, master_addr, master_port) from torchrun, Slurm or defaults."""
     try:
-        from ..launch.dist_env import resolve_dist_env
-
         env = resolve_dist_env()
         return env.rank, env.world_size, env.local_rank, env.master_addr, int(env.master_port)
     except ImportError:
@@ -44,6 +44,7 @@ def init_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int =
         ValueError: TP × PP × CP does not divide the world size.
     """
     apply_cpu_shims()
+    # heavy: megatron-core, imported once a model is built (after the CPU shims)
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -51,8 +52,8 @@ def init_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int =
         rank, world, local, addr, port = _dist_env()
         if world == 1 and not port:
             port = free_port()
-        backend = "nccl" if cuda_available() else "gloo"
-        if cuda_available():
+        backend = "nccl" if has_cuda() else "gloo"
+        if has_cuda():
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend, init_method=f"tcp://{addr}:{port}", rank=rank,
                                 world_size=world, timeout=timedelta(seconds=timeout_s))
@@ -70,6 +71,7 @@ def init_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int =
 def destroy_parallel() -> None:
     """Tear down megatron-core groups and the default process group (safe to call twice)."""
     try:
+        # heavy: megatron-core, imported once a model is built (after the CPU shims)
         from megatron.core import parallel_state as ps
 
         if ps.model_parallel_is_initialized():

@@ -107,6 +107,12 @@ def _check_2d(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be 2-D [B, T], got shape {tuple(t.shape)}")
 
 
+def _check_shape(t: torch.Tensor, name: str, shape: tuple[int, ...], ref_name: str) -> None:
+    """Raise ``ValueError`` naming both tensors when ``t``'s shape is not ``shape`` (that of ``ref_name``)."""
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} shape {tuple(t.shape)} != {ref_name} shape {tuple(shape)}")
+
+
 def _count_to_tensor(count: CountLike, name: str, like: torch.Tensor) -> Optional[torch.Tensor]:
     """Validate a global token/sequence count (int, float or 0-dim tensor) and return a tensor."""
     if count is None:
@@ -290,11 +296,9 @@ def compute_policy_loss(
         _check_float(t, name)
     _check_2d(logprobs, "logprobs")
     shape = tuple(logprobs.shape)
-    if tuple(old_logprobs.shape) != shape:
-        raise ValueError(f"old_logprobs shape {tuple(old_logprobs.shape)} != logprobs shape {shape}")
+    _check_shape(old_logprobs, "old_logprobs", shape, "logprobs")
     mask = _as_bool_mask(response_mask, "response_mask")
-    if tuple(mask.shape) != shape:
-        raise ValueError(f"response_mask shape {tuple(mask.shape)} != logprobs shape {shape}")
+    _check_shape(mask, "response_mask", shape, "logprobs")
     if advantages.dim() == 1 and advantages.shape[0] == shape[0]:
         advantages = advantages.unsqueeze(-1)
     if advantages.dim() != 2 or advantages.shape[0] != shape[0] or advantages.shape[1] not in (1, shape[1]):
@@ -314,10 +318,7 @@ def compute_policy_loss(
         raise ValueError(f"clip_ratio_c (dual clip) must be > 1, got {clip_ratio_c}")
     if rollout_is_weights is not None:
         _check_float(rollout_is_weights, "rollout_is_weights")
-        if tuple(rollout_is_weights.shape) != shape:
-            raise ValueError(
-                f"rollout_is_weights shape {tuple(rollout_is_weights.shape)} != logprobs shape {shape}"
-            )
+        _check_shape(rollout_is_weights, "rollout_is_weights", shape, "logprobs")
 
     dtype, device = logprobs.dtype, logprobs.device
     zero = torch.zeros((), dtype=dtype, device=device)
@@ -376,11 +377,9 @@ def _behaviour_log_ratio(
     _check_float(rollout_logprobs, "rollout_logprobs")
     _check_2d(old_logprobs, "old_logprobs")
     shape = tuple(old_logprobs.shape)
-    if tuple(rollout_logprobs.shape) != shape:
-        raise ValueError(f"rollout_logprobs shape {tuple(rollout_logprobs.shape)} != old_logprobs shape {shape}")
+    _check_shape(rollout_logprobs, "rollout_logprobs", shape, "old_logprobs")
     mask = _as_bool_mask(response_mask, "response_mask")
-    if tuple(mask.shape) != shape:
-        raise ValueError(f"response_mask shape {tuple(mask.shape)} != old_logprobs shape {shape}")
+    _check_shape(mask, "response_mask", shape, "old_logprobs")
     old = old_logprobs.detach()
     rollout = rollout_logprobs.detach().to(device=old.device, dtype=old.dtype)
     mask = mask.to(old.device)
@@ -756,10 +755,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) ->
     """
     _check_float(logprobs, "logprobs")
     _check_float(ref_logprobs, "ref_logprobs")
-    if logprobs.shape != ref_logprobs.shape:
-        raise ValueError(
-            f"ref_logprobs shape {tuple(ref_logprobs.shape)} != logprobs shape {tuple(logprobs.shape)}"
-        )
+    _check_shape(ref_logprobs, "ref_logprobs", tuple(logprobs.shape), "logprobs")
     canonical = KL_PENALTY_KINDS.get(kind)
     if canonical is None:
         raise ValueError(f"unknown KL penalty kind {kind!r}; expected one of {sorted(KL_PENALTY_KINDS)}")

@@ -1,7 +1,7 @@
 """Groups of sampled responses -> the actor's training rows (pure torch; DAPO arXiv 2503.14476).
 
 :func:`flatten_groups` turns the step's groups (after dynamic sampling, eq. 11) into a
-:class:`~megatron_dapo.actor.batching.FlatBatch`:
+:class:`~megatron_dapo.batch.FlatBatch`:
 
 * advantages (eq. 9): ``A_{i,t} = (R_i - mean({R_j})) / std({R_j})`` over the ``G`` responses of a
   prompt, the same for every token ``t`` of response ``i``
@@ -13,7 +13,7 @@
 * the engine's log-probs of the sampled tokens (truncated importance sampling and the train/rollout
   mismatch metric), when every response has them.
 
-:func:`build_train_batch` pads that into the :class:`~megatron_dapo.actor.batching.ActorBatch` the actor
+:func:`build_train_batch` pads that into the :class:`~megatron_dapo.batch.ActorBatch` the actor
 trains on (advantages broadcast per token). :func:`logprob_mismatch_parts` gives the additive pieces of
 the train/rollout mismatch metric (:mod:`megatron_dapo.sync.metrics`) so data-parallel ranks holding
 different rows can combine them.
@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from ..actor.batching import ActorBatch, FlatBatch
+from ..batch import ActorBatch, FlatBatch
 from .advantages import compute_group_advantages
 from .dynamic_sampling import Group
 from .presets import AlgorithmSwitches
@@ -94,6 +94,7 @@ def logprob_mismatch_parts(old_logprobs: torch.Tensor, rollout_logprobs: torch.T
     returns the pieces of). ``max`` is 0 without valid tokens. Shapes ``[N, L]``; raises ``ValueError`` as
     that function does.
     """
+    # heavy: importing megatron_dapo.sync loads the weight-sync stack; the algorithm stays pure torch
     from ..sync.metrics import rollout_logprob_mismatch
 
     m = rollout_logprob_mismatch(old_logprobs, rollout_logprobs, mask)

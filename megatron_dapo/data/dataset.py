@@ -19,9 +19,13 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence, TYPE_CHECKING
 
 from ..errors import MegatronDapoError
+from .tasks import generate_tasks
+
+if TYPE_CHECKING:
+    from ..config import DAPOConfig
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +104,7 @@ def _read_jsonl(path: Path) -> list[Any]:
 
 
 def _read_parquet(path: Path) -> list[Any]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # heavy: pyarrow, only for parquet files
 
     return pq.read_table(path).to_pylist()
 
@@ -143,6 +147,20 @@ def load_rows(paths: str | Path | Sequence[str | Path], *, limit: int | None = N
             out.append(validate_row(row, source=str(p), row_number=i))
         logger.info("loaded %d rows from %s", len(rows), p)
     return out
+
+
+def demo_rows(cfg: DAPOConfig) -> list[dict]:
+    """The embedded default task: the project's own arithmetic problems (deterministic in ``seed``)."""
+    return generate_tasks(cfg.data.demo_num_rows, seed=cfg.seed)
+
+
+def val_rows(cfg: DAPOConfig) -> list[dict]:
+    """Evaluation rows: ``data.val_files``, else (demo task only) held-out generated problems, else none."""
+    if cfg.data.val_files:
+        return load_rows(cfg.data.val_files)
+    if not cfg.data.train_files:
+        return generate_tasks(cfg.data.demo_num_val_rows, seed=cfg.seed + 1)
+    return []
 
 
 class PromptDataset:

@@ -119,6 +119,7 @@ def write_rows(rows: Iterable[dict], path: str | Path) -> Path:
     else:
         if not rows:
             raise ValueError(f"{path}: cannot write an empty parquet file (no schema)")
+        # heavy: pyarrow, only for parquet files
         import pyarrow as pa
         import pyarrow.parquet as pq
 

@@ -23,6 +23,9 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+from .tasks import generate_tasks
+from .tokenizer import load_tokenizer, stop_token_ids, train_demo_tokenizer
+
 FAMILIES = ("qwen2", "llama", "qwen3")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
@@ -91,11 +94,8 @@ def make_tiny_checkpoint(
             multiple of ``num_key_value_heads``, or ``vocab_size < len(tokenizer)``.
         FileNotFoundError: ``tokenizer_dir`` missing or without tokenizer files.
     """
-    import torch
-    import transformers
-
-    from .tasks import generate_tasks
-    from .tokenizer import load_tokenizer, stop_token_ids, train_demo_tokenizer
+    import torch  # heavy: torch; this module is used without it
+    import transformers  # heavy: transformers, only loaded where a model or tokenizer is
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")

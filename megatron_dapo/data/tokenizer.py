@@ -119,6 +119,7 @@ def train_demo_tokenizer(
     Built with the ``tokenizers`` API (``models.BPE``, ``trainers.BpeTrainer``,
     ``pre_tokenizers.ByteLevel(use_regex=False)``, ``decoders.ByteLevel``).
     """
+    # heavy: tokenizers, only loaded where a model or tokenizer is
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     items = list(texts_or_rows)
@@ -187,7 +188,7 @@ def load_tokenizer(path: str | Path):
             a vocabulary file (``tokenizer.json`` / ``vocab.json`` / ``tokenizer.model``); the message
             lists the files that are there.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: transformers, only loaded where a model or tokenizer is
 
     p = Path(path)
     if not p.is_dir():

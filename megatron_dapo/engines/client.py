@@ -22,6 +22,7 @@ item ``k`` so copies differ; results are returned prompt-major: ``outputs[i * n 
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 import uuid
@@ -38,6 +39,7 @@ from megatron_dapo.engines.payloads import (  # noqa: F401
     reorder_sample_major_to_prompt_major, serialize_named_tensors_for_sglang, validate_sampling_params,
 )
 from megatron_dapo.engines.transport import EngineError, EngineTransport, _is_retryable_exc, logger  # noqa: F401
+from megatron_dapo.engines.update_group import create_weight_update_group
 
 
 WEIGHT_UPDATE_BRACKET_SINCE = (0, 5, 23)
@@ -50,8 +52,6 @@ servers have no such routes."""
 def parse_server_version(version) -> tuple[int, ...] | None:
     """``"0.5.23"`` / ``"0.5.10rc0"`` / ``"0.5.3.post1"`` -> ``(0, 5, 23)`` / ``(0, 5, 10)`` / ``(0, 5, 3)``;
     ``None`` when absent or not a dotted number (the CPU engine reports none)."""
-    import re
-
     m = re.match(r"\s*v?(\d+(?:\.\d+)*)", str(version)) if version is not None else None
     return tuple(int(x) for x in m.group(1).split(".")) if m else None
 
@@ -371,8 +371,6 @@ class EngineClient(EngineTransport):
                                           tp_size: int = 1, timeout_s: float = 120.0):
         """Trainer side: create rank 0 of the group while the engines join; returns the
         :class:`~megatron_dapo.engines.update_group.WeightUpdateGroup`."""
-        from megatron_dapo.engines.update_group import create_weight_update_group
-
         world = 1 + len(self.control_urls) * tp_size
         trainer = asyncio.get_running_loop().run_in_executor(
             None, lambda: create_weight_update_group(master_address, master_port, 0, world, backend=backend,

@@ -33,18 +33,20 @@ from typing import Callable, Literal, Optional
 
 import torch
 
-from ..actor.batching import build_actor_batch
+from ..batch import build_actor_batch
 from ..config import DAPOConfig, RolloutConfig
-from .protocols import PolicyActor, RolloutBackendName, RolloutEngine, WeightTransportName
+from ..sync import WeightSync
+from ..sync.collective import on_rank0
+from ..sync.transports import WeightSyncError
+from .client import SyncEngineClient
 from .launch_common import EngineProcesses, default_engine_python
 from .launch_cpu import launch_cpu_engines
 from .launch_router import launch_sglang_router
 from .launch_sglang import launch_sglang_servers
 from .launch_vllm import launch_vllm_servers
+from .protocols import PolicyActor, RolloutBackendName, RolloutEngine, WeightTransportName
 from .transport import EngineError
-from ..sync import WeightSync
-from ..sync.collective import on_rank0
-from ..sync.transports import WeightSyncError
+from .vllm_client import SyncVLLMClient
 
 log = logging.getLogger("megatron_dapo")
 
@@ -102,16 +104,12 @@ def _launch_vllm(r: RolloutConfig, req: LaunchRequest) -> EngineProcesses:
 
 def _sglang_api_client(urls: list[str], *, router_url: Optional[str], api_key: Optional[str],
                        request_timeout_s: float, max_retries: int) -> RolloutEngine:
-    from .client import SyncEngineClient
-
     return SyncEngineClient(urls, router_url=router_url, api_key=api_key, request_timeout_s=request_timeout_s,
                             max_retries=max_retries)
 
 
 def _vllm_client(urls: list[str], *, router_url: Optional[str], api_key: Optional[str],
                  request_timeout_s: float, max_retries: int) -> RolloutEngine:
-    from .vllm_client import SyncVLLMClient
-
     if router_url is not None:
         raise ValueError("vLLM engines take no router_url (rollout.use_router / rollout.router_url are for "
                          "SGLang-API engines)")

@@ -7,6 +7,7 @@ free ports, :class:`~megatron_dapo.engines.launch_common.EngineProcesses`),
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -18,8 +19,6 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m megatron_dapo.engines.launch router-command|wait-router|serve-sglang ...`` (used by the
     sbatch scripts): print the ``sglang-router`` argv one argument per line / wait until it routes (exit 1
     with the missing workers on stderr) / exec an SGLang server (on CPU from ``.venv-sglang``)."""
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m megatron_dapo.engines.launch")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("router-command", help="print the sglang-router argv, one argument per line")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import importlib.util
 import os
 import signal
 import socket
@@ -31,7 +32,7 @@ import urllib.request
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from megatron_dapo.backend import MissingBackendError
 from megatron_dapo.errors import MegatronDapoError
@@ -64,7 +65,6 @@ def default_engine_python(backend: str, configured: str | None = None) -> str:
             raise MissingBackendError(f"rollout.engine_python={configured!r} is not an executable file (run `make "
                                       f"engines` to build {ENGINE_VENVS[backend]}, or unset it)")
         return configured
-    import importlib.util
 
     if importlib.util.find_spec(_ENGINE_MODULES[backend]) is not None:
         return sys.executable
@@ -247,6 +247,28 @@ class EngineProcesses:
             EngineLaunchError: an engine exited, or ``timeout_s`` passed; the message holds the
                 URL, the command and the last log lines.  All engines are stopped first.
         """
+        def exited(ep: EngineProcess, rc: int) -> Exception:
+            return EngineLaunchError(
+                f"engine {ep.url} exited with code {rc} before becoming healthy\n"
+                f"command: {' '.join(ep.cmd)}\n--- last lines of {ep.log_path} ---\n{_tail(ep.log_path)}")
+
+        def timed_out(ep: EngineProcess) -> Exception:
+            return EngineLaunchError(
+                f"engine {ep.url} not healthy after {timeout_s:.0f}s\ncommand: {' '.join(ep.cmd)}\n"
+                f"--- last lines of {ep.log_path} ---\n{_tail(ep.log_path)}")
+
+        self.wait_until(lambda ep: _http_ok(ep.url + "/health", ep.api_key), timeout_s, poll_s, exited, timed_out)
+
+    def wait_until(self, ready: Callable[[EngineProcess], bool], timeout_s: float, poll_s: float,
+                   exited: Callable[[EngineProcess, int], Exception],
+                   timed_out: Callable[[EngineProcess], Exception]) -> None:
+        """Poll every ``poll_s`` seconds until ``ready(engine)`` has been true once for every engine.
+
+        Raises:
+            Exception: ``exited(engine, returncode)`` when an engine's process has exited, or
+                ``timed_out(first engine not ready)`` once ``timeout_s`` seconds have passed; all engines
+                are stopped first.
+        """
         deadline = time.monotonic() + timeout_s
         pending = list(self.engines)
         while pending:
@@ -254,19 +276,14 @@ class EngineProcesses:
                 rc = ep.proc.poll()
                 if rc is not None:
                     self.stop()
-                    raise EngineLaunchError(
-                        f"engine {ep.url} exited with code {rc} before becoming healthy\n"
-                        f"command: {' '.join(ep.cmd)}\n--- last lines of {ep.log_path} ---\n{_tail(ep.log_path)}")
-                if _http_ok(ep.url + "/health", ep.api_key):
+                    raise exited(ep, rc)
+                if ready(ep):
                     pending.remove(ep)
             if not pending:
                 return
             if time.monotonic() > deadline:
-                ep = pending[0]
                 self.stop()
-                raise EngineLaunchError(
-                    f"engine {ep.url} not healthy after {timeout_s:.0f}s\ncommand: {' '.join(ep.cmd)}\n"
-                    f"--- last lines of {ep.log_path} ---\n{_tail(ep.log_path)}")
+                raise timed_out(pending[0])
             time.sleep(poll_s)
 
     def kill(self, index: int, sig: int = signal.SIGKILL) -> None:

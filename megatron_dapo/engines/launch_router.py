@@ -9,7 +9,10 @@
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -19,7 +22,8 @@ from pathlib import Path
 from typing import Sequence
 
 from megatron_dapo.backend import MissingBackendError
-from megatron_dapo.engines.launch_common import EngineLaunchError, EngineProcesses, _http_ok, _tail, find_free_ports
+from megatron_dapo.engines.launch_common import (EngineLaunchError, EngineProcess, EngineProcesses, _http_ok, _tail,
+                                                 find_free_ports)
 
 
 ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")
@@ -84,14 +88,10 @@ def build_sglang_router_command(worker_urls: Sequence[str], *, port: int, host: 
 def _plain_tail(path: Path | None, n: int = 40) -> str:
     """:func:`~megatron_dapo.engines.launch_common._tail` without ANSI colour codes (the router always colours its log
     lines)."""
-    import re
-
     return re.sub(r"\x1b\[[0-9;]*m", "", _tail(path, n))
 
 
 def _http_json(url: str, api_key: str | None, timeout_s: float = 2.0):
-    import json
-
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
@@ -139,29 +139,29 @@ class RouterProcess(EngineProcesses):
             RouterLaunchError: the router exited or ``timeout_s`` passed (router stopped first); the
                 message names the missing / unhealthy workers and holds the router log's last lines.
         """
-        ep = self.engines[0]
-        deadline = time.monotonic() + timeout_s
         want = [u.rstrip("/") for u in self.worker_urls]
         seen: dict[str, bool] | None = None
-        while True:
-            rc = ep.proc.poll()
-            if rc is not None:
-                self.stop()
-                raise RouterLaunchError(
-                    f"sglang-router {ep.url} exited with code {rc} before routing\ncommand: {' '.join(ep.cmd)}\n"
-                    f"--- last lines of {ep.log_path} ---\n{_plain_tail(ep.log_path)}")
-            if _http_ok(ep.url + "/health", ep.api_key):
-                seen = router_worker_health(ep.url, ep.api_key)
-                if seen is not None and all(seen.get(u) for u in want):
-                    return
-            if time.monotonic() > deadline:
-                self.stop()
-                missing = [u for u in want if not (seen or {}).get(u)]
-                state = "did not answer /health" if seen is None else f"workers not (yet) healthy: {missing}"
-                raise RouterLaunchError(
-                    f"sglang-router {ep.url} not routing after {timeout_s:.0f}s ({state})\n"
-                    f"command: {' '.join(ep.cmd)}\n--- last lines of {ep.log_path} ---\n{_plain_tail(ep.log_path)}")
-            time.sleep(poll_s)
+
+        def routing(ep: EngineProcess) -> bool:
+            nonlocal seen
+            if not _http_ok(ep.url + "/health", ep.api_key):
+                return False
+            seen = router_worker_health(ep.url, ep.api_key)
+            return seen is not None and all(seen.get(u) for u in want)
+
+        def exited(ep: EngineProcess, rc: int) -> Exception:
+            return RouterLaunchError(
+                f"sglang-router {ep.url} exited with code {rc} before routing\ncommand: {' '.join(ep.cmd)}\n"
+                f"--- last lines of {ep.log_path} ---\n{_plain_tail(ep.log_path)}")
+
+        def timed_out(ep: EngineProcess) -> Exception:
+            missing = [u for u in want if not (seen or {}).get(u)]
+            state = "did not answer /health" if seen is None else f"workers not (yet) healthy: {missing}"
+            return RouterLaunchError(
+                f"sglang-router {ep.url} not routing after {timeout_s:.0f}s ({state})\n"
+                f"command: {' '.join(ep.cmd)}\n--- last lines of {ep.log_path} ---\n{_plain_tail(ep.log_path)}")
+
+        self.wait_until(routing, timeout_s, poll_s, exited, timed_out)
 
 
 def launch_sglang_router(worker_urls: Sequence[str], *, host: str = "127.0.0.1", port: int | None = None,
@@ -202,8 +202,6 @@ def launch_sglang_router(worker_urls: Sequence[str], *, host: str = "127.0.0.1",
             sglang-router``), the router exited (e.g. a bad flag) or did not route in time - with its log's last lines.
         ValueError: bad arguments (see :func:`build_sglang_router_command`).
     """
-    import importlib.util
-
     if importlib.util.find_spec("sglang_router") is None:
         raise RouterNotInstalledError(ROUTER_INSTALL_HINT)
     free = find_free_ports(2, host)

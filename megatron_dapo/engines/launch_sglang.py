@@ -13,13 +13,14 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from megatron_dapo.backend import MissingBackendError
-from megatron_dapo.engines.launch_common import REPO_ROOT, EngineProcesses, default_engine_python, find_free_ports
+from megatron_dapo.backend import MissingBackendError, has_cuda
+from megatron_dapo.engines.launch_common import EngineProcesses, REPO_ROOT, default_engine_python, find_free_ports
 
 
 SGLANG_CPU_SHIMS = REPO_ROOT / "tools" / "engines" / "sglang_shims"
@@ -60,7 +61,6 @@ def checkpoint_dtype(model_path: str, dtype: str = "auto") -> str:
     """
     if dtype != "auto":
         return dtype
-    import json
 
     try:
         cfg = json.loads((Path(model_path) / "config.json").read_text())
@@ -169,8 +169,6 @@ def launch_sglang_servers(model_path: str, *, num_engines: int = 1, tp_size: int
     if num_engines < 1:
         raise ValueError(f"num_engines must be >= 1, got {num_engines}")
     if device is None:
-        from megatron_dapo.backend import has_cuda
-
         device = "cuda" if has_cuda() else "cpu"
     python = python or default_engine_python("sglang", engine_python)
     dtype = checkpoint_dtype(model_path, dtype)
@@ -189,8 +187,6 @@ def serve_sglang(args) -> int:
     """``serve-sglang``: replace this process by the SGLang server (slurm/engines_on_node.sh runs it per
     engine, so the step's signals reach the server itself).  A missing engine venv: one line, exit 2."""
     if args.device is None:
-        from megatron_dapo.backend import has_cuda
-
         args.device = "cuda" if has_cuda() else "cpu"
     try:
         python = default_engine_python("sglang", args.engine_python)

@@ -6,12 +6,15 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from megatron_dapo.backend import has_cuda
 from megatron_dapo.engines.launch_common import EngineProcesses, default_engine_python, find_free_ports
+from megatron_dapo.models.export import untie_hf_checkpoint
 
 
 def build_vllm_command(model_path: str, *, port: int, host: str = "127.0.0.1", tp_size: int = 1,
@@ -84,9 +87,7 @@ VLLM_SERVED_MODEL_NAME = "policy"
 
 def _on_cpu() -> bool:
     try:
-        import torch
-
-        return not torch.cuda.is_available()
+        return not has_cuda()
     except Exception:  # pragma: no cover - no torch in this interpreter
         return True
 
@@ -141,8 +142,6 @@ def launch_vllm_servers(model_path: str, *, num_engines: int = 1, tp_size: int =
         EngineLaunchError: a server exited or was not healthy within ``health_timeout_s`` (log tail included).
         ValueError: bad arguments, or ``weight_transfer_backend`` on CPU.
     """
-    import json
-
     if num_engines < 1:
         raise ValueError(f"num_engines must be >= 1, got {num_engines}")
     if not os.path.isdir(model_path):
@@ -155,8 +154,6 @@ def launch_vllm_servers(model_path: str, *, num_engines: int = 1, tp_size: int =
     serve_path = Path(model_path)
     cfg = json.loads((serve_path / "config.json").read_text()) if (serve_path / "config.json").is_file() else {}
     if cfg.get("tie_word_embeddings", False):
-        from megatron_dapo.models.export import untie_hf_checkpoint
-
         serve_path = untie_hf_checkpoint(model_path, Path(untie_dir) if untie_dir else Path(log_dir) / "untied-model")
     ports = find_free_ports(num_engines, host) if base_port is None else [base_port + i for i in range(num_engines)]
     run_env = vllm_env(env, cpu=on_cpu, kv_cache_gib=kv_cache_gib)

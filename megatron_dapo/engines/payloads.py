@@ -26,6 +26,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .tensor_ipc import serialize_named_tensors
+
 FINISH_REASONS = ("stop", "length", "abort")
 
 # Fields of SGLang's SamplingParams (sampling_params.py); anything else is a typo.
@@ -294,8 +296,6 @@ def serialize_named_tensors_for_sglang(named_tensors: Sequence[tuple[str, torch.
         ValueError: ``tp_size < 1``.
         TypeError: an entry is not a ``(str, Tensor)`` pair.
     """
-    from .tensor_ipc import serialize_named_tensors
-
     if int(tp_size) < 1:
         raise ValueError(f"tp_size must be >= 1, got {tp_size}")
     one = serialize_named_tensors(list(named_tensors))

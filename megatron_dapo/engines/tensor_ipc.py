@@ -24,12 +24,17 @@ import base64
 import binascii
 import contextlib
 import io
+import os
 import pickle
+import sys
 import types
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 from typing import Iterator, Sequence
 
 import torch
+import torch.multiprocessing as tmp
+import torch.multiprocessing.reductions
 
 _REDUCTIONS = "torch.multiprocessing.reductions"
 _ALLOWED_GLOBALS = {
@@ -71,8 +76,6 @@ def _start_shm_manager_detached() -> None:
     global _MANAGER_STARTED
     if _MANAGER_STARTED:
         return
-    import os
-    import sys
 
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -96,8 +99,6 @@ def _start_shm_manager_detached() -> None:
 
 @contextlib.contextmanager
 def _file_system_sharing(start_manager: bool = True) -> Iterator[None]:
-    import torch.multiprocessing as tmp
-
     if start_manager:
         _start_shm_manager_detached()
     old = tmp.get_sharing_strategy()
@@ -230,9 +231,6 @@ def _check_named(named_tensors) -> list[tuple[str, torch.Tensor]]:
 
 
 def _pickle_b64(obj) -> str:
-    import torch.multiprocessing.reductions  # noqa: F401  (registers the tensor reducers)
-    from multiprocessing.reduction import ForkingPickler
-
     buf = io.BytesIO()
     with _file_system_sharing():
         ForkingPickler(buf).dump(obj)
@@ -285,8 +283,6 @@ def deserialize_payload(data: str | bytes, load_format: str | None = None) -> li
 
 
 def _load(data: str | bytes):
-    import torch.multiprocessing.reductions  # noqa: F401  (the rebuild functions must be importable)
-
     try:
         raw = base64.b64decode(data, validate=True) if isinstance(data, str) else bytes(data)
     except (binascii.Error, ValueError) as exc:

@@ -26,6 +26,8 @@ import logging
 import time
 from typing import Any, Sequence
 
+import aiohttp
+
 from ..errors import MegatronDapoError
 
 # The records keep the logger name they had before this module was split out of client.py.
@@ -42,8 +44,6 @@ class EngineError(MegatronDapoError, RuntimeError):
 
 
 def _is_retryable_exc(exc: BaseException) -> bool:
-    import aiohttp
-
     return isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError,
                             ConnectionError))
 
@@ -98,8 +98,6 @@ class EngineTransport:
         return self.engine_urls or [self.router_url]
 
     async def _ensure_session(self):
-        import aiohttp
-
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._session_loop is not loop:
             headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -117,8 +115,6 @@ class EngineTransport:
     async def _http(self, method: str, url: str, path: str, payload: Any = None,
                     timeout_s: float | None = None) -> tuple[int, Any]:
         """One HTTP call; returns ``(status, parsed JSON or text)``; raises aiohttp errors."""
-        import aiohttp
-
         session = await self._ensure_session()
         timeout = aiohttp.ClientTimeout(total=timeout_s or self.request_timeout_s)
         async with session.request(method, url + path, json=payload, timeout=timeout) as resp:

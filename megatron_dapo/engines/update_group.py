@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..backend import has_cuda
+
 logger = logging.getLogger(__name__)
 
 _SUPPORTED_BACKENDS = ("gloo", "nccl")
@@ -189,7 +191,7 @@ def create_weight_update_group(
     timeout = datetime.timedelta(seconds=float(timeout_s))
     if backend == "nccl":
         nccl_cls = getattr(dist, "ProcessGroupNCCL", None)
-        if nccl_cls is None or not torch.cuda.is_available():
+        if nccl_cls is None or not has_cuda():
             raise RuntimeError(
                 "backend='nccl' needs a CUDA build of torch with torch.distributed.ProcessGroupNCCL "
                 "and a visible GPU; on CPU use backend='gloo' (on GPU clusters SGLang creates its "

@@ -48,19 +48,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import math
 import pickle
+import re
+import subprocess
 import uuid
+from pathlib import Path
 from typing import Any, Sequence
 
-from megatron_dapo.engines.client import (
-    EngineClient,
-    EngineError,
-    GenerateOutput,
-    SyncEngineClient,
-    _check_prompts,
-    validate_sampling_params,
-)
+from megatron_dapo.engines.client import (EngineClient, EngineError, GenerateOutput, SyncEngineClient, _check_prompts,
+                                          validate_sampling_params)
+from megatron_dapo.engines.launch_common import default_engine_python
+from megatron_dapo.engines.launch_vllm import vllm_env
+from megatron_dapo.models.export import add_output_layer_copy
 
 ABORT_PREFIX = "generate-tokens-"
 """vLLM's engine request id of a ``/inference/v1/generate`` request is this prefix + our ``request_id``."""
@@ -287,8 +288,6 @@ class VLLMClient(EngineClient):
             EngineError: an engine failed or its ``/server_info`` names no device.
         """
         if self._cpu is None:
-            import re
-
             info = await self._control("GET", "/server_info", None, check_success=False)
             devices = set()
             for d in info.values():
@@ -532,8 +531,6 @@ class VLLMClient(EngineClient):
             EngineError: any step failed on any engine (the servers are resumed first).
             FileNotFoundError: ``path`` holds no safetensors checkpoint.
         """
-        from megatron_dapo.models.export import add_output_layer_copy
-
         add_output_layer_copy(path)
         await self.pause("abort" if abort_all_requests else "wait")
         try:
@@ -717,12 +714,6 @@ def check_payloads_in_vllm(items: list[dict], *, python: str | None = None, time
         MissingBackendError: no vLLM interpreter (``make engines``).
         RuntimeError: the checker itself failed (its stderr tail in the message).
     """
-    import json
-    import subprocess
-    from pathlib import Path
-
-    from megatron_dapo.engines.launch_common import default_engine_python
-    from megatron_dapo.engines.launch_vllm import vllm_env
 
     py = python or default_engine_python("vllm")
     script = Path(__file__).with_name("vllm_payload_check.py")

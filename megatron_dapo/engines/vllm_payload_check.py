@@ -30,7 +30,7 @@ import sys
 
 
 def _recorder_class():
-    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.async_llm import AsyncLLM  # optional: vllm and its server (the vllm extra)
 
     class _Outputs:
         request_states: dict = {}
@@ -100,8 +100,9 @@ def _recorder_class():
 
 
 def _app(engine):
-    from fastapi import FastAPI
+    from fastapi import FastAPI  # optional: vllm and its server (the vllm extra)
 
+    # optional: vllm and its server (the vllm extra)
     from vllm.entrypoints.rl.online.api_router import router as rl_router
     from vllm.entrypoints.serve.dev.cache.api_router import router as cache_router
     from vllm.entrypoints.serve.dev.rpc.api_router import router as rpc_router
@@ -118,16 +119,20 @@ def _deep_check(name: str, kw: dict, backend: str | None) -> None:
     """Build the backend request classes from what the route passed to the engine."""
     if name == "init_weight_transfer_engine":
         if backend == "nccl":
+            # optional: vllm and its server (the vllm extra)
             from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferInitInfo as cls
         elif backend == "ipc":
+            # optional: vllm and its server (the vllm extra)
             from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferInitInfo as cls
         else:
             raise ValueError(f"weight-transfer payload needs backend nccl or ipc, got {backend!r}")
         cls(**kw["init_info"])
     elif name == "update_weights":
         if backend == "nccl":
+            # optional: vllm and its server (the vllm extra)
             from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferUpdateInfo as cls
         elif backend == "ipc":
+            # optional: vllm and its server (the vllm extra)
             from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferUpdateInfo as cls
         else:
             raise ValueError(f"weight-transfer payload needs backend nccl or ipc, got {backend!r}")
@@ -135,7 +140,7 @@ def _deep_check(name: str, kw: dict, backend: str | None) -> None:
         for info in infos:
             cls(**info)
     elif name == "collective_rpc" and kw["method"] == "reload_weights":
-        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # optional: vllm and its server (the vllm extra)
 
         inspect.signature(GPUModelRunner.reload_weights).bind(None, *kw["args"], **kw["kwargs"])
         if not kw["kwargs"].get("weights_path"):
@@ -153,8 +158,9 @@ def _jsonable(x):
 def check(items: list[dict]) -> list[dict]:
     """Validate ``items`` (see the module docstring); one result dict per item."""
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-    from fastapi.testclient import TestClient
+    from fastapi.testclient import TestClient  # optional: vllm and its server (the vllm extra)
 
+    # optional: vllm and its server (the vllm extra)
     from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateRequest
 
     engine = _recorder_class()()

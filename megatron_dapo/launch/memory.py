@@ -3,9 +3,8 @@
 Everything here is analytic (no torch, no GPU). Units: memory is bytes; the request's ``*_gb``
 inputs are GiB (:data:`GiB` = 2**30 bytes), so ``gpu_memory_gb`` is read as GiB (an "80 GB" H100
 reports 81,559 MiB ≈ 79.6 GiB, which the default ``reserved_gb`` absorbs). Parameter counts come
-from :mod:`megatron_dapo.launch.param_count`; the request type
-(:class:`~megatron_dapo.launch.planner.PlanRequest`) and the search over layouts are in
-:mod:`megatron_dapo.launch.planner`, which re-exports every public name defined here.
+from :mod:`megatron_dapo.launch.param_count`; the request type (:class:`PlanRequest`) is defined here; the
+search over layouts is in :mod:`megatron_dapo.launch.planner`, which re-exports every public name defined here.
 
 Formulas and their sources
 --------------------------
@@ -56,14 +55,62 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
 
 from megatron_dapo.launch.param_count import Arch, ParamCount, count_parameters
 
-if TYPE_CHECKING:  # planner.py imports this module; the request type is only needed for annotations
-    from megatron_dapo.launch.planner import PlanRequest
-
 GiB = float(2 ** 30)
+
+
+# --------------------------------------------------------------------------- the request
+
+@dataclass
+class PlanRequest:
+    """Inputs of :func:`plan`. Lengths are tokens, memory GiB, fractions in (0, 1)."""
+
+    hf_config: Mapping[str, Any] | str | Path | Arch
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_memory_gb: float = 80.0
+    max_prompt_length: int = 2048
+    max_response_length: int = 20480
+    colocated: bool = True
+    sglang_mem_fraction: float = 0.6
+    sglang_tp: Optional[int] = None
+    """Engine tensor parallelism; ``None``: smallest power of two whose weights take <= half the static pool."""
+    token_budgets: Optional[Sequence[int]] = None
+    """``None``: 1, 2 and 4 full sequences (prompt + response)."""
+    ppo_mini_batch_size: Optional[int] = 512
+    """Responses per optimizer step; DP must divide it. ``None`` skips the check."""
+    params_dtype: str = "bf16"
+    distributed_optimizer: bool = True
+    sequence_parallel: bool = True
+    flash_attention: bool = True
+    make_vocab_size_divisible_by: int = 128
+    logprob_chunk_size: int = 1024
+    reserved_gb: float = 5.0
+    """Trainer memory outside the model: CUDA context, NCCL buffers, allocator fragmentation."""
+    engine_overhead_gb: float = 3.0
+    """Colocated SGLang memory outside its static pool (context, CUDA graphs), kept while paused."""
+    max_tp: Optional[int] = None
+    """Largest TP (default ``gpus_per_node``: TP stays inside one NVLink domain)."""
+    max_pp: int = 16
+    cp_sizes: Sequence[int] = (1, 2, 4, 8)
+    vpp_sizes: Sequence[Optional[int]] = (None, 2, 4)
+    recompute_options: Sequence[str] = ("none", "selective", "full")
+    allow_optimizer_offload: bool = True
+    num_microbatches: Optional[int] = None
+    """Micro-batches per optimizer step per DP rank; ``None`` estimates it from ``ppo_mini_batch_size``."""
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.max_prompt_length + self.max_response_length
+
 
 
 # --------------------------------------------------------------------------- activations

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import MegatronDapoError
+from megatron_dapo.config import ConfigError, parse_overrides
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,8 +76,6 @@ def build_launch_plan(cfg_path: str, overrides: Sequence[str] = (), nodes: int =
     :func:`megatron_dapo.config.parse_overrides`. ``gpus_per_node`` 0 means a CPU job.
     Raises LaunchError naming the bad argument.
     """
-    from megatron_dapo.config import ConfigError, parse_overrides
-
     if mode not in MODES:
         raise LaunchError(f"--mode={mode!r}: expected one of {', '.join(MODES)}")
     if not Path(cfg_path).is_file():
@@ -127,6 +126,7 @@ def build_launch_plan(cfg_path: str, overrides: Sequence[str] = (), nodes: int =
 
 def _require_nemo_run():
     try:
+        # optional: the launch extra
         import nemo_run  # noqa: F401
     except ImportError as e:
         raise LaunchError("the nemo-run backend needs the optional 'launch' extra: "

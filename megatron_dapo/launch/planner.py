@@ -19,17 +19,18 @@ pipeline bubble, and a larger token budget.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Optional
 
-# Re-exported: these names were defined here before param_count.py / memory.py were split out,
+# Re-exported: these names were defined here before param_count.py / memory.py were split out (PlanRequest
+# moved to memory.py, which uses it, so that memory.py need not import this module),
 # and callers import them from this module.
 from megatron_dapo.launch.memory import (  # noqa: F401
-    GiB, Layout, MemoryEstimate, _in_flight_units, activation_bytes_per_layer, auto_engine_tp,
+    GiB, Layout, MemoryEstimate, PlanRequest, _in_flight_units, activation_bytes_per_layer, auto_engine_tp,
     estimate_memory, korthikanti_activation_bytes_per_layer, kv_cache_bytes_per_token,
 )
 from megatron_dapo.launch.param_count import (  # noqa: F401
@@ -49,53 +50,6 @@ class Candidate:
     @property
     def feasible(self) -> bool:
         return not self.reasons
-
-
-@dataclass
-class PlanRequest:
-    """Inputs of :func:`plan`. Lengths are tokens, memory GiB, fractions in (0, 1)."""
-
-    hf_config: Mapping[str, Any] | str | Path | Arch
-    nodes: int = 1
-    gpus_per_node: int = 8
-    gpu_memory_gb: float = 80.0
-    max_prompt_length: int = 2048
-    max_response_length: int = 20480
-    colocated: bool = True
-    sglang_mem_fraction: float = 0.6
-    sglang_tp: Optional[int] = None
-    """Engine tensor parallelism; ``None``: smallest power of two whose weights take <= half the static pool."""
-    token_budgets: Optional[Sequence[int]] = None
-    """``None``: 1, 2 and 4 full sequences (prompt + response)."""
-    ppo_mini_batch_size: Optional[int] = 512
-    """Responses per optimizer step; DP must divide it. ``None`` skips the check."""
-    params_dtype: str = "bf16"
-    distributed_optimizer: bool = True
-    sequence_parallel: bool = True
-    flash_attention: bool = True
-    make_vocab_size_divisible_by: int = 128
-    logprob_chunk_size: int = 1024
-    reserved_gb: float = 5.0
-    """Trainer memory outside the model: CUDA context, NCCL buffers, allocator fragmentation."""
-    engine_overhead_gb: float = 3.0
-    """Colocated SGLang memory outside its static pool (context, CUDA graphs), kept while paused."""
-    max_tp: Optional[int] = None
-    """Largest TP (default ``gpus_per_node``: TP stays inside one NVLink domain)."""
-    max_pp: int = 16
-    cp_sizes: Sequence[int] = (1, 2, 4, 8)
-    vpp_sizes: Sequence[Optional[int]] = (None, 2, 4)
-    recompute_options: Sequence[str] = ("none", "selective", "full")
-    allow_optimizer_offload: bool = True
-    num_microbatches: Optional[int] = None
-    """Micro-batches per optimizer step per DP rank; ``None`` estimates it from ``ppo_mini_batch_size``."""
-
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.gpus_per_node
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.max_prompt_length + self.max_response_length
 
 
 @dataclass
@@ -287,8 +241,6 @@ def format_plan(result: PlanResult, top: int = 10, show_rejected: bool = False) 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
     """``tools/plan_parallelism.py`` entry point (see ``--help``). Returns 0, or 1 when nothing fits."""
-    import argparse
-
     ap = argparse.ArgumentParser(description="List Megatron parallel layouts that fit in GPU memory (analytic).")
     ap.add_argument("--hf-config", required=True, help="HF model directory or config.json")
     ap.add_argument("--nodes", type=int, default=1)

@@ -20,12 +20,12 @@ import urllib.error
 import urllib.request
 from typing import Any, Optional
 
+from megatron_dapo.config import load_config
+
 
 def cfg_get(config: str, key: str, overrides: list[str]) -> Any:
     """Value of dotted ``key`` in ``config`` + ``overrides``. Raises KeyError naming a missing key,
     :class:`megatron_dapo.config.ConfigError` for a bad config or override."""
-    from megatron_dapo.config import load_config
-
     node: Any = load_config(config, overrides, validate=False)
     for part in key.split("."):
         if not hasattr(node, part):

@@ -24,10 +24,18 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from tqdm import tqdm
 
+from ..actor.parallel import init_parallel
+from ..backend import has_cuda
+from ..cpu_shims import apply_cpu_shims, device_remap
 from . import mapping
 from .export import copy_side_files, write_safetensors_shards
-from .hf_config import ModelSpec, gpt_model_kwargs, read_hf_config, spec_from_hf_config, transformer_config_kwargs
+from .hf_config import (ModelSpec, UnsupportedModelError, gpt_model_kwargs, read_hf_config, spec_from_hf_config,
+                        transformer_config_kwargs)
+from .mapping import MappingError
 
 CONVERT_INFO = "convert_info.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,7 +44,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def _progress(it, total: int, desc: str, enabled: bool):
     if not enabled:
         return it
-    from tqdm import tqdm
 
     return tqdm(it, total=total, desc=desc, unit="tensor")
 
@@ -58,8 +65,6 @@ class HFTensorReader:
     """Lazy reader over the ``*.safetensors`` files of a HF directory (``get(name)`` → tensor)."""
 
     def __init__(self, hf_dir: str | Path):
-        from safetensors import safe_open
-
         hf_dir = Path(hf_dir)
         files = sorted(hf_dir.glob("*.safetensors"))
         if not files:
@@ -81,11 +86,9 @@ def megatron_model(spec: ModelSpec, *, tp: int = 1, pp: int = 1, params_dtype: s
 
     Yields ``{"model", "padded_vocab", "ps"}``; tears megatron's model-parallel groups down on exit.
     """
-    from ..actor.parallel import init_parallel
-    from ..cpu_shims import apply_cpu_shims, cuda_available, device_remap
-
     apply_cpu_shims()
     init_parallel(tp=tp, pp=pp, seed=seed)
+    # heavy: megatron-core, imported once a model is built (after the CPU shims)
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -94,32 +97,18 @@ def megatron_model(spec: ModelSpec, *, tp: int = 1, pp: int = 1, params_dtype: s
     padded = spec.padded_vocab_size(tp, divisible_by)
     with device_remap():
         cfg = TransformerConfig(**transformer_config_kwargs(spec, tp=tp, pp=pp, params_dtype=params_dtype,
-                                                            on_cpu=not cuda_available()))
+                                                            on_cpu=not has_cuda()))
         model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(
             qk_layernorm=spec.qk_layernorm, normalization="RMSNorm"),
             pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
             **gpt_model_kwargs(spec, padded))
-        if cuda_available():
+        if has_cuda():
             model.cuda(torch.cuda.current_device())
         model.eval()
         try:
             yield {"model": model, "padded_vocab": padded, "ps": ps}
         finally:
             ps.destroy_model_parallel()
-
-
-def local_params(model, spec: ModelSpec) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
-    """``(canonical global name, local name, parameter)`` of one ``GPTModel`` stage."""
-    layer_num = {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
-    for lname, p in model.named_parameters():
-        cname = mapping.canonical_name(lname)
-        if cname.startswith("decoder.layers."):
-            parts = cname.split(".")
-            parts[2] = str(layer_num[int(parts[2])])
-            cname = ".".join(parts)
-        if cname == "output_layer.weight" and spec.tie_word_embeddings:
-            cname = "output_layer.weight(tied)"
-        yield cname, lname, p
 
 
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1,
@@ -136,10 +125,8 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: 
         UnsupportedModelError: architecture / fields megatron_dapo cannot build.
         MappingError: a HF tensor is missing or has the wrong shape.
     """
-    import torch.distributed as dist
+    # heavy: megatron-core, imported once a model is built (after the CPU shims)
     from megatron.core import dist_checkpointing
-
-    from ..cpu_shims import device_remap
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     cfg = read_hf_config(hf_dir)
@@ -153,7 +140,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: 
             raise ValueError(f"hf_to_megatron needs world_size == tp*pp = {tp * pp}, got {dist.get_world_size()}")
         tp_rank = ps.get_tensor_model_parallel_rank()
         rank = dist.get_rank()
-        items = list(local_params(model, spec))
+        items = list(mapping.local_params(model, spec))
         with torch.no_grad():
             for cname, lname, p in _progress(items, len(items), "HF -> Megatron", progress and rank == 0):
                 src = "output_layer.weight" if cname == "output_layer.weight(tied)" else cname
@@ -190,9 +177,8 @@ def load_megatron_model(model, ckpt_dir: Path) -> None:
         FileNotFoundError: no ``metadata.json`` in ``ckpt_dir``.
         MappingError: a parameter is missing from the checkpoint.
     """
+    # heavy: megatron-core, imported once a model is built (after the CPU shims)
     from megatron.core import dist_checkpointing
-
-    from ..cpu_shims import device_remap
 
     if not (ckpt_dir / "metadata.json").is_file():
         raise FileNotFoundError(f"{ckpt_dir} is not a megatron-core dist checkpoint (no metadata.json)")
@@ -228,7 +214,7 @@ def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, hf_config_dir: 
     with megatron_model(spec, tp=1, pp=1, params_dtype="bf16" if dtype == torch.bfloat16 else "fp32") as mm:
         model = mm["model"]
         load_megatron_model(model, ckpt_dir)
-        params = {c: p for c, _, p in local_params(model, spec) if not c.endswith("(tied)")}
+        params = {c: p for c, _, p in mapping.local_params(model, spec) if not c.endswith("(tied)")}
         missing = [n for n in mapping.mcore_names(spec) if n not in params]
         if missing:
             raise mapping.MappingError(f"model lacks parameters {missing[:5]}")
@@ -256,14 +242,13 @@ def fixed_batch(vocab_size: int, n: int = 3, length: int = 16, seed: int = 0) ->
 def megatron_logits(model, tokens: torch.Tensor, tp: int, true_vocab: int) -> torch.Tensor:
     """Full-vocabulary fp32 logits ``[n, length, true_vocab]`` of a PP=1 ``GPTModel`` (TP gathered); fp64 when
     the model was cast with ``.double()``."""
-    from ..cpu_shims import device_remap
-
     b, s = tokens.shape
     pos = torch.arange(s).unsqueeze(0).expand(b, s)
     causal = torch.ones(s, s, dtype=torch.bool).triu(1).view(1, 1, s, s)
     with torch.no_grad(), device_remap():
         out = model(tokens, pos, causal)
         if tp > 1:
+            # heavy: megatron-core, imported once a model is built (after the CPU shims)
             from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
             out = gather_from_tensor_model_parallel_region(out)
@@ -288,7 +273,7 @@ def exact_rmsnorm(model: torch.nn.Module) -> int:
 def hf_logits(hf_dir: str | Path, tokens: torch.Tensor, *, fp64: bool = False) -> torch.Tensor:
     """transformers' fp32 logits ``[n, length, vocab]`` for ``tokens``; ``fp64=True``: the model cast to
     float64 with :func:`exact_rmsnorm` (RoPE tables stay fp32-computed, as in Megatron), fp64 logits."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: transformers, only loaded where a model or tokenizer is
 
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     if fp64:
@@ -362,7 +347,4 @@ def report_verify(diff: dict, tolerance: float) -> int:
 
 def tool_errors() -> tuple:
     """Exceptions the conversion tools turn into one ``error: ...`` line and exit code 2."""
-    from .hf_config import UnsupportedModelError
-    from .mapping import MappingError
-
     return (UnsupportedModelError, MappingError, FileNotFoundError, ValueError)

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 # files copied from the source HF directory next to the weights
 HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
@@ -31,8 +34,6 @@ def write_safetensors_shards(named: Iterable[tuple[str, torch.Tensor]], out_dir:
     Raises:
         ValueError: ``named`` is empty.
     """
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shard: dict[str, torch.Tensor] = {}
@@ -93,8 +94,6 @@ def save_hf_checkpoint(actor, out_dir: str | Path, *, src_hf_dir: str | Path,
     Collective over all trainer ranks; global rank 0 writes. The previous export at ``out_dir`` (if any) is
     replaced only once the new one is complete. Returns ``out_dir`` on rank 0, ``None`` elsewhere.
     """
-    import torch.distributed as dist
-
     out = Path(out_dir)
     rank = dist.get_rank() if dist.is_initialized() else 0
     tmp = out.with_name(out.name + ".tmp-export")
@@ -130,7 +129,6 @@ def _weight_files(hf_dir: Path) -> dict[str, str]:
     single = hf_dir / "model.safetensors"
     if not single.is_file():
         raise FileNotFoundError(f"{hf_dir} has neither model.safetensors nor model.safetensors.index.json")
-    from safetensors import safe_open
 
     with safe_open(str(single), framework="pt") as f:
         return {k: "model.safetensors" for k in f.keys()}
@@ -151,9 +149,6 @@ def add_output_layer_copy(weights_dir: str | Path) -> bool:
     Raises:
         FileNotFoundError: ``weights_dir`` holds no safetensors checkpoint.
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     d = Path(weights_dir)
     files = _weight_files(d)
     if OUTPUT_LAYER_NAME in files or TIED_EMBEDDING_NAME not in files:
@@ -212,7 +207,6 @@ def untie_hf_checkpoint(src_hf_dir: str | Path, out_dir: str | Path) -> Path:
     single = tmp / "model.safetensors"
     if single.is_file() and not (tmp / "model.safetensors.index.json").is_file():
         # one file: rewrite it with the output layer inside (loaders read a lone model.safetensors, not an index)
-        from safetensors.torch import load_file, save_file
 
         tensors = load_file(str(single))
         tensors.setdefault(OUTPUT_LAYER_NAME, tensors[TIED_EMBEDDING_NAME].clone())

@@ -174,7 +174,7 @@ def transformer_config_kwargs(spec: ModelSpec, *, tp: int = 1, pp: int = 1, vpp:
     Raises:
         UnsupportedModelError: the layout does not divide heads / query groups / layers.
     """
-    import torch
+    import torch  # heavy: torch; this module is used without it
 
     if spec.num_attention_heads % tp or spec.num_query_groups % tp:
         raise UnsupportedModelError(

@@ -66,6 +66,25 @@ def canonical_name(name: str) -> str:
     return name
 
 
+def local_params(model: torch.nn.Module, spec: ModelSpec) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
+    """``(canonical global name, local name, parameter)`` of every parameter of one unwrapped ``GPTModel`` stage.
+
+    Canonical names number the decoder layers globally over the pipeline (``layer_number - 1``); a stage's output
+    weight tied to the embedding is named ``"output_layer.weight(tied)"``.
+    """
+    layer_num = {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)} \
+        if hasattr(model, "decoder") else {}
+    for lname, p in model.named_parameters():
+        cname = canonical_name(lname)
+        if cname.startswith("decoder.layers."):
+            parts = cname.split(".")
+            parts[2] = str(layer_num[int(parts[2])])
+            cname = ".".join(parts)
+        if cname == "output_layer.weight" and spec.tie_word_embeddings:
+            cname = "output_layer.weight(tied)"
+        yield cname, lname, p
+
+
 def layer_suffixes(spec: ModelSpec) -> list[str]:
     out = ["input_layernorm.weight", "self_attention.linear_qkv.weight"]
     if spec.qkv_bias:

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from ..errors import MegatronDapoError
 
 log = logging.getLogger(__name__)
@@ -81,8 +83,6 @@ def _clean_config(config) -> dict:
     shortest decimal of that float32 (``1e-05``), the value of the Hub checkpoint — the same number once
     RMSNorm adds it to a float32 variance.
     """
-    import numpy as np
-
     cfg = config.to_dict()
     # drop the quantisation record and PretrainedConfig's generic (classification / output) defaults
     for k in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version", "id2label",
@@ -130,9 +130,9 @@ def gguf_to_hf_checkpoint(gguf_path: str | Path, out_dir: str | Path, *, num_thr
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
     _require("gguf", "gguf")
     _require("accelerate", "accelerate")
-    import torch
-    import transformers
-    from safetensors.torch import save_file
+    import torch  # heavy: torch; this module is used without it
+    import transformers  # heavy: transformers, only loaded where a model or tokenizer is
+    from safetensors.torch import save_file  # heavy: safetensors.torch loads torch; this module is used without it
 
     old_threads = torch.get_num_threads()
     if num_threads:

@@ -8,7 +8,7 @@ from .extract import (
     normalize_integer,
     normalize_number,
 )
-from .executor import DEFAULT_SCORE_THREADS, get_score_executor, shutdown_score_executor
+from .executor import DEFAULT_SCORE_THREADS, get_score_executor, scoring_resources, shutdown_score_executor
 from .math_verify_pool import MathVerifyPool, get_pool, shutdown_pool
 from .score import (
     STATUSES,
@@ -33,6 +33,7 @@ __all__ = [
     "shutdown_pool",
     "DEFAULT_SCORE_THREADS",
     "get_score_executor",
+    "scoring_resources",
     "shutdown_score_executor",
     "clean_answer",
     "find_answer_line",

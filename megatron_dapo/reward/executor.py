@@ -11,15 +11,23 @@ groups' requests.
 Threads, not processes: the in-process rules are too cheap to be worth a process hop, and math-verify
 already runs in separate interpreters (whose pool is thread-safe: one lock per ``verify_many``), so a
 thread only waits there, without holding the GIL.
+
+Lifetime: the thread pool and the math-verify pool (:func:`~megatron_dapo.reward.math_verify_pool.get_pool`)
+are created on first use. A run owns them through :func:`scoring_resources`, which its ``ExitStack`` enters
+(the trainer, ``megatron-dapo eval``) and which stops both when the run ends; the ``atexit`` hooks remain
+only for library callers that use the scorers without a run.
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import Iterator, Optional
 
-__all__ = ["DEFAULT_SCORE_THREADS", "get_score_executor", "shutdown_score_executor"]
+from .math_verify_pool import shutdown_pool
+
+__all__ = ["DEFAULT_SCORE_THREADS", "get_score_executor", "scoring_resources", "shutdown_score_executor"]
 
 #: Groups that can be scored at the same time.
 DEFAULT_SCORE_THREADS = 4
@@ -49,3 +57,15 @@ def shutdown_score_executor(wait: bool = True) -> None:
 
 
 atexit.register(shutdown_score_executor)
+
+
+@contextlib.contextmanager
+def scoring_resources() -> Iterator[None]:
+    """Give the scoring thread pool and the math-verify worker processes to the enclosing run: both are
+    created lazily inside the ``with`` block and stopped when it exits, normally or by an exception
+    (waiting for the groups being scored)."""
+    try:
+        yield
+    finally:
+        shutdown_score_executor()
+        shutdown_pool()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -64,6 +65,7 @@ def verify_in_worker(gold: str, pred: str, strict: bool) -> tuple[str, bool]:
         (status, acc): ``("ok", bool)``, or ``("parse_error", False)`` when either side yields no
         expression.
     """
+    # heavy: math-verify loads SymPy; only the worker processes parse
     from math_verify import LatexExtractionConfig, parse, verify
 
     cfg = [LatexExtractionConfig()]
@@ -88,8 +90,6 @@ WORKER_MEMORY_LIMIT_GB = 4.0
 
 def _limit_memory() -> None:
     try:
-        import resource
-
         gb = float(os.environ.get("MEGATRON_DAPO_REWARD_WORKER_MEM_GB", WORKER_MEMORY_LIMIT_GB))
         if gb > 0:
             lim = int(gb * (1 << 30))
@@ -107,8 +107,10 @@ def _worker_main(conn) -> None:  # pragma: no cover - runs in a child process
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)
     logging.getLogger("latex2sympy2_extended").setLevel(logging.CRITICAL)
     try:
+        # heavy: math-verify loads SymPy; only the worker processes parse
         import math_verify.utils as mv_utils  # silence the "timeout disabled" warning
         mv_utils.TIMEOUT_WARNING_SHOWN = True
+        # heavy: math-verify loads SymPy; only the worker processes parse
         import math_verify.parser as mv_parser
         import math_verify.grader as mv_grader
         mv_parser.TIMEOUT_WARNING_SHOWN = True
@@ -447,7 +449,9 @@ def get_pool(num_workers: int = 1) -> MathVerifyPool:
 
 
 def shutdown_pool() -> None:
-    """Stop the process-wide pool's workers (registered with ``atexit``)."""
+    """Stop the process-wide pool's workers (idempotent). A run calls it through
+    :func:`megatron_dapo.reward.executor.scoring_resources`; it is also registered with ``atexit`` for library
+    callers."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is not None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 from . import extract as ex
 from .math_verify_pool import OK, PARSE_ERROR, TIMEOUT, get_pool
@@ -92,16 +92,22 @@ def _as_text(x, field: str) -> str:
     raise TypeError(f"{field} must be str, got {type(x).__name__}")
 
 
+def _judge(value: Optional[str], normalize: Callable[[str], Optional[str]], reference: str) -> RewardResult:
+    """The result for an extracted answer ``value`` (``None``/empty: no answer): ``normalize`` it (``None``: a
+    parse error) and compare it with the normalised ``reference``."""
+    if not value:
+        return _result(False, None, NO_ANSWER)
+    pred = normalize(value)
+    if pred is None:
+        return _result(False, value, PARSE_ERROR)
+    return _result(pred == reference, pred, OK)
+
+
 def _score_dapo(response: str, gt_int: str, strict: bool) -> RewardResult:
     value = ex.find_answer_line(response)
     if value is None and not strict:
         value = ex.find_last_boxed(response)
-    if not value:
-        return _result(False, None, NO_ANSWER)
-    pred = ex.normalize_integer(value)
-    if pred is None:
-        return _result(False, value, PARSE_ERROR)
-    return _result(pred == gt_int, pred, OK)
+    return _judge(value, ex.normalize_integer, gt_int)
 
 
 def _score_gsm8k(response: str, ground_truth: str, strict: bool) -> RewardResult:
@@ -113,12 +119,7 @@ def _score_gsm8k(response: str, ground_truth: str, strict: bool) -> RewardResult
         value = ex.find_gsm8k_marker(response)
     if value is None and not strict:
         value = ex.find_last_boxed(response)
-    if not value:
-        return _result(False, None, NO_ANSWER)
-    pred = ex.normalize_number(value)
-    if pred is None:
-        return _result(False, value, PARSE_ERROR)
-    return _result(pred == gt, pred, OK)
+    return _judge(value, ex.normalize_number, gt)
 
 
 def _sanitize(s: str) -> str:

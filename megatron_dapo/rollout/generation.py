@@ -59,7 +59,7 @@ from ..algorithm.dynamic_sampling import scoring_row
 from ..config import DAPOConfig
 from ..reward import RewardResult, get_score_executor, score_batch
 from ..engines.payloads import GenerateOutput
-from .validate import screen_group
+from .validate import ResponseValidator
 
 
 @dataclass
@@ -79,8 +79,9 @@ class RolloutSettings:
     deterministic: bool = False
     """Send each round as one ordered request and score groups in prompt order (no mid-round abort):
     reproducible rollouts for exact resume and tests. ``False``: score as groups complete, abort on full."""
-    response_validator: Optional[object] = None
-    """A :class:`~megatron_dapo.rollout.validate.ResponseValidator`: malformed responses drop their group."""
+    response_validator: Optional[ResponseValidator] = None
+    """Malformed responses (:class:`~megatron_dapo.rollout.validate.ResponseValidator`) drop their group; ``None``:
+    no screening."""
     partial_rollout: bool = False
     """Continue aborted groups next step instead of dropping them (module docstring)."""
     partial_max_age: int = 1
@@ -88,7 +89,7 @@ class RolloutSettings:
 
     @classmethod
     def from_config(cls, cfg: DAPOConfig, *, stop_token_ids: Sequence[int],
-                    response_validator: Optional[object] = None) -> "RolloutSettings":
+                    response_validator: Optional[ResponseValidator] = None) -> "RolloutSettings":
         """The settings of ``cfg.rollout`` and the resolved algorithm's overlong shaping
         (:meth:`~megatron_dapo.config.DAPOConfig.resolved_algorithm`), seeded by ``cfg.seed``.
 
@@ -108,6 +109,11 @@ class RolloutSettings:
                    overlong_penalty_factor=alg.overlong_penalty_factor, seed=cfg.seed,
                    deterministic=r.mode == "deterministic", response_validator=response_validator,
                    partial_rollout=r.mode == "partial", partial_max_age=r.partial_max_age)
+
+    def screen(self, outs: Sequence[GenerateOutput]) -> bool:
+        """True when the group's responses ``outs`` may enter a batch: :attr:`response_validator` accepts them
+        (:meth:`~megatron_dapo.rollout.validate.ResponseValidator.screen_group`), or there is none."""
+        return self.response_validator is None or self.response_validator.screen_group(outs)
 
 
 @dataclass
@@ -367,7 +373,7 @@ async def _fill(client, sampler: DynamicSampler, next_prompts: Callable[[int], l
         if att.aborted:
             return att, None
         generated.add(i)
-        if not screen_group(s, att.outs):
+        if not s.screen(att.outs):
             return att, None
         return att, await _score_group(att.outs, att.row, tokenizer, stats)
 
@@ -458,7 +464,7 @@ async def _fill_ordered(client, sampler: DynamicSampler, next_prompts, tokenizer
     stats.generated_tokens += sum(len(o.output_ids) for o in outs)
     g = s.n_samples_per_prompt
     kept = [(idx, row, ids, outs[i * g:(i + 1) * g]) for i, (idx, row, ids) in enumerate(prompts)
-            if screen_group(s, outs[i * g:(i + 1) * g])]
+            if s.screen(outs[i * g:(i + 1) * g])]
     # all groups are scored concurrently; they reach the sampler in prompt order, as generated
     results = await asyncio.gather(*(_score_group(o, row, tokenizer, stats) for _, row, _, o in kept))
     for (idx, row, ids, o), res in zip(kept, results):

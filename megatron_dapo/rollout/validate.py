@@ -20,14 +20,11 @@ step with one line naming that engine's URL.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ..errors import MegatronDapoError
 
-if TYPE_CHECKING:  # generation imports this module
-    from .generation import RolloutSettings
-
-__all__ = ["MALFORMED_REASONS", "MalformedEngineOutput", "ResponseValidator", "check_response", "screen_group"]
+__all__ = ["MALFORMED_REASONS", "MalformedEngineOutput", "ResponseValidator", "check_response"]
 
 MALFORMED_REASONS = ("token_id", "logprob_count", "logprob_nonfinite", "logprob_positive", "length",
                      "finish_reason")
@@ -153,10 +150,3 @@ class ResponseValidator:
                "malformed_groups_dropped": float(self.groups_dropped)}
         out.update({f"malformed/{r}": float(n) for r, n in self.counts.items()})
         return out
-
-
-def screen_group(settings: RolloutSettings, outs: Sequence[Any]) -> bool:
-    """Call-site hook of the generation loop: the ``response_validator`` of ``settings`` (a
-    :class:`~megatron_dapo.rollout.generation.RolloutSettings`) screens ``outs``; True without one."""
-    validator = settings.response_validator
-    return True if validator is None else validator.screen_group(outs)

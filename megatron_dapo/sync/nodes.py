@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..backend import default_device
 from .transports import ENGINE_NODES_ENV, WeightSyncError
 
 __all__ = ["ENGINE_NODES_ENV", "NODE_ID_ENV", "NodePlan", "assign_engines_to_nodes", "local_node_id", "node_leaders",
@@ -147,9 +148,6 @@ class NodePlan:
                          f"-> {', '.join(u)}" for r, u in sorted(self.senders.items()))
 
 
-def _stream_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
 
 def relay_send(group, bucket: Optional[list], last: bool, abort: Optional[str] = None) -> None:
     """Rank 0: broadcast one bucket (or an abort notice) to the relay group.
@@ -163,7 +161,7 @@ def relay_send(group, bucket: Optional[list], last: bool, abort: Optional[str] =
     dist.broadcast_object_list([meta], src=0, group=group)
     if abort is not None:
         return
-    dev = _stream_device()
+    dev = default_device()
     for dtype in dict.fromkeys(meta["dtypes"]):
         flat = torch.cat([t.reshape(-1).to(dev) for _, t in bucket if t.dtype == dtype])
         dist.broadcast(flat, src=0, group=group)
@@ -178,7 +176,7 @@ def relay_recv(group) -> tuple[Optional[list[tuple[str, torch.Tensor]]], bool, O
     meta = box[0]
     if meta["abort"] is not None:
         return None, True, meta["abort"]
-    dev = _stream_device()
+    dev = default_device()
     out: list = [None] * len(meta["names"])
     for dtype in dict.fromkeys(meta["dtypes"]):
         idx = [i for i, d in enumerate(meta["dtypes"]) if d == dtype]

@@ -30,12 +30,18 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit
 
 import torch
+import torch.multiprocessing as tmp
 
-from ..errors import MegatronDapoError
+from ..backend import MissingBackendError, has_cuda
+from ..engines.client import serialize_named_tensors_for_sglang
+from ..engines.launch_common import find_free_ports
 from ..engines.protocols import RolloutEngine, WeightTransportName
+from ..engines.tensor_ipc import share_bucket
+from ..errors import MegatronDapoError
+from ..models.export import copy_side_files, write_safetensors_shards
 
 logger = logging.getLogger(__name__)
 
@@ -174,8 +180,6 @@ class DiskTransport:
     def write(self, buckets: Iterator, weight_version: str) -> Path:
         """Write the buckets as safetensors shards (one per bucket) + index + config files into a temporary
         directory; return the final directory (atomic rename)."""
-        from ..models.export import copy_side_files, write_safetensors_shards
-
         self.work_dir.mkdir(parents=True, exist_ok=True)
         safe = _safe_version(weight_version)
         tmp = self.work_dir / f"{_TMP_PREFIX}{safe}-{uuid.uuid4().hex[:8]}"
@@ -244,7 +248,7 @@ class DistributedTransport:
         self.timeout_s = float(timeout_s)
         self.master_address = master_address
         self.group_name = group_name or f"megatron_dapo_sync_{uuid.uuid4().hex[:8]}"
-        self.backend = "nccl" if torch.cuda.is_available() else "gloo"
+        self.backend = "nccl" if has_cuda() else "gloo"
         self.group = None
 
     def _resolve_engine_tp(self) -> int:
@@ -252,8 +256,6 @@ class DistributedTransport:
 
     def connect(self) -> None:
         """Create the group once (rank 0 = this process; engine ranks offset per engine)."""
-        from ..engines.launch_common import find_free_ports
-
         ews = self._resolve_engine_tp()
         addr = self.master_address or address_towards(list(self.client.control_urls))
         port = find_free_ports(1, "0.0.0.0")[0]
@@ -366,11 +368,8 @@ class TensorTransport:
         Raises:
             WeightSyncError: an engine refused or could not be reached (names the node and engines).
         """
-        from ..engines.client import serialize_named_tensors_for_sglang
-        from ..engines.tensor_ipc import share_bucket
-
         self.prepare()
-        if torch.cuda.is_available():
+        if has_cuda():
             dev = torch.device("cuda", torch.cuda.current_device())
             tensors = [(n, t if t.device == dev else t.to(dev)) for n, t in bucket]
             torch.cuda.synchronize()
@@ -396,9 +395,6 @@ class TensorTransport:
 def url_is_on_this_host(url: str) -> bool:
     """Whether ``url``'s host is an address of this machine (resolved, then bound to a free port: binding
     succeeds only for local addresses). Unresolvable hosts count as remote."""
-    import socket
-    from urllib.parse import urlsplit
-
     host = urlsplit(url).hostname or ""
     if host in ("localhost", "127.0.0.1", "::1", "0.0.0.0"):
         return True
@@ -422,9 +418,6 @@ def check_tensor_transport_available() -> None:
     CUDA tensors need CUDA-IPC; CPU tensors need the ``file_system`` sharing strategy of
     ``torch.multiprocessing`` (POSIX shared memory), which every Linux build has.
     """
-    import torch.multiprocessing as tmp
-
-    from ..backend import MissingBackendError, has_cuda
 
     if not has_cuda() and "file_system" not in tmp.get_all_sharing_strategies():
         raise MissingBackendError("weight_sync.transport=tensor on CPU needs torch.multiprocessing's "

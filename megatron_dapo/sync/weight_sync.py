@@ -27,7 +27,9 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from ..engines.client import SyncEngineClient
 from ..engines.protocols import PolicyActor, RolloutEngine, WeightTransport, WeightTransportName
+from ..models import mapping
 from .bucketing import bucket_bytes_from_mb, bucket_nbytes, iter_buckets_with_last, resolve_dtype
 from .collective import distributed_on, on_rank0
 from .nodes import (NodePlan, assign_engines_to_nodes, local_node_id, node_leaders, parse_engine_nodes, relay_recv,
@@ -95,6 +97,13 @@ TIED_OUTPUT_NAME = "lm_head.weight"
 """HF name of the output layer; never sent when the embeddings are tied (see :meth:`WeightSync._engine_tensors`)."""
 
 
+def _drain(stream: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Consume what is left of the actor's tensor stream: producing it is collective, so every rank reads it to
+    the end (keeping the actor's collectives matched on the other ranks), whether or not it sends anything."""
+    for _ in stream:
+        pass
+
+
 def tied_embeddings(actor: PolicyActor) -> bool:
     """Whether ``actor``'s model ties the output layer to the input embedding: ``actor.spec.tie_word_embeddings``,
     else (``spec`` is ``None``) ``tie_word_embeddings`` of ``actor.hf_path/config.json`` (transformers'
@@ -107,8 +116,6 @@ def tied_embeddings(actor: PolicyActor) -> bool:
 
 
 def _default_client_factory(urls: list[str], api_key: Optional[str]) -> RolloutEngine:
-    from ..engines.client import SyncEngineClient
-
     return SyncEngineClient(urls, api_key=api_key)
 
 
@@ -186,8 +193,6 @@ class WeightSync:
         self.tied_embeddings = tied_embeddings(actor)
         self._expected: Optional[list[str]] = None
         if actor.spec is not None:
-            from ..models import mapping
-
             self._expected = mapping.hf_names(actor.spec)
         self._engine_world_size = int(engine_world_size) if engine_world_size is not None else None
         self._api_key = api_key
@@ -303,11 +308,9 @@ class WeightSync:
             except Exception as exc:
                 err = exc
             finally:
-                for _ in stream:  # keep the actor's collectives matched on the other ranks
-                    pass
+                _drain(stream)
         else:
-            for _ in stream:
-                pass
+            _drain(stream)
         if self.is_driver and err is None:
             try:
                 if pause:
@@ -473,11 +476,9 @@ class WeightSync:
             except Exception as exc:
                 err = err or exc
             finally:
-                for _ in stream:  # keep the actor's collectives matched on the other ranks
-                    pass
+                _drain(stream)
         else:
-            for _ in stream:
-                pass
+            _drain(stream)
         if self.is_driver and err is None and stats.num_buckets == 0:
             err = WeightSyncError("the actor exported no tensors")
         mine = {"rank": self.rank, "node": node, "sender": sender, "engines": plan.senders.get(self.rank, []),
