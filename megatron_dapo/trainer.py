@@ -51,6 +51,7 @@ from .config import DAPOConfig, dump_config
 from .data import (PromptDataset, demo_rows, load_rows, load_tokenizer, make_tiny_checkpoint, val_rows,
                    write_rows)
 from .engines.engine_set import BACKENDS, EngineSet
+from .evaluation import evaluate, log_eval_to_tensorboard
 from .errors import EXIT_USER_ERROR, MegatronDapoError, TrainingStopped, one_line
 from .launch import REQUEUE_EXIT_CODE
 from .metrics import scalars, scoped, timed
@@ -423,8 +424,6 @@ class Trainer:
         self.engines.to_generation(str(self.step))
 
         def run() -> dict[str, float]:  # rank 0; the metrics, or the same typed error, reach every rank
-            from .evaluation import evaluate, log_eval_to_tensorboard  # evaluation imports this module
-
             if not self.val_rows:
                 return {}
             t, r = self.cfg.trainer, self.cfg.rollout
