@@ -308,16 +308,34 @@ class AlgorithmConfig:
     and engine/trainer mismatch. Set it for off-policy runs (``rollout.max_staleness: 1``; the trainer warns when
     it is unset there)."""
     seq_is_mask_low: Optional[float] = None
-    """Sequence-level masked IS: drop a sequence whose geometric-mean pi_old / pi_rollout is below this
-    (e.g. 0.999; ``None`` = no lower bound). See :func:`~megatron_dapo.algorithm.geometric_seq_is_mask`."""
+    """Sequence-level masked IS: drop a sequence whose ratio (``seq_is_mode``) pi_old / pi_rollout is below this
+    (e.g. 0.999; ``None`` = no lower bound). Masked IS of Liu, Li et al. 2025 ("When Speed Kills Stability"); with
+    ``tis_cap`` the kept sequences' tokens keep their TIS weight, without it they get weight 1. See
+    :func:`~megatron_dapo.algorithm.geometric_seq_is_mask`."""
     seq_is_mask_high: Optional[float] = None
-    """Sequence-level masked IS: drop a sequence whose geometric-mean pi_old / pi_rollout is above this
+    """Sequence-level masked IS: drop a sequence whose ratio (``seq_is_mode``) pi_old / pi_rollout is above this
     (e.g. 1.001; ``None`` = no upper bound)."""
+    seq_is_mode: Literal["geometric", "product"] = "geometric"
+    """The sequence ratio that ``seq_is_mask_low/high`` bound: ``geometric`` (default) = ``exp(mean_t log k_t)``,
+    the length-normalised ratio of masked IS (Liu, Li et al. 2025); ``product`` = ``prod_t k_t``, verl's
+    sequence-level rollout IS ratio (tightens with the response length), with ``k_t`` = pi_old / pi_rollout.
+    See :func:`~megatron_dapo.algorithm.policy_loss.product_seq_is_mask`."""
     icepop_low: Optional[float] = None
-    """IcePop: tokens with pi_old / pi_rollout below this get no loss (alpha, e.g. 0.5; ``None`` = no lower bound).
-    See :func:`~megatron_dapo.algorithm.icepop_token_mask`."""
+    """IcePop (arXiv 2510.18855): tokens with k = pi_old / pi_rollout below this get no loss (alpha, e.g. 0.5;
+    ``None`` = no lower bound). IcePop weights a kept token by ``k`` itself (``M(k) = k`` inside ``[alpha, beta]``,
+    0 outside); with ``tis_cap`` also set the in-band weight is ``min(k, tis_cap)`` (IcePop exactly when
+    ``tis_cap >= icepop_high``). See :func:`~megatron_dapo.algorithm.icepop_token_mask` and
+    :class:`~megatron_dapo.algorithm.RolloutCorrection`, which states how the rules combine."""
     icepop_high: Optional[float] = None
-    """IcePop: tokens with pi_old / pi_rollout above this get no loss (beta, e.g. 5.0; ``None`` = no upper bound)."""
+    """IcePop: tokens with k = pi_old / pi_rollout above this get no loss (beta, e.g. 5.0; ``None`` = no upper
+    bound); kept tokens are weighted as said under ``icepop_low``."""
+    masked_tokens_in_denominator: bool = True
+    """Whether tokens masked by the corrections (outside the IcePop band, in a sequence dropped by
+    ``seq_is_mask_*``) still count in the loss normaliser (the token count of ``token-mean``; the token and
+    sequence counts of ``seq-mean-*``). ``true`` (default) keeps them, as AReaL and NeMo-RL do; ``false`` drops
+    them, as verl and slime do: then the masked tokens leave the entropy and KL terms too, and the mini-batch's
+    kept-token count is taken after the old-logprob pass (exact over micro-batches and DP ranks). No effect
+    without a masking rule."""
 
     def resolved(self, max_response_length: int) -> "AlgorithmSwitches":
         """The preset's switches with every explicitly set (non-``None``) switch applied on top;
@@ -367,6 +385,8 @@ class AlgorithmConfig:
         for key in ("seq_is_mask_high", "icepop_high"):
             v = getattr(self, key)
             _need(v is None or v >= 1, f"algorithm.{key}", f"must be >= 1 or null (got {v})")
+        _need(self.seq_is_mode in ("geometric", "product"), "algorithm.seq_is_mode",
+              f"must be geometric or product (got {self.seq_is_mode!r})")
         _need_finite(self, "algorithm")
 
 

@@ -22,6 +22,7 @@ from megatron_dapo.algorithm import (
     rollout_correction_weights,
     truncated_is_weights,
 )
+from megatron_dapo.algorithm.policy_loss import product_seq_is_mask, rollout_correction_keep_mask
 
 NAN = float("nan")
 # behaviour ratios k (row 1, col 2 is padding and holds NaN in every input there)
@@ -85,6 +86,84 @@ def test_icepop_token_mask_hand_values():
     assert icepop_token_mask(old_nan, rollout, mask, 0.5, 3.0)[0, 2].item() is False
 
 
+def test_product_seq_is_mask_hand_values():
+    _, old, rollout, _, mask = _inputs()
+    keep, rho = product_seq_is_mask(old, rollout, mask, 0.5, 3.0)
+    # row 0: 2 * 0.5 * 1 = 1 -> kept; row 1: 4 * 1 = 4 -> above 3, dropped (the geometric mean 2 is kept)
+    torch.testing.assert_close(rho, torch.tensor([1.0, 4.0], dtype=torch.float64))
+    assert keep.tolist() == [True, False]
+    assert geometric_seq_is_mask(old, rollout, mask, 0.5, 3.0)[0].tolist() == [True, True]
+    # not length-normalised: 100 tokens with k = 1.01 give 1.01 ** 100 = 2.7048, outside [0.99, 1.02]
+    n = 100
+    keep, rho = product_seq_is_mask(torch.full((1, n), math.log(1.01), dtype=torch.float64),
+                                    torch.zeros(1, n, dtype=torch.float64), torch.ones(1, n, dtype=torch.bool),
+                                    0.99, 1.02)
+    assert rho.item() == pytest.approx(2.704813829) and keep.tolist() == [False]
+
+
+# one row, k = pi_old / pi_rollout = [0.4, 0.5, 1.0, 2.5, 6.0]: each rule as published
+_K5 = [0.4, 0.5, 1.0, 2.5, 6.0]
+
+
+def _weights5(**kwargs):
+    old = torch.tensor([_K5], dtype=torch.float64).log()
+    w, _ = rollout_correction_weights(old, torch.zeros(1, 5, dtype=torch.float64), torch.ones(1, 5, dtype=torch.bool),
+                                      RolloutCorrection(**kwargs))
+    return w[0].tolist()
+
+
+def test_each_rule_as_published_hand_values():
+    # TIS (Yao et al. 2025): min(k, 2)
+    assert _weights5(tis_cap=2.0) == pytest.approx([0.4, 0.5, 1.0, 2.0, 2.0])
+    # IcePop (arXiv 2510.18855), alpha = 0.5, beta = 5: k inside [0.5, 5] (inclusive), 0 outside
+    assert _weights5(icepop_low=0.5, icepop_high=5.0) == pytest.approx([0.0, 0.5, 1.0, 2.5, 0.0])
+    # sequence mask, geometric: (0.4 * 0.5 * 1 * 2.5 * 6) ** (1/5) = 3 ** 0.2 = 1.2457 -> in [0.5, 1.3]: weight 1
+    assert _weights5(seq_is_mask_low=0.5, seq_is_mask_high=1.3) == pytest.approx([1.0] * 5)
+    # sequence mask, product: 0.4 * 0.5 * 1 * 2.5 * 6 = 3 -> above 1.3: the whole sequence gets 0
+    assert _weights5(seq_is_mask_low=0.5, seq_is_mask_high=1.3, seq_is_mode="product") == pytest.approx([0.0] * 5)
+    assert _weights5(seq_is_mask_high=3.0, seq_is_mode="product") == pytest.approx([1.0] * 5)  # bound inclusive
+
+
+def test_rules_combined_hand_values():
+    # IcePop band [0.5, 5] then TIS cap 2 inside it: [0, min(.5, 2), min(1, 2), min(2.5, 2), 0]
+    assert _weights5(tis_cap=2.0, icepop_low=0.5, icepop_high=5.0) == pytest.approx([0.0, 0.5, 1.0, 2.0, 0.0])
+    # ... times the geometric sequence mask (rho = 1.2457 in [0.5, 1.3]: kept)
+    assert _weights5(tis_cap=2.0, icepop_low=0.5, icepop_high=5.0, seq_is_mask_low=0.5,
+                     seq_is_mask_high=1.3) == pytest.approx([0.0, 0.5, 1.0, 2.0, 0.0])
+    # ... the product one is computed over every valid token, IcePop-masked ones included (rho = 3 > 1.3): dropped
+    assert _weights5(tis_cap=2.0, icepop_low=0.5, icepop_high=5.0, seq_is_mask_low=0.5, seq_is_mask_high=1.3,
+                     seq_is_mode="product") == pytest.approx([0.0] * 5)
+    # TIS + sequence mask without IcePop: min(k, 2) on the kept sequence
+    assert _weights5(tis_cap=2.0, seq_is_mask_high=1.3) == pytest.approx([0.4, 0.5, 1.0, 2.0, 2.0])
+    # IcePop + sequence mask without TIS: k inside the band
+    assert _weights5(icepop_low=0.5, icepop_high=5.0, seq_is_mask_high=1.3) == pytest.approx([0.0, 0.5, 1.0, 2.5, 0.0])
+
+
+@pytest.mark.parametrize("kwargs,kept,loss_keep,loss_drop", [
+    # IcePop [0.5, 3] drops row 1 token 0: the weighted sum -2.76 over 5 (kept in the denominator) or 4 tokens
+    (dict(icepop_low=0.5, icepop_high=3.0), [[True, True, True], [False, True, False]], -2.76 / 5, -2.76 / 4),
+    # sequence mask [0.5, 1.5] drops row 1 (2 tokens): -2.78 over 5 or 3 tokens
+    (dict(seq_is_mask_low=0.5, seq_is_mask_high=1.5), [[True, True, True], [False, False, False]], -2.78 / 5,
+     -2.78 / 3),
+    # no masking rule: the option changes nothing (TIS cap 3: 1.74 / 5)
+    (dict(tis_cap=3.0), [[True, True, True], [True, True, False]], 1.74 / 5, 1.74 / 5),
+])
+def test_masked_tokens_in_denominator_hand_values(kwargs, kept, loss_keep, loss_drop):
+    logprobs, old, rollout, adv, mask = _inputs()
+    assert rollout_correction_keep_mask(old, rollout, mask, RolloutCorrection(**kwargs)).tolist() == kept
+    for flag, expected in ((True, loss_keep), (False, loss_drop)):
+        loss, _ = compute_decoupled_policy_loss(
+            logprobs, old, rollout, adv, mask, correction=RolloutCorrection(**kwargs, masked_tokens_in_denominator=flag))
+        assert loss.item() == pytest.approx(expected, abs=1e-12), flag
+    # with the kept count given as the global denominator, the split halves add up to the unsplit loss
+    corr = RolloutCorrection(**kwargs, masked_tokens_in_denominator=False)
+    n_kept = sum(map(sum, kept))
+    halves = [compute_decoupled_policy_loss(logprobs[i:i + 1], old[i:i + 1], rollout[i:i + 1], adv[i:i + 1],
+                                            mask[i:i + 1], correction=corr, global_num_tokens=n_kept)[0]
+              for i in range(2)]
+    assert (halves[0] + halves[1]).item() == pytest.approx(loss_drop, abs=1e-12)
+
+
 def test_rollout_correction_weights_product_and_metrics():
     _, old, rollout, _, mask = _inputs()
     assert rollout_correction_weights(old, rollout, mask, None) == (None, {})
@@ -96,10 +175,14 @@ def test_rollout_correction_weights_product_and_metrics():
     # 5 valid tokens: row 1's 2 tokens dropped by the sequence rule, 1 token (k = 4) by IcePop
     assert m["seq_is_masked_frac"].item() == pytest.approx(2 / 5)
     assert m["icepop_masked_frac"].item() == pytest.approx(1 / 5)
-    # only the enabled rules report; masks alone give 0/1 weights
+    # only the enabled rules report; IcePop alone weights the kept tokens by k itself (its M(k)) ...
     w, m = rollout_correction_weights(old, rollout, mask, RolloutCorrection(icepop_high=3.0))
     assert set(m) == {"icepop_masked_frac"}
-    torch.testing.assert_close(w, torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(w, torch.tensor([[2.0, 0.5, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64))
+    # ... and the sequence mask alone gives 0/1 weights: rho = [1, 2], row 1 above 1.5
+    w, m = rollout_correction_weights(old, rollout, mask, RolloutCorrection(seq_is_mask_high=1.5))
+    assert set(m) == {"seq_is_masked_frac"}
+    torch.testing.assert_close(w, torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64))
 
 
 # ------------------------------------------------------------------------------------------
@@ -112,8 +195,20 @@ def test_rollout_correction_weights_product_and_metrics():
     (dict(tis_cap=3.0), 1.74 / 5, [[0.0, -0.1, -0.1], [0.9, 0.0, 0.0]]),
     # sequence mask [0.5, 1.5] drops row 1: (-1.28 - 1 - 0.5) / 5
     (dict(seq_is_mask_low=0.5, seq_is_mask_high=1.5), -2.78 / 5, [[0.0, -0.2, -0.1], [0.0, 0.0, 0.0]]),
-    # IcePop [0.5, 3] drops row 1 token 0 (k = 4): (-1.28 - 1 - 0.5 + 0.8) / 5
-    (dict(icepop_low=0.5, icepop_high=3.0), -1.98 / 5, [[0.0, -0.2, -0.1], [0.0, 0.0, 0.0]]),
+    # IcePop [0.5, 3] drops row 1 token 0 (k = 4) and weights the others by k = [[2, .5, 1], [-, 1]]:
+    #   (-1.28*2 - 1*0.5 - 0.5*1 + 0.8*1) / 5 = -2.76 / 5; grad row 0 [0 (clipped), -1*.5/5, -.5*1/5]
+    (dict(icepop_low=0.5, icepop_high=3.0), -2.76 / 5, [[0.0, -0.1, -0.1], [0.0, 0.0, 0.0]]),
+    # IcePop [0.5, 3] with TIS cap 1.5: in-band weights min(k, 1.5) = [[1.5, .5, 1], [-, 1]]:
+    #   (-1.28*1.5 - 0.5 - 0.5 + 0.8) / 5 = -2.12 / 5
+    (dict(tis_cap=1.5, icepop_low=0.5, icepop_high=3.0), -2.12 / 5, [[0.0, -0.1, -0.1], [0.0, 0.0, 0.0]]),
+    # product sequence mask [0.5, 3]: rho = [2 * .5 * 1, 4 * 1] = [1, 4] drops row 1 (the geometric rho = 2
+    # would keep it): (-1.28 - 1 - 0.5) / 5
+    (dict(seq_is_mask_low=0.5, seq_is_mask_high=3.0, seq_is_mode="product"), -2.78 / 5,
+     [[0.0, -0.2, -0.1], [0.0, 0.0, 0.0]]),
+    # geometric sequence mask [0.5, 3] keeps both rows (rho = [1, 2]): the plain loss (-2.78 + 1.5 + 0.8) / 5;
+    # grad row 1 token 0: -A * r / 5 = 1.5 / 5
+    (dict(seq_is_mask_low=0.5, seq_is_mask_high=3.0), (-1.28 - 1 - 0.5 + 1.5 + 0.8) / 5,
+     [[0.0, -0.2, -0.1], [0.3, 0.0, 0.0]]),
     # all three: row 0 weighted [2, .5, 1], row 1 dropped: (-2.56 - 0.5 - 0.5) / 5
     (dict(tis_cap=3.0, seq_is_mask_low=0.5, seq_is_mask_high=1.5, icepop_low=0.5, icepop_high=3.0),
      -3.56 / 5, [[0.0, -0.1, -0.1], [0.0, 0.0, 0.0]]),
@@ -152,7 +247,10 @@ def test_zero_staleness_reduces_exactly_to_todays_loss(mode, dual):
     (ref_grad,) = torch.autograd.grad(ref, logprobs)
     for correction in (RolloutCorrection(tis_cap=2.0), RolloutCorrection(tis_cap=1.0, seq_is_mask_low=0.999,
                                                                          seq_is_mask_high=1.001, icepop_low=0.5,
-                                                                         icepop_high=5.0), RolloutCorrection(), None):
+                                                                         icepop_high=5.0), RolloutCorrection(), None,
+                       RolloutCorrection(icepop_low=0.5, icepop_high=5.0, seq_is_mask_low=0.999,
+                                         seq_is_mask_high=1.001, seq_is_mode="product",
+                                         masked_tokens_in_denominator=False)):
         loss, m = compute_decoupled_policy_loss(logprobs, old, old.clone(), adv, mask, correction=correction, **common)
         (grad,) = torch.autograd.grad(loss, logprobs)
         assert torch.equal(loss, ref) and torch.equal(grad, ref_grad), correction
@@ -225,6 +323,7 @@ def test_correction_validation_errors():
     (dict(icepop_low=-0.5), "algorithm.icepop_low: low bound must be a finite value >= 0, got -0.5"),
     (dict(icepop_high=NAN), "algorithm.icepop_high: high bound must be > 0, got nan"),
     (dict(icepop_low=3.0, icepop_high=2.0), "algorithm.icepop_low: low bound 3.0 > high bound 2.0"),
+    (dict(seq_is_mode="arithmetic"), "algorithm.seq_is_mode: must be one of ['geometric', 'product'], got 'arithmetic'"),
 ])
 def test_rollout_correction_rejects_bad_bounds_naming_the_flag(kwargs, message):
     with pytest.raises(ValueError) as e:
@@ -257,6 +356,7 @@ CONFIG = str(REPO_ROOT / "examples" / "tiny-cpu" / "dapo.yaml")
     ("algorithm.icepop_high=0.5", "algorithm.icepop_high: must be >= 1 or null (got 0.5)"),
     ("algorithm.seq_is_mask_low=-0.1", "algorithm.seq_is_mask_low: must be in [0, 1] or null (got -0.1)"),
     ("algorithm.seq_is_mask_high=nan", "algorithm.seq_is_mask_high: must be >= 1 or null (got nan)"),
+    ("algorithm.seq_is_mode=arithmetic", "algorithm.seq_is_mode: must be one of geometric, product, got 'arithmetic'"),
 ])
 def test_config_rejects_bounds_that_exclude_one(override, first_line, tmp_path):
     from megatron_dapo.config import ConfigError, load_config
@@ -272,17 +372,20 @@ def test_config_corrections_reach_the_loss_settings(tmp_path):
 
     cfg = load_config(CONFIG, [f"output_dir={tmp_path}", "algorithm.tis_cap=2.0", "algorithm.seq_is_mask_low=0.999",
                                "algorithm.seq_is_mask_high=1.001", "algorithm.icepop_low=0.5",
-                               "algorithm.icepop_high=5"])
+                               "algorithm.icepop_high=5", "algorithm.seq_is_mode=product",
+                               "algorithm.masked_tokens_in_denominator=false"])
     a = cfg.algorithm
     assert (a.tis_cap, a.seq_is_mask_low, a.seq_is_mask_high, a.icepop_low, a.icepop_high) == (2.0, 0.999, 1.001,
                                                                                                0.5, 5.0)
+    assert (a.seq_is_mode, a.masked_tokens_in_denominator) == ("product", False)
     # the config's correction fields become one RolloutCorrection, carried by LossSettings
     expected = RolloutCorrection(tis_cap=2.0, seq_is_mask_low=0.999, seq_is_mask_high=1.001, icepop_low=0.5,
-                                 icepop_high=5.0)
+                                 icepop_high=5.0, seq_is_mode="product", masked_tokens_in_denominator=False)
     assert RolloutCorrection.from_config(a) == expected
     assert LossSettings(correction=RolloutCorrection.from_config(a)).correction.enabled
     assert LossSettings().correction is None
     defaults = load_config(CONFIG, [f"output_dir={tmp_path}"]).algorithm
     assert (defaults.seq_is_mask_low, defaults.seq_is_mask_high, defaults.icepop_low, defaults.icepop_high) == (
         None, None, None, None)
+    assert (defaults.seq_is_mode, defaults.masked_tokens_in_denominator) == ("geometric", True)
     assert not RolloutCorrection.from_config(defaults).enabled

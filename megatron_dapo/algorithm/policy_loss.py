@@ -16,10 +16,15 @@ Contents
 * :func:`geometric_seq_is_mask` -- sequence-level masked IS with the geometric-mean ratio
   (MIS; Liu, Li et al. 2025, "When Speed Kills Stability: Demystifying RL Collapse from the
   Training-Inference Mismatch").
+* :func:`product_seq_is_mask` -- the same rejection rule on the full sequence ratio ``prod_t k_t``
+  (verl's sequence-level rollout IS).
 * :func:`icepop_token_mask` -- IcePop token masking (Ling team, "Every Step Evolves: Scaling
   Reinforcement Learning for Trillion-Scale Thinking Model", arXiv 2510.18855, Sec. IcePop).
-* :class:`RolloutCorrection` -- which of the three are enabled and their bounds (validated once).
+* :class:`RolloutCorrection` -- which of the three are enabled, their bounds and the loss denominator
+  (validated once); its docstring states how the rules combine.
 * :func:`rollout_correction_weights` -- the product of the three, as one per-token weight.
+* :func:`rollout_correction_keep_mask` -- the tokens no rule drops (the token-mean denominator when
+  :attr:`RolloutCorrection.masked_tokens_in_denominator` is False).
 * :func:`kl_penalty` -- k1/k2/k3 per-token KL estimators (Schulman, "Approximating KL
   divergence", 2020; k3 is the "low_var_kl" of verl).
 * :func:`entropy_from_logits` -- per-position entropy of a categorical distribution.
@@ -46,9 +51,12 @@ __all__ = [
     "agg_loss",
     "compute_policy_loss",
     "compute_decoupled_policy_loss",
+    "SEQ_IS_MODES",
     "geometric_seq_is_mask",
     "icepop_token_mask",
     "kl_penalty",
+    "product_seq_is_mask",
+    "rollout_correction_keep_mask",
     "rollout_correction_weights",
     "truncated_is_weights",
     "entropy_from_logits",
@@ -56,6 +64,10 @@ __all__ = [
 
 #: Loss aggregation modes understood by :func:`agg_loss`.
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+#: Sequence ratios of the sequence-level mask (``algorithm.seq_is_mode``): :func:`geometric_seq_is_mask`
+#: and :func:`product_seq_is_mask`.
+SEQ_IS_MODES = ("geometric", "product")
 
 #: Canonical KL estimator names and their accepted aliases (verl spellings).
 KL_PENALTY_KINDS = {
@@ -491,12 +503,52 @@ def geometric_seq_is_mask(
         ValueError: shape mismatch, both bounds None, a negative / non-finite low bound, a
             non-positive high bound, ``low > high``.  TypeError: non-floating input.
     """
+    return _seq_is_mask(old_logprobs, rollout_logprobs, response_mask, low, high, "geometric")
+
+
+def product_seq_is_mask(
+    old_logprobs: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    low: Optional[float],
+    high: Optional[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence-level masked importance sampling with the full (product) sequence ratio.
+
+    Per sequence ``i`` with valid tokens ``t = 1..|y_i|``::
+
+        rho_i = exp( sum_t (old_logprobs_it - rollout_logprobs_it) ) = prod_t pi_old(y_it) / pi_rollout(y_it)
+        keep_i = low <= rho_i <= high
+
+    The ratio of the whole sequence's probabilities, so the rule tightens with the response length (a
+    per-token ratio of 1.01 over 100 tokens gives ``rho = 2.70``).  Source: verl's sequence-level rollout
+    importance ratio (``rollout_is_level: sequence``, the product of the token ratios; rejection with
+    ``rollout_is_mode: mask``), the sequence-level IS of Liu, Li et al. 2025 (see
+    :func:`geometric_seq_is_mask`).  The comparison is made in log space, so no product overflows; the
+    returned ``rho`` is ``exp`` of the log-ratio sum clamped to ``[-20, 20]``.  A sequence without valid
+    tokens has ``rho = 1``; a NaN ratio is out of range.
+
+    Args, Returns, Raises: as :func:`geometric_seq_is_mask`.
+    """
+    return _seq_is_mask(old_logprobs, rollout_logprobs, response_mask, low, high, "product")
+
+
+def _seq_is_mask(
+    old_logprobs: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    low: Optional[float],
+    high: Optional[float],
+    mode: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keep [B] bool, rho [B])`` of the sequence ratio of ``mode`` (one of :data:`SEQ_IS_MODES`)."""
     _check_bounds(low, high, "seq_is_mask")
     log_ratio, mask = _behaviour_log_ratio(old_logprobs, rollout_logprobs, response_mask)
-    n_tok = mask.sum(dim=-1).to(log_ratio.dtype).clamp(min=1)
-    mean_log_ratio = log_ratio.sum(dim=-1) / n_tok
-    keep = _log_in_range(mean_log_ratio, low, high)
-    return keep, torch.exp(mean_log_ratio.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
+    seq_log_ratio = log_ratio.sum(dim=-1)
+    if mode == "geometric":
+        seq_log_ratio = seq_log_ratio / mask.sum(dim=-1).to(log_ratio.dtype).clamp(min=1)
+    keep = _log_in_range(seq_log_ratio, low, high)
+    return keep, torch.exp(seq_log_ratio.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
 
 
 def icepop_token_mask(
@@ -513,10 +565,12 @@ def icepop_token_mask(
 
         keep_t = low <= k_t <= high          # IcePop's M(k; alpha, beta) != 0
 
-    A dropped token contributes no loss and no gradient; the loss normaliser is unchanged (the
-    ``1 / |y_i|`` of the IcePop objective counts every sampled token).  IcePop's full masking function
-    is ``M(k) = k if alpha <= k <= beta else 0``: the in-range weight ``k`` is the truncated IS weight
-    of :func:`truncated_is_weights` with ``cap >= high``.  Source: the Ling team, "Every Step Evolves:
+    A dropped token contributes no loss and no gradient; by default it stays in the loss normaliser (the
+    ``1 / |y_i|`` of the IcePop objective counts every sampled token; see
+    :attr:`RolloutCorrection.masked_tokens_in_denominator`).  IcePop's full masking function is
+    ``M(k) = k if alpha <= k <= beta else 0``: this function gives the band, and
+    :func:`rollout_correction_weights` the in-band weight ``k`` (capped by ``tis_cap`` when that is set).
+    Source: the Ling team, "Every Step Evolves:
     Scaling Reinforcement Learning for Trillion-Scale Thinking Model" (Ring-1T), arXiv 2510.18855,
     IcePop objective (alpha = 0.5, beta = 5 there).  A NaN ratio is out of range.
 
@@ -542,23 +596,52 @@ class RolloutCorrection:
     """The behaviour-policy corrections of :func:`rollout_correction_weights`, validated once.
 
     Each field is the ``algorithm.*`` flag of the same name; ``None`` switches that bound (or rule) off.
-    A rule is on when at least one of its bounds is set.
+    A rule is on when at least one of its bounds is set.  With ``k_t = pi_old / pi_rollout`` (proximal over
+    behaviour probability of token ``t``, computed as ``exp(old_t - rollout_t)``), the per-token weight is::
+
+        w_t = base_t * seq_keep_i * icepop_keep_t                                   (detached)
+        base_t = min(k_t, tis_cap)      if tis_cap is set                 # TIS
+               = k_t                    elif an icepop bound is set       # IcePop
+               = 1                      otherwise                         # masks only
+        seq_keep_i    = seq_is_mask_low <= rho_i <= seq_is_mask_high      # sequence-level masked IS
+        icepop_keep_t = icepop_low <= k_t <= icepop_high                  # IcePop band
+
+    so each rule alone is the published one and together they multiply:
+
+    * TIS alone: ``min(k, C)`` -- Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You
+      Off-Policy RL Training"; also the behaviour weight of AReaL's decoupled PPO (arXiv 2505.24298, eq. 5).
+    * IcePop alone: ``k`` inside ``[alpha, beta]``, 0 outside -- the masking function ``M(k)`` of the Ling
+      team's IcePop (arXiv 2510.18855).  With ``tis_cap`` too, a kept token's ``k`` is then capped:
+      ``min(k, C)`` inside the band (the same as IcePop when ``C >= beta``).
+    * Sequence mask alone: weight 1 on the kept sequences, 0 on the others -- masked IS (MIS) of Liu, Li
+      et al. 2025, "When Speed Kills Stability", with ``rho_i`` the geometric-mean ratio
+      (:func:`geometric_seq_is_mask`, ``seq_is_mode="geometric"``) or verl's product ratio ``prod_t k_t``
+      (:func:`product_seq_is_mask`, ``seq_is_mode="product"``).  It multiplies whatever ``base_t`` the
+      token rules give (e.g. TIS + MIS, as in that paper).
+
+    A token is *masked* when ``seq_keep_i * icepop_keep_t == 0``.  It never contributes loss or gradient;
+    ``masked_tokens_in_denominator`` says whether it still counts in the loss normaliser (the token count of
+    ``token-mean``, the per-sequence token count and sequence count of the ``seq-mean-*`` modes): True keeps
+    it, as AReaL and NeMo-RL do (and the ``1 / |y_i|`` of the IcePop objective); False removes it, as verl
+    (the rejection mask multiplies the response mask) and slime do.
 
     Attributes:
         tis_cap: truncation ``C > 0`` of the token weight ``min(pi_old / pi_rollout, C)``
-            (:func:`truncated_is_weights`; TIS, Yao et al. 2025, and the behaviour weight of AReaL's
-            decoupled objective, arXiv 2505.24298 eq. 5).
-        seq_is_mask_low, seq_is_mask_high: bounds on the geometric-mean sequence ratio
-            ``exp(mean_t(old_t - rollout_t))`` (:func:`geometric_seq_is_mask`; masked IS of Liu, Li
-            et al. 2025); low ``>= 0`` and finite, high ``> 0``.
-        icepop_low, icepop_high: IcePop's ``alpha`` / ``beta`` on the token ratio ``pi_old / pi_rollout``
-            (:func:`icepop_token_mask`; arXiv 2510.18855); low ``>= 0`` and finite, high ``> 0``.
+            (:func:`truncated_is_weights`).
+        seq_is_mask_low, seq_is_mask_high: bounds on the sequence ratio ``rho_i`` of ``seq_is_mode``;
+            low ``>= 0`` and finite, high ``> 0``.
+        seq_is_mode: ``"geometric"`` (``exp(mean_t log k_t)``) or ``"product"`` (``exp(sum_t log k_t)``),
+            see :data:`SEQ_IS_MODES`.
+        icepop_low, icepop_high: IcePop's ``alpha`` / ``beta`` on the token ratio ``k``
+            (:func:`icepop_token_mask`); low ``>= 0`` and finite, high ``> 0``.
+        masked_tokens_in_denominator: keep masked tokens in the loss normaliser (True) or drop them (False).
 
     Raises:
         ValueError: on construction, naming the flag: ``tis_cap <= 0`` (or NaN), a negative / non-finite
-            low bound, a non-positive high bound, a low bound above its high bound.  These are the
-            checks of the three functions; :meth:`megatron_dapo.config.DAPOConfig.validate` is stricter
-            for the config (lows in ``[0, 1]``, highs ``>= 1``, so that a fresh batch keeps every token).
+            low bound, a non-positive high bound, a low bound above its high bound, an unknown
+            ``seq_is_mode``.  These are the checks of the functions; :meth:`megatron_dapo.config.DAPOConfig.validate`
+            is stricter for the config (lows in ``[0, 1]``, highs ``>= 1``, so that a fresh batch keeps every
+            token).
     """
 
     tis_cap: Optional[float] = None
@@ -566,6 +649,8 @@ class RolloutCorrection:
     seq_is_mask_high: Optional[float] = None
     icepop_low: Optional[float] = None
     icepop_high: Optional[float] = None
+    seq_is_mode: str = "geometric"
+    masked_tokens_in_denominator: bool = True
 
     def __post_init__(self) -> None:
         if self.tis_cap is not None and not (float(self.tis_cap) > 0.0):
@@ -573,15 +658,17 @@ class RolloutCorrection:
         _check_bound_values(self.seq_is_mask_low, self.seq_is_mask_high,
                             "algorithm.seq_is_mask_low", "algorithm.seq_is_mask_high")
         _check_bound_values(self.icepop_low, self.icepop_high, "algorithm.icepop_low", "algorithm.icepop_high")
+        if self.seq_is_mode not in SEQ_IS_MODES:
+            raise ValueError(f"algorithm.seq_is_mode: must be one of {list(SEQ_IS_MODES)}, got {self.seq_is_mode!r}")
 
     @property
     def seq_is_mask_enabled(self) -> bool:
-        """Whether the sequence-level geometric-mean mask is on (either bound set)."""
+        """Whether the sequence-level mask is on (either bound set)."""
         return self.seq_is_mask_low is not None or self.seq_is_mask_high is not None
 
     @property
     def icepop_enabled(self) -> bool:
-        """Whether IcePop token masking is on (either bound set)."""
+        """Whether IcePop is on (either bound set)."""
         return self.icepop_low is not None or self.icepop_high is not None
 
     @property
@@ -589,16 +676,73 @@ class RolloutCorrection:
         """Whether any correction is on (otherwise the loss is the plain on-policy one)."""
         return self.tis_cap is not None or self.seq_is_mask_enabled or self.icepop_enabled
 
+    @property
+    def drops_masked_tokens(self) -> bool:
+        """Whether masked tokens leave the loss normaliser: a masking rule is on and
+        ``masked_tokens_in_denominator`` is False."""
+        return not self.masked_tokens_in_denominator and (self.seq_is_mask_enabled or self.icepop_enabled)
+
     @classmethod
     def from_config(cls, alg: Any) -> "RolloutCorrection":
-        """The corrections of an algorithm config: any object with the five fields as attributes, e.g.
+        """The corrections of an algorithm config: any object with the seven fields as attributes, e.g.
         :class:`megatron_dapo.config.AlgorithmConfig` (``cfg.algorithm``).
 
         Raises:
             ValueError: as the constructor.  AttributeError: ``alg`` lacks one of the fields.
         """
         return cls(tis_cap=alg.tis_cap, seq_is_mask_low=alg.seq_is_mask_low, seq_is_mask_high=alg.seq_is_mask_high,
-                   icepop_low=alg.icepop_low, icepop_high=alg.icepop_high)
+                   icepop_low=alg.icepop_low, icepop_high=alg.icepop_high, seq_is_mode=alg.seq_is_mode,
+                   masked_tokens_in_denominator=alg.masked_tokens_in_denominator)
+
+
+def _correction_masks(
+    log_ratio: torch.Tensor, mask: torch.Tensor, old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor,
+    c: RolloutCorrection,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(seq_keep [B] bool, icepop_keep [B, T] bool)`` of the enabled masking rules (None when off)."""
+    seq_keep = tok_keep = None
+    if c.seq_is_mask_enabled:
+        seq_keep, _ = _seq_is_mask(old_logprobs, rollout_logprobs, mask, c.seq_is_mask_low, c.seq_is_mask_high,
+                                   c.seq_is_mode)
+        seq_keep = seq_keep.to(log_ratio.device)
+    if c.icepop_enabled:
+        tok_keep = icepop_token_mask(old_logprobs, rollout_logprobs, mask, c.icepop_low,
+                                     c.icepop_high).to(log_ratio.device)
+    return seq_keep, tok_keep
+
+
+def rollout_correction_keep_mask(
+    old_logprobs: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    correction: RolloutCorrection,
+) -> torch.Tensor:
+    """The valid tokens that no masking rule of ``correction`` drops: ``response_mask & seq_keep_i &
+    icepop_keep_t`` (see :class:`RolloutCorrection`; ``response_mask`` itself when neither masking rule is on).
+
+    A token's fate depends on its own row only, so the kept-token count of a batch is the sum of its rows'
+    counts however the rows are split over micro-batches and data-parallel ranks.
+
+    Args:
+        old_logprobs, rollout_logprobs: ``[B, T]`` floating (proximal / behaviour log-probs).
+        response_mask: ``[B, T]`` bool (or 0/1).
+        correction: the rules and their bounds.
+
+    Returns:
+        ``[B, T]`` bool on ``old_logprobs``' device.
+
+    Raises:
+        ValueError / TypeError: as :func:`rollout_correction_weights`.
+    """
+    if not isinstance(correction, RolloutCorrection):
+        raise TypeError(f"correction must be a RolloutCorrection, got {type(correction).__name__}")
+    log_ratio, mask = _behaviour_log_ratio(old_logprobs, rollout_logprobs, response_mask)
+    seq_keep, tok_keep = _correction_masks(log_ratio, mask, old_logprobs, rollout_logprobs, correction)
+    if seq_keep is not None:
+        mask = mask & seq_keep.unsqueeze(-1)
+    if tok_keep is not None:
+        mask = mask & tok_keep
+    return mask
 
 
 def rollout_correction_weights(
@@ -611,14 +755,14 @@ def rollout_correction_weights(
 
     ::
 
-        w_t = tis_t * seq_keep_i * icepop_keep_t
+        w_t = base_t * seq_keep_i * icepop_keep_t
 
-    with ``tis_t = min(exp(old_t - rollout_t), correction.tis_cap)`` (:func:`truncated_is_weights`; 1
-    when ``tis_cap`` is None), ``seq_keep_i`` of :func:`geometric_seq_is_mask` (1 when both
-    ``seq_is_mask_*`` are None) and ``icepop_keep_t`` of :func:`icepop_token_mask` (1 when both
-    ``icepop_*`` are None).  Masked tokens get weight 0 and stay in the loss normaliser.  With zero
-    staleness (``rollout_logprobs == old_logprobs``), ``tis_cap >= 1`` and bounds that contain 1, every
-    valid weight is exactly 1.
+    as stated in :class:`RolloutCorrection`: ``base_t = min(k_t, tis_cap)`` (:func:`truncated_is_weights`)
+    when ``tis_cap`` is set, else ``k_t`` when an ``icepop_*`` bound is set (IcePop's ``M(k)``), else 1;
+    ``seq_keep_i`` of :func:`geometric_seq_is_mask` / :func:`product_seq_is_mask` (``seq_is_mode``; 1 when
+    both ``seq_is_mask_*`` are None) and ``icepop_keep_t`` of :func:`icepop_token_mask` (1 when both
+    ``icepop_*`` are None).  With zero staleness (``rollout_logprobs == old_logprobs``: ``k_t = 1``
+    exactly), ``tis_cap >= 1`` and bounds that contain 1, every valid weight is exactly 1.
 
     Args:
         old_logprobs, rollout_logprobs: ``[B, T]`` floating (proximal / behaviour log-probs).
@@ -642,21 +786,21 @@ def rollout_correction_weights(
         return None, {}
     c = correction
     log_ratio, mask = _behaviour_log_ratio(old_logprobs, rollout_logprobs, response_mask)
-    dtype, device = log_ratio.dtype, log_ratio.device
+    dtype = log_ratio.dtype
     if c.tis_cap is not None:
         weights = truncated_is_weights(old_logprobs, rollout_logprobs, mask, c.tis_cap)
+    elif c.icepop_enabled:
+        k = torch.exp(log_ratio.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
+        weights = torch.where(mask, k, torch.zeros((), dtype=dtype, device=k.device))
     else:
         weights = mask.to(dtype)
     n_valid = mask.sum().to(dtype).clamp(min=1)
     metrics: dict[str, torch.Tensor] = {}
-    if c.seq_is_mask_enabled:
-        seq_keep, _ = geometric_seq_is_mask(old_logprobs, rollout_logprobs, mask, c.seq_is_mask_low,
-                                            c.seq_is_mask_high)
-        seq_keep = seq_keep.to(device)
+    seq_keep, tok_keep = _correction_masks(log_ratio, mask, old_logprobs, rollout_logprobs, c)
+    if seq_keep is not None:
         weights = weights * seq_keep.unsqueeze(-1).to(dtype)
         metrics["seq_is_masked_frac"] = (mask & ~seq_keep.unsqueeze(-1)).sum().to(dtype) / n_valid
-    if c.icepop_enabled:
-        tok_keep = icepop_token_mask(old_logprobs, rollout_logprobs, mask, c.icepop_low, c.icepop_high).to(device)
+    if tok_keep is not None:
         weights = weights * tok_keep.to(dtype)
         metrics["icepop_masked_frac"] = (mask & ~tok_keep).sum().to(dtype) / n_valid
     return weights, metrics
@@ -687,14 +831,18 @@ def compute_decoupled_policy_loss(
     valid token, with ``r_t = pi_theta / pi_prox`` and advantage ``A``::
 
         loss_t = w_t * max(-A * r_t, -A * clip(r_t, 1 - clip_ratio_low, 1 + clip_ratio_high))
-        w_t    = min(pi_prox / pi_behav, tis_cap) * seq_keep_i * icepop_keep_t      (detached)
+        w_t    = base_t * seq_keep_i * icepop_keep_t                                (detached)
 
     (dual clip as in :func:`compute_policy_loss`), aggregated by ``loss_agg_mode``.  The weight is
-    :func:`rollout_correction_weights`: AReaL's behaviour weight truncated at ``tis_cap``
-    (:func:`truncated_is_weights`; AReaL itself drops tokens above the cap, which is
-    ``icepop_high=cap``), times the optional sequence-level geometric-mean mask
-    (:func:`geometric_seq_is_mask`) and IcePop token mask (:func:`icepop_token_mask`).  The same
-    weight corrects both staleness (one-step-off generation) and engine/trainer numerical mismatch.
+    :func:`rollout_correction_weights` (the rules and their combination: :class:`RolloutCorrection`):
+    AReaL's behaviour weight truncated at ``tis_cap`` (:func:`truncated_is_weights`; AReaL itself drops
+    tokens above the cap, which is ``icepop_high=cap``), times the optional sequence-level mask
+    (:func:`geometric_seq_is_mask` / :func:`product_seq_is_mask`) and IcePop's band
+    (:func:`icepop_token_mask`).  The same weight corrects both staleness (one-step-off generation) and
+    engine/trainer numerical mismatch.  When :attr:`RolloutCorrection.drops_masked_tokens`, the loss is
+    aggregated over :func:`rollout_correction_keep_mask` instead of ``response_mask`` (then
+    ``global_num_tokens`` / ``global_num_seqs`` must count the kept tokens / sequences with a kept token,
+    and the clip metrics are means over the kept tokens).
 
     Zero staleness: with ``rollout_logprobs == old_logprobs`` every weight is exactly 1 (for
     ``tis_cap >= 1`` or None and bounds containing 1), so loss and gradient equal
@@ -721,6 +869,8 @@ def compute_decoupled_policy_loss(
     weights, corr = None, {}
     if rollout_logprobs is not None:
         weights, corr = rollout_correction_weights(old_logprobs, rollout_logprobs, response_mask, correction)
+        if correction is not None and correction.drops_masked_tokens:
+            response_mask = rollout_correction_keep_mask(old_logprobs, rollout_logprobs, response_mask, correction)
     loss, metrics = compute_policy_loss(
         logprobs, old_logprobs, advantages, response_mask, clip_ratio_low=clip_ratio_low,
         clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c, loss_agg_mode=loss_agg_mode,

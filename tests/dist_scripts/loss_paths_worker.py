@@ -11,7 +11,8 @@ through the real trainer batch builder and the Megatron actor's ``train_step``.
   the uncapped one;
 * off-policy corrections (``LossSettings.correction``'s ``seq_is_mask_*`` / ``icepop_*``): with ``rollout_logprobs ==
   old_logprobs`` every correction leaves the gradient bit-identical; rows whose ratio is outside the bounds
-  contribute exactly as if their advantages were 0, and ``train_step`` reports the masked token fraction.
+  contribute exactly as if their advantages were 0 (IcePop weights the kept rows by their ratio), and
+  ``train_step`` reports the masked token fraction.
 
 Writes a JSON report to ``OUT``.
 """
@@ -112,12 +113,12 @@ def main():
     fresh.rollout_logprobs = fresh.old_logprobs.clone()
     rep["zero_staleness_grad_diff"] = max_diff(grads(fresh, every), grads(batch_of(ga, False), ls))
     # ... and a row whose (constant) ratio w is outside [0.7, 2.8] (no ratio on a bound) is dropped by either
-    # rule: the gradient is the plain one with that row's advantages zeroed (times min(w, cap) for the kept
-    # rows with TIS)
+    # rule: the gradient is the plain one with that row's advantages zeroed, and the kept rows' scaled by the
+    # rule's weight: 1 for the sequence mask, w for IcePop (its M(k) = k in the band), min(w, cap) with TIS
     keep = ((w >= 0.7) & (w <= 2.8)).to(torch.float32)
     for name, settings, scale in (
             ("seq", LossSettings(correction=RolloutCorrection(seq_is_mask_low=0.7, seq_is_mask_high=2.8)), keep),
-            ("icepop", LossSettings(correction=RolloutCorrection(icepop_low=0.7, icepop_high=2.8)), keep),
+            ("icepop", LossSettings(correction=RolloutCorrection(icepop_low=0.7, icepop_high=2.8)), keep * w),
             ("icepop_tis", LossSettings(correction=RolloutCorrection(tis_cap=cap, icepop_low=0.7, icepop_high=2.8)),
              keep * w.clamp(max=cap))):
         m = actor.train_step(b, settings, apply_update=False)
