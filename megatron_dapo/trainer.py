@@ -46,6 +46,7 @@ from .actor.dispatch import Dispatcher, LocalShard, StepPlan, plan_step
 from .actor.megatron_actor import LossSettings, MegatronActor
 from .actor.parallel import destroy_parallel
 from .algorithm import DynamicSampler, Group, flatten_groups, logprob_mismatch_parts
+from .algorithm.policy_loss import rollout_correction_keep_mask
 from .backend import default_device, has_cuda
 from .config import DAPOConfig, dump_config
 from .data import (PromptDataset, demo_rows, load_rows, load_tokenizer, make_tiny_checkpoint, val_rows,
@@ -380,10 +381,10 @@ class Trainer:
         sums: dict[str, float] = {}
         counts: dict[str, float] = {}  # update_skipped / nonfinite_*: counted over all updates
         updates = applied = 0
-        for upd in shard.updates:  # ppo_epochs x mini-batches, this DP rank's rows of each (plan_step)
+        denominators = self._kept_counts(batch, shard)
+        for upd, (n_tok, n_seq) in zip(shard.updates, denominators):  # ppo_epochs x mini-batches (plan_step)
             mb = batch.select(list(upd.rows))
-            m = self.actor.train_step(mb, self.loss, global_num_tokens=upd.num_tokens,
-                                      global_num_seqs=upd.num_seqs, local=True)
+            m = self.actor.train_step(mb, self.loss, global_num_tokens=n_tok, global_num_seqs=n_seq, local=True)
             updates += 1
             for k in [k for k in m if k == "update_skipped" or k.startswith("nonfinite_")]:
                 counts[k] = counts.get(k, 0.0) + m.pop(k)
@@ -398,6 +399,24 @@ class Trainer:
         out.update(counts)
         out["num_updates"] = float(updates)
         return scoped("actor", out)
+
+    def _kept_counts(self, batch, shard: "LocalShard") -> list[tuple[int, int]]:
+        """Per update of ``shard``, the loss normaliser of the whole mini-batch over all DP ranks: ``(tokens,
+        sequences with at least one)``. The plan's counts, unless the corrections drop masked tokens from the
+        denominator (``algorithm.masked_tokens_in_denominator: false`` with a masking rule, and engine logprobs):
+        then the tokens of :func:`~megatron_dapo.algorithm.policy_loss.rollout_correction_keep_mask`, which
+        depend on ``batch.old_logprobs`` and so are counted here, after the old-logprob pass, on this rank's
+        rows and summed over DP ranks (one all-reduce for all the step's updates; collective)."""
+        plan_counts = [(upd.num_tokens, upd.num_seqs) for upd in shard.updates]
+        correction = self.loss.correction
+        if correction is None or not correction.drops_masked_tokens or batch.rollout_logprobs is None:
+            return plan_counts
+        kept = rollout_correction_keep_mask(batch.old_logprobs, batch.rollout_logprobs, batch.response_mask,
+                                            correction).sum(dim=1)
+        local = [[float(kept[list(upd.rows)].sum()), float((kept[list(upd.rows)] > 0).sum())]
+                 for upd in shard.updates]
+        total = self.dispatcher.sum_over_rows(torch.tensor(local, dtype=torch.float64).reshape(-1))
+        return [(int(total[2 * i]), int(total[2 * i + 1])) for i in range(len(shard.updates))]
 
     def _nonfinite_update_skipped(self) -> None:
         """Count a skipped update; stop after ``trainer.max_consecutive_nonfinite`` in a row (every rank

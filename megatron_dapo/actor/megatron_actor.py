@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..algorithm import agg_loss, compute_decoupled_policy_loss, kl_penalty
-from ..algorithm.policy_loss import RolloutCorrection
+from ..algorithm.policy_loss import RolloutCorrection, rollout_correction_keep_mask
 from ..backend import default_device, has_cuda, has_transformer_engine
 from ..batch import ActorBatch
 from ..cpu_shims import apply_cpu_shims, device_remap, enable_local_thd_attention
@@ -60,7 +60,8 @@ class LossSettings:
     kl_loss_type: str = "k3"
     correction: Optional[RolloutCorrection] = None
     """Behaviour-policy corrections of the decoupled loss (``algorithm.tis_cap`` / ``seq_is_mask_*`` /
-    ``icepop_*``, built once by :meth:`RolloutCorrection.from_config`); ``None``: none."""
+    ``seq_is_mode`` / ``icepop_*`` / ``masked_tokens_in_denominator``, built once by
+    :meth:`RolloutCorrection.from_config`); ``None``: none."""
     temperature: float = 1.0
 
     @classmethod
@@ -421,7 +422,11 @@ class MegatronActor:
                    local: bool = False) -> dict[str, float]:
         """One optimizer step on ``batch`` (a mini-batch; identical on all ranks, or with ``local`` this DP
         rank's share of it, when ``global_num_tokens`` and ``global_num_seqs`` must give the whole
-        mini-batch's counts: loss tokens and sequences with at least one).
+        mini-batch's counts: loss tokens and sequences with at least one). When the corrections drop masked
+        tokens from the denominator (:attr:`RolloutCorrection.drops_masked_tokens`, with ``rollout_logprobs``)
+        the loss tokens are those of :func:`rollout_correction_keep_mask` (the policy, entropy and KL terms
+        are aggregated over them), and so are the global counts: the trainer counts them after the
+        old-logprob pass (:meth:`~megatron_dapo.trainer.Trainer._update`).
 
         Raises:
             ValueError: ``local`` without both global counts.
@@ -446,8 +451,13 @@ class MegatronActor:
             m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        n_tok = int(batch.response_mask.sum().item()) if global_num_tokens is None else global_num_tokens
-        n_seq = int((batch.response_mask.sum(1) > 0).sum().item()) if global_num_seqs is None else global_num_seqs
+        drop = loss.correction is not None and loss.correction.drops_masked_tokens and batch.rollout_logprobs is not None
+        counted = batch.response_mask
+        if drop and (global_num_tokens is None or global_num_seqs is None):
+            counted = rollout_correction_keep_mask(batch.old_logprobs, batch.rollout_logprobs, batch.response_mask,
+                                                   loss.correction)
+        n_tok = int(counted.sum().item()) if global_num_tokens is None else global_num_tokens
+        n_seq = int((counted.sum(1) > 0).sum().item()) if global_num_seqs is None else global_num_seqs
         n_tok, n_seq = max(n_tok, 1), max(n_seq, 1)
         dp = self.dp_size
         seq_mode = loss.loss_agg_mode.startswith("seq-mean")
@@ -464,6 +474,9 @@ class MegatronActor:
                 old_lp = old_lp.clone()
                 r, c = (mask > 0).nonzero()[0].tolist()
                 old_lp[r, c] = bad[1]
+            agg_mask = mask  # the tokens of the loss normaliser
+            if drop:
+                agg_mask = rollout_correction_keep_mask(old_lp, mb.rollout_logprobs, mask, loss.correction)
             pg, metrics = compute_decoupled_policy_loss(
                 lp, old_lp, mb.rollout_logprobs, mb.advantages.to(lp.device), mask,
                 correction=loss.correction, clip_ratio_low=loss.clip_ratio_low, clip_ratio_high=loss.clip_ratio_high,
@@ -471,7 +484,7 @@ class MegatronActor:
             if bad and bad[0] == "policy_loss":
                 pg = pg * bad[1]
             total = pg
-            ent_term = agg_loss(ent, mask, loss.loss_agg_mode, **norm)
+            ent_term = agg_loss(ent, agg_mask, loss.loss_agg_mode, **norm)
             if bad and bad[0] == "entropy":
                 ent_term = ent_term * bad[1]
             if loss.entropy_coeff:
@@ -480,7 +493,7 @@ class MegatronActor:
             out["pg_loss"] = float(pg.detach())
             out["entropy"] = float(ent_term.detach())
             if loss.kl_loss_coef and mb.ref_logprobs is not None:
-                kl = agg_loss(kl_penalty(lp, mb.ref_logprobs.to(lp.device), loss.kl_loss_type), mask,
+                kl = agg_loss(kl_penalty(lp, mb.ref_logprobs.to(lp.device), loss.kl_loss_type), agg_mask,
                               loss.loss_agg_mode, **norm)
                 if bad and bad[0] == "kl_loss":
                     kl = kl * bad[1]
