@@ -153,7 +153,8 @@ def test_masked_tokens_in_denominator_hand_values(kwargs, kept, loss_keep, loss_
     assert rollout_correction_keep_mask(old, rollout, mask, RolloutCorrection(**kwargs)).tolist() == kept
     for flag, expected in ((True, loss_keep), (False, loss_drop)):
         loss, _ = compute_decoupled_policy_loss(
-            logprobs, old, rollout, adv, mask, correction=RolloutCorrection(**kwargs, masked_tokens_in_denominator=flag))
+            logprobs, old, rollout, adv, mask,
+            correction=RolloutCorrection(**kwargs, masked_tokens_in_denominator=flag))
         assert loss.item() == pytest.approx(expected, abs=1e-12), flag
     # with the kept count given as the global denominator, the split halves add up to the unsplit loss
     corr = RolloutCorrection(**kwargs, masked_tokens_in_denominator=False)
@@ -323,7 +324,8 @@ def test_correction_validation_errors():
     (dict(icepop_low=-0.5), "algorithm.icepop_low: low bound must be a finite value >= 0, got -0.5"),
     (dict(icepop_high=NAN), "algorithm.icepop_high: high bound must be > 0, got nan"),
     (dict(icepop_low=3.0, icepop_high=2.0), "algorithm.icepop_low: low bound 3.0 > high bound 2.0"),
-    (dict(seq_is_mode="arithmetic"), "algorithm.seq_is_mode: must be one of ['geometric', 'product'], got 'arithmetic'"),
+    (dict(seq_is_mode="arithmetic"),
+     "algorithm.seq_is_mode: must be one of ['geometric', 'product'], got 'arithmetic'"),
 ])
 def test_rollout_correction_rejects_bad_bounds_naming_the_flag(kwargs, message):
     with pytest.raises(ValueError) as e:

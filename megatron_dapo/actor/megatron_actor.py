@@ -451,7 +451,8 @@ class MegatronActor:
             m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        drop = loss.correction is not None and loss.correction.drops_masked_tokens and batch.rollout_logprobs is not None
+        drop = (loss.correction is not None and loss.correction.drops_masked_tokens
+                and batch.rollout_logprobs is not None)  # masked tokens leave the normaliser
         counted = batch.response_mask
         if drop and (global_num_tokens is None or global_num_seqs is None):
             counted = rollout_correction_keep_mask(batch.old_logprobs, batch.rollout_logprobs, batch.response_mask,
