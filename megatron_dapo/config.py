@@ -319,7 +319,7 @@ class AlgorithmConfig:
     """The sequence ratio that ``seq_is_mask_low/high`` bound: ``geometric`` (default) = ``exp(mean_t log k_t)``,
     the length-normalised ratio of masked IS (Liu, Li et al. 2025); ``product`` = ``prod_t k_t``, verl's
     sequence-level rollout IS ratio (tightens with the response length), with ``k_t`` = pi_old / pi_rollout.
-    See :func:`~megatron_dapo.algorithm.policy_loss.product_seq_is_mask`."""
+    See :func:`~megatron_dapo.algorithm.corrections.product_seq_is_mask`."""
     icepop_low: Optional[float] = None
     """IcePop (arXiv 2510.18855): tokens with k = pi_old / pi_rollout below this get no loss (alpha, e.g. 0.5;
     ``None`` = no lower bound). IcePop weights a kept token by ``k`` itself (``M(k) = k`` inside ``[alpha, beta]``,

@@ -45,8 +45,8 @@ from .actor.checkpoint import (NonFiniteCheckpointError, latest_checkpoint, load
 from .actor.dispatch import Dispatcher, LocalShard, StepPlan, plan_step
 from .actor.megatron_actor import LossSettings, MegatronActor
 from .actor.parallel import destroy_parallel
-from .algorithm import DynamicSampler, Group, flatten_groups, logprob_mismatch_parts
-from .algorithm.policy_loss import rollout_correction_keep_mask
+from .algorithm import (DynamicSampler, Group, flatten_groups, logprob_mismatch_parts,
+                        rollout_correction_keep_mask)
 from .backend import default_device, has_cuda
 from .config import DAPOConfig, dump_config
 from .data import (PromptDataset, demo_rows, load_rows, load_tokenizer, make_tiny_checkpoint, val_rows,
@@ -404,7 +404,7 @@ class Trainer:
         """Per update of ``shard``, the loss normaliser of the whole mini-batch over all DP ranks: ``(tokens,
         sequences with at least one)``. The plan's counts, unless the corrections drop masked tokens from the
         denominator (``algorithm.masked_tokens_in_denominator: false`` with a masking rule, and engine logprobs):
-        then the tokens of :func:`~megatron_dapo.algorithm.policy_loss.rollout_correction_keep_mask`, which
+        then the tokens of :func:`~megatron_dapo.algorithm.corrections.rollout_correction_keep_mask`, which
         depend on ``batch.old_logprobs`` and so are counted here, after the old-logprob pass, on this rank's
         rows and summed over DP ranks (one all-reduce for all the step's updates; collective)."""
         plan_counts = [(upd.num_tokens, upd.num_seqs) for upd in shard.updates]

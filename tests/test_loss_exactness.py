@@ -126,7 +126,7 @@ def test_gradient_exact_over_microbatches_and_dp(tmp_path):
         assert split <= 1e-6, (mode, split)
     # the corrections, with masked tokens kept in / dropped from the denominator
     from megatron_dapo.algorithm import RolloutCorrection
-    from megatron_dapo.algorithm.policy_loss import rollout_correction_keep_mask
+    from megatron_dapo.algorithm import rollout_correction_keep_mask
 
     kept = rollout_correction_keep_mask(batch.old_logprobs, batch.rollout_logprobs, batch.response_mask,
                                         RolloutCorrection(**_CORRECTION))
@@ -177,7 +177,7 @@ def test_trainer_denominator_is_the_whole_minibatch_count_over_dp_splits(in_deno
     from megatron_dapo.actor.dispatch import plan_step, shard_for
     from megatron_dapo.actor.megatron_actor import LossSettings
     from megatron_dapo.algorithm import RolloutCorrection
-    from megatron_dapo.algorithm.policy_loss import rollout_correction_keep_mask
+    from megatron_dapo.algorithm import rollout_correction_keep_mask
     from megatron_dapo.trainer import Trainer
 
     flat = _flat_batch()

@@ -22,7 +22,7 @@ from megatron_dapo.algorithm import (
     rollout_correction_weights,
     truncated_is_weights,
 )
-from megatron_dapo.algorithm.policy_loss import product_seq_is_mask, rollout_correction_keep_mask
+from megatron_dapo.algorithm import product_seq_is_mask, rollout_correction_keep_mask
 
 NAN = float("nan")
 # behaviour ratios k (row 1, col 2 is padding and holds NaN in every input there)

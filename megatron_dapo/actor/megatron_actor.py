@@ -30,8 +30,8 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from ..algorithm import agg_loss, compute_decoupled_policy_loss, kl_penalty
-from ..algorithm.policy_loss import RolloutCorrection, rollout_correction_keep_mask
+from ..algorithm import (RolloutCorrection, agg_loss, compute_decoupled_policy_loss, kl_penalty,
+                         rollout_correction_keep_mask)
 from ..backend import default_device, has_cuda, has_transformer_engine
 from ..batch import ActorBatch
 from ..cpu_shims import apply_cpu_shims, device_remap, enable_local_thd_attention

@@ -3,19 +3,24 @@ dynamic sampling, presets and the train-batch builder.  No Megatron, no I/O, no 
 from .advantages import NonFiniteAdvantageError, compute_group_advantages
 from .dynamic_sampling import (DynamicSampler, DynamicSamplingExhausted, Group, PendingGroup, StaleReset,
                                reset_stale_samples)
+from .corrections import (
+    SEQ_IS_MODES,
+    RolloutCorrection,
+    geometric_seq_is_mask,
+    icepop_token_mask,
+    product_seq_is_mask,
+    rollout_correction_keep_mask,
+    rollout_correction_weights,
+    truncated_is_weights,
+)
 from .policy_loss import (
     KL_PENALTY_KINDS,
     LOSS_AGG_MODES,
-    RolloutCorrection,
     agg_loss,
     compute_decoupled_policy_loss,
     compute_policy_loss,
     entropy_from_logits,
-    geometric_seq_is_mask,
-    icepop_token_mask,
     kl_penalty,
-    rollout_correction_weights,
-    truncated_is_weights,
 )
 from .presets import (
     ABLATION_SWITCHES,
@@ -37,6 +42,7 @@ __all__ = [
     "Group",
     "KL_PENALTY_KINDS",
     "LOSS_AGG_MODES",
+    "SEQ_IS_MODES",
     "NonFiniteAdvantageError",
     "PendingGroup",
     "StaleReset",
@@ -59,6 +65,8 @@ __all__ = [
     "logprob_mismatch_parts",
     "overlong_filter_mask",
     "resolve_preset",
+    "product_seq_is_mask",
+    "rollout_correction_keep_mask",
     "rollout_correction_weights",
     "soft_overlong_penalty",
     "table1_config",
