@@ -216,11 +216,11 @@ def test_failed_onload_names_the_tensor_and_can_be_resumed(monkeypatch):
 
 def test_ensure_onloaded_message():
     class Actor:
-        _offloaded = True
+        offloaded = True
 
     with pytest.raises(RuntimeError, match=r"Actor\.train_step\(\) called while the actor is offloaded.*onload"):
         ensure_onloaded(Actor(), "train_step")
-    Actor._offloaded = False
+    Actor.offloaded = False
     ensure_onloaded(Actor(), "train_step")
 
 

@@ -120,6 +120,7 @@ class MegatronActor:
         self.padded_vocab = self.spec.padded_vocab_size(tp, actor_cfg.make_vocab_size_divisible_by)
         self._remap = contextlib.ExitStack()
         self._remap.enter_context(device_remap())
+        self._offloader: Optional[ActorOffloader] = None  # built at the first offload()
         self.chunks = self._build_model()
         if load_weights:
             self.load_hf_weights(self.hf_path)
@@ -551,27 +552,24 @@ class MegatronActor:
             ``memory/actor_offload_bytes``, per-category ``memory/actor_offload_*_bytes`` and
             ``timing/actor_offload_s`` (also kept in :attr:`offload_metrics`).
         """
-        if getattr(self, "_offloader", None) is None:
+        if self._offloader is None:
             self._offloader = ActorOffloader(self.chunks, self.optimizer)
-        out = self._offloader.offload(force=force)
-        self._offloaded = self._offloader.offloaded
-        return out
+        return self._offloader.offload(force=force)
 
     def onload(self) -> dict[str, float]:
         """Inverse of :meth:`offload` (a no-op when not offloaded); params, master params and optimizer
         state come back bit-identical. Returns ``memory/actor_onload_bytes``, ``timing/actor_onload_s``, ..."""
-        off = getattr(self, "_offloader", None)
-        if off is None:
-            return {}
-        out = off.onload()
-        self._offloaded = off.offloaded
-        return out
+        return {} if self._offloader is None else self._offloader.onload()
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether the parameters / optimizer state are off the device (:meth:`offload` without :meth:`onload`)."""
+        return self._offloader is not None and self._offloader.offloaded
 
     @property
     def offload_metrics(self) -> dict[str, float]:
         """Figures of the latest offload and onload (bytes moved, seconds), for the trainer's log."""
-        off = getattr(self, "_offloader", None)
-        return dict(off.metrics) if off is not None else {}
+        return dict(self._offloader.metrics) if self._offloader is not None else {}
 
     # ------------------------------------------------------------------ checkpoints
     def sharded_state_dict(self, with_optimizer: bool = True) -> dict[str, Any]:

@@ -214,12 +214,12 @@ def _byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
 
 
 def ensure_onloaded(actor, method: str) -> None:
-    """Raise if ``actor`` is offloaded (cheap guard at the start of its public compute methods).
+    """Raise if ``actor.offloaded`` (cheap guard at the start of its public compute methods).
 
     Raises:
         RuntimeError: naming ``method`` and telling to call ``onload()`` first.
     """
-    if getattr(actor, "_offloaded", False):
+    if actor.offloaded:
         raise RuntimeError(f"{type(actor).__name__}.{method}() called while the actor is offloaded "
                            f"(parameters/optimizer state are off the device); call onload() first")
 
