@@ -316,7 +316,7 @@ def test_train_one_step_transitions_around_rollout_and_update():
     trainer.cfg.actor.ppo_mini_batch_size = 4
     trainer.rank, trainer.step = 0, 0
     trainer.alg = trainer.cfg.resolved_algorithm()
-    trainer.loss = SimpleNamespace()
+    trainer.loss = SimpleNamespace(correction=None)  # no behaviour correction: the plan's token counts
     trainer.nonfinite_streak = 0
     trainer._dispatcher, trainer._batch_ids = None, []
     trainer._resume_push_metrics = {}

@@ -169,7 +169,7 @@ def test_train_one_step_overlaps_the_next_rollout_with_training():
     trainer.cfg.actor.ppo_mini_batch_size = 4
     trainer.rank, trainer.step = 0, 0
     trainer.alg = trainer.cfg.resolved_algorithm()
-    trainer.loss = SimpleNamespace()
+    trainer.loss = SimpleNamespace(correction=None)  # no behaviour correction: the plan's token counts
     trainer.nonfinite_streak = 0
     trainer._dispatcher, trainer._batch_ids = None, []
     trainer._resume_push_metrics = {}
