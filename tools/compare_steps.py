@@ -4,7 +4,7 @@
     python tools/compare_steps.py outputs/before/steps.jsonl outputs/after/steps.jsonl [--rtol 0] [--ignore GLOB ...]
 
 Every line of ``steps.jsonl`` is one trainer step (``{"step", "prompt_indices", <every scalar>}``, written by
-:meth:`megatron_dapo.trainer.Trainer._log`). Two runs of a deterministic config (``rollout.deterministic: true``,
+:meth:`megatron_dapo.trainer.Trainer._log`). Two runs of a deterministic config (``rollout.mode: deterministic``,
 the tiny CPU demo) must agree on every value except the wall-clock ones: keys under ``timing/``, keys ending
 in ``_s`` and ``*/seconds`` (``weight_sync/seconds``) are ignored by default, and ``--ignore`` adds shell-style globs (``fnmatch``). Values compare
 exactly unless ``--rtol`` is given (``|a - b| <= rtol * max(|a|, |b|)``); NaN equals NaN.
