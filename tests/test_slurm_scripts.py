@@ -189,14 +189,10 @@ if os.environ.get("STUB_WAIT_SIGNAL"):
 def _stub_root(tmp_path: Path) -> Path:
     root = tmp_path / "repo"
     shutil.copytree(SLURM, root / "slurm")
+    # The whole real package (so config.py and the launch tools import what they really import), with the
+    # engine server, the CLI and the trainer entry point replaced by stubs.
     pkg = root / "megatron_dapo"
-    shutil.copytree(REPO_ROOT / "megatron_dapo" / "launch", pkg / "launch",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO_ROOT / "megatron_dapo" / "config.py", pkg / "config.py")
-    (pkg / "__init__.py").write_text("")
-    (pkg / "engines" / "cpu").mkdir(parents=True)
-    for d in (pkg / "engines", pkg / "engines" / "cpu"):
-        (d / "__init__.py").write_text("")
+    shutil.copytree(REPO_ROOT / "megatron_dapo", pkg, ignore=shutil.ignore_patterns("__pycache__"))
     (pkg / "engines" / "cpu" / "server.py").write_text(STUB_ENGINE)
     (pkg / "cli.py").write_text(STUB_CLI)
     (pkg / "train.py").write_text(STUB_TRAIN)
