@@ -13,7 +13,8 @@ import torch
 
 from megatron_dapo.actor.batching import FlatBatch, balance_across_ranks
 from megatron_dapo.actor.dispatch import _pack, _unpack, plan_step, shard_for
-from megatron_dapo.algorithm import Group, build_train_batch, flatten_groups, logprob_mismatch_parts, resolve_preset
+from megatron_dapo.algorithm import (Group, MissingRolloutLogprobsError, RolloutCorrection, build_train_batch,
+                                    flatten_groups, logprob_mismatch_parts, resolve_preset)
 from megatron_dapo.sync.metrics import rollout_logprob_mismatch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -85,6 +86,18 @@ def test_builder_without_rollout_logprobs_and_errors():
         flatten_groups([_groups()[0], _group(2, [1], [[2]], [1.0])], resolve_preset("dapo", {}))
     with pytest.raises(ValueError, match="empty prompt"):
         flatten_groups([_group(3, [], [[2], [3]], [1.0, 0.0])], resolve_preset("dapo", {}))
+
+
+def test_a_group_without_engine_logprobs_is_refused_when_a_correction_needs_them():
+    """Dropping rollout_logprobs for the whole batch would switch the behaviour correction off for the step
+    (issue 22): with require_rollout_logprobs the group is named instead."""
+    gs = _groups()
+    gs[1].rollout_logprobs = None
+    with pytest.raises(MissingRolloutLogprobsError,
+                       match=r"group of prompt_index 1 \(1 of 2 groups\) has no engine log-probs"):
+        flatten_groups(gs, resolve_preset("dapo", {}), require_rollout_logprobs=True)
+    full = flatten_groups(_groups(), resolve_preset("dapo", {}), require_rollout_logprobs=True)
+    assert full.rollout_logprobs is not None and full.rollout_logprobs.shape == full.tokens.shape
 
 
 def test_mismatch_parts_combine_to_the_metric():
@@ -196,7 +209,8 @@ def test_trainer_dispatch_single_process_and_error_on_every_rank():
 
     cfg = DAPOConfig()
     cfg.actor.ppo_mini_batch_size = 4
-    fake = SimpleNamespace(rank=0, alg=resolve_preset("dapo", {}), cfg=cfg, step=3, dispatcher=Dispatcher(0, 1))
+    fake = SimpleNamespace(rank=0, alg=resolve_preset("dapo", {}), cfg=cfg, step=3, dispatcher=Dispatcher(0, 1),
+                           loss=SimpleNamespace(correction=None))
     shard = Trainer._dispatch(fake, *Trainer._advantages(fake, _groups()))
     flat = flatten_groups(_groups(), fake.alg)
     plan = plan_step(flat, mini_batch_size=4, ppo_epochs=1, dp_size=1,
@@ -207,3 +221,9 @@ def test_trainer_dispatch_single_process_and_error_on_every_rank():
     bad[1].rewards = [1.0, float("nan"), 0.0, 0.0]
     with pytest.raises(NonFiniteAdvantageError, match="group 1"):
         Trainer._advantages(fake, bad)
+    lacking = _groups()
+    lacking[0].rollout_logprobs = None
+    Trainer._advantages(fake, lacking)  # no correction configured: the batch trains without them
+    fake.loss = SimpleNamespace(correction=RolloutCorrection(tis_cap=2.0))
+    with pytest.raises(MissingRolloutLogprobsError, match="prompt_index 0"):
+        Trainer._advantages(fake, lacking)

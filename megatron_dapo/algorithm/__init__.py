@@ -32,7 +32,7 @@ from .presets import (
     table1_config,
 )
 from .reward_shaping import filter_groups, overlong_filter_mask, soft_overlong_penalty
-from .train_batch import build_train_batch, flatten_groups, logprob_mismatch_parts
+from .train_batch import MissingRolloutLogprobsError, build_train_batch, flatten_groups, logprob_mismatch_parts
 
 __all__ = [
     "ABLATION_SWITCHES",
@@ -59,6 +59,7 @@ __all__ = [
     "entropy_from_logits",
     "filter_groups",
     "flatten_groups",
+    "MissingRolloutLogprobsError",
     "geometric_seq_is_mask",
     "icepop_token_mask",
     "kl_penalty",

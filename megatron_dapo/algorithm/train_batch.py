@@ -10,8 +10,10 @@
 * the loss mask: "Overlong Filtering" (Sec. 3.4) masks truncated responses (``finish_reason ==
   "length"``) out of the loss (:func:`~megatron_dapo.algorithm.reward_shaping.overlong_filter_mask`); an
   empty response has no token to train on;
-* the engine's log-probs of the sampled tokens (truncated importance sampling and the train/rollout
-  mismatch metric), when every response has them.
+* the engine's log-probs of the sampled tokens (the behaviour corrections of
+  :mod:`~megatron_dapo.algorithm.corrections` and the train/rollout mismatch metric), when every response
+  has them; with ``require_rollout_logprobs`` a group without them is an error
+  (:class:`MissingRolloutLogprobsError`), never a step that silently trains uncorrected.
 
 :func:`build_train_batch` pads that into the :class:`~megatron_dapo.batch.ActorBatch` the actor
 trains on (advantages broadcast per token). :func:`logprob_mismatch_parts` gives the additive pieces of
@@ -25,20 +27,30 @@ from typing import Sequence
 import torch
 
 from ..batch import ActorBatch, FlatBatch
+from ..errors import MegatronDapoError
 from .advantages import compute_group_advantages
 from .dynamic_sampling import Group
 from .presets import AlgorithmSwitches
 from .reward_shaping import overlong_filter_mask
 
-__all__ = ["build_train_batch", "flatten_groups", "logprob_mismatch_parts"]
+__all__ = ["MissingRolloutLogprobsError", "build_train_batch", "flatten_groups", "logprob_mismatch_parts"]
 
 
-def flatten_groups(groups: Sequence[Group], switches: AlgorithmSwitches) -> FlatBatch:
+class MissingRolloutLogprobsError(MegatronDapoError, ValueError):
+    """A behaviour correction is configured but a group of the step has no engine log-probs
+    (``Group.rollout_logprobs is None``): training it would drop the correction for the whole batch. The
+    message names the group's ``prompt_index`` and how many groups lack them."""
+
+
+def flatten_groups(groups: Sequence[Group], switches: AlgorithmSwitches, *,
+                   require_rollout_logprobs: bool = False) -> FlatBatch:
     """The training rows of ``groups``: response ``j`` of group ``g`` is row ``g * G + j``.
 
     Args:
         groups: the step's groups, each with ``G`` responses (the same ``G`` for all groups).
         switches: reads ``norm_adv_by_std`` and ``overlong_filtering``.
+        require_rollout_logprobs: True when a behaviour correction is on (the trainer passes
+            ``loss.correction is not None``): then every group must carry its engine log-probs.
 
     Returns:
         A :class:`FlatBatch` with ``N = len(groups) * G`` rows: ``advantages`` float32 ``[N]`` (eq. 9),
@@ -49,6 +61,7 @@ def flatten_groups(groups: Sequence[Group], switches: AlgorithmSwitches) -> Flat
     Raises:
         ValueError: no groups, groups of different sizes, or an empty prompt (the group is named).
         NonFiniteAdvantageError: non-finite rewards (from :func:`compute_group_advantages`).
+        MissingRolloutLogprobsError: ``require_rollout_logprobs`` and a group without engine log-probs.
     """
     if not groups:
         raise ValueError("no groups to train on")
@@ -58,6 +71,13 @@ def flatten_groups(groups: Sequence[Group], switches: AlgorithmSwitches) -> Flat
     for g in groups:
         if not g.prompt_ids:
             raise ValueError(f"group of prompt_index {g.prompt_index}: empty prompt")
+    lacking = [g.prompt_index for g in groups if g.rollout_logprobs is None]
+    if require_rollout_logprobs and lacking:
+        raise MissingRolloutLogprobsError(
+            f"group of prompt_index {lacking[0]} ({len(lacking)} of {len(groups)} groups) has no engine "
+            "log-probs (rollout_logprobs), but a behaviour correction is configured (algorithm.tis_cap, "
+            "icepop_low/high or seq_is_mask_low/high): the engine must return output_token_logprobs for every "
+            "response")
     rewards = torch.tensor([list(g.rewards) for g in groups], dtype=torch.float32)
     adv = compute_group_advantages(rewards, norm_by_std=switches.norm_adv_by_std).reshape(-1).to(torch.float32)
     prompts = [g.prompt_ids for g in groups for _ in g.responses]
@@ -70,7 +90,7 @@ def flatten_groups(groups: Sequence[Group], switches: AlgorithmSwitches) -> Flat
     torch.cumsum(lens, 0, out=offsets[1:])
     tokens = torch.tensor([t for p, r in zip(prompts, responses) for t in (*p, *r)], dtype=torch.long)
     rollout = None
-    if all(g.rollout_logprobs is not None for g in groups):
+    if not lacking:
         rollout = torch.tensor([v for p, lps in zip(prompts, (lp for g in groups for lp in g.rollout_logprobs))
                                 for v in (*([0.0] * len(p)), *lps)], dtype=torch.float32)
     return FlatBatch(tokens=tokens, offsets=offsets,
