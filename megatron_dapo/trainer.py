@@ -328,7 +328,9 @@ class Trainer:
         flat = plan = failure = None
         if self.rank == 0:
             try:
-                flat = flatten_groups(groups, self.alg, require_rollout_logprobs=self.loss.correction is not None)
+                correction = self.loss.correction
+                flat = flatten_groups(groups, self.alg,
+                                      require_rollout_logprobs=correction is not None and correction.enabled)
                 gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)
                 plan = plan_step(flat, mini_batch_size=self.cfg.actor.ppo_mini_batch_size,
                                  ppo_epochs=self.cfg.actor.ppo_epochs, dp_size=dp_size, generator=gen)

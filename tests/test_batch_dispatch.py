@@ -224,6 +224,8 @@ def test_trainer_dispatch_single_process_and_error_on_every_rank():
     lacking = _groups()
     lacking[0].rollout_logprobs = None
     Trainer._advantages(fake, lacking)  # no correction configured: the batch trains without them
+    fake.loss = SimpleNamespace(correction=RolloutCorrection())  # what the config builds with every rule off
+    Trainer._advantages(fake, lacking)
     fake.loss = SimpleNamespace(correction=RolloutCorrection(tis_cap=2.0))
     with pytest.raises(MissingRolloutLogprobsError, match="prompt_index 0"):
         Trainer._advantages(fake, lacking)

@@ -50,7 +50,7 @@ def flatten_groups(groups: Sequence[Group], switches: AlgorithmSwitches, *,
         groups: the step's groups, each with ``G`` responses (the same ``G`` for all groups).
         switches: reads ``norm_adv_by_std`` and ``overlong_filtering``.
         require_rollout_logprobs: True when a behaviour correction is on (the trainer passes
-            ``loss.correction is not None``): then every group must carry its engine log-probs.
+            ``RolloutCorrection.enabled``): then every group must carry its engine log-probs.
 
     Returns:
         A :class:`FlatBatch` with ``N = len(groups) * G`` rows: ``advantages`` float32 ``[N]`` (eq. 9),
