@@ -202,9 +202,9 @@ class RolloutConfig:
     is logged per step; a batch lagging more raises). Needs disaggregated engines (``colocated: false``). The
     batch generating at a checkpoint (also the one started during the last step) is waited for and saved in it,
     so a resumed or extended run trains on exactly that batch next.
-    Set ``algorithm.tis_cap`` (e.g. 2.0) with ``1``: the loss clips against the actor's recomputed
-    ``old_logprobs`` (the proximal policy) and only the truncated importance weight pi_old / pi_rollout
-    corrects for the older behaviour policy (AReaL's decoupled objective, arXiv 2505.24298)."""
+    With ``1`` the loss clips against the actor's recomputed ``old_logprobs`` (the proximal policy) and the
+    truncated importance weight pi_old / pi_rollout corrects for the older behaviour policy (AReaL's decoupled
+    objective, arXiv 2505.24298): ``algorithm.tis_cap`` defaults to 2.0 here when no correction is set."""
 
     def validate(self, local: bool = True) -> None:
         """Check the ``rollout.*`` keys; ``local=False`` skips the check of ``engine_python`` on disk.
@@ -305,8 +305,9 @@ class AlgorithmConfig:
     """Truncated importance sampling cap on pi_old / pi_rollout; ``None`` = off. pi_old is the actor before this
     step's update (recomputed every step), so this is the behaviour weight of AReaL's decoupled objective
     (:func:`~megatron_dapo.algorithm.compute_decoupled_policy_loss`): it corrects both stale (off-policy) samples
-    and engine/trainer mismatch. Set it for off-policy runs (``rollout.max_staleness: 1``; the trainer warns when
-    it is unset there)."""
+    and engine/trainer mismatch. A run that trains stale tokens (:meth:`DAPOConfig.stale_token_sources`:
+    ``rollout.max_staleness: 1``, ``rollout.mode: partial``, carried groups) and sets no correction rule gets
+    ``2.0`` (:data:`~megatron_dapo.algorithm.OFF_POLICY_TIS_CAP`, which says why), logged at start."""
     seq_is_mask_low: Optional[float] = None
     """Sequence-level masked IS: drop a sequence whose ratio (``seq_is_mode``) pi_old / pi_rollout is below this
     (e.g. 0.999; ``None`` = no lower bound). Masked IS of Liu, Li et al. 2025 ("When Speed Kills Stability"); with
@@ -648,6 +649,19 @@ class DAPOConfig:
         or ``rollout.mode == "partial"`` when that is ``None`` (see the field)."""
         explicit = self.algorithm.carry_over_surplus
         return self.rollout.mode == "partial" if explicit is None else explicit
+
+    def stale_token_sources(self) -> list[str]:
+        """The settings under which a trained token can come from an older policy than the proximal one
+        (``[]`` for a synchronous run): ``rollout.max_staleness=1``, ``rollout.mode=partial`` (continued
+        prefixes) and ``algorithm.carry_over_surplus`` (carried groups, :meth:`carries_surplus`). With any of
+        them and no correction configured, the loss gets ``algorithm.tis_cap``
+        :data:`~megatron_dapo.algorithm.OFF_POLICY_TIS_CAP` (:meth:`RolloutCorrection.from_config`)."""
+        sources = [f"rollout.max_staleness={self.rollout.max_staleness}"] if self.rollout.max_staleness else []
+        if self.rollout.mode == "partial":
+            sources.append("rollout.mode=partial")
+        if self.carries_surplus():
+            sources.append("algorithm.carry_over_surplus")
+        return sources
 
     def resolved_algorithm(self) -> "AlgorithmSwitches":
         """The preset's switches with every explicitly set (non-``None``) ``algorithm.*`` key applied on top;

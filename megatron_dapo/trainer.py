@@ -242,10 +242,10 @@ class Trainer:
             log.info("stop token ids: %s", list(self.rollout_settings.stop_token_ids))
         self.rollout = Rollout(self.engines, self.dataset, self.sampler, self.tokenizer, self.rollout_settings,
                                self.response_validator, cfg.data.max_prompt_length)
-        if self.rank == 0 and r.max_staleness and cfg.algorithm.tis_cap is None:
-            log.warning("rollout.max_staleness=%d without algorithm.tis_cap: stale samples are not importance-"
-                        "weighted against the engine's behaviour policy; set algorithm.tis_cap (e.g. 2.0)",
-                        r.max_staleness)
+        if self.rank == 0 and cfg.algorithm.tis_cap is None and self.loss.correction.tis_cap is not None:
+            log.info("%s trains tokens from older weights and no correction is set: algorithm.tis_cap defaults to "
+                     "%s (truncated importance weight against the engine's behaviour policy)",
+                     " and ".join(cfg.stale_token_sources()), self.loss.correction.tis_cap)
         source = OneStepOffBatchSource if r.max_staleness else SyncBatchSource
         return source(self.rollout, self.engines, is_rank0=self.rank == 0)
 

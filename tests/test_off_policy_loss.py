@@ -391,3 +391,30 @@ def test_config_corrections_reach_the_loss_settings(tmp_path):
         None, None, None, None)
     assert (defaults.seq_is_mode, defaults.masked_tokens_in_denominator) == ("geometric", True)
     assert not RolloutCorrection.from_config(defaults).enabled
+
+
+@pytest.mark.parametrize("overrides, sources", [
+    ([], []),
+    (["rollout.colocated=false", "rollout.max_staleness=1"], ["rollout.max_staleness=1"]),
+    (["rollout.mode=partial"], ["rollout.mode=partial", "algorithm.carry_over_surplus"]),
+    (["rollout.mode=partial", "algorithm.carry_over_surplus=false"], ["rollout.mode=partial"]),
+    (["algorithm.carry_over_surplus=true"], ["algorithm.carry_over_surplus"]),
+])
+def test_no_stale_token_trains_uncorrected(overrides, sources, tmp_path):
+    """Issue 22 item 1: a run whose tokens can come from older weights gets TIS (OFF_POLICY_TIS_CAP) unless it
+    configures a correction itself; a synchronous run keeps the plain loss."""
+    from megatron_dapo.actor.megatron_actor import LossSettings
+    from megatron_dapo.algorithm import OFF_POLICY_TIS_CAP
+    from megatron_dapo.config import load_config
+
+    cfg = load_config(CONFIG, [f"output_dir={tmp_path}"] + overrides).validate()
+    assert cfg.stale_token_sources() == sources
+    correction = LossSettings.from_config(cfg).correction
+    assert correction.tis_cap == (OFF_POLICY_TIS_CAP if sources else None)
+    assert correction.enabled == bool(sources)
+    if sources:  # a rule the user set is kept as set: no default cap is added to it
+        own = load_config(CONFIG, [f"output_dir={tmp_path}", "algorithm.icepop_low=0.5", "algorithm.icepop_high=3"]
+                          + overrides)
+        assert LossSettings.from_config(own).correction.tis_cap is None
+        capped = load_config(CONFIG, [f"output_dir={tmp_path}", "algorithm.tis_cap=5"] + overrides)
+        assert LossSettings.from_config(capped).correction.tis_cap == 5.0

@@ -68,7 +68,8 @@ class LossSettings:
     def from_config(cls, cfg) -> "LossSettings":
         """The loss of a :class:`~megatron_dapo.config.DAPOConfig`: clipping, aggregation and KL of the resolved
         algorithm (``kl_loss_coef`` 0 unless ``kl_loss``), ``algorithm.entropy_coeff``, the behaviour-policy
-        corrections of ``cfg.algorithm`` and the sampling ``rollout.temperature``.
+        corrections of ``cfg.algorithm`` (with the default TIS cap of a run that trains stale tokens) and the
+        sampling ``rollout.temperature``.
 
         Raises:
             ConfigError: an invalid ``algorithm.*`` switch.
@@ -78,7 +79,8 @@ class LossSettings:
                    clip_ratio_c=alg.clip_ratio_c, loss_agg_mode=alg.loss_agg_mode,
                    entropy_coeff=cfg.algorithm.entropy_coeff,
                    kl_loss_coef=float(alg.kl_loss_coef) if alg.kl_loss else 0.0, kl_loss_type=alg.kl_loss_type,
-                   correction=RolloutCorrection.from_config(cfg.algorithm), temperature=cfg.rollout.temperature)
+                   correction=RolloutCorrection.from_config(cfg.algorithm, cfg.stale_token_sources()),
+                   temperature=cfg.rollout.temperature)
 
 
 def _unwrap(module):

@@ -4,6 +4,7 @@ from .advantages import NonFiniteAdvantageError, compute_group_advantages
 from .dynamic_sampling import (DynamicSampler, DynamicSamplingExhausted, Group, PendingGroup, StaleReset,
                                reset_stale_samples)
 from .corrections import (
+    OFF_POLICY_TIS_CAP,
     SEQ_IS_MODES,
     RolloutCorrection,
     geometric_seq_is_mask,
@@ -42,6 +43,7 @@ __all__ = [
     "Group",
     "KL_PENALTY_KINDS",
     "LOSS_AGG_MODES",
+    "OFF_POLICY_TIS_CAP",
     "SEQ_IS_MODES",
     "NonFiniteAdvantageError",
     "PendingGroup",

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
 from .tensor_checks import LOG_RATIO_CLAMP, as_bool_mask, check_2d, check_float, check_shape
 
 __all__ = [
+    "OFF_POLICY_TIS_CAP",
     "SEQ_IS_MODES",
     "RolloutCorrection",
     "geometric_seq_is_mask",
@@ -47,6 +48,14 @@ __all__ = [
 #: Sequence ratios of the sequence-level mask (``algorithm.seq_is_mode``): :func:`geometric_seq_is_mask`
 #: and :func:`product_seq_is_mask`.
 SEQ_IS_MODES = ("geometric", "product")
+
+OFF_POLICY_TIS_CAP = 2.0
+"""The TIS cap a run gets when it trains tokens from an older policy than the proximal one (one-step
+off-policy, partial rollout, carried groups) and configures no correction itself
+(:meth:`megatron_dapo.config.DAPOConfig.behaviour_correction`). Why a default rather than a refusal: AReaL's
+decoupled objective (arXiv 2505.24298) always applies the behaviour weight ``pi_prox / pi_behav`` when the
+data is stale, so a stale run without it is never what the objective means. 2.0 is slime's ``--tis-clip``
+default; a cap only bounds the weight, so tokens whose policy did not change (``k`` near 1) keep weight ``k``."""
 
 
 def _behaviour_log_ratio(
@@ -352,14 +361,24 @@ class RolloutCorrection:
         return not self.masked_tokens_in_denominator and (self.seq_is_mask_enabled or self.icepop_enabled)
 
     @classmethod
-    def from_config(cls, alg: Any) -> "RolloutCorrection":
+    def from_config(cls, alg: Any, stale_token_sources: Sequence[str] = ()) -> "RolloutCorrection":
         """The corrections of an algorithm config: any object with the seven fields as attributes, e.g.
         :class:`megatron_dapo.config.AlgorithmConfig` (``cfg.algorithm``).
+
+        Args:
+            alg: the algorithm config.
+            stale_token_sources: the settings that make trained tokens older than the proximal policy
+                (:meth:`megatron_dapo.config.DAPOConfig.stale_token_sources`). When any is given and ``alg``
+                enables no rule, ``tis_cap`` is :data:`OFF_POLICY_TIS_CAP`: no stale token trains uncorrected.
 
         Raises:
             ValueError: as the constructor.  AttributeError: ``alg`` lacks one of the fields.
         """
-        return cls(tis_cap=alg.tis_cap, seq_is_mask_low=alg.seq_is_mask_low, seq_is_mask_high=alg.seq_is_mask_high,
+        tis_cap = alg.tis_cap
+        if stale_token_sources and tis_cap is None and all(
+                v is None for v in (alg.seq_is_mask_low, alg.seq_is_mask_high, alg.icepop_low, alg.icepop_high)):
+            tis_cap = OFF_POLICY_TIS_CAP
+        return cls(tis_cap=tis_cap, seq_is_mask_low=alg.seq_is_mask_low, seq_is_mask_high=alg.seq_is_mask_high,
                    icepop_low=alg.icepop_low, icepop_high=alg.icepop_high, seq_is_mode=alg.seq_is_mode,
                    masked_tokens_in_denominator=alg.masked_tokens_in_denominator)
 
