@@ -26,7 +26,7 @@ Conventions: per-token tensors are ``[B, T]`` (right padded); masked positions n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -374,13 +374,13 @@ class RolloutCorrection:
         Raises:
             ValueError: as the constructor.  AttributeError: ``alg`` lacks one of the fields.
         """
-        tis_cap = alg.tis_cap
-        if stale_token_sources and tis_cap is None and all(
-                v is None for v in (alg.seq_is_mask_low, alg.seq_is_mask_high, alg.icepop_low, alg.icepop_high)):
-            tis_cap = OFF_POLICY_TIS_CAP
-        return cls(tis_cap=tis_cap, seq_is_mask_low=alg.seq_is_mask_low, seq_is_mask_high=alg.seq_is_mask_high,
-                   icepop_low=alg.icepop_low, icepop_high=alg.icepop_high, seq_is_mode=alg.seq_is_mode,
-                   masked_tokens_in_denominator=alg.masked_tokens_in_denominator)
+        correction = cls(tis_cap=alg.tis_cap, seq_is_mask_low=alg.seq_is_mask_low,
+                         seq_is_mask_high=alg.seq_is_mask_high, icepop_low=alg.icepop_low,
+                         icepop_high=alg.icepop_high, seq_is_mode=alg.seq_is_mode,
+                         masked_tokens_in_denominator=alg.masked_tokens_in_denominator)
+        if stale_token_sources and not correction.enabled:
+            correction = replace(correction, tis_cap=OFF_POLICY_TIS_CAP)
+        return correction
 
 
 def _correction_masks(
