@@ -655,7 +655,8 @@ class DAPOConfig:
         (``[]`` for a synchronous run): ``rollout.max_staleness=1``, ``rollout.mode=partial`` (continued
         prefixes) and ``algorithm.carry_over_surplus`` (carried groups, :meth:`carries_surplus`). With any of
         them and no correction configured, the loss gets ``algorithm.tis_cap``
-        :data:`~megatron_dapo.algorithm.OFF_POLICY_TIS_CAP` (:meth:`RolloutCorrection.from_config`)."""
+        :data:`~megatron_dapo.algorithm.OFF_POLICY_TIS_CAP`
+        (:meth:`~megatron_dapo.algorithm.RolloutCorrection.from_config`)."""
         sources = [f"rollout.max_staleness={self.rollout.max_staleness}"] if self.rollout.max_staleness else []
         if self.rollout.mode == "partial":
             sources.append("rollout.mode=partial")
