@@ -55,7 +55,8 @@ off-policy, partial rollout, carried groups) and configures no correction itself
 (:meth:`RolloutCorrection.from_config`, :meth:`megatron_dapo.config.DAPOConfig.stale_token_sources`).
 Why a default rather than a refusal: AReaL's decoupled objective (arXiv 2505.24298) always applies the
 behaviour weight ``pi_prox / pi_behav`` when the data is stale, so a stale run without it is never what
-the objective means. 2.0 is slime's ``--tis-clip`` default; a cap only bounds the weight, so tokens whose policy did not change (``k`` near 1) keep weight ``k``."""
+the objective means. 2.0 is slime's ``--tis-clip`` default; a cap only bounds the weight, so tokens whose
+policy did not change (``k`` near 1) keep weight ``k``."""
 
 
 def _behaviour_log_ratio(
