@@ -165,6 +165,18 @@ class RunningEngine:
     procs: Any
     model_dir: Path
 
+    def diagnosis(self, lines: int = 40) -> str:
+        """Whether the engine process is still running and the last ``lines`` of its log (for a failing test's
+        message: a run that lost its engine says whether the engine exited and why)."""
+        e = self.procs.engines[0]
+        rc = e.proc.poll()
+        try:
+            tail = "\n".join(Path(e.log_path).read_text(errors="replace").splitlines()[-lines:])
+        except OSError as exc:
+            tail = f"(log unreadable: {exc})"
+        state = "running" if rc is None else f"exited with {rc}"
+        return f"--- {self.kind.name} engine {self.url}: {state}; {e.log_path} (last {lines} lines) ---\n{tail}"
+
     def has(self, capability: str) -> bool:
         """Whether the kind declares ``capability`` (a key of :data:`CAPABILITIES`)."""
         assert capability in CAPABILITIES, capability

@@ -109,7 +109,7 @@ def test_transports_against_the_shared_server(tmp_path, sglang, transport, coloc
                  "rollout.max_response_length=64", "algorithm.overlong_buffer_length=16",
                  "actor.ppo_mini_batch_size=16"]
     proc = _train(args)
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, _fail(proc) + "\n" + sglang.diagnosis()
     s = _check_run(tmp_path)
     aborted_counts.append(sum(v for _, v in s.get("dynamic_sampling/aborted_requests", [])))
 

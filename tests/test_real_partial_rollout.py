@@ -47,7 +47,7 @@ def test_partial_rollout_parks_and_continues_on_the_engine(engine, tmp_path, res
     if not carry:
         args.append("algorithm.carry_over_surplus=false")
     proc = run_train(args, timeout=900)
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, _fail(proc) + "\n" + engine.diagnosis()
     steps = read_steps(tmp_path / "partial")
     keys = ("partial_parked", "partial_continued", "partial_dropped_stale", "partial_tokens_reused")
     v = {k: [s[f"rollout/{k}"] for s in steps] for k in keys}

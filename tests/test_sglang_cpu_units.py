@@ -29,7 +29,7 @@ def test_cpu_command_flags_and_env():
     joined = " ".join(cmd)
     for flag in ("--device cpu", "--attention-backend torch_native", "--sampling-backend pytorch",
                  "--cuda-graph-backend-decode disabled", "--cuda-graph-backend-prefill disabled",
-                 "--max-total-tokens 2048", "--skip-server-warmup", "--dtype float32"):
+                 "--max-total-tokens 2048", "--skip-server-warmup", "--dtype float32", "--sleep-on-idle"):
         assert flag in joined, flag
     # GPU-only flags stay off on CPU (the memory saver needs libcuda)
     assert "--enable-memory-saver" not in cmd and "--mem-fraction-static" not in cmd and "--base-gpu-id" not in cmd
