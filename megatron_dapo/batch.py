@@ -98,6 +98,10 @@ class FlatBatch:
             (overlong filtering, empty response).
         rollout_logprobs: float32 ``[T]`` the engine's log-prob of each response token (0 on prompt
             tokens), or None.
+        token_mask: float32 ``[T]`` 1 on the response tokens that may enter the loss, 0 on prompt tokens and
+            on response tokens left out (the off-policy prefix of a continued partial rollout,
+            :func:`~megatron_dapo.algorithm.train_batch.offpolicy_prefix_mask`); None = every response token.
+            A row's tokens enter the loss where ``loss_weights`` and ``token_mask`` are both non-zero.
     """
 
     tokens: torch.Tensor
@@ -106,6 +110,7 @@ class FlatBatch:
     advantages: torch.Tensor
     loss_weights: torch.Tensor
     rollout_logprobs: Optional[torch.Tensor] = None
+    token_mask: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return int(self.prompt_lengths.shape[0])
@@ -121,12 +126,18 @@ class FlatBatch:
         return self.lengths - self.prompt_lengths
 
     def loss_token_counts(self) -> torch.Tensor:
-        """int64 ``[N]`` response tokens of each row that enter the loss (0 for a masked row)."""
-        return torch.where(self.loss_weights > 0, self.response_lengths, torch.zeros_like(self.response_lengths))
+        """int64 ``[N]`` response tokens of each row that enter the loss (0 for a masked row; without the
+        tokens that ``token_mask`` leaves out)."""
+        counts = self.response_lengths
+        if self.token_mask is not None:
+            row_of = torch.repeat_interleave(torch.arange(len(self)), self.lengths)
+            counts = torch.zeros(len(self), dtype=torch.long).index_add_(0, row_of, (self.token_mask > 0).long())
+        return torch.where(self.loss_weights > 0, counts, torch.zeros_like(counts))
 
     def nbytes(self) -> int:
         """Bytes held by the tensors."""
-        ts = [self.tokens, self.offsets, self.prompt_lengths, self.advantages, self.loss_weights, self.rollout_logprobs]
+        ts = [self.tokens, self.offsets, self.prompt_lengths, self.advantages, self.loss_weights, self.rollout_logprobs,
+              self.token_mask]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     def select(self, rows: list[int] | torch.Tensor) -> "FlatBatch":
@@ -140,11 +151,12 @@ class FlatBatch:
         src = self.offsets[rows][row_of] + torch.arange(int(offsets[-1])) - offsets[:-1][row_of]
         return FlatBatch(tokens=self.tokens[src], offsets=offsets, prompt_lengths=self.prompt_lengths[rows].clone(),
                          advantages=self.advantages[rows].clone(), loss_weights=self.loss_weights[rows].clone(),
-                         rollout_logprobs=None if self.rollout_logprobs is None else self.rollout_logprobs[src])
+                         rollout_logprobs=None if self.rollout_logprobs is None else self.rollout_logprobs[src],
+                         token_mask=None if self.token_mask is None else self.token_mask[src])
 
     def to_actor_batch(self) -> ActorBatch:
         """The padded :class:`ActorBatch` (``L`` = longest row): ``response_mask[i, j] = loss_weights[i]`` on
-        the response tokens, ``advantages[i, j] = advantages[i] * response_mask[i, j]`` (eq. 9 broadcast per
+        the response tokens (times ``token_mask`` when set), ``advantages[i, j] = advantages[i] * response_mask[i, j]`` (eq. 9 broadcast per
         token), ``rollout_logprobs`` placed at the response tokens (zero elsewhere).
 
         Raises:
@@ -163,7 +175,8 @@ class FlatBatch:
         ids[row_of, col] = self.tokens
         is_resp = col >= self.prompt_lengths[row_of]
         mask = torch.zeros(n, L, dtype=torch.float32)
-        mask[row_of, col] = torch.where(is_resp, self.loss_weights[row_of], torch.zeros(()))
+        keep = self.loss_weights[row_of] if self.token_mask is None else self.loss_weights[row_of] * self.token_mask
+        mask[row_of, col] = torch.where(is_resp, keep, torch.zeros(()))
         batch = ActorBatch(input_ids=ids, seq_lengths=lens.clone(), response_mask=mask)
         batch.advantages = self.advantages.to(torch.float32).unsqueeze(1) * mask
         if self.rollout_logprobs is not None:

@@ -330,7 +330,8 @@ class Trainer:
             try:
                 correction = self.loss.correction
                 flat = flatten_groups(groups, self.alg,
-                                      require_rollout_logprobs=correction is not None and correction.enabled)
+                                      require_rollout_logprobs=correction is not None and correction.enabled,
+                                      mask_offpolicy_prefix=self.cfg.algorithm.mask_offpolicy_in_partial_rollout)
                 gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)
                 plan = plan_step(flat, mini_batch_size=self.cfg.actor.ppo_mini_batch_size,
                                  ppo_epochs=self.cfg.actor.ppo_epochs, dp_size=dp_size, generator=gen)
@@ -379,7 +380,10 @@ class Trainer:
     def _update(self, batch, shard: "LocalShard") -> dict[str, float]:
         """The step's optimizer updates (``ppo_epochs`` × mini-batches of the decoupled-clip loss, eq. 8) on
         this DP rank's rows of each (collective). Returns ``actor/*``: loss figures averaged over the applied
-        updates, ``update_skipped`` / ``nonfinite_*`` counted over all, and ``num_updates``."""
+        updates, ``update_skipped`` / ``nonfinite_*`` counted over all, ``num_updates``, and ``loss_tokens``: the
+        response tokens of the step's batch that enter the loss, over all DP ranks, per epoch (the plan's counts:
+        without overlong-filtered rows, empty responses and masked off-policy prefixes; before the behaviour
+        corrections' masks)."""
         sums: dict[str, float] = {}
         counts: dict[str, float] = {}  # update_skipped / nonfinite_*: counted over all updates
         updates = applied = 0
@@ -400,6 +404,7 @@ class Trainer:
         out = {k: v / max(applied, 1) for k, v in sums.items()}
         out.update(counts)
         out["num_updates"] = float(updates)
+        out["loss_tokens"] = sum(u.num_tokens for u in shard.updates) / max(self.cfg.actor.ppo_epochs, 1)
         return scoped("actor", out)
 
     def _kept_counts(self, batch, shard: "LocalShard") -> list[tuple[int, int]]:

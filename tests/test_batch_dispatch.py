@@ -100,6 +100,46 @@ def test_a_group_without_engine_logprobs_is_refused_when_a_correction_needs_them
     assert full.rollout_logprobs is not None and full.rollout_logprobs.shape == full.tokens.shape
 
 
+def test_offpolicy_prefix_mask_zeroes_the_tokens_of_older_versions():
+    from megatron_dapo.algorithm.train_batch import offpolicy_prefix_mask
+
+    # continued twice: 3 tokens by version 4, 2 by version 5, 1 by version 6 -> only the last span trains
+    assert offpolicy_prefix_mask([[0, 3, 4], [3, 5, 5], [5, 6, 6]], 6) == [0, 0, 0, 0, 0, 1]
+    # continued with no update in between: one version, nothing off-policy
+    assert offpolicy_prefix_mask([[0, 2, 7], [2, 4, 7]], 4) == [1, 1, 1, 1]
+    assert offpolicy_prefix_mask(None, 3) == [1, 1, 1] and offpolicy_prefix_mask([], 0) == []
+    with pytest.raises(ValueError, match="covers 4 tokens of a 5-token response"):
+        offpolicy_prefix_mask([[0, 4, 1]], 5)
+
+
+def test_masked_prefix_leaves_the_loss_and_the_token_counts():
+    """``mask_offpolicy_prefix`` (slime's ``--mask-offpolicy-in-partial-rollout``): the prefix stays in the row
+    (context) but its mask, advantages and token count are 0; the continuation and other rows are unchanged."""
+    sw = resolve_preset("dapo", {})
+    gs = _groups()
+    # group 0: response 0 continued (2 tokens by version 3, 1 by version 4); response 3 single-version; the rest
+    # generated at version 4; group 1 without versions (e.g. from before partial rollout was switched on)
+    gs[0].token_versions = [[[0, 2, 3], [2, 3, 4]], [[0, 1, 4]], [[0, 2, 4]], [[0, 4, 4]]]
+    plain = flatten_groups(gs, sw)
+    masked = flatten_groups(gs, sw, mask_offpolicy_prefix=True)
+    assert plain.token_mask is None and flatten_groups(_groups(), sw, mask_offpolicy_prefix=True).token_mask is None
+    assert torch.equal(masked.tokens, plain.tokens) and torch.equal(masked.advantages, plain.advantages)
+    # row 0 = prompt [5, 6] + response [7, 8, 9]: the first 2 response tokens leave the loss
+    assert masked.token_mask[:5].tolist() == [0, 0, 0, 0, 1]
+    assert masked.loss_token_counts().tolist() == [1] + plain.loss_token_counts().tolist()[1:]
+    a, b = plain.to_actor_batch(), masked.to_actor_batch()
+    assert a.response_mask[0].tolist()[:5] == [0, 0, 1, 1, 1] and b.response_mask[0].tolist()[:5] == [0, 0, 0, 0, 1]
+    assert torch.equal(a.response_mask[1:], b.response_mask[1:]) and torch.equal(a.advantages[1:], b.advantages[1:])
+    assert b.advantages[0, :4].abs().sum() == 0 and b.advantages[0, 4] == a.advantages[0, 4]
+    # selection and the wire format keep the mask with its rows
+    sel = masked.select([1, 0])
+    assert sel.token_mask[-5:].tolist() == [0, 0, 0, 0, 1] and sel.loss_token_counts().tolist()[1] == 1
+    plan = plan_step(masked, mini_batch_size=8, ppo_epochs=1, dp_size=1, generator=torch.Generator().manual_seed(0))
+    assert plan.updates[0][0].num_tokens == int(masked.loss_token_counts().sum()) == int(b.response_mask.sum())
+    back = _unpack(*_pack(shard_for(masked, plan, 0))).batch
+    assert torch.equal(back.to_actor_batch().response_mask, masked.select(plan.rank_rows[0]).to_actor_batch().response_mask)
+
+
 def test_mismatch_parts_combine_to_the_metric():
     b = build_train_batch(_groups(), resolve_preset("dapo", {"overlong_filtering": True}))
     old = b.rollout_logprobs + 0.01 * torch.arange(b.input_ids.numel()).reshape(b.input_ids.shape) * b.response_mask
@@ -110,16 +150,22 @@ def test_mismatch_parts_combine_to_the_metric():
     assert max(a[2], c[2]) == pytest.approx(whole["rollout/train_rollout_logprob_abs_diff_max"])
 
 
-def _random_flat(n, seed=0, max_len=50):
+def _random_flat(n, seed=0, max_len=50, token_mask=False):
     g = torch.Generator().manual_seed(seed)
     plen = torch.randint(1, 8, (n,), generator=g)
     rlen = torch.randint(0, max_len, (n,), generator=g)
     offsets = torch.zeros(n + 1, dtype=torch.long)
     torch.cumsum(plen + rlen, 0, out=offsets[1:])
     t = int(offsets[-1])
-    return FlatBatch(tokens=torch.randint(0, 1000, (t,), generator=g), offsets=offsets, prompt_lengths=plen,
-                     advantages=torch.randn(n, generator=g), loss_weights=(torch.rand(n, generator=g) > 0.2).float(),
-                     rollout_logprobs=-torch.rand(t, generator=g))
+    f = FlatBatch(tokens=torch.randint(0, 1000, (t,), generator=g), offsets=offsets, prompt_lengths=plen,
+                  advantages=torch.randn(n, generator=g), loss_weights=(torch.rand(n, generator=g) > 0.2).float(),
+                  rollout_logprobs=-torch.rand(t, generator=g))
+    if token_mask:  # each response's first tokens (a random count) masked, as an off-policy prefix
+        row_of = torch.repeat_interleave(torch.arange(n), plen + rlen)
+        col = torch.arange(t) - offsets[:-1][row_of]
+        cut = plen + torch.randint(0, max_len, (n,), generator=g)
+        f.token_mask = (col >= cut[row_of]).float()
+    return f
 
 
 def test_flat_to_actor_batch_matches_the_row_builder():
@@ -136,9 +182,10 @@ def test_flat_to_actor_batch_matches_the_row_builder():
     assert sel.tokens.tolist() == rows[4] + rows[1] and sel.offsets.tolist() == [0, len(rows[4]), len(rows[4]) + len(rows[1])]
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["all_tokens", "masked_prefixes"])
 @pytest.mark.parametrize("epochs", [1, 2])
-def test_plan_shards_reassemble_to_the_full_batch(epochs):
-    f, dp, mb = _random_flat(24, seed=1), 4, 8
+def test_plan_shards_reassemble_to_the_full_batch(epochs, masked):
+    f, dp, mb = _random_flat(24, seed=1, token_mask=masked), 4, 8
     plan = plan_step(f, mini_batch_size=mb, ppo_epochs=epochs, dp_size=dp, generator=torch.Generator().manual_seed(3))
     shards = [shard_for(f, plan, d) for d in range(dp)]
     # each mini-batch is the actor's own split: same permutation, balance_across_ranks, same local order
@@ -171,6 +218,9 @@ def test_plan_shards_reassemble_to_the_full_batch(epochs):
         assert back.updates == sh.updates and torch.equal(back.owned, sh.owned)
         assert torch.equal(back.batch.tokens, sh.batch.tokens) and torch.equal(back.batch.rollout_logprobs,
                                                                                sh.batch.rollout_logprobs)
+        assert (back.batch.token_mask is None) == (not masked)
+        if masked:
+            assert torch.equal(back.batch.token_mask, sh.batch.token_mask)
     if epochs == 1:  # one epoch: each rank holds about 1/DP of the tokens
         for sh in shards:
             assert sh.batch.nbytes() < 0.35 * f.nbytes()
@@ -192,6 +242,7 @@ def test_sharded_actor_path_equals_the_full_batch_path_at_dp2(tmp_path):
     torchrun("dispatch_worker.py", 2, {"HF": str(models["qwen2"]), "OUT": str(out)})
     r = json.loads(out.read_text())
     assert r["same_shard"] and r["adv_same"] and r["local_without_counts_raises"]
+    assert r["masked_prefix_tokens"] == 8  # 2 continued samples x 2 groups x a 2-token prefix, out of the loss
     assert r["lp_diff"] <= 1e-5  # the same rows' log-probs in other micro-batches
     assert r["rows_per_rank"] < r["n_rows"]  # a rank does not hold the whole batch
     for mode in ("token-mean", "seq-mean-token-mean"):
@@ -229,3 +280,12 @@ def test_trainer_dispatch_single_process_and_error_on_every_rank():
     fake.loss = SimpleNamespace(correction=RolloutCorrection(tis_cap=2.0))
     with pytest.raises(MissingRolloutLogprobsError, match="prompt_index 0"):
         Trainer._advantages(fake, lacking)
+    # algorithm.mask_offpolicy_in_partial_rollout reaches the rows: the continued sample's prefix leaves the loss
+    fake.loss = SimpleNamespace(correction=None)
+    continued = _groups()
+    continued[0].token_versions = [[[0, 2, 2], [2, 3, 3]], [[0, 1, 3]], [[0, 2, 3]], [[0, 4, 3]]]
+    assert Trainer._advantages(fake, continued)[0].token_mask is None  # off by default
+    cfg.algorithm.mask_offpolicy_in_partial_rollout = True
+    flat, plan = Trainer._advantages(fake, continued)
+    assert flat.token_mask[:5].tolist() == [0, 0, 0, 0, 1] and flat.loss_token_counts()[0] == 1
+    assert sum(per_rank[0].num_tokens for per_rank in plan.updates) == int(flat.loss_token_counts().sum())

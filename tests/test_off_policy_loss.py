@@ -368,6 +368,19 @@ def test_config_rejects_bounds_that_exclude_one(override, first_line, tmp_path):
     assert str(e.value).splitlines() == [first_line]
 
 
+def test_prefix_mask_needs_partial_rollout(tmp_path):
+    from megatron_dapo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIG, [f"output_dir={tmp_path}", "algorithm.mask_offpolicy_in_partial_rollout=true"])
+    assert str(e.value).splitlines() == [
+        "algorithm.mask_offpolicy_in_partial_rollout: true masks the prefixes that partial rollout continues, but "
+        "rollout.mode is 'deterministic': set rollout.mode=partial or leave it false"]
+    cfg = load_config(CONFIG, [f"output_dir={tmp_path}", "rollout.mode=partial",
+                               "algorithm.mask_offpolicy_in_partial_rollout=true"])
+    assert cfg.algorithm.mask_offpolicy_in_partial_rollout is True
+
+
 def test_config_corrections_reach_the_loss_settings(tmp_path):
     from megatron_dapo.actor.megatron_actor import LossSettings
     from megatron_dapo.config import load_config

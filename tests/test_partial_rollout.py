@@ -154,6 +154,7 @@ def test_aborted_sample_is_continued_next_step_with_prefix_logprobs_and_versions
     assert (m["partial_continued"], m["partial_tokens_reused"], m["partial_dropped_stale"]) == (1.0, 3.0, 0.0)
     assert (m["partial_parked"], m["partial_pending"]) == (1.0, 1.0)  # prompt 2 was held and parked
     assert m["generated_tokens"] == 2 + 5 and m["trained_tokens"] == 7  # 5 of the 7 trained tokens were reused
+    assert m["offpolicy_prefix_tokens"] == 3  # the continued sample's prefix came from version 0, the rest from 1
     d = sampler.metrics()
     assert d["generated_response_tokens"] == 7 and d["batch_response_tokens"] == 7  # reused tokens not recounted
 
@@ -174,6 +175,7 @@ def test_a_continuation_aborted_again_grows_another_span():
     (cont,) = [c for c in engine.calls if c["sp"]["n"] == 1]
     assert cont["input_ids"] == [1, 1, 2, 5, 5, 5, 6, 6] and cont["sp"]["max_new_tokens"] == MAX_LEN - 5
     assert batch[0].token_versions[1] == [[0, 3, 0], [3, 5, 1], [5, 6, 2]]
+    assert stats.metrics()["offpolicy_prefix_tokens"] == 5  # versions 0 and 1 under the final token's 2
     assert batch[0].responses[1] == [5, 5, 5, 6, 6, WRONG]
 
 

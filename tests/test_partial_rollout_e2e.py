@@ -21,8 +21,9 @@ KEYS = ("parked", "continued", "tokens_reused", "dropped_stale", "tokens_dropped
 @pytest.mark.slow
 def test_partial_rollout_three_steps_then_resume(tmp_path, tiny_model):  # noqa: F811
     # surplus groups dropped, as without partial rollout: a carried batch would leave a step nothing to continue
+    # and the continued samples' off-policy prefixes are context only (slime's --mask-offpolicy-in-partial-rollout)
     base = [f"output_dir={tmp_path}", "run_name=partial", f"model.hf_path={tiny_model}",
-            "algorithm.carry_over_surplus=false"] + PARTIAL
+            "algorithm.carry_over_surplus=false", "algorithm.mask_offpolicy_in_partial_rollout=true"] + PARTIAL
     proc = run_train(base + ["trainer.total_steps=3"])
     assert proc.returncode == 0, _fail(proc)
     run = tmp_path / "partial"
@@ -39,6 +40,9 @@ def test_partial_rollout_three_steps_then_resume(tmp_path, tiny_model):  # noqa:
     assert v["continued"][1] > 0 or v["dropped_stale"][1] > 0 or v["parked"][0] == 0, v
     assert all(x == 0 for _, x in sc["dynamic_sampling/surplus_carried"])  # carry_over_surplus=false: dropped
     assert all(x > 0 for _, x in sc["rollout/trained_tokens"])
+    # the loss holds every trained response token but the prefixes from older weights (no overlong filtering here)
+    trained, prefix = ([x for _, x in sc[f"rollout/{k}"]] for k in ("trained_tokens", "offpolicy_prefix_tokens"))
+    assert [x for _, x in sc["actor/loss_tokens"]] == [t - p for t, p in zip(trained, prefix)], (trained, prefix)
     # the parked groups are part of the checkpoint's trainer state
     state = json.loads((run / "checkpoints" / "iter_0000003" / "trainer_state.json").read_text())
     pending = state["sampler"]["pending"]
@@ -55,7 +59,8 @@ def test_partial_rollout_three_steps_then_resume(tmp_path, tiny_model):  # noqa:
     # every parked prefix is continued, or reset (with any other sample of its group holding a token 2 versions
     # old, max age 1) to be generated again; the group itself is never dropped
     handled = last["rollout/partial_continued"] + last["rollout/partial_dropped_stale"]
-    print(f"partial rollout per step: {v}; parked prefixes at the checkpoint: {prefixes}; step 4 handled {handled}")
+    print(f"partial rollout per step: {v}; off-policy prefix tokens masked {prefix}; parked prefixes at the "
+          f"checkpoint: {prefixes}; step 4 handled {handled}")
     assert handled <= with_tokens and (handled > 0 or prefixes == 0), (last, prefixes, with_tokens)
 
 
@@ -76,6 +81,8 @@ def test_partial_rollout_carries_surplus_groups_through_resume(tmp_path, tiny_mo
         assert ds["carried_in"][k] + ds["carried_stale"][k] == ds["surplus_carried"][k - 1], ds
     # synchronous, partial_max_age=1: fresh tokens are 0 versions old, carried or continued ones 1, never more
     assert ages[0] == 0 and all(0 <= a <= 1 for a in ages), ages
+    # without algorithm.mask_offpolicy_in_partial_rollout every trained response token enters the loss
+    assert [x for _, x in sc["actor/loss_tokens"]] == [x for _, x in sc["rollout/trained_tokens"]]
     state = json.loads((run / "checkpoints" / "iter_0000003" / "trainer_state.json").read_text())
     carry = state["sampler"]["carry"]
     assert len(carry) == ds["surplus_carried"][2] and all(len(g["responses"]) == 8 for g in carry)

@@ -114,7 +114,7 @@ def shard_for(flat: FlatBatch, plan: StepPlan, dp_rank: int) -> LocalShard:
 
 
 # ------------------------------------------------------------------------------------------ wire format
-_INT_HEADER = 6  # n_rows, n_tokens, has_rollout, n_updates, n_update_rows, (reserved) 0
+_INT_HEADER = 6  # n_rows, n_tokens, has_rollout, n_updates, n_update_rows, has_token_mask
 
 
 def _pack(shard: LocalShard) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,18 +124,18 @@ def _pack(shard: LocalShard) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     upd_rows = torch.tensor([r for u in ups for r in u.rows], dtype=torch.long)
     meta = torch.tensor([[len(u.rows), u.num_tokens, u.num_seqs] for u in ups], dtype=torch.long).reshape(-1)
     ints = torch.cat([b.tokens, b.offsets, b.prompt_lengths, meta, upd_rows, shard.owned.to(torch.long)])
-    floats = [b.advantages, b.loss_weights] + ([b.rollout_logprobs] if b.rollout_logprobs is not None else [])
+    floats = [b.advantages, b.loss_weights] + [t for t in (b.rollout_logprobs, b.token_mask) if t is not None]
     header = torch.tensor([len(b), int(b.offsets[-1]), int(b.rollout_logprobs is not None), len(ups),
-                           len(upd_rows), 0], dtype=torch.long)
+                           len(upd_rows), int(b.token_mask is not None)], dtype=torch.long)
     return header, ints, torch.cat(floats).to(torch.float32)
 
 
 def _unpack(header: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor) -> LocalShard:
     """The shard packed by :func:`_pack`; its tensors are views of ``ints`` / ``floats`` (no copy)."""
-    n, t, has_rl, n_up, n_up_rows, _ = (int(v) for v in header.tolist())
+    n, t, has_rl, n_up, n_up_rows, has_tm = (int(v) for v in header.tolist())
     sizes = [t, n + 1, n, 3 * n_up, n_up_rows, n]
     tokens, offsets, prompt_lengths, meta, upd_rows, owned = torch.split(ints, sizes)
-    adv, weights, *rest = torch.split(floats, [n, n] + ([t] if has_rl else []))
+    adv, weights, *rest = torch.split(floats, [n, n] + [t] * (has_rl + has_tm))
     meta = meta.reshape(n_up, 3).tolist()
     flat_rows = upd_rows.tolist()
     updates, k = [], 0
@@ -143,7 +143,8 @@ def _unpack(header: torch.Tensor, ints: torch.Tensor, floats: torch.Tensor) -> L
         updates.append(LocalUpdate(tuple(flat_rows[k: k + size]), n_tok, n_seq))
         k += size
     batch = FlatBatch(tokens=tokens, offsets=offsets, prompt_lengths=prompt_lengths, advantages=adv,
-                      loss_weights=weights, rollout_logprobs=rest[0] if has_rl else None)
+                      loss_weights=weights, rollout_logprobs=rest[0] if has_rl else None,
+                      token_mask=rest[-1] if has_tm else None)
     return LocalShard(batch=batch, updates=updates, owned=owned.to(torch.bool))
 
 
@@ -207,9 +208,9 @@ class Dispatcher:
             header = header.to(self.device)
             dist.broadcast(header, src=0, group=group)
             if self.rank != 0:
-                n, t, has_rl, n_up, n_up_rows, _ = (int(v) for v in header.tolist())
+                n, t, has_rl, n_up, n_up_rows, has_tm = (int(v) for v in header.tolist())
                 ints = torch.empty(t + (n + 1) + n + 3 * n_up + n_up_rows + n, dtype=torch.long)
-                floats = torch.empty(2 * n + (t if has_rl else 0), dtype=torch.float32)
+                floats = torch.empty(2 * n + t * (has_rl + has_tm), dtype=torch.float32)
             ints, floats = ints.to(self.device), floats.to(self.device)
             dist.broadcast(ints, src=0, group=group)
             dist.broadcast(floats, src=0, group=group)

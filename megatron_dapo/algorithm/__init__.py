@@ -33,7 +33,8 @@ from .presets import (
     table1_config,
 )
 from .reward_shaping import filter_groups, overlong_filter_mask, soft_overlong_penalty
-from .train_batch import MissingRolloutLogprobsError, build_train_batch, flatten_groups, logprob_mismatch_parts
+from .train_batch import (MissingRolloutLogprobsError, build_train_batch, flatten_groups, logprob_mismatch_parts,
+                          offpolicy_prefix_mask)
 
 __all__ = [
     "ABLATION_SWITCHES",
@@ -55,6 +56,7 @@ __all__ = [
     "TABLE1_ABLATION",
     "agg_loss",
     "build_train_batch",
+    "offpolicy_prefix_mask",
     "compute_decoupled_policy_loss",
     "compute_group_advantages",
     "compute_policy_loss",

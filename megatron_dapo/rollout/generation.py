@@ -56,6 +56,7 @@ import torch
 
 from ..algorithm import DynamicSampler, Group, PendingGroup, StaleReset, soft_overlong_penalty
 from ..algorithm.dynamic_sampling import scoring_row
+from ..algorithm.train_batch import offpolicy_prefix_mask
 from ..config import DAPOConfig
 from ..reward import RewardResult, get_score_executor, score_batch
 from ..engines.payloads import GenerateOutput
@@ -181,6 +182,10 @@ class RoundStats:
     :func:`token_ages`)."""
     token_age_max: int = 0
     """Largest age of a batch response token, in weight versions (set by :func:`collect_batch`)."""
+    offpolicy_prefix_tokens: int = 0
+    """Response tokens of the batch that older weights generated than their response's newest token: the
+    prefixes of continued partial-rollout samples (set by :func:`collect_batch`;
+    :func:`~megatron_dapo.algorithm.train_batch.offpolicy_prefix_mask`)."""
     partial: Optional[PartialRolloutStats] = None
     """The partial-rollout counters (:meth:`metrics` adds their ``partial_*`` names); None when
     ``rollout.mode`` is not ``partial``."""
@@ -223,7 +228,7 @@ class RoundStats:
         ``response_length_clip_ratio``, ``no_answer_frac``, ``num_responses``, ``mean_token_prob`` (when
         the engines returned logprobs), ``acc/<data_source>``, ``generated_tokens`` / ``trained_tokens``
         / ``generated_per_trained_token`` (response tokens), ``token_age_mean`` / ``token_age_max`` (weight
-        versions, :func:`token_ages`) and, with partial rollout, the ``partial_*`` counters of
+        versions, :func:`token_ages`), ``offpolicy_prefix_tokens`` and, with partial rollout, the ``partial_*`` counters of
         :meth:`PartialRolloutStats.metrics`."""
         n = max(len(self.rewards), 1)
         out = {
@@ -242,6 +247,7 @@ class RoundStats:
                                               if self.trained_tokens else 0.0)
         out["token_age_mean"] = float(self.token_age_mean)
         out["token_age_max"] = float(self.token_age_max)
+        out["offpolicy_prefix_tokens"] = float(self.offpolicy_prefix_tokens)
         if self.partial is not None:
             out.update(self.partial.metrics())
         if self.token_count:
@@ -509,6 +515,7 @@ def collect_batch(sync_client, sampler: DynamicSampler, next_prompts, tokenizer,
     batch = sampler.take_batch()
     stats.trained_tokens = sum(g.num_response_tokens for g in batch)
     stats.token_age_mean, stats.token_age_max = token_ages(batch, step)
+    stats.offpolicy_prefix_tokens = offpolicy_prefix_tokens(batch)
     if stats.partial is not None:
         stats.partial.pending = sampler.num_pending
     return batch, stats
@@ -532,6 +539,17 @@ def token_ages(groups: Iterable[Group], policy_version: int) -> tuple[float, int
                 count += end - start
                 oldest = max(oldest, age)
     return (total / count if count else 0.0), oldest
+
+
+def offpolicy_prefix_tokens(groups: Iterable[Group]) -> int:
+    """How many response tokens of ``groups`` older weights generated than their response's newest token (the
+    0s of :func:`~megatron_dapo.algorithm.train_batch.offpolicy_prefix_mask`); groups without token versions
+    count 0."""
+    total = 0
+    for g in groups:
+        for spans, resp in zip(g.token_versions or (), g.responses):
+            total += offpolicy_prefix_mask(spans, len(resp)).count(0.0)
+    return total
 
 
 def generated_per_trained_token(step_metrics: Iterable[dict]) -> float:

@@ -5,8 +5,10 @@ Full path (every rank holds the whole batch): ``build_train_batch`` -> ``compute
 mini-batch of a ``randperm``: ``train_step`` (the actor splits over DP itself). Sharded path: rank 0 alone
 builds the flat rows and the plan (``plan_step``), ``Dispatcher.dispatch`` sends each DP rank its rows,
 and the actor runs with ``local=True`` and the plan's global counts. For both loss aggregation modes the
-DP-reduced gradients (``apply_update=False``) and loss metrics of every update are compared. Rank 0
-writes a JSON report to ``OUT``.
+DP-reduced gradients (``apply_update=False``) and loss metrics of every update are compared. Two groups hold
+continued partial-rollout samples (``token_versions`` with an older prefix), and both paths leave their
+off-policy prefixes out of the loss (``mask_offpolicy_prefix``): the per-token mask travels with the rows
+and the plan's token counts leave the masked tokens out. Rank 0 writes a JSON report to ``OUT``.
 """
 import json
 import os
@@ -30,11 +32,15 @@ def make_groups():
         if p == 2:
             lens[1] = 0  # an empty response
         resps = [rnd(n) for n in lens]
+        # groups 0 and 3: responses 0 and 2 were continued, their first 2 tokens from weight version 0
+        versions = [[[0, 2, 0], [2, n, 1]] if p in (0, 3) and j in (0, 2) else ([[0, n, 1]] if n else [])
+                    for j, n in enumerate(lens)]
         groups.append(Group(prompt_index=p, prompt_ids=rnd(3 + p), responses=resps,
                             rewards=[1.0, -1.0, -1.0, 1.0] if p % 2 else [-1.0, -0.5, 1.0, -1.0],
                             correct=[True, False, False, True] if p % 2 else [False, False, True, False],
                             finish_reasons=["length" if (p, j) == (1, 2) else "stop" for j in range(4)],
-                            rollout_logprobs=[(-torch.rand(len(r), generator=g)).tolist() for r in resps]))
+                            rollout_logprobs=[(-torch.rand(len(r), generator=g)).tolist() for r in resps],
+                            token_versions=versions))
     return groups
 
 
@@ -45,7 +51,14 @@ def main():
     from ckpt_worker import build
     from megatron_dapo.actor.dispatch import Dispatcher, plan_step, shard_for
     from megatron_dapo.actor.megatron_actor import LossSettings
-    from megatron_dapo.algorithm import build_train_batch, flatten_groups, resolve_preset
+    from megatron_dapo.algorithm import flatten_groups as flatten_all
+    from megatron_dapo.algorithm import resolve_preset
+
+    def flatten_groups(groups, sw):
+        return flatten_all(groups, sw, mask_offpolicy_prefix=True)
+
+    def build_train_batch(groups, sw):
+        return flatten_groups(groups, sw).to_actor_batch()
 
     actor = build({}, load_weights=True)
     rank = dist.get_rank()
@@ -85,7 +98,7 @@ def main():
     expect = shard_for(flatten_groups(groups, sw), plan_step(flatten_groups(groups, sw), mini_batch_size=mb_size,
                        ppo_epochs=epochs, dp_size=actor.dp_size, generator=torch.Generator().manual_seed(seed)),
                        actor.dp_rank)
-    fields = ("tokens", "offsets", "prompt_lengths", "advantages", "loss_weights", "rollout_logprobs")
+    fields = ("tokens", "offsets", "prompt_lengths", "advantages", "loss_weights", "rollout_logprobs", "token_mask")
     same_shard = all(torch.equal(getattr(shard.batch, f), getattr(expect.batch, f)) for f in fields)
     same_shard = same_shard and shard.updates == expect.updates and torch.equal(shard.owned, expect.owned)
     rows = plan_step(flatten_groups(groups, sw), mini_batch_size=mb_size, ppo_epochs=epochs, dp_size=actor.dp_size,
@@ -98,7 +111,10 @@ def main():
                                                                                   ref_rows.response_mask)
     local.old_logprobs = ref_rows.old_logprobs  # the same old log-probs as the full path: compare the update
     report = {"same_shard": bool(same_shard), "lp_diff": lp_diff, "adv_same": bool(adv_same),
-              "rows_per_rank": len(rows), "n_rows": len(full)}
+              "rows_per_rank": len(rows), "n_rows": len(full),
+              # prefix tokens in the loss without the mask and out of it with the mask (expected: 8)
+              "masked_prefix_tokens": int(((flatten_all(groups, sw).to_actor_batch().response_mask > 0)
+                                           & (full.response_mask == 0)).sum())}
     for mode in ("token-mean", "seq-mean-token-mean"):
         worst_g, worst_m = 0.0, 0.0
         for upd, (m_ref, g_ref) in zip(shard.updates, ref[mode]):
