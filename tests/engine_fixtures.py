@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from conftest import unavailable  # noqa: F401  (re-exported: test files import it from here)
+from conftest import in_ci, unavailable  # noqa: F401  (re-exported: test files import it from here)
 
 CAPABILITIES = {
     "honours_seed": "same sampling_seed -> same sample",
@@ -146,13 +146,22 @@ ENGINE_KINDS: dict[str, EngineKind] = {
 
 
 def enabled_kinds() -> list[str]:
-    """Kinds selected by ``MEGATRON_DAPO_TEST_ENGINES`` (default :data:`DEFAULT_KINDS`), in registry order."""
+    """Kinds selected by ``MEGATRON_DAPO_TEST_ENGINES`` (default :data:`DEFAULT_KINDS`), in registry order.
+
+    Raises:
+        pytest.UsageError: an unknown kind, or under ``CI=true`` a selection that leaves out a kind of
+            :data:`DEFAULT_KINDS` (CI runs every engine: a narrowed run would pass without the real engines).
+    """
     raw = os.environ.get("MEGATRON_DAPO_TEST_ENGINES")
     want = [k.strip() for k in raw.split(",") if k.strip()] if raw else list(DEFAULT_KINDS)
     unknown = [k for k in want if k not in ENGINE_KINDS]
     if unknown:
         raise pytest.UsageError(f"MEGATRON_DAPO_TEST_ENGINES names unknown engine kind(s) {unknown}; "
                                 f"known: {sorted(ENGINE_KINDS)}")
+    missing = [k for k in DEFAULT_KINDS if k not in want]
+    if missing and in_ci():
+        raise pytest.UsageError(f"CI=true runs every engine kind, but MEGATRON_DAPO_TEST_ENGINES={raw!r} leaves out "
+                                f"{missing}: unset it (or run without CI=true)")
     return [k for k in ENGINE_KINDS if k in want]
 
 

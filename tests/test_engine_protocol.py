@@ -452,3 +452,20 @@ def test_payloads_validate_against_sglang_request_classes(tmp_path):
     for c, r in zip(cases, results):
         if "tensors" in c:
             assert r["tensors"] == expect, c["tensors"]
+
+
+@pytest.mark.parametrize("selection,ci,refused", [("cpu", "true", True), ("cpu", "", False),
+                                                  ("vllm,cpu,sglang", "true", False)])
+def test_ci_refuses_an_engine_selection_that_leaves_out_a_kind(selection, ci, refused):
+    """Under ``CI=true`` the suite runs every engine kind: ``MEGATRON_DAPO_TEST_ENGINES`` naming fewer fails the session
+    at collection instead of passing without the real engines (issue 22)."""
+    import os
+    import sys
+
+    env = {**os.environ, "CI": ci, "MEGATRON_DAPO_TEST_ENGINES": selection}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
+                           str(Path(__file__))], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    out = proc.stdout + proc.stderr
+    assert (proc.returncode != 0) == refused, out[-3000:]
+    assert ("leaves out ['sglang', 'vllm']" in out) == refused, out[-3000:]
