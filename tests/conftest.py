@@ -116,3 +116,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.section("CI=true: skipped tests not marked gpu (session FAILED)", red=True)
         for line in _BAD_SKIPS:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """The demo model of the module (random init + demo BPE tokenizer), created through the CLI (``prepare``)."""
+    from helpers import CONFIG, fail_message, run_cli
+
+    d = tmp_path_factory.mktemp("model") / "tiny-qwen2"
+    proc = run_cli("prepare", CONFIG, f"model.hf_path={d}")
+    assert proc.returncode == 0, fail_message(proc)
+    assert proc.stdout.strip().splitlines()[-1] == str(d.resolve())
+    return d

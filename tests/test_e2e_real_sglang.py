@@ -11,7 +11,6 @@ detokenizer processes go with it.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,18 +18,12 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
+from helpers import fail_message, read_scalars, repo_env
 from megatron_dapo.engines.launch_common import descendant_pids
 from tests.engine_fixtures import wait_until
 
 CONFIG = str(REPO_ROOT / "examples" / "tiny-cpu" / "dapo.yaml")
 TOL = 1e-4
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
 
 
 def _overrides(tmp: Path, model: Path, transport: str, colocated: bool, steps: int = 3) -> list[str]:
@@ -40,25 +33,13 @@ def _overrides(tmp: Path, model: Path, transport: str, colocated: bool, steps: i
             "trainer.eval_interval=0", "resume=none"]
 
 
-def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
-
-
 def _train(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "megatron_dapo.cli", "train", CONFIG] + args
-    return subprocess.run(cmd, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def _fail(proc) -> str:
-    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-5000:]}"
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=repo_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _check_run(tmp: Path, steps: int = 3) -> dict:
-    s = _scalars(tmp / "sgl")
+    s = read_scalars(tmp / "sgl" / "tb")
     diffs = s.get("weight_sync/engine_actor_logprob_max_abs_diff", [])
     assert len(diffs) >= steps, f"expected a logprob check after each of {steps} syncs, got {diffs}"
     assert max(v for _, v in diffs) <= TOL, diffs
@@ -109,7 +90,7 @@ def test_transports_against_the_shared_server(tmp_path, sglang, transport, coloc
                  "rollout.max_response_length=64", "algorithm.overlong_buffer_length=16",
                  "actor.ppo_mini_batch_size=16"]
     proc = _train(args)
-    assert proc.returncode == 0, _fail(proc) + "\n" + sglang.diagnosis()
+    assert proc.returncode == 0, fail_message(proc) + "\n" + sglang.diagnosis()
     s = _check_run(tmp_path)
     aborted_counts.append(sum(v for _, v in s.get("dynamic_sampling/aborted_requests", [])))
 
@@ -130,11 +111,11 @@ def test_engine_killed_mid_rollout_stops_the_step_with_one_line(tmp_path, sglang
     args = _overrides(tmp_path, sglang.model_dir, "disk", False, steps=50) + [f"rollout.engine_urls=[{sglang.url}]",
                                                                               "rollout.max_retries=1"]
     proc = subprocess.Popen([sys.executable, "-m", "megatron_dapo.cli", "train", CONFIG] + args, cwd=REPO_ROOT,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=repo_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: proc.poll() is not None or sglang.inflight() >= 1, 300,
                    "the trainer's first rollout requests on SGLang", poll_s=0.1)
-        assert proc.poll() is None, _fail(subprocess.CompletedProcess(proc.args, proc.returncode, *proc.communicate()))
+        assert proc.poll() is None, fail_message(subprocess.CompletedProcess(proc.args, proc.returncode, *proc.communicate()))
         family = descendant_pids(sglang.procs.engines[0].proc.pid)
         assert len(family) >= 2, f"expected SGLang's scheduler and detokenizer under the server, found {family}"
         sglang.procs.kill(0)

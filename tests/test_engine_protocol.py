@@ -20,19 +20,12 @@ import torch
 from megatron_dapo.engines.client import EngineError, serialize_named_tensors_for_sglang
 from megatron_dapo.engines.launch_common import find_free_ports
 from megatron_dapo.engines.tensor_ipc import serialize_flattened_bucket, share_bucket
+from helpers import hf_logprobs
 from tests.engine_fixtures import unavailable, wait_until
 
 TOL = 1e-4
 SEQ = [3, 17, 22, 40, 5, 9, 60, 11, 100, 7, 33, 12, 45, 8, 70, 21]
 PROMPTS = [[3, 17, 22, 40], [5, 9, 60]]
-
-
-def hf_logprobs(model, seq, start, temperature=1.0):
-    """log_softmax(logits / T)[p - 1, seq[p]] for p in [start, len(seq)) (transformers fp32 forward)."""
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([seq])).logits[0].float()
-    lp = torch.log_softmax(logits / temperature, dim=-1)
-    return [float(lp[p - 1, seq[p]]) for p in range(start, len(seq))]
 
 
 def perturbed_model(base, seed, scale=0.2):

@@ -18,8 +18,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from test_e2e import _env
-
+from helpers import repo_env
 WORKER = REPO_ROOT / "tests" / "loss_scripts" / "grads_worker.py"
 # TIS + IcePop + geometric sequence mask; the two denominator modes of algorithm.masked_tokens_in_denominator
 _CORRECTION = dict(tis_cap=1.5, icepop_low=0.5, icepop_high=2.0, seq_is_mask_low=0.7, seq_is_mask_high=1.4)
@@ -105,7 +104,7 @@ def test_gradient_exact_over_microbatches_and_dp(tmp_path):
         if dp == 2:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
                    f"--master-port={free_port()}"] + cmd[1:]
-        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+        proc = subprocess.run(cmd, env=repo_env(), capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
         assert proc.returncode == 0, proc.stderr[-5000:]
         outs[dp] = torch.load(out)
     for mode in ("token-mean", "seq-mean-token-mean"):

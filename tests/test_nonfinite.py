@@ -27,8 +27,7 @@ import torch
 
 from conftest import REPO_ROOT
 from dist_scripts.common import free_port
-from test_e2e import CONFIG, _env, _fail, read_scalars
-
+from helpers import CONFIG, fail_message, read_scalars, repo_env
 SCRIPTS = REPO_ROOT / "tests" / "nonfinite_scripts"
 sys.path.insert(0, str(SCRIPTS))
 
@@ -170,7 +169,7 @@ def tiny_hf(tmp_path_factory):
 
 def _torchrun_worker(tmp_path, hf, tp: int, variants: str, ckpt: bool) -> dict:
     out = tmp_path / "report.json"
-    env = _env()
+    env = repo_env()
     env.update({"HF": str(hf), "OUT": str(out), "TP": str(tp), "VARIANTS": variants})
     if ckpt:
         env["CKPT"] = str(tmp_path / "ckpt")
@@ -248,7 +247,7 @@ def tiny_model(tmp_path_factory):
 
 
 def _train(overrides: list[str], env_extra: dict[str, str] | None = None, timeout: int = 400):
-    env = _env()
+    env = repo_env()
     env.update(env_extra or {})
     cmd = [sys.executable, "-m", "megatron_dapo.train", CONFIG] + overrides
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -269,11 +268,11 @@ def test_consecutive_nonfinite_updates_stop_with_good_checkpoint(tmp_path, tiny_
     proc = _train(_small(tmp_path, tiny_model, "nf", 5) + ["trainer.save_interval=1",
                                                            "trainer.max_consecutive_nonfinite=2",
                                                            f'rollout.engine_urls=["{cpu_engine}"]'], inject)
-    assert proc.returncode == 2, _fail(proc)
-    assert "Traceback" not in proc.stderr, _fail(proc)
+    assert proc.returncode == 2, fail_message(proc)
+    assert "Traceback" not in proc.stderr, fail_message(proc)
     stops = [x for x in proc.stderr.splitlines() if x.startswith("megatron-dapo:")]
     assert len(stops) == 1 and "2 consecutive optimizer updates were skipped as non-finite at step 2" in stops[0], \
-        _fail(proc)
+        fail_message(proc)
     assert "non-finite policy_loss" in stops[0] and "iter_0000001" in stops[0], stops[0]
     run = tmp_path / "nf"
     ckpts = run / "checkpoints"
@@ -296,7 +295,7 @@ def test_consecutive_nonfinite_updates_stop_with_good_checkpoint(tmp_path, tiny_
         "moved = any(not torch.equal(p0[n], p1[n]) for n in p0)\n"
         "print(json.dumps({'step': st['step'], 'finite': fin, 'moved': moved}))\n")
     out = subprocess.run([sys.executable, "-c", code, str(REPO_ROOT), str(tiny_model), str(ckpts)],
-                         cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+                         cwd=REPO_ROOT, env=repo_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res == {"step": 1, "finite": True, "moved": True}, res
@@ -362,7 +361,7 @@ def test_trainer_step_trains_on_the_rest_through_proxy(tmp_path, upstream_engine
     url, vocab = upstream_engine
     with MisbehavingProxy(url, vocab_size=vocab, plan={0: "oov", 1: "nan_logprob", 2: "wrong_length"}) as p:
         proc = _train(_small(tmp_path, tiny_model, "px", 1) + [f'rollout.engine_urls=["{p.url}"]', "resume=none"])
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, fail_message(proc)
     assert [k for _, k in p.corrupted] == ["oov", "nan_logprob", "wrong_length"], p.corrupted
     sc = read_scalars(tmp_path / "px" / "tb")
     one = {k: v[0][1] for k, v in sc.items()}
@@ -378,8 +377,8 @@ def test_trainer_stops_on_an_engine_that_keeps_misbehaving(tmp_path, upstream_en
     with MisbehavingProxy(url, vocab_size=vocab, corrupt_all="oov") as p:
         proc = _train(_small(tmp_path, tiny_model, "bad", 1) + [f'rollout.engine_urls=["{p.url}"]', "resume=none",
                                                                 "rollout.max_consecutive_malformed_per_engine=4"])
-    assert proc.returncode == 2, _fail(proc)
-    assert "Traceback" not in proc.stderr, _fail(proc)
+    assert proc.returncode == 2, fail_message(proc)
+    assert "Traceback" not in proc.stderr, fail_message(proc)
     stops = [x for x in proc.stderr.splitlines() if x.startswith("megatron-dapo:")]
-    assert len(stops) == 1 and f"engine {p.url} returned 4 malformed responses in a row" in stops[0], _fail(proc)
+    assert len(stops) == 1 and f"engine {p.url} returned 4 malformed responses in a row" in stops[0], fail_message(proc)
     assert not (tmp_path / "bad" / "checkpoints").exists()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from test_e2e import _fail, read_scalars, run_train, tiny_model  # noqa: F401  (fixture)
+from helpers import fail_message, read_scalars, run_train
 
 SMALL = ["rollout.rollout_batch_size=4", "rollout.n_samples_per_prompt=4", "actor.ppo_mini_batch_size=16",
          "trainer.export_hf=false", "trainer.save_interval=0", "trainer.eval_interval=0"]
@@ -18,7 +18,7 @@ def test_corrections_train_and_report_masked_fractions(tmp_path, tiny_model):  #
                       "trainer.total_steps=2", "rollout.mode=streaming", "algorithm.tis_cap=2.0",
                       "algorithm.seq_is_mask_low=0.999", "algorithm.seq_is_mask_high=1.001",
                       "algorithm.icepop_low=0.5", "algorithm.icepop_high=5.0"] + SMALL)
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, fail_message(proc)
     run = tmp_path / "offp"
     cfg_text = (run / "config.yaml").read_text()
     for line in ("seq_is_mask_low: 0.999", "seq_is_mask_high: 1.001", "icepop_low: 0.5", "icepop_high: 5.0"):

@@ -16,7 +16,7 @@ import pytest
 from megatron_dapo import trainer as trainer_mod
 from megatron_dapo.rollout import batch_source
 from megatron_dapo.config import ConfigError, load_config
-from test_e2e import CONFIG, _fail, run_train, tiny_model  # noqa: F401  (fixture)
+from helpers import CONFIG, fail_message, run_train
 
 SMALL = ["rollout.rollout_batch_size=4", "rollout.n_samples_per_prompt=4", "actor.ppo_mini_batch_size=16",
          "trainer.export_hf=false", "trainer.save_interval=0", "rollout.colocated=false", "rollout.max_staleness=1",
@@ -209,7 +209,7 @@ def test_one_step_off_trains_with_staleness_one_and_checked_pushes(tmp_path, tin
     proc = run_train([f"output_dir={tmp_path}", "run_name=async", f"model.hf_path={tiny_model}",
                       "trainer.total_steps=3", "weight_sync.check_logprobs=true"] + SMALL
                      + ["trainer.eval_interval=3", "trainer.eval_max_prompts=4", "trainer.eval_n_samples=2"])
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, fail_message(proc)
     # the evaluation after step 3 waits for the batch generating in the background, then pushes and evaluates
     assert "[eval step 3]" in proc.stdout
     steps = _steps(tmp_path / "async" / "steps.jsonl")
@@ -230,13 +230,13 @@ def test_one_step_off_trains_with_staleness_one_and_checked_pushes(tmp_path, tin
 def test_one_step_off_exact_resume_with_the_batch_in_flight(tmp_path, tiny_model):  # noqa: F811
     common = [f"model.hf_path={tiny_model}", f"output_dir={tmp_path}", "trainer.eval_interval=0"] + SMALL
     ref = run_train(common + ["run_name=ref", "trainer.total_steps=4"])
-    assert ref.returncode == 0, _fail(ref)
+    assert ref.returncode == 0, fail_message(ref)
     first = run_train(common + ["run_name=int", "trainer.total_steps=2"])
-    assert first.returncode == 0, _fail(first)
+    assert first.returncode == 0, fail_message(first)
     state = json.loads((tmp_path / "int" / "checkpoints" / "iter_0000002" / "trainer_state.json").read_text())
     assert state["prefetch"]["step"] == 2 and state["prefetch"]["weight_version"] == 1
     resumed = run_train(common + ["run_name=int", "trainer.total_steps=4"])  # resume=auto (examples/tiny-cpu)
-    assert resumed.returncode == 0, _fail(resumed)
+    assert resumed.returncode == 0, fail_message(resumed)
     reference, got = _steps(tmp_path / "ref" / "steps.jsonl"), _steps(tmp_path / "int" / "steps.jsonl")
     assert [s["step"] for s in got] == [1, 2, 3, 4]
     # step 3 trains on the stored batch (weights of step 1), step 4 on one generated after the resume

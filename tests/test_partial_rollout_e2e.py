@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from test_e2e import _fail, read_scalars, run_train, tiny_model  # noqa: F401  (fixture)
+from helpers import fail_message, read_scalars, run_train
 
 # 2 kept groups of 8 samples, 32 prompts requested per round: the CPU engine decodes them in batches of 64
 # sequences, so the sampler fills while later batches are queued or decoding, and those requests are aborted
@@ -25,7 +25,7 @@ def test_partial_rollout_three_steps_then_resume(tmp_path, tiny_model):  # noqa:
     base = [f"output_dir={tmp_path}", "run_name=partial", f"model.hf_path={tiny_model}",
             "algorithm.carry_over_surplus=false", "algorithm.mask_offpolicy_in_partial_rollout=true"] + PARTIAL
     proc = run_train(base + ["trainer.total_steps=3"])
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, fail_message(proc)
     run = tmp_path / "partial"
     assert "\n  mode: partial\n" in (run / "config.yaml").read_text()
     sc = read_scalars(run / "tb")
@@ -53,7 +53,7 @@ def test_partial_rollout_three_steps_then_resume(tmp_path, tiny_model):  # noqa:
     assert {span[2] for g in pending for spans in g["token_versions"] for span in spans} <= {0, 1, 2}
     # a resumed run continues them at step 4
     proc = run_train(base + ["trainer.total_steps=4"])
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, fail_message(proc)
     last = json.loads((run / "steps.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 4
     # every parked prefix is continued, or reset (with any other sample of its group holding a token 2 versions
@@ -70,7 +70,7 @@ def test_partial_rollout_carries_surplus_groups_through_resume(tmp_path, tiny_mo
     token is older than ``partial_max_age``), their ages are logged, and the carry is part of the checkpoint."""
     base = [f"output_dir={tmp_path}", "run_name=carry", f"model.hf_path={tiny_model}"] + PARTIAL
     proc = run_train(base + ["trainer.total_steps=3"])
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, fail_message(proc)
     run = tmp_path / "carry"
     sc = read_scalars(run / "tb")
     ds = {k: [x for _, x in sc[f"dynamic_sampling/{k}"]] for k in ("surplus_carried", "carried_in", "carried_stale")}
@@ -88,7 +88,7 @@ def test_partial_rollout_carries_surplus_groups_through_resume(tmp_path, tiny_mo
     assert len(carry) == ds["surplus_carried"][2] and all(len(g["responses"]) == 8 for g in carry)
     assert {span[2] for g in carry for spans in g["token_versions"] for span in spans} <= {0, 1, 2}
     proc = run_train(base + ["trainer.total_steps=4"])  # resumed from iter_0000003: the carry comes in at step 4
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, fail_message(proc)
     last = json.loads((run / "steps.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 4
     assert last["dynamic_sampling/carried_in"] + last["dynamic_sampling/carried_stale"] == len(carry), last
@@ -104,7 +104,7 @@ def test_partial_rollout_with_one_step_off_policy_and_resume(tmp_path, tiny_mode
     base = [f"output_dir={tmp_path}", "run_name=both", f"model.hf_path={tiny_model}", "rollout.colocated=false",
             "rollout.max_staleness=1", "algorithm.tis_cap=2.0"] + PARTIAL
     proc = run_train(base + ["trainer.total_steps=3"])
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, fail_message(proc)
     run = tmp_path / "both"
     steps = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()]
     assert [s["rollout/staleness"] for s in steps] == [0.0, 1.0, 1.0]
@@ -120,7 +120,7 @@ def test_partial_rollout_with_one_step_off_policy_and_resume(tmp_path, tiny_mode
     assert {span[2] for g in state["sampler"]["pending"] + state["sampler"]["carry"]
             for spans in g["token_versions"] for span in spans} <= {1, 2}  # older ones were reset or trained
     proc = run_train(base + ["trainer.total_steps=4"])
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, fail_message(proc)
     last = json.loads((run / "steps.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 4 and last["rollout/staleness"] == 1.0 and last["rollout/weight_version"] == 2.0
     assert last["prompt_indices"] == stored, (last["prompt_indices"], stored)

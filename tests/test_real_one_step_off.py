@@ -24,8 +24,7 @@ import json
 
 import pytest
 
-from test_e2e import _fail, read_steps, run_train
-
+from helpers import fail_message, read_steps, run_train
 TOL = 1e-4
 STEPS = 5
 SETTINGS = ["rollout.colocated=false", "rollout.max_staleness=1", "rollout.mode=deterministic",
@@ -45,7 +44,7 @@ def test_one_step_off_five_steps_checked_pushes_and_exact_resume(engine, tmp_pat
     common = [f"output_dir={tmp_path}", f"model.hf_path={engine.model_dir}", f"rollout.backend={engine.kind.name}",
               f"rollout.engine_urls=[{engine.url}]", f"weight_sync.transport={_transport(engine)}"] + SETTINGS
     ref = run_train(common + ["run_name=ref", f"trainer.total_steps={STEPS}", "resume=none"], timeout=1200)
-    assert ref.returncode == 0, _fail(ref) + "\n" + engine.diagnosis()
+    assert ref.returncode == 0, fail_message(ref) + "\n" + engine.diagnosis()
     steps = read_steps(tmp_path / "ref")
     assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
     staleness = [s["rollout/staleness"] for s in steps]
@@ -62,7 +61,7 @@ def test_one_step_off_five_steps_checked_pushes_and_exact_resume(engine, tmp_pat
     seeded = engine.has("honours_seed")
     last = STEPS if seeded else 3
     resumed = run_train(common + ["run_name=resumed", f"trainer.total_steps={last}", f"resume={ckpt}"], timeout=1200)
-    assert resumed.returncode == 0, _fail(resumed) + "\n" + engine.diagnosis()
+    assert resumed.returncode == 0, fail_message(resumed) + "\n" + engine.diagnosis()
     got = read_steps(tmp_path / "resumed")
     assert [s["step"] for s in got] == list(range(3, last + 1))
     assert got[0]["weight_sync/engine_actor_logprob_max_abs_diff"] <= TOL  # the resumed weights, pushed and checked

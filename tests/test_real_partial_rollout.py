@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_e2e import _fail, read_steps, run_train
-
+from helpers import fail_message, read_steps, run_train
 TOL = 1e-4
 STEPS = 3
 COMMON = ["rollout.colocated=false", "rollout.mode=partial",
@@ -47,7 +46,7 @@ def test_partial_rollout_parks_and_continues_on_the_engine(engine, tmp_path, res
     if not carry:
         args.append("algorithm.carry_over_surplus=false")
     proc = run_train(args, timeout=900)
-    assert proc.returncode == 0, _fail(proc) + "\n" + engine.diagnosis()
+    assert proc.returncode == 0, fail_message(proc) + "\n" + engine.diagnosis()
     steps = read_steps(tmp_path / "partial")
     keys = ("partial_parked", "partial_continued", "partial_dropped_stale", "partial_tokens_reused")
     v = {k: [s[f"rollout/{k}"] for s in steps] for k in keys}

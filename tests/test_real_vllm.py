@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, unavailable
+from helpers import fail_message, hf_logprobs, read_scalars, repo_env
 
 PY = sys.executable
 CONFIG = str(REPO_ROOT / "examples" / "tiny-cpu" / "dapo.yaml")
@@ -41,17 +41,6 @@ def _vllm_python() -> str:
         return default_engine_python("vllm")
     except MissingBackendError as exc:
         unavailable(f"real vLLM tests need the vLLM venv: run `make engines` ({exc})")
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
-def _fail(proc) -> str:
-    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
 
 
 def _perturbed(src: Path, dst: Path, seed: int, *, untie: bool = False) -> Path:
@@ -70,16 +59,6 @@ def _perturbed(src: Path, dst: Path, seed: int, *, untie: bool = False) -> Path:
         (dst / "config.json").write_text(json.dumps(cfg))
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
     return dst
-
-
-def hf_logprobs(model_dir: Path, seq: list[int], start: int, temperature: float = 1.0) -> list[float]:
-    """transformers fp32 ``log p(seq[j] | seq[:j]) `` for ``j in [start, len)``."""
-    import transformers
-
-    m = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    with torch.no_grad():
-        lp = (m(torch.tensor([seq])).logits[0].float() / temperature).log_softmax(-1)
-    return [float(lp[j - 1, seq[j]]) for j in range(start, len(seq))]
 
 
 def _max_diff(a, b) -> float:
@@ -340,20 +319,12 @@ def _perturbed_dir(tmp: Path) -> Path:
     return d
 
 
-def _scalars(tb_dir: Path) -> dict:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
-
-
 def _train(tmp: Path, name: str, model: Path, url: str, extra: list[str], timeout: int = 600):
     args = [PY, "-m", "megatron_dapo.train", CONFIG, f"output_dir={tmp}", f"run_name={name}",
             f"model.hf_path={model}", "rollout.backend=vllm", f"rollout.engine_urls=[{url}]",
             "weight_sync.transport=disk", "weight_sync.check_logprobs=true", "trainer.save_interval=100",
             "trainer.eval_interval=0"] + extra
-    return subprocess.run(args, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(args, cwd=REPO_ROOT, env=repo_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -362,8 +333,8 @@ def test_trainer_on_vllm_syncs_by_disk_reload(vllm_server, tmp_path, restore_bas
     actor's after every sync (fp32, <= 1e-4) and the reported weight version follows the steps."""
     url, models, server_log = vllm_server
     proc = _train(tmp_path, "det", models["base"], url, ["trainer.total_steps=3"])
-    assert proc.returncode == 0, _fail(proc) + _server_log(server_log)
-    sc = _scalars(tmp_path / "det" / "tb") if (tmp_path / "det" / "tb").is_dir() else _scalars(
+    assert proc.returncode == 0, fail_message(proc) + _server_log(server_log)
+    sc = read_scalars(tmp_path / "det" / "tb") if (tmp_path / "det" / "tb").is_dir() else read_scalars(
         next(tmp_path.glob("**/tb")))
     diffs = [v for _, v in sc["weight_sync/engine_actor_logprob_max_abs_diff"]]
     print("engine-actor logprob diffs after each sync:", diffs)
@@ -387,8 +358,8 @@ def test_trainer_on_vllm_concurrent_rollout_counts_aborts(vllm_server, tmp_path,
         "trainer.total_steps=3", "rollout.mode=streaming", "rollout.rollout_batch_size=1",
         "rollout.n_samples_per_prompt=32", "algorithm.oversample_factor=8.0", "rollout.max_response_length=200",
         "algorithm.overlong_buffer_length=16", "actor.ppo_mini_batch_size=32"])
-    assert proc.returncode == 0, _fail(proc) + _server_log(server_log)
-    sc = _scalars(next(tmp_path.glob("**/tb")))
+    assert proc.returncode == 0, fail_message(proc) + _server_log(server_log)
+    sc = read_scalars(next(tmp_path.glob("**/tb")))
     aborted = sum(v for _, v in sc["dynamic_sampling/aborted_requests"])
     print("aborted requests per step:", sc["dynamic_sampling/aborted_requests"])
     assert aborted > 0  # (partial outputs of aborted requests: the protocol suite's abort tests)
@@ -401,11 +372,11 @@ def test_missing_vllm_interpreter_is_one_line_exit_2(tmp_path):
     proc = subprocess.run([PY, "-m", "megatron_dapo.train", CONFIG, f"output_dir={tmp_path}", "rollout.backend=vllm",
                            f"rollout.engine_python={tmp_path / 'no-venv' / 'bin' / 'python'}",
                            f"model.hf_path={tmp_path / 'm'}", "trainer.total_steps=1"],
-                          cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, _fail(proc)
-    assert "Traceback" not in proc.stderr, _fail(proc)
+                          cwd=REPO_ROOT, env=repo_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, fail_message(proc)
+    assert "Traceback" not in proc.stderr, fail_message(proc)
     lines = [ln for ln in proc.stderr.splitlines() if "make engines" in ln]
-    assert len(lines) == 1 and "rollout.engine_python" in lines[0], _fail(proc)
+    assert len(lines) == 1 and "rollout.engine_python" in lines[0], fail_message(proc)
 
 
 # ---- pure: no server ----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
-from test_e2e import CONFIG, PY, _env, _fail, run_train, tiny_model  # noqa: F401  (fixture)
+from helpers import CONFIG, PY, fail_message, repo_env, run_train
 
 
 def _steps(path):
@@ -71,13 +71,13 @@ def test_sigterm_checkpoint_exit3_then_exact_resume(tmp_path, tiny_model):  # no
     common = [f"model.hf_path={tiny_model}", f"output_dir={tmp_path}", "trainer.total_steps=4",
               "trainer.export_hf=false", "trainer.save_interval=0"]
     ref = run_train(common + ["run_name=ref"])
-    assert ref.returncode == 0, _fail(ref)
+    assert ref.returncode == 0, fail_message(ref)
     reference = _steps(tmp_path / "ref" / "steps.jsonl")
     assert [s["step"] for s in reference] == [1, 2, 3, 4]
 
     log = tmp_path / "int" / "steps.jsonl"
     proc = subprocess.Popen([PY, "-m", "megatron_dapo.train", CONFIG, "run_name=int"] + common, cwd=REPO_ROOT,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=repo_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (log.exists() and log.read_text().strip()) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
@@ -94,7 +94,7 @@ def test_sigterm_checkpoint_exit3_then_exact_resume(tmp_path, tiny_model):  # no
     # only by a later periodic save), so it can be compared with the final one below
 
     resumed = run_train(common + ["run_name=int"])
-    assert resumed.returncode == 0, _fail(resumed)
+    assert resumed.returncode == 0, fail_message(resumed)
     got = _steps(log)
     assert [s["step"] for s in got] == [1, 2, 3, 4]
     # every step after the resume trained on the batch the uninterrupted run had, with the same
@@ -124,7 +124,7 @@ def test_no_orphan_engines_after_ctrl_c_or_kill(tmp_path, tiny_model, sig):  # n
 
     log = tmp_path / "o" / "steps.jsonl"
     proc = subprocess.Popen([PY, "-m", "megatron_dapo.train", CONFIG, "run_name=o", f"output_dir={tmp_path}",
-                             f"model.hf_path={tiny_model}", "trainer.total_steps=50"], cwd=REPO_ROOT, env=_env(),
+                             f"model.hf_path={tiny_model}", "trainer.total_steps=50"], cwd=REPO_ROOT, env=repo_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (log.exists() and log.read_text().strip()) and time.time() < deadline and proc.poll() is None:

@@ -16,6 +16,7 @@ import torch
 from megatron_dapo.engines.client import EngineClient, EngineError
 from megatron_dapo.engines.launch_common import find_free_ports
 from megatron_dapo.engines.launch_cpu import launch_cpu_engines
+from helpers import hf_logprobs
 
 EOS = 2
 
@@ -33,14 +34,6 @@ def make_tiny_qwen2(path, seed: int = 0, scale: float = 1.0):
         model.model.embed_tokens.weight.mul_(scale)
     model.save_pretrained(str(path), safe_serialization=True)
     return model
-
-
-def hf_logprobs(model, seq: list[int], start: int, temperature: float = 1.0) -> list[float]:
-    """log_softmax(logits / T) of seq[p] given seq[:p] for p in [start, len(seq))."""
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([seq])).logits[0].float()
-    lp = torch.log_softmax(logits / temperature, dim=-1)
-    return [float(lp[p - 1, seq[p]]) for p in range(start, len(seq))]
 
 
 def post(url: str, path: str, body: dict, timeout: float = 60.0):

@@ -23,7 +23,7 @@ import pytest
 
 from megatron_dapo.metrics import scalars, scoped, timed
 from megatron_dapo.rollout.generation import RoundStats, stop_ids_for, stop_ids_for_model
-from test_e2e import CONFIG, _fail, read_scalars, run_train, tiny_model  # noqa: F401  (fixture)
+from helpers import CONFIG, fail_message, read_scalars, run_train
 
 #: TensorBoard scalar names of step 1 of the run in :func:`one_step`, recorded before issue 12's changes.
 TB_TAGS_ONE_STEP = frozenset({
@@ -134,7 +134,7 @@ def one_step(model_with_extra_eos, tmp_path_factory):
                       "trainer.total_steps=1", "rollout.rollout_batch_size=4", "rollout.n_samples_per_prompt=4",
                       "actor.ppo_mini_batch_size=16", "trainer.export_hf=false", "trainer.save_interval=0",
                       "trainer.eval_interval=0", "actor.lr_warmup_steps=3"])
-    assert proc.returncode == 0, _fail(proc)
+    assert proc.returncode == 0, fail_message(proc)
     return out / "s1", proc
 
 
@@ -171,7 +171,7 @@ def test_training_and_eval_stop_at_the_same_ids(one_step, model_with_extra_eos, 
 
     _, proc = one_step
     found = re.findall(r"stop token ids: \[([0-9, ]*)\]", proc.stderr + proc.stdout)
-    assert len(found) == 1, _fail(proc)
+    assert len(found) == 1, fail_message(proc)
     train_ids = [int(x) for x in found[0].split(",")]
 
     seen = {}
