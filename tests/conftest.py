@@ -128,3 +128,10 @@ def tiny_model(tmp_path_factory):
     assert proc.returncode == 0, fail_message(proc)
     assert proc.stdout.strip().splitlines()[-1] == str(d.resolve())
     return d
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    from helpers import _write_tiny_hf
+
+    return _write_tiny_hf(tmp_path_factory.mktemp("tiny_hf"))

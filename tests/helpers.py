@@ -19,6 +19,9 @@ from typing import Union
 
 import torch
 
+EOS = 2
+"""End-of-sequence id of :func:`make_tiny_qwen2`'s model."""
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 CONFIG = str(REPO_ROOT / "examples" / "tiny-cpu" / "dapo.yaml")
@@ -88,3 +91,86 @@ def hf_logprobs(model: Union["torch.nn.Module", Path, str], seq: list[int], star
         logits = model(input_ids=torch.tensor([seq])).logits[0].float()
     lp = torch.log_softmax(logits / temperature, dim=-1)
     return [float(lp[p - 1, seq[p]]) for p in range(start, len(seq))]
+
+
+def _write_tiny_hf(out: Path, *, family: str = "qwen2", tie: bool = True, seed: int = 0) -> Path:
+    import transformers
+
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie)
+    if family == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    else:
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=8, **common))
+    model.save_pretrained(str(out))
+    return out
+
+
+def make_tiny_qwen2(path, seed: int = 0, scale: float = 1.0):
+    """Save a tiny random Qwen2 (vocab 128) with safetensors; ``scale`` sharpens its logits."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      max_position_embeddings=65536, eos_token_id=EOS, bos_token_id=1, pad_token_id=0)
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(scale)
+    model.save_pretrained(str(path), safe_serialization=True)
+    return model
+
+
+def checkpoint_contents(ckpt_dir: Path, scratch: Path) -> dict:
+    """Everything a checkpoint directory stores, for a bit-for-bit comparison: the model and optimizer
+    tensors of the torch_dist shards (via ``dcp_to_torch_save``), ``common.pt`` (LR scheduler,
+    optimizer param groups) and ``trainer_state.json`` (step, data position, sampler state)."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    out = scratch / f"{ckpt_dir.parent.parent.name}-{ckpt_dir.name}.pt"
+    dcp_to_torch_save(str(ckpt_dir), str(out))
+
+
+    def flat(o, prefix):
+        if isinstance(o, dict):
+            for k, v in o.items():
+                yield from flat(v, f"{prefix}/{k}")
+        elif isinstance(o, (list, tuple)):
+            for i, v in enumerate(o):
+                yield from flat(v, f"{prefix}/{i}")
+        else:
+            yield prefix, o
+
+
+    items = dict(flat(torch.load(out, weights_only=False), "shards"))
+    items.update(flat(torch.load(ckpt_dir / "common.pt", weights_only=False), "common"))
+    state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+    # python_random is a record of the global `random` state at save time, which libraries consume
+    # differently in a resumed process (nothing in training draws from it; training RNG states are
+    # in rng/); it is the only trainer-state field left out
+    state.pop("python_random", None)
+    items.update(flat(state, "trainer_state"))
+    return items
+
+
+def bit_differences(a: dict, b: dict) -> list[str]:
+    """Keys of two :func:`checkpoint_contents` whose values are not bit-identical."""
+    import torch
+
+
+    bad = sorted(set(a) ^ set(b))
+    for k in sorted(set(a) & set(b)):
+        x, y = a[k], b[k]
+        if isinstance(x, torch.Tensor):
+            if not (isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.shape == y.shape
+                    and torch.equal(x, y)):
+                bad.append(k)
+        elif x != y:
+            bad.append(k)
+    return bad

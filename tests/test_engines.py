@@ -23,15 +23,10 @@ from megatron_dapo.engines.transport import EngineError
 from megatron_dapo.sync import WeightSync, WeightSyncError
 from megatron_dapo.sync.collective import from_rank0, on_rank0
 from megatron_dapo.sync.transports import TRANSPORTS
-from test_weight_sync import HFActor, RecordingClient, tiny_hf  # noqa: F401  (fixture)
+from fakes import Events, FakeEngineSet, HFActor, RecordingClient, StepActor
 
 
 # ------------------------------------------------------------------------------------------ fakes
-class Events:
-    """One ordered log shared by the fake actor, the fake engines and the fake weight sync."""
-
-    def __init__(self):
-        self.log: list[tuple] = []
 
 
 class LifecycleActor(HFActor):
@@ -265,42 +260,6 @@ def test_on_rank0_without_a_process_group_calls_the_function():
 
 
 # ------------------------------------------------------------------------------------------ one trainer step
-class FakeEngineSet:
-    """Records the transitions the trainer asks for (EngineSet's interface)."""
-
-    def __init__(self, events: Events):
-        self.events = events
-        self.client = object()
-
-    def to_generation(self, weight_version):
-        self.events.log.append(("engines", "to_generation", weight_version))
-        return {"timing/weight_sync_s": 0.0}
-
-    def to_training(self):
-        self.events.log.append(("engines", "to_training"))
-        return {"colocate/engine_release_s": 0.0}
-
-
-class StepActor:
-    """What train_one_step uses of the actor: its DP coordinates (the batch dispatcher), compute_logprobs and
-    train_step on this DP rank's share (``local=True``), last_nonfinite."""
-
-    dp_rank, dp_size = 0, 1
-
-    def __init__(self, events: Events):
-        self.events = events
-        self.last_nonfinite = None
-
-    def compute_logprobs(self, batch, temperature=1.0, local=False):
-        assert local, "the trainer hands the actor this DP rank's rows"
-        self.events.log.append(("actor", "compute_logprobs"))
-        lp = torch.full(batch.input_ids.shape, -0.5)
-        return lp, torch.zeros_like(lp)
-
-    def train_step(self, batch, loss, *, global_num_tokens=None, global_num_seqs=None, local=False):
-        assert local and global_num_tokens >= 1 and global_num_seqs >= 1
-        self.events.log.append(("actor", "train_step"))
-        return {"pg_loss": 0.25, "grad_norm": 1.0}
 
 
 def test_train_one_step_transitions_around_rollout_and_update():

@@ -136,7 +136,7 @@ def test_nemo_run_submits_cpu_smoke_job(tmp_path):
     """`launch(plan, backend="nemo")` for the CPU smoke job: nemo-run's SlurmExecutor (LocalTunnel, job dir
     under $NEMORUN_HOME/experiments, plain Packager) submits it to the cluster; the job runs
     slurm/cpu_smoke.sbatch (engine + TP=2 trainer on 2 nodes) for one step and completes."""
-    from test_slurm_e2e import diagnose, sacct_history, slurm_env, wait_job_done
+    from slurm_helpers import diagnose, sacct_history, slurm_env, wait_job_done
 
     env = slurm_env()
     name = f"dapo-nemo-{uuid.uuid4().hex[:8]}"  # unique: the test finds its job by name

@@ -161,7 +161,7 @@ def test_train_one_step_overlaps_the_next_rollout_with_training():
     from megatron_dapo.algorithm import Group
     from megatron_dapo.config import DAPOConfig
     from megatron_dapo.trainer import Trainer
-    from test_engines import Events, FakeEngineSet, StepActor
+    from fakes import Events, FakeEngineSet, StepActor
 
     events = Events()
     trainer = Trainer.__new__(Trainer)  # no Megatron: only what train_one_step reads

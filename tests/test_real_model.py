@@ -33,11 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_scripts.common import REPO, SCRIPTS, torchrun  # noqa: E402
-from real_model_fixtures import EXAMPLE, MODEL_DIR  # noqa: E402,F401 - smollm: the session fixture
+from real_model_fixtures import EXAMPLE, FP32_BOUND, MODEL_DIR, _max, engine_logprob_check  # noqa: E402,F401
 from helpers import repo_env, run_cli  # noqa: E402
 
 #: fp32 bound: the actor's distance from transformers' fp32 log-probs on this model (measured 5e-5 - 6.3e-5)
-FP32_BOUND = 2e-4
 
 
 def test_prepare_writes_an_hf_checkpoint_once(smollm):
@@ -151,11 +150,6 @@ def parity(smollm, converted, tmp_path_factory):
     return out
 
 
-def _max(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-    d = (a.double() - b.double()).abs()
-    return float((d * mask).max() if mask is not None else d.max())
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["tp1", "pp2", "tp3"])
 def test_fp64_logits_equal_transformers(parity, layout):
@@ -216,26 +210,6 @@ def test_chat_template_and_stop_tokens_go_through_unchanged(smollm):
     g = AutoTokenizer.from_pretrained(list(spec.submodule_search_locations)[0], gguf_file=SMOLLM2_GGUF)
     s = "Janet’s ducks lay 16 eggs per day.\nAnswer: 18 <|im_end|>"
     assert g(s)["input_ids"] == tok(s)["input_ids"]
-
-
-def engine_logprob_check(client, prompts: list[list[int]], responses: list[list[int]],
-                         reference: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """Score ``prompt + response`` on an SGLang-API engine and compare with reference log-probs.
-
-    Args:
-        client: a :class:`megatron_dapo.engines.client.SyncEngineClient` (our CPU engine, SGLang, vLLM ...).
-        prompts, responses: token ids per sequence.
-        reference: ``[N, L]`` log-probs in the actor's alignment (position ``t`` scores token ``t``);
-            compared on ``mask`` (``[N, L]``, 1 on response tokens).
-
-    Returns ``{"max_abs_diff": float, "n_tokens": int}``.
-    """
-    seqs = [p + r for p, r in zip(prompts, responses)]
-    got = torch.zeros(reference.shape, dtype=torch.float64)
-    for i, (p, s) in enumerate(zip(prompts, seqs)):
-        lps = client.score([s], start_lens=len(p), temperature=1.0)[0]
-        got[i, len(p): len(s)] = torch.tensor([float(x) for x in lps], dtype=torch.float64)
-    return {"max_abs_diff": _max(got, reference, mask), "n_tokens": int(mask.sum())}
 
 
 @pytest.mark.slow

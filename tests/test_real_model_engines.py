@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import require_engine_venv  # noqa: E402
 from dist_scripts.common import SCRIPTS, torchrun  # noqa: E402
-from test_real_model import FP32_BOUND, _max, engine_logprob_check  # noqa: E402
+from real_model_fixtures import FP32_BOUND, _max, engine_logprob_check  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -6,64 +6,15 @@ import json
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import REPO_ROOT
-from helpers import CONFIG, PY, fail_message, repo_env, run_train
+from helpers import CONFIG, PY, bit_differences, checkpoint_contents, fail_message, repo_env, run_train
 
 
 def _steps(path):
     return [json.loads(x) for x in path.read_text().splitlines()]
-
-
-def checkpoint_contents(ckpt_dir: Path, scratch: Path) -> dict:
-    """Everything a checkpoint directory stores, for a bit-for-bit comparison: the model and optimizer
-    tensors of the torch_dist shards (via ``dcp_to_torch_save``), ``common.pt`` (LR scheduler,
-    optimizer param groups) and ``trainer_state.json`` (step, data position, sampler state)."""
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    scratch.mkdir(parents=True, exist_ok=True)
-    out = scratch / f"{ckpt_dir.parent.parent.name}-{ckpt_dir.name}.pt"
-    dcp_to_torch_save(str(ckpt_dir), str(out))
-
-    def flat(o, prefix):
-        if isinstance(o, dict):
-            for k, v in o.items():
-                yield from flat(v, f"{prefix}/{k}")
-        elif isinstance(o, (list, tuple)):
-            for i, v in enumerate(o):
-                yield from flat(v, f"{prefix}/{i}")
-        else:
-            yield prefix, o
-
-    items = dict(flat(torch.load(out, weights_only=False), "shards"))
-    items.update(flat(torch.load(ckpt_dir / "common.pt", weights_only=False), "common"))
-    state = json.loads((ckpt_dir / "trainer_state.json").read_text())
-    # python_random is a record of the global `random` state at save time, which libraries consume
-    # differently in a resumed process (nothing in training draws from it; training RNG states are
-    # in rng/); it is the only trainer-state field left out
-    state.pop("python_random", None)
-    items.update(flat(state, "trainer_state"))
-    return items
-
-
-def bit_differences(a: dict, b: dict) -> list[str]:
-    """Keys of two :func:`checkpoint_contents` whose values are not bit-identical."""
-    import torch
-
-    bad = sorted(set(a) ^ set(b))
-    for k in sorted(set(a) & set(b)):
-        x, y = a[k], b[k]
-        if isinstance(x, torch.Tensor):
-            if not (isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.shape == y.shape
-                    and torch.equal(x, y)):
-                bad.append(k)
-        elif x != y:
-            bad.append(k)
-    return bad
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from megatron_dapo.engines.launch_common import EngineLaunchError, EngineProcess
 from megatron_dapo.engines.launch_cpu import launch_cpu_engines
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_rollout_engine import make_tiny_qwen2  # noqa: E402
+from helpers import make_tiny_qwen2  # noqa: E402
 
 KEY = "sekrit-key"
 

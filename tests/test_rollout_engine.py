@@ -16,24 +16,7 @@ import torch
 from megatron_dapo.engines.client import EngineClient, EngineError
 from megatron_dapo.engines.launch_common import find_free_ports
 from megatron_dapo.engines.launch_cpu import launch_cpu_engines
-from helpers import hf_logprobs
-
-EOS = 2
-
-
-def make_tiny_qwen2(path, seed: int = 0, scale: float = 1.0):
-    """Save a tiny random Qwen2 (vocab 128) with safetensors; ``scale`` sharpens its logits."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      max_position_embeddings=65536, eos_token_id=EOS, bos_token_id=1, pad_token_id=0)
-    model = Qwen2ForCausalLM(cfg)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(scale)
-    model.save_pretrained(str(path), safe_serialization=True)
-    return model
+from helpers import EOS, hf_logprobs, make_tiny_qwen2
 
 
 def post(url: str, path: str, body: dict, timeout: float = 60.0):

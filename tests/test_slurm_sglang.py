@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from test_slurm_e2e import SmokeRun, _probe, read_scalars
+from helpers import read_scalars
+from slurm_helpers import SmokeRun, _probe
 from tests.engine_fixtures import unavailable
 
 pytestmark = pytest.mark.slow

@@ -18,10 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_dapo.models import mapping
-from megatron_dapo.models.hf_config import spec_from_hf_config
 from megatron_dapo.sync import (WeightSync, WeightSyncError, bucket_bytes_from_mb, iter_buckets, resolve_dtype,
                                 rollout_logprob_mismatch)
 from megatron_dapo.sync.bucketing import iter_buckets_with_last
+from fakes import HFActor, RecordingClient
+from helpers import _write_tiny_hf
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "sync_scripts" / "sync_worker.py"
@@ -134,76 +135,6 @@ def test_rollout_logprob_mismatch():
 
 
 # ------------------------------------------------------------------------------------------ fakes
-def _write_tiny_hf(out: Path, *, family: str = "qwen2", tie: bool = True, seed: int = 0) -> Path:
-    import transformers
-
-    torch.manual_seed(seed)
-    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie)
-    if family == "qwen2":
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
-    else:
-        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=8, **common))
-    model.save_pretrained(str(out))
-    return out
-
-
-class HFActor:
-    """Stands in for MegatronActor: HF tensors of a checkpoint, scaled by ``scale`` (a 'training step')."""
-
-    def __init__(self, path: Path):
-        from safetensors.torch import load_file
-
-        self.hf_path = Path(path)
-        self.spec = spec_from_hf_config(path)
-        self.rank = self.dp_rank = 0
-        self.tensors = load_file(str(Path(path) / "model.safetensors"))
-        self.scale = 1.0
-        self.drop: set[str] = set()
-
-    def iter_hf_tensors(self, dtype=None):
-        for name in mapping.hf_names(self.spec):
-            if name in self.drop:
-                continue
-            t = self.tensors[name] * self.scale
-            yield name, (t if dtype is None else t.to(dtype))
-
-
-class RecordingClient:
-    """The SyncEngineClient methods WeightSync uses, recording calls; ``versions`` decides the answer."""
-
-    def __init__(self, urls=("http://e0:1", "http://e1:2")):
-        self.control_urls = list(urls)
-        self.api_key = None
-        self.calls: list[tuple] = []
-        self.version_override: dict[str, str] = {}
-        self.version = "default"
-
-    def abort_all(self):
-        self.calls.append(("abort_all",))
-
-    def flush_cache(self):
-        self.calls.append(("flush_cache",))
-
-    def update_weights_from_disk(self, path, weight_version=None):
-        files = sorted(os.listdir(path))
-        self.calls.append(("update_weights_from_disk", path, weight_version, files))
-        self.version = weight_version
-
-    def get_weight_version(self):
-        self.calls.append(("get_weight_version",))
-        return {u: self.version_override.get(u, self.version) for u in self.control_urls}
-
-    def resume_memory_occupation(self, tags=None):
-        self.calls.append(("resume", tuple(tags)))
-
-    def release_memory_occupation(self, tags=None):
-        self.calls.append(("release", tags))
-
-
-@pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory):
-    return _write_tiny_hf(tmp_path_factory.mktemp("tiny_hf"))
 
 
 def test_disk_sync_protocol_layout_and_cleanup(tiny_hf, tmp_path):
