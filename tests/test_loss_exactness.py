@@ -19,6 +19,7 @@ import torch
 
 from conftest import REPO_ROOT
 from helpers import repo_env
+
 WORKER = REPO_ROOT / "tests" / "loss_scripts" / "grads_worker.py"
 # TIS + IcePop + geometric sequence mask; the two denominator modes of algorithm.masked_tokens_in_denominator
 _CORRECTION = dict(tis_cap=1.5, icepop_low=0.5, icepop_high=2.0, seq_is_mask_low=0.7, seq_is_mask_high=1.4)

@@ -28,6 +28,7 @@ import torch
 from conftest import REPO_ROOT
 from dist_scripts.common import free_port
 from helpers import CONFIG, fail_message, read_scalars, repo_env
+
 SCRIPTS = REPO_ROOT / "tests" / "nonfinite_scripts"
 sys.path.insert(0, str(SCRIPTS))
 

@@ -25,6 +25,7 @@ import json
 import pytest
 
 from helpers import fail_message, read_steps, run_train
+
 TOL = 1e-4
 STEPS = 5
 SETTINGS = ["rollout.colocated=false", "rollout.max_staleness=1", "rollout.mode=deterministic",

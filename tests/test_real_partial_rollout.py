@@ -6,16 +6,17 @@ are still generating when the dynamic sampler fills: the aborted requests come b
 logprobs (the protocol suite checks the engine side: ``test_aborted_prefix_continues_with_aligned_logprobs``),
 are parked, and are continued at the next step with prompt + prefix as input. Checked: samples were parked
 with prefixes and continued (or reset as stale), the trained batches stay consistent with the engine's
-logprobs (``rollout/train_rollout_logprob_abs_diff_max`` is small: a misaligned continuation would put
-logprobs of other tokens next to the trained ones), and the logprob check passes after every push. Run twice
-per engine: without and with the surplus carry (``algorithm.carry_over_surplus``, the default with partial
-rollout).
+logprobs (``rollout/train_rollout_logprob_abs_diff_max``), and the logprob check passes after every push. Run twice
+per engine: without the surplus carry and with the continued prefixes masked out of the loss
+(``algorithm.mask_offpolicy_in_partial_rollout``: the loss holds every trained token but those prefixes); and with
+the surplus carry (``algorithm.carry_over_surplus``, the default with partial rollout).
 """
 from __future__ import annotations
 
 import pytest
 
 from helpers import fail_message, read_steps, run_train
+
 TOL = 1e-4
 STEPS = 3
 COMMON = ["rollout.colocated=false", "rollout.mode=partial",
@@ -43,8 +44,8 @@ def test_partial_rollout_parks_and_continues_on_the_engine(engine, tmp_path, res
     args = [f"output_dir={tmp_path}", "run_name=partial", f"model.hf_path={engine.model_dir}",
             f"rollout.backend={engine.kind.name}", f"rollout.engine_urls=[{engine.url}]",
             f"trainer.total_steps={STEPS}", "weight_sync.transport=disk"] + COMMON + SIZES[engine.kind.name]
-    if not carry:
-        args.append("algorithm.carry_over_surplus=false")
+    if not carry:  # and the continued samples' prefixes from older weights leave the loss
+        args += ["algorithm.carry_over_surplus=false", "algorithm.mask_offpolicy_in_partial_rollout=true"]
     proc = run_train(args, timeout=900)
     assert proc.returncode == 0, fail_message(proc) + "\n" + engine.diagnosis()
     steps = read_steps(tmp_path / "partial")
@@ -66,5 +67,9 @@ def test_partial_rollout_parks_and_continues_on_the_engine(engine, tmp_path, res
     else:
         assert sum(ds["surplus_carried"]) == 0, ds
         assert sum(v["partial_continued"][1:]) + sum(v["partial_dropped_stale"][1:]) > 0, v
+        # the continued samples' prefixes from older weights stay out of the loss: every other response token is in
+        prefix = [s["rollout/offpolicy_prefix_tokens"] for s in steps]
+        print(f"{engine.kind.name}: off-policy prefix tokens masked per step {prefix}")
+        assert [s["actor/loss_tokens"] for s in steps] == [s["rollout/trained_tokens"] - p for s, p in zip(steps, prefix)]
     diffs = [s["weight_sync/engine_actor_logprob_max_abs_diff"] for s in steps]
     assert max(diffs) <= TOL, diffs
