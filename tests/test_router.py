@@ -161,14 +161,13 @@ def test_missing_router_package_is_a_clear_missing_backend_error(monkeypatch):
 # ------------------------------------------------------------------ launch failures
 @needs_router
 def test_bad_flag_fails_with_log_tail_and_no_orphan(tmp_path):
-    t0 = time.monotonic()
     with pytest.raises(RouterLaunchError) as info:
         launch_sglang_router(["http://127.0.0.1:9"], extra_args=["--no-such-flag"], timeout=30,
                              log_path=tmp_path / "router.log")
     msg = str(info.value)
     assert "exited with code" in msg and "--no-such-flag" in msg and "last lines of" in msg, msg
     assert "unrecognized arguments" in msg, msg  # argparse's complaint, from the log tail
-    assert time.monotonic() - t0 < 20
+    assert "not routing after" not in msg, msg  # the router's exit was noticed, not the 30 s start-up timeout
     assert not _router_children()
 
 
@@ -246,19 +245,19 @@ def test_abort_through_router_cancels_in_flight_requests_promptly(stack):
     async def go(use_rid: bool):
         async with EngineClient(engines.urls, router_url=router.url, request_timeout_s=120) as c:
             task = asyncio.ensure_future(c.generate([[1, 5], [1, 8]], sp, rid="long"))
-            await asyncio.sleep(1.5)
-            t0 = time.monotonic()
+            deadline = time.monotonic() + 60
+            while sum(_server_info(u)["inflight_requests"] for u in engines.urls) < 4:  # 2 prompts x n=2 routed
+                assert not task.done() and time.monotonic() < deadline, "the long requests never reached the engines"
+                await asyncio.sleep(0.05)
             if use_rid:
                 sent = await c.abort(rid="long")
                 assert sent == 4 * len(engines.urls)  # each routed item is aborted on every engine
             else:
                 await c.abort_all()
-            outs = await task
-            return outs, time.monotonic() - t0
+            return await task
 
     for use_rid in (True, False):
-        outs, dt = _run(go(use_rid))
-        assert dt < 10.0, dt
+        outs = _run(go(use_rid), timeout=120)  # 20,000 tokens per sample: only an abort ends them in time
         assert len(outs) == 4 and all(o.finish_reason == "abort" for o in outs), [o.finish_reason for o in outs]
         assert all(len(o.output_ids) < 20000 for o in outs)
     assert all(_server_info(u)["inflight_requests"] == 0 for u in engines.urls)
@@ -281,16 +280,12 @@ def test_dead_engine_behind_router_is_retried_or_fails_clearly(model_dir, tmp_pa
                 _run(go(key=None))
             engines.kill(1)
 
-            t0 = time.monotonic()
             outs = _run(go(), timeout=90)  # the router retries the dead worker's share on the live one
             _check_shapes(outs, 6, 4)
-            assert time.monotonic() - t0 < 60
-            engines.kill(0)  # nothing left behind the router: a clear error, never a hang
-            t0 = time.monotonic()
+            engines.kill(0)  # nothing left behind the router: a clear error, never a hang (_run's timeout)
             with pytest.raises(EngineError) as info:
                 _run(go(), timeout=120)
             assert router.url in str(info.value) and "/generate" in str(info.value), str(info.value)
-            assert time.monotonic() - t0 < 90
 
 
 # ------------------------------------------------------------------ the trainer with rollout.use_router=true
