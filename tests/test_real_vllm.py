@@ -145,7 +145,7 @@ def test_score_at_a_temperature_matches_hf(vllm_server):
 
 
 @pytest.mark.slow
-def test_weight_reload_tied_and_untied_versions_and_logprobs(vllm_server, tmp_path):
+def test_weight_reload_tied_and_untied_versions_and_logprobs(vllm_server, tmp_path, restore_base):
     """Disk reload (``/collective_rpc reload_weights`` + ``/reset_prefix_cache``): version reported, served
     logprobs equal the NEW weights' transformers logprobs - for a tied checkpoint (the client adds the
     ``lm_head.weight`` vLLM would otherwise keep stale) and an untied one. Without the added output layer,
@@ -176,7 +176,7 @@ def test_weight_reload_tied_and_untied_versions_and_logprobs(vllm_server, tmp_pa
             results["raw"] = (await c.score([seq], 1))[0]
             with pytest.raises((EngineError, FileNotFoundError)):
                 await c.update_weights_from_disk(str(tmp_path / "does-not-exist"), weight_version="bad")
-            # back to the base weights for the tests that follow
+            # back to the base weights, checked here (restore_base puts them back again even when this test fails)
             await c.update_weights_from_disk(str(shutil.copytree(models["base"], tmp_path / "base")), "default")
             results["base"] = (await c.score([seq], 1))[0]
         return results
