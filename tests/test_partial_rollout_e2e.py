@@ -33,11 +33,13 @@ def test_partial_rollout_three_steps_then_resume(tmp_path, tiny_model):  # noqa:
         assert [s for s, _ in sc[k]] == [1, 2, 3], k
     v = {k: [x for _, x in sc[f"rollout/partial_{k}"]] for k in KEYS}
     assert v["continued"][0] == 0 and v["dropped_stale"][0] == 0  # nothing parked before step 1
-    assert sum(v["parked"]) > 0, v  # aborted samples kept their prefixes
     for k in (1, 2):  # only what the previous step parked is continued, or reset as stale (finished samples
         assert v["continued"][k] <= v["parked"][k - 1], v  # of a parked group included, G = 8 each)
         assert v["dropped_stale"][k] <= 8 * v["pending"][k - 1], v
-    assert v["continued"][1] > 0 or v["dropped_stale"][1] > 0 or v["parked"][0] == 0, v
+    # 32 prompts x 8 samples for 2 kept groups: every step aborts work in flight and parks it (measured 64-103
+    # samples per step), and the next step continues it or resets it as stale
+    assert all(x > 0 for x in v["parked"]), v
+    assert all(v["continued"][k] + v["dropped_stale"][k] > 0 for k in (1, 2)), v
     assert all(x == 0 for _, x in sc["dynamic_sampling/surplus_carried"])  # carry_over_surplus=false: dropped
     assert all(x > 0 for _, x in sc["rollout/trained_tokens"])
     # the loss holds every trained response token but the prefixes from older weights (no overlong filtering here)
@@ -61,7 +63,7 @@ def test_partial_rollout_three_steps_then_resume(tmp_path, tiny_model):  # noqa:
     handled = last["rollout/partial_continued"] + last["rollout/partial_dropped_stale"]
     print(f"partial rollout per step: {v}; off-policy prefix tokens masked {prefix}; parked prefixes at the "
           f"checkpoint: {prefixes}; step 4 handled {handled}")
-    assert handled <= with_tokens and (handled > 0 or prefixes == 0), (last, prefixes, with_tokens)
+    assert prefixes > 0 and 0 < handled <= with_tokens, (last, prefixes, with_tokens)
 
 
 @pytest.mark.slow
