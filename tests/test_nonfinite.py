@@ -119,6 +119,20 @@ def test_parser_passes_wrong_logprob_count_to_the_validator():
                           max_response_length=4)[0] == "logprob_count"
 
 
+def test_vllm_parser_passes_wrong_logprob_count_to_the_validator():
+    from megatron_dapo.engines.vllm_client import parse_vllm_generate_response
+
+    choice = {"index": 0, "finish_reason": "stop", "token_ids": [3, 4],
+              "logprobs": {"content": [{"token_id": 3, "logprob": -1.0}]}}
+    (o,) = parse_vllm_generate_response({"choices": [choice]}, prompt_len=2)
+    assert o.output_logprobs == [-1.0]
+    assert check_response(o.output_ids, o.output_logprobs, o.finish_reason, vocab_size=10,
+                          max_response_length=4)[0] == "logprob_count"
+    choice["logprobs"]["content"].append({"token_id": 5, "logprob": -2.0})  # same length, another token: refused
+    with pytest.raises(ValueError, match="logprob token ids do not match token_ids"):
+        parse_vllm_generate_response({"choices": [choice]}, prompt_len=2)
+
+
 def test_guard_hook_parsing_term_bits_and_update_selection(monkeypatch):
     from megatron_dapo.actor.batching import build_actor_batch
     from megatron_dapo.actor.nonfinite import (
@@ -305,8 +319,8 @@ def test_consecutive_nonfinite_updates_stop_with_good_checkpoint(tmp_path, tiny_
 # ---------------------------------------------------------------------------------------------- engines
 @pytest.fixture(scope="module", params=["cpu"])
 def upstream_engine(request, tiny_model):
-    """``(engine URL, vocab size)`` of a real engine serving ``tiny_model`` for the misbehaving proxy. ``cpu``:
-    the project's CPU engine. (The lead adds real SGLang / vLLM upstreams here.)"""
+    """``(engine URL, vocab size)`` of our CPU engine serving ``tiny_model``, behind the misbehaving proxy in the
+    trainer runs (the proxy's rollout test runs in front of every engine kind: the ``engine`` fixture)."""
     from megatron_dapo.models.hf_config import spec_from_hf_config
 
     vocab = spec_from_hf_config(tiny_model).vocab_size
@@ -315,11 +329,12 @@ def upstream_engine(request, tiny_model):
     raise AssertionError(f"unknown upstream {request.param!r}")  # pragma: no cover - added after the merge
 
 
-def _collect(url: str, vocab: int, tokenizer_dir: Path, threshold: int = 8):
-    """One step's rollout through ``collect_batch`` against ``url`` with a validator (no trainer)."""
+def _collect(url: str, vocab: int, tokenizer_dir: Path, threshold: int = 8, backend: str = "cpu"):
+    """One step's rollout through ``collect_batch`` against ``url`` with a validator (no trainer), through the
+    client the trainer builds for ``backend`` (``rollout.backend``)."""
     from megatron_dapo.algorithm import DynamicSampler
     from megatron_dapo.data import PromptDataset, generate_tasks, load_tokenizer, render_batch
-    from megatron_dapo.engines.client import SyncEngineClient
+    from megatron_dapo.engines.engine_set import BACKENDS
     from megatron_dapo.rollout.generation import RolloutSettings, collect_batch
 
     tok = load_tokenizer(tokenizer_dir)
@@ -328,7 +343,7 @@ def _collect(url: str, vocab: int, tokenizer_dir: Path, threshold: int = 8):
     validator = ResponseValidator(vocab, 16, threshold)
     s = RolloutSettings(n_samples_per_prompt=4, max_response_length=16, seed=3, deterministic=True,
                         soft_overlong_punishment=False, response_validator=validator)
-    client = SyncEngineClient([url], max_retries=0)
+    client = BACKENDS[backend].client([url], router_url=None, api_key=None, request_timeout_s=600.0, max_retries=0)
     try:
         groups, _ = collect_batch(client, sampler, lambda n: render_batch(tok, ds.next_batch(n), 256)[0], tok, s, 0)
     finally:
@@ -337,12 +352,20 @@ def _collect(url: str, vocab: int, tokenizer_dir: Path, threshold: int = 8):
 
 
 @pytest.mark.slow
-def test_proxy_corrupt_responses_dropped_and_counted(upstream_engine, tiny_model):
-    url, vocab = upstream_engine
-    # sample-major batched answer: items 0, 1, 2 are sample 0 of prompts 0, 1, 2
-    with MisbehavingProxy(url, vocab_size=vocab, plan={0: "oov", 1: "nan_logprob", 2: "wrong_length"}) as p:
-        groups, v = _collect(p.url, vocab, tiny_model)
-    assert p.corrupted == [(0, "oov"), (1, "nan_logprob"), (2, "wrong_length")], p.corrupted
+def test_proxy_corrupt_responses_dropped_and_counted(engine):
+    """The proxy in front of each session engine (our CPU engine, real SGLang, real vLLM): the three corrupted
+    responses of the engine's own answers are dropped with their groups and counted by reason."""
+    from megatron_dapo.models.hf_config import spec_from_hf_config
+
+    url, model, kind = engine.url, engine.model_dir, engine.kind.name
+    vocab = spec_from_hf_config(model).vocab_size
+    # SGLang-API engines answer one sample-major batch (items 0, 1, 2 are sample 0 of prompts 0, 1, 2); vLLM one
+    # request per prompt with its n = 4 choices (items 0, 4, 8 are in the first three answers to arrive)
+    at = (0, 4, 8) if kind == "vllm" else (0, 1, 2)
+    plan = dict(zip(at, ("oov", "nan_logprob", "wrong_length")))
+    with MisbehavingProxy(url, vocab_size=vocab, plan=plan) as p:
+        groups, v = _collect(p.url, vocab, model, backend=kind)
+    assert p.corrupted == sorted(plan.items()), p.corrupted
     m = v.metrics()
     assert m["malformed_responses"] == 3 and m["malformed_groups_dropped"] == 3, m
     for reason in ("token_id", "logprob_nonfinite", "logprob_count"):
@@ -354,7 +377,7 @@ def test_proxy_corrupt_responses_dropped_and_counted(upstream_engine, tiny_model
     # an engine that keeps returning malformed output stops the step, naming it
     with MisbehavingProxy(url, vocab_size=vocab, corrupt_all="nan_logprob") as bad:
         with pytest.raises(MalformedEngineOutput, match=rf"engine {bad.url} returned 5 malformed responses in a row"):
-            _collect(bad.url, vocab, tiny_model, threshold=5)
+            _collect(bad.url, vocab, model, threshold=5, backend=kind)
 
 
 @pytest.mark.slow

@@ -130,11 +130,13 @@ def parse_vllm_generate_response(obj: Any, *, prompt_len: int, return_logprob: b
     """Parse a ``/inference/v1/generate`` answer into :class:`GenerateOutput` (ordered by ``index``).
 
     ``output_logprobs[k]`` is ``choices[i].logprobs.content[k].logprob`` (its ``token_id`` must equal
-    ``token_ids[k]``); ``weight_version`` is the version of the last ``weight_versions`` span (the one
+    ``token_ids[k]``; a ``content`` of another length than ``token_ids`` is returned as is, for the rollout
+    validator to drop and count, as :func:`~megatron_dapo.engines.payloads.parse_generate_response` does); ``weight_version`` is the version of the last ``weight_versions`` span (the one
     that produced the last token), ``None`` when the server reports none.
 
     Raises:
-        ValueError: malformed answer, unknown ``finish_reason``, logprobs missing / misaligned.
+        ValueError: malformed answer, unknown ``finish_reason``, logprobs missing, or logprob token ids that
+            differ from ``token_ids`` at the same length.
     """
     if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
         raise ValueError(f"vLLM answer has no choices: {str(obj)[:200]}")
@@ -153,7 +155,9 @@ def parse_vllm_generate_response(obj: Any, *, prompt_len: int, return_logprob: b
                 if ids:
                     raise ValueError(f"{where}: logprobs requested but not returned")
                 content = []
-            if [int(e["token_id"]) for e in content] != ids:
+            # a count mismatch is returned as is, as the SGLang parser does: megatron_dapo.rollout.validate drops
+            # that one response and counts it (malformed/logprob_count) instead of failing the whole request
+            if len(content) == len(ids) and [int(e["token_id"]) for e in content] != ids:
                 raise ValueError(f"{where}: logprob token ids do not match token_ids")
             logprobs = [float(e["logprob"]) for e in content]
         spans = c.get("weight_versions") or []

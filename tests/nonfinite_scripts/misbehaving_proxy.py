@@ -1,9 +1,13 @@
 """A misbehaving engine for tests/test_nonfinite.py: an aiohttp server that forwards every request to a real
-engine (``upstream``: our CPU engine, or an SGLang server) and corrupts chosen ``/generate`` response items.
+engine (``upstream``: our CPU engine, an SGLang server or a vLLM server) and corrupts chosen generation answers:
+the items of SGLang's ``/generate`` (our CPU engine speaks it too) and the choices of vLLM's
+``/inference/v1/generate``.
 
-Items are numbered across all ``/generate`` answers in arrival order (a batched answer's list in its order).
+Items are numbered across all generation answers in arrival order (a batched answer's list in its order, a vLLM
+answer's choices by ``index``).
 ``plan`` maps an item number to a corruption; ``corrupt_all`` corrupts every item. Corruptions (each keeps the
-answer parseable by :func:`megatron_dapo.engines.payloads.parse_generate_response`):
+answer parseable by :func:`megatron_dapo.engines.payloads.parse_generate_response` and
+:func:`megatron_dapo.engines.vllm_client.parse_vllm_generate_response`):
 
 * ``oov``: the first token id becomes ``vocab_size + 7`` (in ``output_ids`` and ``output_token_logprobs``);
 * ``nan_logprob``: the first logprob becomes NaN (JSON ``NaN``, as Python's json writes it);
@@ -49,22 +53,31 @@ class MisbehavingProxy:
 
     # ------------------------------------------------------------------ corruption
     def _corrupt(self, item: dict, kind: str) -> bool:
-        ids = item.get("output_ids")
-        entries = (item.get("meta_info") or {}).get("output_token_logprobs")
+        if "token_ids" in item:  # a vLLM choice: logprobs.content = [{"token_id", "logprob", ...}]
+            ids = item.get("token_ids")
+            entries = (item.get("logprobs") or {}).get("content")
+            id_key, lp_key = "token_id", "logprob"
+        else:  # an SGLang item: meta_info.output_token_logprobs = [[logprob, token id, text]]
+            ids = item.get("output_ids")
+            entries = (item.get("meta_info") or {}).get("output_token_logprobs")
+            id_key, lp_key = 1, 0
         if not ids or not entries:
             return False
         if kind == "oov":
             bad = self.vocab_size + 7
             ids[0] = bad
-            entries[0][1] = bad
+            entries[0][id_key] = bad
         elif kind == "nan_logprob":
-            entries[0][0] = float("nan")
+            entries[0][lp_key] = float("nan")
         else:
             entries.pop()
         return True
 
     def _rewrite(self, data):
-        items = data if isinstance(data, list) else [data]
+        if isinstance(data, dict) and isinstance(data.get("choices"), list):
+            items = sorted(data["choices"], key=lambda c: int(c.get("index", 0)))
+        else:
+            items = data if isinstance(data, list) else [data]
         for item in items:
             n = self.items_seen
             self.items_seen += 1
@@ -88,7 +101,7 @@ class MisbehavingProxy:
         async with self._session.request(request.method, url, data=body, headers=headers) as resp:
             payload = await resp.read()
             status, ctype = resp.status, resp.headers.get("Content-Type", "application/json")
-        if request.path == "/generate" and status == 200:
+        if request.path in ("/generate", "/inference/v1/generate") and status == 200:
             data = self._rewrite(json.loads(payload))
             payload = json.dumps(data).encode()  # allow_nan: NaN stays a JSON NaN literal
         return web.Response(body=payload, status=status, content_type=ctype.split(";")[0])
