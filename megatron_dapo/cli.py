@@ -11,7 +11,9 @@ Subcommands::
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import signal
 import sys
 import warnings
 from typing import Optional
@@ -45,6 +47,8 @@ def cmd_train(args) -> int:
         return dry_run(cfg, args.config, args.overrides, hf_config=args.hf_config, nodes=args.nodes,
                        gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory_gb)
     cfg = _load(args)
+    # a run that seems hung: `kill -QUIT <pid>` prints every thread's stack to stderr and the run goes on
+    faulthandler.register(signal.SIGQUIT, all_threads=True)
     # heavy: the training stack (torch, megatron-core) loads only for the subcommand that needs it
     from .trainer import run_training
 

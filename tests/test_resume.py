@@ -74,9 +74,10 @@ def test_no_orphan_engines_after_ctrl_c_or_kill(tmp_path, tiny_model, sig):  # n
     import psutil
 
     log = tmp_path / "o" / "steps.jsonl"
+    err = open(tmp_path / "trainer.err", "w+")
     proc = subprocess.Popen([PY, "-m", "megatron_dapo.train", CONFIG, "run_name=o", f"output_dir={tmp_path}",
                              f"model.hf_path={tiny_model}", "trainer.total_steps=50"], cwd=REPO_ROOT, env=repo_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.time() + 300
     while not (log.exists() and log.read_text().strip()) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
@@ -84,6 +85,15 @@ def test_no_orphan_engines_after_ctrl_c_or_kill(tmp_path, tiny_model, sig):  # n
     engines = [c for c in children if "megatron_dapo.engines.cpu.server" in " ".join(c.cmdline())]
     assert engines, "the trainer should have started a CPU engine"
     proc.send_signal(sig)
-    proc.wait(timeout=120)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:  # a hang: every thread's stack (SIGQUIT, cli.cmd_train) into the message
+        proc.send_signal(signal.SIGQUIT)
+        time.sleep(3)
+        proc.kill()
+        err.seek(0)
+        pytest.fail(f"the trainer did not exit within 120 s of {sig!r}; its stderr:\n{err.read()[-12000:]}")
+    finally:
+        err.close()
     gone, alive = psutil.wait_procs(engines, timeout=30)
     assert not alive, f"engine processes left behind after {sig!r}: {[p.pid for p in alive]}"
