@@ -77,7 +77,11 @@ def test_no_orphan_engines_after_ctrl_c_or_kill(tmp_path, tiny_model, sig):  # n
     err = open(tmp_path / "trainer.err", "w+")
     proc = subprocess.Popen([PY, "-m", "megatron_dapo.train", CONFIG, "run_name=o", f"output_dir={tmp_path}",
                              f"model.hf_path={tiny_model}", "trainer.total_steps=50"], cwd=REPO_ROOT, env=repo_env(),
-                            stdout=subprocess.DEVNULL, stderr=err)
+                            stdout=subprocess.DEVNULL, stderr=err,
+                            # a pytest started in the background (nohup, `&` in a script) ignores SIGINT and its
+                            # children inherit that: Python then never raises KeyboardInterrupt. Ctrl-C at a
+                            # terminal reaches a foreground trainer with the default disposition: restore it.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not (log.exists() and log.read_text().strip()) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
