@@ -156,8 +156,9 @@ class FlatBatch:
 
     def to_actor_batch(self) -> ActorBatch:
         """The padded :class:`ActorBatch` (``L`` = longest row): ``response_mask[i, j] = loss_weights[i]`` on
-        the response tokens (times ``token_mask`` when set), ``advantages[i, j] = advantages[i] * response_mask[i, j]`` (eq. 9 broadcast per
-        token), ``rollout_logprobs`` placed at the response tokens (zero elsewhere).
+        the response tokens (times ``token_mask`` when set), ``advantages[i, j] = advantages[i] *
+        response_mask[i, j]`` (eq. 9 broadcast per token), ``rollout_logprobs`` placed at the response tokens
+        (zero elsewhere).
 
         Raises:
             ValueError: no rows, or a row with an empty prompt.

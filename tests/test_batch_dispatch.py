@@ -137,7 +137,8 @@ def test_masked_prefix_leaves_the_loss_and_the_token_counts():
     plan = plan_step(masked, mini_batch_size=8, ppo_epochs=1, dp_size=1, generator=torch.Generator().manual_seed(0))
     assert plan.updates[0][0].num_tokens == int(masked.loss_token_counts().sum()) == int(b.response_mask.sum())
     back = _unpack(*_pack(shard_for(masked, plan, 0))).batch
-    assert torch.equal(back.to_actor_batch().response_mask, masked.select(plan.rank_rows[0]).to_actor_batch().response_mask)
+    sent = masked.select(plan.rank_rows[0]).to_actor_batch()
+    assert torch.equal(back.to_actor_batch().response_mask, sent.response_mask)
 
 
 def test_mismatch_parts_combine_to_the_metric():

@@ -131,7 +131,8 @@ def parse_vllm_generate_response(obj: Any, *, prompt_len: int, return_logprob: b
 
     ``output_logprobs[k]`` is ``choices[i].logprobs.content[k].logprob`` (its ``token_id`` must equal
     ``token_ids[k]``; a ``content`` of another length than ``token_ids`` is returned as is, for the rollout
-    validator to drop and count, as :func:`~megatron_dapo.engines.payloads.parse_generate_response` does); ``weight_version`` is the version of the last ``weight_versions`` span (the one
+    validator to drop and count, as :func:`~megatron_dapo.engines.payloads.parse_generate_response` does);
+    ``weight_version`` is the version of the last ``weight_versions`` span (the one
     that produced the last token), ``None`` when the server reports none.
 
     Raises:
