@@ -191,6 +191,16 @@ class RolloutConfig:
     router_url: Optional[str] = None
     """An already-running router in front of ``engine_urls`` (e.g. started by the sbatch script);
     exclusive with ``use_router``."""
+    max_engine_restarts: int = 3
+    """How many times one engine may be replaced in a run (per engine) after it failed: its process exited,
+    its connection was refused, or ``/health`` stopped answering for ``engine_hang_timeout_s``. A failed engine
+    leaves rotation at once (its requests go to the other engines) and is relaunched at the next step boundary,
+    brought to the current weights before it takes a request. Past this bound the run stops with one line
+    naming the engine and its log (exit 2). ``0``: the first failure stops the run. Engines named in
+    ``engine_urls`` (started by someone else) are never relaunched: a failure of one of them stops the run."""
+    engine_hang_timeout_s: float = 120.0
+    """An engine whose ``/health`` has not answered for this many seconds is failed (a hung or stopped
+    process): it leaves rotation, its in-flight requests are resubmitted to the other engines."""
     max_consecutive_malformed_per_engine: int = 8
     """Stop the step when one engine returns this many malformed responses in a row (bad token ids or
     logprobs, wrong lengths, unknown finish reason); fewer are dropped and counted."""
@@ -265,6 +275,9 @@ class RolloutConfig:
         _need(self.request_timeout_s > 0, "rollout.request_timeout_s", "must be > 0")
         _need(self.health_timeout_s > 0, "rollout.health_timeout_s", "must be > 0")
         _need(self.max_retries >= 0, "rollout.max_retries", "must be >= 0")
+        _need(isinstance(self.max_engine_restarts, int) and self.max_engine_restarts >= 0,
+              "rollout.max_engine_restarts", f"must be an int >= 0 (got {self.max_engine_restarts!r})")
+        _need(self.engine_hang_timeout_s > 0, "rollout.engine_hang_timeout_s", "must be > 0 (seconds)")
 
 
 @dataclass
@@ -562,6 +575,10 @@ class TrainerConfig:
     export_hf: bool = True
     max_consecutive_nonfinite: int = 3
     """Stop (exit 2) after this many consecutive optimizer updates skipped for NaN/inf loss or gradients."""
+    collective_timeout_min: float = 30.0
+    """Timeout of the trainer's ``torch.distributed`` collectives (minutes): a collective that hangs this long
+    (a dead or stuck rank) fails and the process exits, so the Slurm script can requeue instead of holding the
+    allocation."""
 
     def validate(self) -> None:
         """Check the ``trainer.*`` keys.
@@ -580,6 +597,7 @@ class TrainerConfig:
         _need(self.eval_temperature >= 0, "trainer.eval_temperature", "must be >= 0")
         _need(0 < self.eval_top_p <= 1, "trainer.eval_top_p", "must be in (0, 1]")
         _need(self.log_interval >= 1, "trainer.log_interval", "must be >= 1")
+        _need(self.collective_timeout_min > 0, "trainer.collective_timeout_min", "must be > 0 (minutes)")
 
 
 @dataclass
