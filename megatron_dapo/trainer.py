@@ -312,7 +312,8 @@ class Trainer:
             with timed(metrics, "train"):
                 metrics.update(self._update(batch, shard))
             self.step += 1
-            metrics.update(self._push())
+            metrics.update(self._push())  # a failed engine is replaced here, before the push
+            metrics.update(self.engines.health_metrics())
         return metrics
 
     def _advantages(self, groups: Optional[list[Group]]) -> tuple[Optional[FlatBatch], Optional[StepPlan]]:

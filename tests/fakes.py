@@ -92,6 +92,11 @@ class FakeEngineSet:
         return {"colocate/engine_release_s": 0.0}
 
 
+    def health_metrics(self):
+        self.events.log.append(("engines", "health_metrics"))
+        return {"rollout/engine_restarts": 0.0}
+
+
 class StepActor:
     """What train_one_step uses of the actor: its DP coordinates (the batch dispatcher), compute_logprobs and
     train_step on this DP rank's share (``local=True``), last_nonfinite."""

@@ -294,9 +294,11 @@ def test_train_one_step_transitions_around_rollout_and_update():
     log = events.log
     assert log[0] == ("engines", "to_generation", "0") and log[1] == ("trainer", "rollout")
     assert log[2] == ("engines", "to_training")
-    assert log[-1] == ("engines", "to_generation", "1") and trainer.step == 1
-    assert ("actor", "train_step") in log[3:-1]
-    assert {"colocate/engine_release_s", "timing/weight_sync_s", "timing/step_s"} <= set(metrics)
+    assert log[-2] == ("engines", "to_generation", "1") and trainer.step == 1
+    assert log[-1] == ("engines", "health_metrics")  # after the push, which replaces failed engines
+    assert ("actor", "train_step") in log[3:-2]
+    assert {"colocate/engine_release_s", "timing/weight_sync_s", "timing/step_s",
+            "rollout/engine_restarts"} <= set(metrics)
     assert not any(k for k in vars(trainer) if "awake" in k or "in_memory" in k)
 
 

@@ -196,9 +196,10 @@ def test_train_one_step_overlaps_the_next_rollout_with_training():
     assert (m2["rollout/staleness"], m2["rollout/weight_version"]) == (1.0, 0.0)
     pending = trainer.batches.state_dict()
     assert trainer.step == 2 and (pending["step"], pending["weight_version"]) == (2, 1)  # step 3's batch: weights of step 1
-    engine_calls = [e[1:] for e in events.log if e[0] == "engines"]
+    engine_calls = [e[1:] for e in events.log if e[0] == "engines" and e[1] != "health_metrics"]
     assert engine_calls == [("to_generation", "0"), ("to_generation", "0"), ("to_training",),
                             ("to_generation", "1"), ("to_training",)]
+    assert events.log.count(("engines", "health_metrics")) == 2  # once per step
 
 
 # ---------------------------------------------------------------------------------------------- end to end

@@ -38,6 +38,7 @@ TB_TAGS_ONE_STEP = frozenset({
     "dynamic_sampling/all_wrong", "dynamic_sampling/batch_response_tokens", "dynamic_sampling/carried_in",
     "dynamic_sampling/carried_stale", "rollout/token_age_max", "rollout/token_age_mean",  # carried-group ages
     "rollout/offpolicy_prefix_tokens", "actor/loss_tokens",  # issue 22's prefix mask: prefix and loss token counts
+    "rollout/engine_restarts", "rollout/engines_alive", "rollout/requests_resubmitted",  # issue 25: engine health
     "dynamic_sampling/generated_response_tokens", "dynamic_sampling/keep_rate", "dynamic_sampling/kept_groups",
     "dynamic_sampling/num_gen_batches", "dynamic_sampling/prompts_tried", "dynamic_sampling/surplus_carried",
     "dynamic_sampling/surplus_dropped", "dynamic_sampling/waste_ratio", "memory/actor_offload_bytes",

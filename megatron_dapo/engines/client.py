@@ -413,7 +413,12 @@ class EngineClient(EngineTransport):
             for _, t in tensors:
                 group.broadcast(t, src=0)
 
-        await asyncio.get_running_loop().run_in_executor(None, send)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, send)
+        except BaseException:
+            announce.cancel()  # the broadcast broke (e.g. an engine died): its announcement's outcome is moot
+            await asyncio.gather(announce, return_exceptions=True)
+            raise
         return await announce
 
     async def update_weights_from_tensor(self, serialized_named_tensors: list, *, load_format: str | None = None,
@@ -533,6 +538,34 @@ class SyncEngineClient:
     @property
     def engine_urls(self) -> list[str]:
         return self.client.engine_urls
+
+    # ---- rotation (:class:`~megatron_dapo.engines.protocols.EngineRotation`; any thread but the loop's) ------
+    @property
+    def requests_resubmitted(self) -> int:
+        """:attr:`EngineTransport.requests_resubmitted`."""
+        return self.client.requests_resubmitted
+
+    @property
+    def down_urls(self) -> dict[str, str]:
+        """:attr:`EngineTransport.down_urls`."""
+        return self.client.down_urls
+
+    def _on_loop(self, fn, *args):
+        async def call():
+            return fn(*args)
+        return self.run(call())
+
+    def mark_down(self, url: str, cause: str) -> int:
+        """:meth:`EngineTransport.mark_down`, run on the client's loop."""
+        return self._on_loop(self.client.mark_down, url, cause)
+
+    def mark_warming(self, url: str) -> None:
+        """:meth:`EngineTransport.mark_warming`, run on the client's loop."""
+        self._on_loop(self.client.mark_warming, url)
+
+    def mark_up(self, url: str) -> None:
+        """:meth:`EngineTransport.mark_up`, run on the client's loop."""
+        self._on_loop(self.client.mark_up, url)
 
     @property
     def router_url(self) -> str | None:

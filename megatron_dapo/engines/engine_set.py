@@ -43,6 +43,7 @@ from .launch_common import EngineProcesses, default_engine_python
 from .launch_cpu import launch_cpu_engines
 from .launch_router import launch_sglang_router
 from .launch_sglang import launch_sglang_servers
+from .health import EngineHealthMonitor
 from .launch_vllm import launch_vllm_servers
 from .protocols import PolicyActor, RolloutBackendName, RolloutEngine, WeightTransportName
 from .transport import EngineError
@@ -177,6 +178,8 @@ class Endpoints:
 
     urls: list[str]
     router_url: Optional[str]
+    processes: Optional[EngineProcesses] = None
+    """The engines this call started (``None``: ``rollout.engine_urls`` named running ones)."""
 
 
 def launch_engines(r: RolloutConfig, req: LaunchRequest, stack: ExitStack, *,
@@ -194,6 +197,7 @@ def launch_engines(r: RolloutConfig, req: LaunchRequest, stack: ExitStack, *,
         EngineLaunchError: an engine or the router did not become healthy (its log is named).
     """
     urls = list(r.engine_urls)
+    procs = None
     if not urls:
         procs = BACKENDS[r.backend].launch(r, req)
         stack.enter_context(procs)
@@ -209,7 +213,7 @@ def launch_engines(r: RolloutConfig, req: LaunchRequest, stack: ExitStack, *,
         router_url = router.url
         log.info("sglang-router (%s) at %s in front of %d engine(s) (log %s)", r.router_policy, router_url,
                  len(urls), router_log)
-    return Endpoints(urls, router_url)
+    return Endpoints(urls, router_url, procs)
 
 
 def engine_client(r: RolloutConfig, endpoints: Endpoints, stack: ExitStack) -> RolloutEngine:
@@ -272,11 +276,19 @@ class EngineSet:
         offload_actor: ``actor.offload`` (colocated only: offload the actor while the engines generate).
         logprob_check: :class:`LogprobCheck` after every push, or ``None``.
         is_rank0: whether this process talks to the engines (global rank 0).
+        health: rank 0's :class:`~megatron_dapo.engines.health.EngineHealthMonitor` (``None``: failures are not
+            watched, nothing is replaced).
+        max_engine_restarts: ``rollout.max_engine_restarts`` (replacements per engine per run).
+        relaunch_timeout_s: seconds a replacement has to become healthy (``rollout.health_timeout_s``).
+        one_engine_client: ``url -> RolloutEngine`` over that engine alone (closed after use): releases a
+            colocated replacement while the others are released.
     """
 
     def __init__(self, actor: PolicyActor, client: Optional[RolloutEngine], weight_sync: WeightSync, *,
                  colocated: bool, offload_actor: bool = True, logprob_check: Optional[LogprobCheck] = None,
-                 is_rank0: bool = True) -> None:
+                 is_rank0: bool = True, health: Optional[EngineHealthMonitor] = None,
+                 max_engine_restarts: int = 3, relaunch_timeout_s: float = 300.0,
+                 one_engine_client: Optional[Callable[[str], RolloutEngine]] = None) -> None:
         if is_rank0 and client is None:
             raise ValueError("EngineSet on rank 0 needs the engine client (client=None given)")
         self.actor = actor
@@ -288,6 +300,14 @@ class EngineSet:
         self.is_rank0 = bool(is_rank0)
         self.state: EngineState = "generating"
         self.weight_version: str = INITIAL_WEIGHT_VERSION
+        self.health = health
+        self.max_engine_restarts = int(max_engine_restarts)
+        self.relaunch_timeout_s = float(relaunch_timeout_s)
+        self.one_engine_client = one_engine_client
+        self.restarts: dict[str, int] = {}
+        """Replacements so far, per engine URL (rank 0)."""
+        self._warming: list[str] = []  # replacements waiting for their first push (rank 0)
+        self._reported = {"restarts": 0, "resubmitted": 0}  # what health_metrics() reported so far
 
     @classmethod
     def launch(cls, cfg: DAPOConfig, actor: PolicyActor, hf_path: Path, stack: ExitStack) -> "EngineSet":
@@ -301,12 +321,18 @@ class EngineSet:
         r = cfg.rollout
         is_rank0 = actor.rank == 0
         params_dtype = cfg.weight_sync.dtype or cfg.actor.params_dtype
-        started: dict[str, RolloutEngine] = {}
+        started: dict[str, object] = {}
 
         def start() -> None:  # rank 0; a launch failure reaches every rank as the same typed error
             req = LaunchRequest(str(hf_path), cfg.run_dir / "engine_logs", cfg.seed, r.colocated,
                                 ENGINE_DTYPES[params_dtype])
-            started["client"] = engine_client(r, launch_engines(r, req, stack), stack)
+            endpoints = launch_engines(r, req, stack)
+            client = started["client"] = engine_client(r, endpoints, stack)
+            # closed before the engines stop (the stack unwinds in reverse), so a shutdown is no failure
+            health = EngineHealthMonitor(list(client.engine_urls), client.mark_down, processes=endpoints.processes,
+                                         hang_timeout_s=r.engine_hang_timeout_s, api_key=r.api_key)
+            started["health"] = health.start()
+            stack.callback(health.close)
 
         on_rank0(start, is_rank0=is_rank0)
         client = started.get("client")
@@ -318,14 +344,17 @@ class EngineSet:
                                  # (URLs come from rank 0's client at the first sync; the key from here)
                                  api_key=r.api_key)
         stack.callback(weight_sync.close)
-        check = None
-        if cfg.weight_sync.check_logprobs:
-            backend = BACKENDS[r.backend]
-            check = LogprobCheck(r.temperature, lambda url: backend.client(
-                [url], router_url=None, api_key=r.api_key, request_timeout_s=r.request_timeout_s,
-                max_retries=r.max_retries))
+        backend = BACKENDS[r.backend]
+
+        def one_engine_client(url: str) -> RolloutEngine:
+            return backend.client([url], router_url=None, api_key=r.api_key, request_timeout_s=r.request_timeout_s,
+                                  max_retries=r.max_retries)
+
+        check = LogprobCheck(r.temperature, one_engine_client) if cfg.weight_sync.check_logprobs else None
         return cls(actor, client, weight_sync, colocated=r.colocated, offload_actor=cfg.actor.offload,
-                   logprob_check=check, is_rank0=is_rank0)
+                   logprob_check=check, is_rank0=is_rank0, health=started.get("health"),
+                   max_engine_restarts=r.max_engine_restarts, relaunch_timeout_s=r.health_timeout_s,
+                   one_engine_client=one_engine_client)
 
     # ---- engine calls (rank 0; every rank gets the outcome) --------------------------------
     def _engines(self, what: str, call: Callable[[RolloutEngine], object]) -> float:
@@ -381,8 +410,21 @@ class EngineSet:
             logprobs differ from the actor's by more than the check's tolerance (every rank alike).
         """
         weight_version = str(weight_version)
-        if self.state == "generating" and self.weight_version == weight_version:
+        replaced = self.replace_failed_engines()
+        if not replaced and self.state == "generating" and self.weight_version == weight_version:
             return {}
+        while True:
+            try:
+                m = self._to_generation(weight_version)
+                break
+            except (WeightSyncError, EngineError):
+                # an engine that died during the push is replaced and the push repeated; any other failure stays
+                if not self.replace_failed_engines(after_error=True):
+                    raise
+        self._put_back_warming()
+        return m
+
+    def _to_generation(self, weight_version: str) -> dict[str, float]:
         reference = None
         if self.logprob_check is not None:  # before a colocated offload
             reference = fixed_sequence_logprobs(self.actor, self.logprob_check.temperature)
@@ -442,3 +484,106 @@ class EngineSet:
             return diff
 
         return {"weight_sync/engine_actor_logprob_max_abs_diff": on_rank0(largest_diff, is_rank0=self.is_rank0)}
+
+    # ---- failed engines (rank 0 decides; every rank gets the outcome) ---------------------
+    def replace_failed_engines(self, *, after_error: bool = False) -> int:
+        """Replace every engine the health monitor found failed (collective; the trainer calls it through
+        :meth:`to_generation`, at a step boundary where nothing generates).
+
+        Each is relaunched by the launcher that started it (same command, URL and log file:
+        :meth:`~megatron_dapo.engines.launch_common.EngineProcesses.relaunch`), released again when the set is
+        released (colocated), and warms up: it takes the next push and the logprob check but no generation
+        until both passed. A ``distributed`` weight-update group is re-formed at the next push (the old one spans
+        the dead engine's ranks).
+
+        Args:
+            after_error: a push or engine call just failed: check every engine now (process and ``/health``)
+                instead of relying on the monitor's last round.
+
+        Returns:
+            How many engines were replaced (every rank).
+
+        Raises:
+            EngineError: on every rank, naming the engine, its log file and the log's last lines, when an engine
+                failed more than ``rollout.max_engine_restarts`` times, was not started by this run
+                (``rollout.engine_urls``), or its replacement did not become healthy.
+        """
+        def run() -> int:
+            if self.health is None:
+                return 0
+            failed = self.health.check_now(probe=True) if after_error else self.health.failed()
+            for url, cause in failed.items():
+                self._replace(url, cause)
+            return len(failed)
+
+        n = on_rank0(run, is_rank0=self.is_rank0)
+        if n:
+            self.weight_sync.reset_transport()
+        return n
+
+    def _replace(self, url: str, cause: str) -> None:
+        ep = self.health.process_of(url)
+        done = self.restarts.get(url, 0)
+        log_path = ep.log_path if ep is not None else None
+        if ep is None:
+            raise EngineError(f"rollout engine {url} failed ({cause}); it was not started by this run "
+                              f"(rollout.engine_urls), so it cannot be replaced", urls=[url])
+        if done >= self.max_engine_restarts:
+            raise EngineError(f"rollout engine {url} failed ({cause}) after {done} replacement(s) "
+                              f"(rollout.max_engine_restarts={self.max_engine_restarts}); its log {log_path} ends: "
+                              f"{' | '.join(_log_tail(log_path, 5))}", urls=[url])
+        self.health.pause(url)
+        t = time.perf_counter()
+        try:
+            self.health.processes.relaunch(self.health.processes.engines.index(ep), self.relaunch_timeout_s)
+        except Exception as exc:
+            raise EngineError(f"replacing rollout engine {url} (failed: {cause}) did not work: {exc}",
+                              urls=[url]) from exc
+        self.restarts[url] = done + 1
+        self.health.forget(url)
+        self.client.mark_warming(url)
+        self._warming.append(url)
+        if self.colocated and self.state == "released":  # like the others: released until the next push
+            if self.one_engine_client is None:
+                raise EngineError(f"replacement of {url} cannot be released like the other engines: the engine set "
+                                  f"has no one_engine_client", urls=[url])
+            one = self.one_engine_client(url)
+            try:
+                one.release_memory_occupation()
+            finally:
+                one.close()
+        log.warning("rollout engine %s replaced in %.1f s (it had failed: %s; replacement %d of at most %d; log %s)",
+                    url, time.perf_counter() - t, cause, done + 1, self.max_engine_restarts, log_path)
+
+    def _put_back_warming(self) -> None:
+        """After a push (and the logprob check) the replacements take generation requests again (rank 0)."""
+        if self.is_rank0:
+            for url in self._warming:
+                self.client.mark_up(url)
+            self._warming.clear()
+
+    def health_metrics(self) -> dict[str, float]:
+        """The step's engine health (collective): ``rollout/engine_restarts`` (engines replaced since the last
+        call), ``rollout/engines_alive`` (engines in rotation now) and ``rollout/requests_resubmitted``
+        (generation requests resent to another engine since the last call). ``{}`` without a health monitor."""
+        def run() -> dict[str, float]:
+            if self.health is None:
+                return {}
+            restarts = sum(self.restarts.values())
+            resubmitted = int(getattr(self.client, "requests_resubmitted", 0))
+            out = {"rollout/engine_restarts": float(restarts - self._reported["restarts"]),
+                   "rollout/engines_alive": float(len(self.health.urls) - len(self.client.down_urls)),
+                   "rollout/requests_resubmitted": float(resubmitted - self._reported["resubmitted"])}
+            self._reported = {"restarts": restarts, "resubmitted": resubmitted}
+            return out
+
+        return on_rank0(run, is_rank0=self.is_rank0)
+
+
+def _log_tail(path: Optional[Path], n: int) -> list[str]:
+    """The last ``n`` non-empty lines of ``path`` (``["(no log)"]`` when unreadable)."""
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+    except (OSError, TypeError):
+        return ["(no log)"]
+    return lines[-n:]

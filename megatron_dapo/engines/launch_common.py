@@ -151,13 +151,14 @@ def _kill_pids(pids: Sequence[int], sig: int = signal.SIGKILL) -> None:
 
 @dataclass
 class EngineProcess:
-    """One started engine: its argv, URL, log file and ``Popen``."""
+    """One started engine: its argv, URL, log file, ``Popen`` and environment (``None``: inherited)."""
 
     cmd: list[str]
     url: str
     log_path: Path
     proc: subprocess.Popen
     api_key: str | None = None
+    env: dict | None = None
 
 
 _LIVE: "weakref.WeakSet[EngineProcesses]" = weakref.WeakSet()
@@ -236,9 +237,34 @@ class EngineProcesses:
                                     preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None)
         finally:
             log.close()
-        ep = EngineProcess(cmd=cmd, url=url, log_path=log_path, proc=proc, api_key=api_key)
+        ep = EngineProcess(cmd=cmd, url=url, log_path=log_path, proc=proc, api_key=api_key, env=env)
         self.engines.append(ep)
         return ep
+
+    def relaunch(self, index: int, health_timeout_s: float = 120.0, grace_s: float = 10.0) -> EngineProcess:
+        """Replace engine ``index``: stop its whole process tree for good (SIGTERM, then SIGKILL after ``grace_s``;
+        a stopped or hung process included), start the same command on the same URL (its log is appended to,
+        after a marker line) and wait until it answers ``/health``.
+
+        Raises:
+            EngineLaunchError: the new process exited or was not healthy within ``health_timeout_s`` (it is
+                stopped; the other engines keep running).
+        """
+        old = self.engines[index]
+        _stop_engines([old], grace_s)
+        with open(old.log_path, "ab") as fh:
+            fh.write(f"\n===== megatron_dapo: engine relaunched at {time.strftime('%F %T')} =====\n".encode())
+        self.start(old.cmd, old.url, old.log_path, env=old.env, api_key=old.api_key)
+        new = self.engines.pop()
+        self.engines[index] = new
+        one = EngineProcesses.__new__(EngineProcesses)  # a view of the one engine (not registered for exit hooks)
+        one.engines = [new]
+        try:
+            one.wait_healthy(health_timeout_s)
+        except BaseException:
+            _stop_engines([new], grace_s)
+            raise
+        return new
 
     def wait_healthy(self, timeout_s: float = 120.0, poll_s: float = 0.25) -> None:
         """Block until every engine answers ``GET /health`` with 200.
@@ -301,37 +327,44 @@ class EngineProcesses:
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM each process group, wait up to ``grace_s``, then SIGKILL the groups and every
         descendant seen before the SIGTERM (children that left the group included); idempotent."""
-        live = [ep for ep in self.engines if ep.proc.poll() is None]
-        family = [p for ep in live for p in descendant_pids(ep.proc.pid)]
-        for ep in live:
-            try:
-                os.killpg(ep.proc.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.monotonic() + grace_s
-        for ep in live:
-            try:
-                ep.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for ep in self.engines:
-            # also reap anything left in the group (e.g. SGLang's scheduler subprocesses)
-            try:
-                os.killpg(ep.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            if ep.proc.poll() is None:
-                try:
-                    ep.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    pass
-        _kill_pids(family)
+        _stop_engines(self.engines, grace_s)
 
     def __enter__(self) -> "EngineProcesses":
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _stop_engines(engines: Sequence[EngineProcess], grace_s: float) -> None:
+    """:meth:`EngineProcesses.stop` of ``engines``: a stopped (SIGSTOP) process gets SIGCONT with the SIGTERM so
+    that it can exit; SIGKILL ends whatever is left after ``grace_s``."""
+    live = [ep for ep in engines if ep.proc.poll() is None]
+    family = [p for ep in live for p in descendant_pids(ep.proc.pid)]
+    for ep in live:
+        for sig in (signal.SIGTERM, signal.SIGCONT):
+            try:
+                os.killpg(ep.proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+    deadline = time.monotonic() + grace_s
+    for ep in live:
+        try:
+            ep.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for ep in engines:
+        # also reap anything left in the group (e.g. SGLang's scheduler subprocesses)
+        try:
+            os.killpg(ep.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if ep.proc.poll() is None:
+            try:
+                ep.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+    _kill_pids(family)
 
 
 def _http_ok(url: str, api_key: str | None, timeout_s: float = 2.0) -> bool:

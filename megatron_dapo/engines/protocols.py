@@ -115,6 +115,24 @@ class RolloutEngine(Protocol):
     def close(self) -> None: ...
 
 
+class EngineRotation(Protocol):
+    """Which engines take requests: the part of the engine client that
+    :class:`~megatron_dapo.engines.engine_set.EngineSet`'s health keeping drives (both engine clients have it).
+    An engine marked down gets no generation request and no control call; a warming one gets control calls
+    (the weight push of a replacement) but no generation."""
+
+    requests_resubmitted: int
+    """Generation requests resent to another engine so far."""
+
+    def mark_down(self, url: str, cause: str) -> int:
+        """Out of rotation; its running generation requests are resent elsewhere (returns how many)."""
+        ...
+
+    def mark_warming(self, url: str) -> None: ...
+
+    def mark_up(self, url: str) -> None: ...
+
+
 class WeightTransport(Protocol):
     """Moves one sync's buckets into the engines (rank 0)."""
 
@@ -124,6 +142,11 @@ class WeightTransport(Protocol):
         Raises:
             WeightSyncError / EngineError: an engine refused or a transfer failed.
         """
+        ...
+
+    def reset(self) -> None:
+        """An engine was replaced: rebuild whatever spans the engines (the ``distributed`` update group) at the
+        next :meth:`send`."""
         ...
 
     def close(self) -> None:

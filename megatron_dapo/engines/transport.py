@@ -90,12 +90,70 @@ class EngineTransport:
         self._rid_locations: dict[str, list[tuple[str, list[str]]]] = {}
         self._session = None
         self._session_loop = None
+        # engines out of rotation (:meth:`mark_down`: failed; :meth:`mark_warming`: control calls only)
+        self._down: dict[str, str] = {}
+        self._warming: set[str] = set()
+        self._inflight: dict[str, set[asyncio.Task]] = {}
+        self.requests_resubmitted = 0
+        """Generation requests sent again to another engine after theirs failed (connection lost, timeout, 5xx,
+        or the engine left rotation while they ran); counts every request id of a resent batch."""
 
     # ---- plumbing ----------------------------------------------------------------------
     @property
     def control_urls(self) -> list[str]:
-        """URLs that receive control calls (all engines; the router if no engine URL is known)."""
-        return self.engine_urls or [self.router_url]
+        """URLs that receive control calls: every engine in rotation or warming up (not those marked down); the
+        router if no engine URL is known."""
+        if not self.engine_urls:
+            return [self.router_url]
+        return [u for u in self.engine_urls if u not in self._down]
+
+    # ---- rotation (engine health is decided by the owner of the engines: EngineSet) --------------
+    @property
+    def down_urls(self) -> dict[str, str]:
+        """``{url: cause}`` of the engines out of rotation (:meth:`mark_down`)."""
+        return dict(self._down)
+
+    def mark_down(self, url: str, cause: str) -> int:
+        """Take engine ``url`` out of rotation: no generation request or control call goes to it any more, and
+        the generation requests running on it are cancelled here and resent to another engine. Call on the
+        client's event loop (:meth:`SyncEngineClient.mark_down` from other threads).
+
+        Returns:
+            The number of running requests cancelled (each is resent).
+
+        Raises:
+            ValueError: ``url`` is not one of :attr:`engine_urls`.
+        """
+        url = self._known(url)
+        self._down[url] = str(cause)
+        self._warming.discard(url)
+        tasks = [t for t in self._inflight.get(url, ()) if not t.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            logger.warning("engine %s left rotation (%s): resending its %d running request(s)", url, cause, len(tasks))
+        return len(tasks)
+
+    def mark_warming(self, url: str) -> None:
+        """Engine ``url`` (a replacement) takes control calls (weight pushes, checks) but no generation yet."""
+        url = self._known(url)
+        self._down.pop(url, None)
+        self._warming.add(url)
+
+    def mark_up(self, url: str) -> None:
+        """Engine ``url`` is back in rotation (generation and control)."""
+        url = self._known(url)
+        self._down.pop(url, None)
+        self._warming.discard(url)
+
+    def _known(self, url: str) -> str:
+        url = url.rstrip("/")
+        if url not in self.engine_urls:
+            raise ValueError(f"{url} is not one of this client's engines {self.engine_urls}")
+        return url
+
+    def _in_rotation(self, url: str) -> bool:
+        return url not in self._down and url not in self._warming
 
     async def _ensure_session(self):
         loop = asyncio.get_running_loop()
@@ -127,9 +185,13 @@ class EngineTransport:
 
     def _pick(self, tried: set[str]) -> str:
         now = time.monotonic()
-        alive = [u for u in self._gen_urls if self._dead_until.get(u, 0.0) <= now]
+        usable = [u for u in self._gen_urls if self._in_rotation(u)]
+        if not usable:
+            down = "; ".join(f"{u}: {self._down.get(u, 'warming up')}" for u in self._gen_urls)
+            raise EngineError(f"no engine in rotation ({down})", urls=list(self._gen_urls))
+        alive = [u for u in usable if self._dead_until.get(u, 0.0) <= now]
         pool = [u for u in alive if u not in tried] or alive or \
-            [u for u in self._gen_urls if u not in tried] or list(self._gen_urls)
+            [u for u in usable if u not in tried] or usable
         lowest = min(self.outstanding[u] for u in pool)
         best = [u for u in pool if self.outstanding[u] == lowest]
         return best[next(self._rr) % len(best)]
@@ -157,8 +219,16 @@ class EngineTransport:
             self.outstanding[url] += 1
             for rid in rids:
                 self._rid_locations.setdefault(rid, []).append((url, [rid]))
+            call = asyncio.ensure_future(self._http("POST", url, path, payload, self.request_timeout_s))
+            self._inflight.setdefault(url, set()).add(call)
             try:
-                status, data = await self._http("POST", url, path, payload, self.request_timeout_s)
+                try:
+                    status, data = await call
+                except asyncio.CancelledError:
+                    me = asyncio.current_task()
+                    if not (call.cancelled() and url in self._down and not (me and me.cancelling())):
+                        raise  # the caller cancelled us (abort, shutdown): not an engine failure
+                    raise ConnectionError(f"engine left rotation ({self._down[url]})") from None
             except Exception as exc:
                 if not _is_retryable_exc(exc):
                     raise EngineError(f"{path} on {url} failed: {type(exc).__name__}: {exc}", urls=[url]) from exc
@@ -175,6 +245,9 @@ class EngineTransport:
                                       urls=[url], status=status)
                 last = f"{url}: HTTP {status}: {msg}"
             finally:
+                self._inflight.get(url, set()).discard(call)
+                if not call.done():
+                    call.cancel()
                 self.outstanding[url] -= 1
                 for rid in rids:
                     locs = self._rid_locations.get(rid)
@@ -184,6 +257,7 @@ class EngineTransport:
                             self._rid_locations.pop(rid, None)
             logger.warning("%s attempt %d/%d failed (%s)", path, attempt + 1, attempts, last)
             if attempt + 1 < attempts:
+                self.requests_resubmitted += len(rids)
                 await asyncio.sleep(min(self.retry_backoff_s * (2 ** attempt), 10.0))
         raise EngineError(f"{path} failed after {attempts} attempt(s) on {sorted(tried)}; last error: {last}",
                           urls=sorted(tried))

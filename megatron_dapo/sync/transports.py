@@ -219,6 +219,9 @@ class DiskTransport:
         if previous is not None and previous != final:
             shutil.rmtree(previous, ignore_errors=True)
 
+    def reset(self) -> None:
+        """Nothing to rebuild after an engine was replaced: each push writes a checkpoint every engine reads."""
+
     def close(self) -> None:
         for d in list(self._tmp_dirs) + ([self.current] if self.current is not None else []):
             shutil.rmtree(d, ignore_errors=True)
@@ -292,6 +295,11 @@ class DistributedTransport:
         except Exception as exc:  # an engine that is gone has no group to destroy
             logger.warning("destroy_weights_update_group %s: %s", self.group_name, exc)
         group.destroy()
+
+    def reset(self) -> None:
+        """An engine was replaced: the weight-update group spans the old engine's ranks, so it is destroyed
+        (on the engines still in it and here) and the next :meth:`send` forms a new one with every engine."""
+        self._teardown()
 
     def close(self) -> None:
         self._teardown()
@@ -387,6 +395,9 @@ class TensorTransport:
         self.prepare()
         for bucket, last in buckets:
             self.post(bucket, last, weight_version)
+
+    def reset(self) -> None:
+        """Nothing to rebuild after an engine was replaced: each push maps fresh handles for every engine."""
 
     def close(self) -> None:
         return None

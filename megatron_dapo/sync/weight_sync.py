@@ -259,6 +259,12 @@ class WeightSync:
             detail = ", ".join(f"{u} reports {v!r}" for u, v in bad.items())
             raise WeightSyncError(f"after syncing weight_version {weight_version!r}: {detail}")
 
+    def reset_transport(self) -> None:
+        """An engine was replaced (same URL, fresh process): the transport rebuilds what spans the engines at the
+        next sync (:meth:`~megatron_dapo.engines.protocols.WeightTransport.reset`; rank 0, a no-op elsewhere)."""
+        if self._transport is not None:
+            self._transport.reset()
+
     # ---- the sync --------------------------------------------------------------------------
     def sync(self, weight_version: str, *, pause: bool = True) -> dict[str, float]:
         """Move the actor's current weights into every engine (collective over all trainer ranks).

@@ -85,6 +85,7 @@ from typing import Any, Awaitable, Callable
 import torch
 from aiohttp import web
 
+from megatron_dapo.engines.cpu.faults import FaultPlan
 from megatron_dapo.engines.cpu.model import CPUEngine, _Job
 from megatron_dapo.engines.cpu.requests import RequestError, SamplingConfig, SeqRequest, expand_generate_request
 from megatron_dapo.engines.tensor_ipc import deserialize_payload
@@ -198,7 +199,10 @@ class CPUEngineServer:
     def app(self) -> web.Application:
         """A new aiohttp application: the API-key middleware, :meth:`routes`, request bodies up to 1 GiB;
         its cleanup stops the engine, destroys the weight-update groups and the control thread pool."""
-        app = web.Application(middlewares=[self._auth], client_max_size=1 << 30)
+        # fault injection for the tests of fault tolerance only (engines/cpu/faults.py; none unless the env asks)
+        middlewares = [self._auth] + [plan.middleware(lambda: self.engine.weight_version)
+                                      for plan in FaultPlan.from_env()]
+        app = web.Application(middlewares=middlewares, client_max_size=1 << 30)
         app.router.add_routes(self.routes())
         app.on_cleanup.append(self._on_cleanup)
         return app
