@@ -197,8 +197,11 @@ class Trainer:
         """The Megatron actor (initialises the process group), this process's rank and the world size; the
         config is validated against the world size."""
         # the LR schedule counts rollout steps (actor.lr_warmup_steps); fit() moves it once per step
-        self.actor = MegatronActor(self.hf_path, self.cfg.actor, total_train_steps=self.cfg.trainer.total_steps,
-                                   seed=self.cfg.seed)
+        # a collective that hangs longer than trainer.collective_timeout_min (a dead or stuck rank) raises: the
+        # process exits and the Slurm script requeues the job (slurm/common.sh, dapo_finish)
+        t = self.cfg.trainer
+        self.actor = MegatronActor(self.hf_path, self.cfg.actor, total_train_steps=t.total_steps, seed=self.cfg.seed,
+                                   collective_timeout_s=t.collective_timeout_min * 60)
         self._stack.callback(self.actor.close)
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()

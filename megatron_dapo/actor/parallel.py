@@ -33,12 +33,30 @@ def _dist_env():
         return rank, world, local, os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 0))
 
 
+_collective_timeout = timedelta(minutes=30)
+
+
+def collective_timeout() -> timedelta:
+    """The collective timeout :func:`init_parallel` was given (``timeout_s``; 30 minutes before any call).
+
+    Pass it to every ``dist.new_group`` the trainer creates: torch gives a new group its backend's default
+    (30 minutes for gloo), not the default group's timeout."""
+    return _collective_timeout
+
+
 def init_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int = 1, seed: int = 1234,
                   timeout_s: float = 1800.0) -> None:
     """Initialise ``torch.distributed`` (if needed) and megatron-core's model-parallel groups.
 
     Reads rank / world size / master address from torchrun or Slurm (``launch.dist_env``); a single
     process without any of them gets a private free port.
+
+    Args:
+        timeout_s: timeout of every collective (seconds; ``trainer.collective_timeout_min`` x 60): the
+            default process group, megatron-core's groups and, through :func:`collective_timeout`, the
+            groups the trainer creates later. A collective that waits longer (a dead or stuck rank) raises
+            instead of hanging (NCCL: with ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1``, set by slurm/common.sh,
+            the watchdog aborts the process). A default group that already exists keeps its own timeout.
 
     Raises:
         ValueError: TP × PP × CP does not divide the world size.
@@ -48,6 +66,10 @@ def init_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int =
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    global _collective_timeout
+    if not timeout_s > 0:
+        raise ValueError(f"collective timeout must be > 0 seconds, got {timeout_s}")
+    _collective_timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         rank, world, local, addr, port = _dist_env()
         if world == 1 and not port:
@@ -56,14 +78,15 @@ def init_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int =
         if has_cuda():
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend, init_method=f"tcp://{addr}:{port}", rank=rank,
-                                world_size=world, timeout=timedelta(seconds=timeout_s))
+                                world_size=world, timeout=_collective_timeout)
     world = dist.get_world_size()
     if world % (tp * pp * cp):
         raise ValueError(f"TP({tp}) x PP({pp}) x CP({cp}) must divide the world size {world}")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp)
+                                 virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,
+                                 distributed_timeout_minutes=timeout_s / 60.0)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
 

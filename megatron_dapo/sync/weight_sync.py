@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from ..actor.parallel import collective_timeout
 from ..engines.client import SyncEngineClient
 from ..engines.protocols import PolicyActor, RolloutEngine, WeightTransport, WeightTransportName
 from ..models import mapping
@@ -383,7 +384,7 @@ class WeightSync:
         plan = NodePlan(urls, rank_nodes, full_stream, engine_node)
         if plan.receivers:
             # dist.new_group is collective over the default group: every rank calls it here, in step
-            plan.group = dist.new_group([0] + plan.receivers)
+            plan.group = dist.new_group([0] + plan.receivers, timeout=collective_timeout())
         if self.is_driver:
             logger.info("tensor weight sync plan: %s", plan.describe())
         self._plan = plan
