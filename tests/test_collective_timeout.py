@@ -3,7 +3,7 @@
 * the trainer hands ``collective_timeout_min x 60`` seconds through :class:`MegatronActor` to
   :func:`~megatron_dapo.actor.parallel.init_parallel` (in-process, ``init_parallel`` replaced by a recorder);
 * two real gloo ranks built by ``init_parallel(timeout_s=3)``: the default group, megatron-core's groups and
-  a group made with :func:`~megatron_dapo.actor.parallel.collective_timeout` all carry the 3 s timeout, and an
+  a group made with :func:`~megatron_dapo.sync.collective.collective_timeout` all carry the 3 s timeout, and an
   ``all_reduce`` that the other rank never joins raises after about 3 s instead of hanging.
 """
 from __future__ import annotations
@@ -51,15 +51,17 @@ def test_trainer_passes_collective_timeout_to_init_parallel(tiny_hf, monkeypatch
 WORKER = r"""
 import json, os, sys, time
 import torch, torch.distributed as dist
-from megatron_dapo.actor.parallel import collective_timeout, init_parallel
+from megatron_dapo.actor.parallel import init_parallel
+from megatron_dapo.sync.collective import collective_timeout
 from megatron.core import parallel_state as ps
 
 init_parallel(timeout_s=3.0)
 cpu = torch.device("cpu")
 def t(g):
     return g._get_backend(cpu).options._timeout.total_seconds()
-groups = {"world": dist.group.WORLD, "tp": ps.get_tensor_model_parallel_group(), "dp": ps.get_data_parallel_group(),
-          "dp_gloo": ps.get_data_parallel_group_gloo(), "new_group": dist.new_group([0, 1], timeout=collective_timeout())}
+groups = {"world": dist.group.WORLD, "tp": ps.get_tensor_model_parallel_group(),
+          "dp": ps.get_data_parallel_group(), "dp_gloo": ps.get_data_parallel_group_gloo(),
+          "new_group": dist.new_group([0, 1], timeout=collective_timeout())}
 out = {name: t(g) for name, g in groups.items()}
 dist.barrier()
 if dist.get_rank() == 1:

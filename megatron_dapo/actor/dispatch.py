@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from ..batch import FlatBatch
+from ..sync.collective import collective_timeout
 from .batching import balance_across_ranks
-from .parallel import collective_timeout
 
 __all__ = ["LocalUpdate", "StepPlan", "LocalShard", "plan_step", "shard_for", "Dispatcher"]
 

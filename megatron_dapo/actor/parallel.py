@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import socket
-from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -12,6 +11,7 @@ import torch.distributed as dist
 from ..backend import has_cuda
 from ..cpu_shims import apply_cpu_shims
 from ..launch.dist_env import resolve_dist_env
+from ..sync.collective import set_collective_timeout
 
 
 def free_port() -> int:
@@ -33,17 +33,6 @@ def _dist_env():
         return rank, world, local, os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 0))
 
 
-_collective_timeout = timedelta(minutes=30)
-
-
-def collective_timeout() -> timedelta:
-    """The collective timeout :func:`init_parallel` was given (``timeout_s``; 30 minutes before any call).
-
-    Pass it to every ``dist.new_group`` the trainer creates: torch gives a new group its backend's default
-    (30 minutes for gloo), not the default group's timeout."""
-    return _collective_timeout
-
-
 def init_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int = 1, seed: int = 1234,
                   timeout_s: float = 1800.0) -> None:
     """Initialise ``torch.distributed`` (if needed) and megatron-core's model-parallel groups.
@@ -53,23 +42,21 @@ def init_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int =
 
     Args:
         timeout_s: timeout of every collective (seconds; ``trainer.collective_timeout_min`` x 60): the
-            default process group, megatron-core's groups and, through :func:`collective_timeout`, the
+            default process group, megatron-core's groups and, through
+            :func:`~megatron_dapo.sync.collective.collective_timeout`, the
             groups the trainer creates later. A collective that waits longer (a dead or stuck rank) raises
             instead of hanging (NCCL: with ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1``, set by slurm/common.sh,
             the watchdog aborts the process). A default group that already exists keeps its own timeout.
 
     Raises:
-        ValueError: TP × PP × CP does not divide the world size.
+        ValueError: TP × PP × CP does not divide the world size, or timeout_s <= 0.
     """
     apply_cpu_shims()
     # heavy: megatron-core, imported once a model is built (after the CPU shims)
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    global _collective_timeout
-    if not timeout_s > 0:
-        raise ValueError(f"collective timeout must be > 0 seconds, got {timeout_s}")
-    _collective_timeout = timedelta(seconds=timeout_s)
+    timeout = set_collective_timeout(timeout_s)
     if not dist.is_initialized():
         rank, world, local, addr, port = _dist_env()
         if world == 1 and not port:
@@ -78,7 +65,7 @@ def init_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int =
         if has_cuda():
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend, init_method=f"tcp://{addr}:{port}", rank=rank,
-                                world_size=world, timeout=_collective_timeout)
+                                world_size=world, timeout=timeout)
     world = dist.get_world_size()
     if world % (tp * pp * cp):
         raise ValueError(f"TP({tp}) x PP({pp}) x CP({cp}) must divide the world size {world}")

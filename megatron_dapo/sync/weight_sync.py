@@ -27,12 +27,11 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from ..actor.parallel import collective_timeout
 from ..engines.client import SyncEngineClient
 from ..engines.protocols import PolicyActor, RolloutEngine, WeightTransport, WeightTransportName
 from ..models import mapping
 from .bucketing import bucket_bytes_from_mb, bucket_nbytes, iter_buckets_with_last, resolve_dtype
-from .collective import distributed_on, on_rank0
+from .collective import collective_timeout, distributed_on, on_rank0
 from .nodes import (NodePlan, assign_engines_to_nodes, local_node_id, node_leaders, parse_engine_nodes, relay_recv,
                     relay_send)
 from .transports import (ENGINE_NODES_ENV, TRANSPORTS, TensorTransport, TransportOptions, WeightSyncError,
