@@ -22,6 +22,20 @@
 #                          before Slurm terminates them (srun --wait; default 120)
 
 dapo_log() { echo "[dapo $(date '+%F %T')] $*"; }
+
+# dapo_submit_outside_slurm SCRIPT ARGS...: outside a Slurm job (`bash slurm/X.sbatch ARGS`, no SLURM_JOB_ID)
+# create logs/ in the current directory and replace the shell with `sbatch $SBATCH_EXTRA SCRIPT ARGS`; inside
+# a job, nothing. Slurm opens the #SBATCH --output file (logs/...) before the script runs, and when its
+# directory is missing the job writes no output at all (the repository ships logs/ for plain `sbatch`).
+# SBATCH_EXTRA: more sbatch options, split on white space (e.g. "--nodes=4 --time=2:00:00").
+dapo_submit_outside_slurm() {
+  [ -z "${SLURM_JOB_ID:-}" ] || return 0
+  local script=$1 extra=()
+  shift
+  mkdir -p logs || dapo_die "cannot create $(pwd)/logs for the job's output"
+  if [ -n "${SBATCH_EXTRA:-}" ]; then read -r -a extra <<< "$SBATCH_EXTRA"; fi
+  exec sbatch "${extra[@]}" "$script" "$@"
+}
 dapo_die() { echo "[dapo $(date '+%F %T')] ERROR: $*" >&2; exit 1; }
 # dapo_stop RC MESSAGE...: like dapo_die, with exit status RC (the trainer's, so that sacct shows it).
 dapo_stop() { local rc=$1; shift; echo "[dapo $(date '+%F %T')] ERROR: $*" >&2; exit "$rc"; }

@@ -23,6 +23,17 @@ GPU_EXAMPLES = {"qwen2.5-32b": 16, "qwen2.5-7b": 1, "qwen2.5-0.5b": 1}
 LOCAL_CONF = Path("/tmp/local-slurm/etc/slurm.conf")
 
 
+def test_logs_directory_is_in_the_repository():
+    """`sbatch slurm/X.sbatch` (#SBATCH --output=logs/...) on a fresh clone: logs/ must exist before the job
+    starts, or Slurm writes no output at all. The repository ships it (logs/README.md; the rest is ignored)."""
+    r = subprocess.run(["git", "ls-files", "--error-unmatch", "logs/README.md"], capture_output=True, text=True,
+                       cwd=REPO_ROOT, timeout=30)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(["git", "check-ignore", "-q", "logs/123/engines-step.log", "logs/dapo-123.out"],
+                       cwd=REPO_ROOT, timeout=30)
+    assert r.returncode == 0  # job output stays out of git
+
+
 def test_scripts_exist():
     names = {p.name for p in SCRIPTS}
     assert {"dapo.sbatch", "dapo_disaggregated.sbatch", "cpu_smoke.sbatch", "common.sh", "engines_on_node.sh"} <= names
@@ -202,9 +213,16 @@ def _stub_root(tmp_path: Path) -> Path:
     return root
 
 
-def _run_cluster_job(root: Path, env: dict, extra_env: dict, wait: bool):
+def _run_cluster_job(root: Path, env: dict, extra_env: dict, wait: bool, plain_bash: bool = False):
+    """Submit ``root``'s slurm/cpu_smoke.sbatch from ``root``: ``sbatch --parsable [--wait] SCRIPT``, or with
+    ``plain_bash`` ``bash SCRIPT`` (the script submits itself; the options through SBATCH_EXTRA)."""
     env = {**env, **extra_env, "DAPO_ROOT": str(root), "DAPO_PYTHON": sys.executable}
-    args = ["sbatch", "--parsable"] + (["--wait"] if wait else []) + [str(root / "slurm" / "cpu_smoke.sbatch")]
+    opts = ["--parsable"] + (["--wait"] if wait else [])
+    script = str(root / "slurm" / "cpu_smoke.sbatch")
+    args = ["sbatch", *opts, script]
+    if plain_bash:
+        args, env["SBATCH_EXTRA"] = ["bash", script], " ".join(opts)
+        env.pop("SLURM_JOB_ID", None)
     return subprocess.run(args, capture_output=True, text=True, env=env, cwd=root, timeout=240)
 
 
@@ -216,10 +234,15 @@ def _cluster_for_runs():
 
 @pytest.mark.slow
 def test_cpu_smoke_script_flow_with_stubs(tmp_path):
+    """`bash slurm/cpu_smoke.sbatch` from a checkout without logs/ (a fresh clone after `rm -r logs`, or a copy
+    of the scripts): the script creates logs/ and submits itself, and the job's output lands there; the job
+    runs engines and a two-rank trainer step with the expected arguments."""
     env = _cluster_for_runs()
     root = _stub_root(tmp_path)
-    r = _run_cluster_job(root, env, {"DAPO_OVERRIDES": "trainer.total_steps=1"}, wait=True)
+    (root / "logs").rmdir()
+    r = _run_cluster_job(root, env, {"DAPO_OVERRIDES": "trainer.total_steps=1"}, wait=True, plain_bash=True)
     job = r.stdout.strip().split(";")[0]
+    assert job.isdigit(), r.stdout + r.stderr
     logs = list((root / "logs").glob(f"*-{job}.out"))
     text = logs[0].read_text() if logs else ""
     assert r.returncode == 0, r.stderr + text
