@@ -29,9 +29,8 @@ def test_logs_directory_is_in_the_repository():
     r = subprocess.run(["git", "ls-files", "--error-unmatch", "logs/README.md"], capture_output=True, text=True,
                        cwd=REPO_ROOT, timeout=30)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run(["git", "check-ignore", "-q", "logs/123/engines-step.log", "logs/dapo-123.out"],
-                       cwd=REPO_ROOT, timeout=30)
-    assert r.returncode == 0  # job output stays out of git
+    for path in ("logs/123/engines-step.log", "logs/dapo-123.out"):  # job output stays out of git
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO_ROOT, timeout=30).returncode == 0, path
 
 
 def test_scripts_exist():
