@@ -363,3 +363,28 @@ def test_finish_stops_after_max_crash_restarts(tmp_path):
     assert "already restarted 1 time(s) after crashes (DAPO_MAX_CRASH_RESTARTS=1); not requeueing" in out
     rc, out, calls = _finish(tmp_path / "never", 1, restart=0, last_step=1, DAPO_MAX_CRASH_RESTARTS="0")
     assert (rc, calls) == (1, []), out
+
+
+ORPHAN_MAKER = """
+import os, signal, subprocess, sys, time
+helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
+print("HELPER", helper.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # a rank killed mid-step: its helper lives on with our stdout
+"""
+
+
+def test_trainer_task_ends_the_helpers_a_killed_rank_leaves(tmp_path):
+    """A killed trainer rank's helper processes (reparented to init, holding the task's stdout) would keep the
+    srun step open; slurm/trainer_task.sh kills them once the trainer has exited, and passes on its status."""
+    env = {**os.environ, "DAPO_PREEMPT_FILE": str(tmp_path / "preempt"), "DAPO_PREEMPT_POLL_S": "0.1"}
+    t0 = time.monotonic()
+    # communicate() returns only once every holder of the stdout pipe is gone
+    r = subprocess.run(["bash", str(SLURM / "trainer_task.sh"), sys.executable, "-c", ORPHAN_MAKER],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 137, r.stdout + r.stderr
+    assert time.monotonic() - t0 < 30
+    helper = int(r.stdout.split("HELPER")[1].split()[0])
+    deadline = time.time() + 10
+    while Path(f"/proc/{helper}").exists() and "zombie" not in Path(f"/proc/{helper}/status").read_text():
+        assert time.time() < deadline, f"helper {helper} still alive"
+        time.sleep(0.1)
