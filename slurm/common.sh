@@ -20,6 +20,8 @@
 #                          on a file system every node sees (the preemption request file lives there)
 #   DAPO_TASK_EXIT_WAIT    seconds the trainer step waits for its other ranks once one rank has exited
 #                          before Slurm terminates them (srun --wait; default 120)
+#   SBATCH_EXTRA           `bash slurm/X.sbatch ...` outside a job (see dapo_submit_outside_slurm): more sbatch
+#                          options, split on white space
 
 dapo_log() { echo "[dapo $(date '+%F %T')] $*"; }
 
