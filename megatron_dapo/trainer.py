@@ -121,6 +121,31 @@ def prepare_model(cfg: DAPOConfig, wait_s: float = 600.0) -> Path:
     return path
 
 
+def trim_steps_log(path: Path, last_step: int) -> int:
+    """Keep the lines of a ``steps.jsonl`` up to step ``last_step`` (the step a run resumes after; 0: none).
+
+    After a crash the log can hold steps past the checkpoint the next run resumes from (it saves every
+    ``trainer.save_interval`` steps), and a line cut short by the kill; the resumed run logs those steps again,
+    so they go (rewritten atomically). Returns the number of lines removed (0 when ``path`` does not exist)."""
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):  # torn or foreign line
+            continue
+        if step <= last_step:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return 0
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
 def _all_flag(flag: bool) -> bool:
     """True on every rank when any rank saw ``flag``."""
     t = torch.tensor([1.0 if flag else 0.0], device=default_device())
@@ -190,6 +215,10 @@ class Trainer:
         self._resume_push_metrics: dict[str, float] = {}  # the push at resume: logged with the first step
         self.engines.to_training()  # colocated: the actor takes the GPUs (a checkpoint may be loaded)
         self._resume()
+        if self.rank == 0:  # a crashed run may have logged steps after the checkpoint it resumes from
+            dropped = trim_steps_log(cfg.run_dir / "steps.jsonl", self.step)
+            if dropped:
+                log.warning("steps.jsonl: dropped %d line(s) after step %d, where this run resumes", dropped, self.step)
         self.engines.to_generation(str(self.step))
 
     # ------------------------------------------------------------------ builders
@@ -197,8 +226,11 @@ class Trainer:
         """The Megatron actor (initialises the process group), this process's rank and the world size; the
         config is validated against the world size."""
         # the LR schedule counts rollout steps (actor.lr_warmup_steps); fit() moves it once per step
-        self.actor = MegatronActor(self.hf_path, self.cfg.actor, total_train_steps=self.cfg.trainer.total_steps,
-                                   seed=self.cfg.seed)
+        # a collective that hangs longer than trainer.collective_timeout_min (a dead or stuck rank) raises: the
+        # process exits and the Slurm script requeues the job (slurm/common.sh, dapo_finish)
+        t = self.cfg.trainer
+        self.actor = MegatronActor(self.hf_path, self.cfg.actor, total_train_steps=t.total_steps, seed=self.cfg.seed,
+                                   collective_timeout_s=t.collective_timeout_min * 60)
         self._stack.callback(self.actor.close)
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()

@@ -13,13 +13,34 @@
 #   DAPO_ENGINE_TIMEOUT    seconds to wait for engines' /health (default 1800)
 #   DAPO_ENGINE_EXTRA_ARGS extra arguments for sglang.launch_server
 #   DAPO_MAX_REQUEUES      stop requeueing after this many restarts (default 50)
+#   DAPO_MAX_CRASH_RESTARTS  requeue after a trainer crash (any exit but 0, 2 and 3) at most this many times per
+#                          job (default 3; 0: never). Counted in DAPO_LOG_DIR/<jobid>/crash_restarts, so a new
+#                          submission starts from 0. The same step failing twice in a row stops the job anyway.
 #   DAPO_LOG_DIR           where per-job logs go: DAPO_LOG_DIR/<jobid>/ (default: $DAPO_ROOT/logs); must be
 #                          on a file system every node sees (the preemption request file lives there)
 #   DAPO_TASK_EXIT_WAIT    seconds the trainer step waits for its other ranks once one rank has exited
 #                          before Slurm terminates them (srun --wait; default 120)
+#   SBATCH_EXTRA           `bash slurm/X.sbatch ...` outside a job (see dapo_submit_outside_slurm): more sbatch
+#                          options, split on white space
 
 dapo_log() { echo "[dapo $(date '+%F %T')] $*"; }
+
+# dapo_submit_outside_slurm SCRIPT ARGS...: outside a Slurm job (`bash slurm/X.sbatch ARGS`, no SLURM_JOB_ID)
+# create logs/ in the current directory and replace the shell with `sbatch $SBATCH_EXTRA SCRIPT ARGS`; inside
+# a job, nothing. Slurm opens the #SBATCH --output file (logs/...) before the script runs, and when its
+# directory is missing the job writes no output at all (the repository ships logs/ for plain `sbatch`).
+# SBATCH_EXTRA: more sbatch options, split on white space (e.g. "--nodes=4 --time=2:00:00").
+dapo_submit_outside_slurm() {
+  [ -z "${SLURM_JOB_ID:-}" ] || return 0
+  local script=$1 extra=()
+  shift
+  mkdir -p logs || dapo_die "cannot create $(pwd)/logs for the job's output"
+  if [ -n "${SBATCH_EXTRA:-}" ]; then read -r -a extra <<< "$SBATCH_EXTRA"; fi
+  exec sbatch "${extra[@]}" "$script" "$@"
+}
 dapo_die() { echo "[dapo $(date '+%F %T')] ERROR: $*" >&2; exit 1; }
+# dapo_stop RC MESSAGE...: like dapo_die, with exit status RC (the trainer's, so that sacct shows it).
+dapo_stop() { local rc=$1; shift; echo "[dapo $(date '+%F %T')] ERROR: $*" >&2; exit "$rc"; }
 
 # dapo_init "$@": sets REPO, CONFIG, OVERRIDES (array), PY, CLI (array), LOG_DIR, CONTAINER_ARGS (array).
 dapo_init() {
@@ -53,6 +74,52 @@ dapo_init() {
   export PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
   dapo_log "job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}; config $CONFIG; overrides: ${OVERRIDES[*]:-none}"
   dapo_log "python $PY; logs in $LOG_DIR${DAPO_CONTAINER_IMAGE:+; container $DAPO_CONTAINER_IMAGE}"
+  CRASH_FILE=$LOG_DIR/crash_restarts
+  _dapo_log_crash_restart
+}
+
+# Crash restarts. After a trainer crash (exit status not 0, 2 or 3) dapo_finish appends one line
+# "N RC STEP RESTART CHECKPOINT" to $CRASH_FILE (N: crash restart number, RC: the trainer's exit status, STEP:
+# the last step in the run's steps.jsonl, RESTART: SLURM_RESTART_COUNT of the crashed run, CHECKPOINT: what the
+# next run resumes from) and requeues the job.
+
+# _dapo_log_crash_restart: in a run that follows a crash, say so (the trainer then logs "resumed from ...").
+_dapo_log_crash_restart() {
+  [ -s "$CRASH_FILE" ] || return 0
+  local n rc step restart ckpt
+  read -r n rc step restart ckpt < <(tail -n 1 "$CRASH_FILE")
+  [ "$restart" = "$(( ${SLURM_RESTART_COUNT:-0} - 1 ))" ] || return 0
+  dapo_log "restarted after a trainer crash (exit $rc after step $step;" \
+    "crash restart $n/${DAPO_MAX_CRASH_RESTARTS:-3}); resuming from ${ckpt:-no checkpoint (step 0)}"
+}
+
+# _dapo_crash_restart RC: requeue after a crash, unless the budget is spent or it is a crash loop; exits.
+_dapo_crash_restart() {
+  local rc=$1 max=${DAPO_MAX_CRASH_RESTARTS:-3} info step ckpt resume n=0 prev_step=""
+  if [ "$DAPO_NO_REQUEUE" = 1 ]; then
+    dapo_log "trainer exited with $rc after a stop request; not requeueing"
+    exit "$rc"
+  fi
+  info=$("$PY" -m megatron_dapo.launch.slurm_tools progress "$CONFIG" "${OVERRIDES[@]}") \
+    || dapo_stop "$rc" "trainer crashed (exit $rc); cannot read the run's progress, not requeueing"
+  { read -r step; read -r ckpt; read -r resume; } <<< "$info"
+  if [ -s "$CRASH_FILE" ]; then
+    n=$(wc -l < "$CRASH_FILE")
+    prev_step=$(tail -n 1 "$CRASH_FILE" | cut -d' ' -f3)
+  fi
+  [ "$prev_step" != "$step" ] \
+    || dapo_stop "$rc" "crash loop: the trainer failed twice in a row after step $step (exit $rc); not requeueing"
+  [ "$n" -lt "$max" ] || dapo_stop "$rc" "trainer crashed (exit $rc after step $step) and the job already" \
+    "restarted $n time(s) after crashes (DAPO_MAX_CRASH_RESTARTS=$max); not requeueing"
+  [ "${SLURM_RESTART_COUNT:-0}" -lt "${DAPO_MAX_REQUEUES:-50}" ] || dapo_stop "$rc" "trainer crashed (exit $rc)" \
+    "and the job already restarted ${SLURM_RESTART_COUNT} times (DAPO_MAX_REQUEUES); not requeueing"
+  [ "$resume" = auto ] \
+    || dapo_log "warning: resume=$resume: the restarted trainer does not continue from this run's newest checkpoint"
+  echo "$((n + 1)) $rc $step ${SLURM_RESTART_COUNT:-0} $ckpt" >> "$CRASH_FILE"
+  dapo_log "trainer crashed (exit $rc after step $step); crash restart $((n + 1))/$max: requeueing job $SLURM_JOB_ID;" \
+    "it resumes from ${ckpt:-no checkpoint (step 0)}"
+  scontrol requeue "$SLURM_JOB_ID" || dapo_die "scontrol requeue failed (was the job submitted with --requeue?)"
+  exit 0
 }
 
 # Communication settings. Values already set by the user or the site are kept.
@@ -196,11 +263,16 @@ dapo_run_trainer() {
   dapo_log "trainer exited with $TRAINER_RC"
 }
 
-# dapo_finish: stop engines; requeue when the trainer asked for it (exit code 3); exit.
+# dapo_finish: stop engines; then by the trainer's exit status: 0 -> exit 0; 3 (it checkpointed after a
+# preemption request) -> requeue; 2 (a config, data or model error: a restart cannot fix it) -> exit 2; anything
+# else (a crash: killed rank, failed or timed-out collective, OOM) -> requeue, at most DAPO_MAX_CRASH_RESTARTS
+# times, and not when the step it failed at is the one the previous crash failed at (_dapo_crash_restart).
 dapo_finish() {
   local rc=${TRAINER_RC:-1} requeue_rc
   requeue_rc=$("$PY" -c 'from megatron_dapo.launch import REQUEUE_EXIT_CODE as c; print(c)' 2>/dev/null || echo 3)
   dapo_stop_engines
+  if [ "$rc" -eq 0 ]; then exit 0; fi
+  [ "$rc" -ne 2 ] || dapo_stop 2 "trainer stopped with exit 2 (config, data or model error; see above): not requeueing"
   if [ "$rc" -eq "$requeue_rc" ]; then
     if [ "$DAPO_NO_REQUEUE" = 1 ]; then
       dapo_log "trainer checkpointed; stopping without requeue (resume later with resume=auto)"
@@ -213,5 +285,5 @@ dapo_finish() {
     scontrol requeue "$SLURM_JOB_ID" || dapo_die "scontrol requeue failed (was the job submitted with --requeue?)"
     exit 0
   fi
-  exit "$rc"
+  _dapo_crash_restart "$rc"
 }

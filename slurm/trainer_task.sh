@@ -1,6 +1,6 @@
 #!/bin/bash
 # One trainer rank: `srun ... bash slurm/trainer_task.sh PROGRAM ARGS...` (see dapo_run_trainer in
-# slurm/common.sh). Runs PROGRAM ARGS and exits with its status.
+# slurm/common.sh). Runs PROGRAM ARGS, ends the processes it left behind (end_leftovers) and exits with its status.
 #
 # Why not let srun forward the preemption signal: Slurm delivers a step signal to *every* process of
 # the step, including helpers the trainer has started (the process that megatron's distributed
@@ -25,6 +25,23 @@ catches_usr1() {
   (( (16#$mask >> 9) & 1 ))
 }
 
+# Every process the trainer starts inherits this mark (see end_leftovers).
+export DAPO_TASK_MARK="${SLURM_JOB_ID:-0}.${SLURM_STEP_ID:-0}.${SLURM_PROCID:-0}.$$"
+
+# end_leftovers: SIGKILL the processes the trainer left behind. When a rank is killed (kill -9, the OOM
+# killer), its helpers (multiprocessing's resource tracker and spawned workers) live on, reparented to init,
+# with this task's stdout/stderr open: the step then does not end until srun --wait kills the tasks, and the
+# helpers survive even that. They carry DAPO_TASK_MARK in their environment, which is how they are found.
+end_leftovers() {
+  local env pid
+  for env in /proc/[0-9]*/environ; do
+    pid=${env#/proc/}; pid=${pid%/environ}
+    [ "$pid" = "$$" ] && continue
+    grep -qzx "DAPO_TASK_MARK=$DAPO_TASK_MARK" "$env" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+  done
+  return 0
+}
+
 "$@" &
 child=$!
 # A signal Slurm sends to the whole step (plain scancel: SIGTERM; scancel --full --signal=USR1) reaches
@@ -38,3 +55,6 @@ while kill -0 "$child" 2>/dev/null; do
   sleep "$poll"
 done
 wait "$child"
+rc=$?
+end_leftovers
+exit "$rc"

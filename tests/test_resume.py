@@ -101,3 +101,17 @@ def test_no_orphan_engines_after_ctrl_c_or_kill(tmp_path, tiny_model, sig):  # n
         err.close()
     gone, alive = psutil.wait_procs(engines, timeout=30)
     assert not alive, f"engine processes left behind after {sig!r}: {[p.pid for p in alive]}"
+
+
+def test_trim_steps_log_drops_steps_after_the_resume_point(tmp_path):
+    """A crash after steps 1..5 with the last checkpoint at step 3 (and a line cut short by the kill): the
+    resumed run's log keeps steps 1..3 only, so each step is in it once after the run logs 4 and 5 again."""
+    from megatron_dapo.trainer import trim_steps_log
+
+    log = tmp_path / "steps.jsonl"
+    assert trim_steps_log(log, 3) == 0 and not log.exists()
+    log.write_text("".join(json.dumps({"step": s, "x": s / 2}) + "\n" for s in range(1, 6)) + '{"step": 6, "x"')
+    assert trim_steps_log(log, 3) == 3
+    assert [s["step"] for s in _steps(log)] == [1, 2, 3] and _steps(log)[2]["x"] == 1.5
+    assert trim_steps_log(log, 3) == 0  # nothing past the resume point: the file is left as it is
+    assert trim_steps_log(log, 0) == 3 and log.read_text() == ""  # no checkpoint: the run starts over

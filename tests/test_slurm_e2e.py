@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import signal
 import subprocess
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -64,12 +68,13 @@ RUN_OVERRIDES = [f"trainer.total_steps={TOTAL_STEPS}", "rollout.mode=determinist
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, model_dir, preemption) -> tuple[SmokeRun, subprocess.CompletedProcess]:
+def reference(tmp_path_factory, model_dir, preemption, crash) -> tuple[SmokeRun, subprocess.CompletedProcess]:
     """`sbatch --wait slurm/cpu_smoke.sbatch CONFIG RUN_OVERRIDES`, uninterrupted. Submitted once the
-    preemption job sits in its requeue hold, so the two jobs do not compete for the CPUs."""
+    preemption and crash jobs sit in their requeue holds, so the jobs do not compete for the CPUs."""
     env = slurm_env()
-    if preemption is not None:
-        preemption.held.wait(timeout=300)
+    for background in (preemption, crash):
+        if background is not None:
+            background.held.wait(timeout=300)
     run = SmokeRun(tmp_path_factory.mktemp("reference"), model_dir, "reference", RUN_OVERRIDES)
     try:
         r = run.submit(env, wait=True, timeout=360)
@@ -272,3 +277,118 @@ def test_sigusr1_checkpoints_requeues_and_resumes_with_the_next_batch(preemption
     assert bit_differences(ref_ckpt_contents, got_ckpt) == []
     scalars = read_scalars(run.run_dir / "tb")
     assert [s for s, _ in scalars["actor/pg_loss"]] == list(range(1, total + 1)), scalars["actor/pg_loss"]
+
+
+# ------------------------------------------------------------------------------------ a crashed rank
+
+CRASH_TEST = "test_killed_rank_requeues_resumes_and_logs_each_step_once"
+# a checkpoint after every step, so the kill lands after one; no HF export (not under test here)
+CRASH_OVERRIDES = ["trainer.total_steps=3", "rollout.mode=deterministic", "trainer.save_interval=1",
+                   "trainer.export_hf=false"]
+
+
+def _trainer_rank_pid(job: str, rank: int) -> Optional[int]:
+    """PID of trainer rank ``rank`` of ``job`` (the python process under slurm/trainer_task.sh). The local
+    test cluster's nodes share this machine, so the step's processes are visible here."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        # python -m megatron_dapo.train ..., not the bash wrapper (bash slurm/trainer_task.sh python -m ...)
+        if len(cmd) < 3 or "python" not in Path(cmd[0]).name or cmd[1:3] != ["-m", "megatron_dapo.train"]:
+            continue
+        try:
+            env = proc.environ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if env.get("SLURM_JOB_ID") == job and env.get("SLURM_PROCID") == str(rank) and "SLURM_STEP_ID" in env:
+            return proc.pid
+    return None
+
+
+def drive_crash(env: dict, run: SmokeRun, held: threading.Event) -> dict:
+    """Submit ``run``; once its first checkpoint exists (the trainer is then in step 2), ``kill -9`` trainer
+    rank 1; wait for the crash requeue and for the requeued run to finish. Sets ``held`` once the job sits in
+    Slurm's requeue hold (or when this returns or fails). Returns ``{"before": steps logged by the first run,
+    "killed_after": the checkpoint step at the kill, "final": last scontrol fields}``. Raises AssertionError
+    (with the job's log tail) when a stage does not happen; cancels the job on any error."""
+    r = run.submit(env, wait=False)
+    assert r.returncode == 0, r.stderr
+    latest = run.run_dir / "checkpoints" / "latest"
+    try:
+        deadline = time.time() + 300
+        while not (latest.exists() and latest.read_text().strip()):
+            f = job_fields(env, run.job)
+            if time.time() > deadline or f.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
+                raise AssertionError(f"no checkpoint written (job state {f.get('JobState')})\n{run.diagnose()}")
+            time.sleep(0.2)
+        killed_after = int(latest.read_text().strip().split("_")[-1])
+        pid = _trainer_rank_pid(run.job, 1)
+        if pid is None:
+            raise AssertionError(f"trainer rank 1 of job {run.job} not found on this machine\n{run.diagnose()}")
+        os.kill(pid, signal.SIGKILL)
+
+        deadline = time.time() + 240
+        while True:
+            f = job_fields(env, run.job)
+            if int(f.get("Restarts", "0")) >= 1:
+                break
+            if time.time() > deadline or f.get("JobState") not in ("RUNNING", "COMPLETING", "PENDING"):
+                raise AssertionError(f"job was not requeued after the kill (state {f.get('JobState')}, restarts "
+                                     f"{f.get('Restarts')})\n{run.diagnose()}")
+            time.sleep(0.3)
+        before = run.steps()
+        held.set()
+        release_after_hold(env, run.job, timeout=_requeue_hold_s(env) + 60)
+        final = wait_job_done(env, run.job, timeout=300)
+        return {"before": before, "killed_after": killed_after, "final": final}
+    finally:
+        held.set()
+        run.cancel(env)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def crash(request, tmp_path_factory, model_dir):
+    """The job of :func:`test_killed_rank_requeues_resumes_and_logs_each_step_once`, driven by a background
+    thread from the start of this module (its requeue hold overlaps the preemption job's, and the reference
+    job runs in them). Yields a :class:`Preemption` (the same shape), or None when that test is not selected
+    or there is no cluster."""
+    probe = _probe()
+    if isinstance(probe, str) or not any(i.name == CRASH_TEST for i in request.session.items):
+        yield None
+        return
+    run = SmokeRun(tmp_path_factory.mktemp("crash"), model_dir, "crash", CRASH_OVERRIDES)
+    held = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crash")
+    future = pool.submit(drive_crash, dict(probe), run, held)
+    try:
+        yield Preemption(run, future, held)
+    finally:
+        if not future.done():
+            run.cancel(dict(probe))
+        pool.shutdown(wait=True)
+
+
+def test_killed_rank_requeues_resumes_and_logs_each_step_once(crash):
+    """``kill -9`` of one trainer rank during step k+1 (checkpoint at step k): the other rank's collective
+    fails, the step ends with a non-zero status, the script requeues the job (crash restart 1/3, naming the
+    checkpoint), the requeued run resumes from iter_k and finishes, and steps.jsonl holds each step once."""
+    env = slurm_env()
+    assert crash is not None, "the crash fixture did not start its job although a cluster answers"
+    run = crash.run
+    out = crash.future.result(timeout=900)
+    k, final = out["killed_after"], out["final"]
+    log = run.job_log.read_text(errors="replace")
+    assert final.get("JobState") == "COMPLETED" and final.get("ExitCode") == "0:0", (final, run.diagnose())
+    assert final.get("Restarts") == "1", final
+    ckpt = run.run_dir / "checkpoints" / f"iter_{k:07d}"
+    m = re.search(r"trainer crashed \(exit (\d+) after step (\d+)\); crash restart 1/3: requeueing job "
+                  + re.escape(run.job) + "; it resumes from (.*)", log)
+    assert m, f"no crash restart in the job log\n{run.diagnose()}"
+    assert m.group(1) not in ("0", "2", "3") and m.group(3).strip() == str(ckpt), (m.group(0), run.diagnose())
+    for needle in (f"job {run.job} restart 1 ", "restarted after a trainer crash", f"resuming from {ckpt}",
+                   f"resumed from {ckpt} at step {k}", "trainer exited with 0"):
+        assert needle in log, f"{needle!r} not in the job log\n{run.diagnose()}"
+    assert [s for s, _ in sacct_history(env, run.job)] == ["REQUEUED", "COMPLETED"]
+    steps = [s["step"] for s in run.steps()]
+    assert steps == [1, 2, 3], f"steps.jsonl after the crash and the resume: {steps}\n{run.diagnose()}"

@@ -23,6 +23,16 @@ GPU_EXAMPLES = {"qwen2.5-32b": 16, "qwen2.5-7b": 1, "qwen2.5-0.5b": 1}
 LOCAL_CONF = Path("/tmp/local-slurm/etc/slurm.conf")
 
 
+def test_logs_directory_is_in_the_repository():
+    """`sbatch slurm/X.sbatch` (#SBATCH --output=logs/...) on a fresh clone: logs/ must exist before the job
+    starts, or Slurm writes no output at all. The repository ships it (logs/README.md; the rest is ignored)."""
+    r = subprocess.run(["git", "ls-files", "--error-unmatch", "logs/README.md"], capture_output=True, text=True,
+                       cwd=REPO_ROOT, timeout=30)
+    assert r.returncode == 0, r.stderr
+    for path in ("logs/123/engines-step.log", "logs/dapo-123.out"):  # job output stays out of git
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO_ROOT, timeout=30).returncode == 0, path
+
+
 def test_scripts_exist():
     names = {p.name for p in SCRIPTS}
     assert {"dapo.sbatch", "dapo_disaggregated.sbatch", "cpu_smoke.sbatch", "common.sh", "engines_on_node.sh"} <= names
@@ -202,9 +212,16 @@ def _stub_root(tmp_path: Path) -> Path:
     return root
 
 
-def _run_cluster_job(root: Path, env: dict, extra_env: dict, wait: bool):
+def _run_cluster_job(root: Path, env: dict, extra_env: dict, wait: bool, plain_bash: bool = False):
+    """Submit ``root``'s slurm/cpu_smoke.sbatch from ``root``: ``sbatch --parsable [--wait] SCRIPT``, or with
+    ``plain_bash`` ``bash SCRIPT`` (the script submits itself; the options through SBATCH_EXTRA)."""
     env = {**env, **extra_env, "DAPO_ROOT": str(root), "DAPO_PYTHON": sys.executable}
-    args = ["sbatch", "--parsable"] + (["--wait"] if wait else []) + [str(root / "slurm" / "cpu_smoke.sbatch")]
+    opts = ["--parsable"] + (["--wait"] if wait else [])
+    script = str(root / "slurm" / "cpu_smoke.sbatch")
+    args = ["sbatch", *opts, script]
+    if plain_bash:
+        args, env["SBATCH_EXTRA"] = ["bash", script], " ".join(opts)
+        env.pop("SLURM_JOB_ID", None)
     return subprocess.run(args, capture_output=True, text=True, env=env, cwd=root, timeout=240)
 
 
@@ -216,10 +233,15 @@ def _cluster_for_runs():
 
 @pytest.mark.slow
 def test_cpu_smoke_script_flow_with_stubs(tmp_path):
+    """`bash slurm/cpu_smoke.sbatch` from a checkout without logs/ (a fresh clone after `rm -r logs`, or a copy
+    of the scripts): the script creates logs/ and submits itself, and the job's output lands there; the job
+    runs engines and a two-rank trainer step with the expected arguments."""
     env = _cluster_for_runs()
     root = _stub_root(tmp_path)
-    r = _run_cluster_job(root, env, {"DAPO_OVERRIDES": "trainer.total_steps=1"}, wait=True)
+    (root / "logs").rmdir()
+    r = _run_cluster_job(root, env, {"DAPO_OVERRIDES": "trainer.total_steps=1"}, wait=True, plain_bash=True)
     job = r.stdout.strip().split(";")[0]
+    assert job.isdigit(), r.stdout + r.stderr
     logs = list((root / "logs").glob(f"*-{job}.out"))
     text = logs[0].read_text() if logs else ""
     assert r.returncode == 0, r.stderr + text
@@ -262,3 +284,107 @@ def test_cpu_smoke_clean_stop_signal(tmp_path):
         assert "trainer exited with 3" in text and "stopping without requeue" in text
     finally:
         subprocess.run(["scancel", job], env=env, timeout=30)
+
+
+# --------------------------------------------------------------------------- dapo_finish by exit status
+
+FINISH = 'source slurm/common.sh; dapo_init "$CFG" "output_dir=$OUT"; TRAINER_RC=$RC; dapo_finish'
+
+
+def _finish(tmp_path: Path, rc: int, restart: int, last_step: int, ckpt_step: int = 0, **env) -> tuple:
+    """One run's end: ``dapo_finish`` after a trainer exit status ``rc``, in restart ``restart`` of job 4242,
+    with ``steps.jsonl`` at ``last_step`` and a complete checkpoint of ``ckpt_step`` (0: none). ``scontrol`` is
+    a stand-in that records its arguments. Returns (exit status, output, the recorded scontrol calls)."""
+    run = tmp_path / "out" / "crashy"
+    shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "steps.jsonl").write_text("".join(f'{{"step": {s}}}\n' for s in range(1, last_step + 1)))
+    if ckpt_step:
+        ck = run / "checkpoints" / f"iter_{ckpt_step:07d}"
+        ck.mkdir()
+        (ck / "metadata.json").write_text("{}")
+        (ck / "trainer_state.json").write_text("{}")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    calls = tmp_path / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$*" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    cfg = tmp_path / "crashy.yaml"
+    cfg.write_text("run_name: crashy\nresume: auto\n")
+    full = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DAPO_ROOT": str(REPO_ROOT),
+            "DAPO_PYTHON": sys.executable, "DAPO_LOG_DIR": str(tmp_path / "logs"), "SLURM_JOB_ID": "4242",
+            "SLURM_RESTART_COUNT": str(restart), "CFG": str(cfg), "OUT": str(tmp_path / "out"), "RC": str(rc), **env}
+    for k in ("DAPO_CONFIG", "DAPO_OVERRIDES", "DAPO_MAX_CRASH_RESTARTS"):
+        if k not in env:
+            full.pop(k, None)
+    before = calls.read_text().splitlines() if calls.exists() else []
+    r = subprocess.run(["bash", "-c", FINISH], capture_output=True, text=True, env=full, cwd=REPO_ROOT, timeout=120)
+    after = calls.read_text().splitlines() if calls.exists() else []
+    return r.returncode, r.stdout + r.stderr, after[len(before):]
+
+
+def test_finish_requeues_crashes_and_stops_a_crash_loop(tmp_path):
+    """Exit 0: done. Exit 2: no requeue. Exit 3: the preemption requeue. Any other exit: requeue (crash restart
+    n/N, naming the checkpoint the next run resumes from, which says so at its start) until the same step fails
+    twice in a row (a crash loop: one line, no requeue)."""
+    rc, out, calls = _finish(tmp_path, 0, restart=0, last_step=4, ckpt_step=4)
+    assert (rc, calls) == (0, []), out
+    rc, out, calls = _finish(tmp_path, 2, restart=0, last_step=0)
+    assert (rc, calls) == (2, []), out
+    assert "trainer stopped with exit 2" in out and "not requeueing" in out
+    rc, out, calls = _finish(tmp_path, 3, restart=0, last_step=1, ckpt_step=1)
+    assert (rc, calls) == (0, ["requeue 4242"]) and "after preemption; requeueing" in out, out
+
+    ckpt1 = tmp_path / "out" / "crashy" / "checkpoints" / "iter_0000001"
+    rc, out, calls = _finish(tmp_path, 137, restart=1, last_step=2, ckpt_step=1)  # killed during step 3
+    assert (rc, calls) == (0, ["requeue 4242"]), out
+    assert f"trainer crashed (exit 137 after step 2); crash restart 1/3: requeueing job 4242; it resumes from {ckpt1}" \
+        in out, out
+    # the next run (restart 2) names the crash and the checkpoint at its start; it crashes after step 5
+    rc, out, calls = _finish(tmp_path, 1, restart=2, last_step=5, ckpt_step=4)
+    assert f"restarted after a trainer crash (exit 137 after step 2; crash restart 1/3); resuming from {ckpt1}" in out
+    assert (rc, calls) == (0, ["requeue 4242"]) and "crash restart 2/3" in out and "iter_0000004" in out, out
+    # restart 3 fails again after step 5: a crash loop
+    rc, out, calls = _finish(tmp_path, 1, restart=3, last_step=5, ckpt_step=4)
+    assert (rc, calls) == (1, []), out
+    errors = [line for line in out.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "crash loop: the trainer failed twice in a row after step 5 (exit 1)" in errors[0], out
+    assert (tmp_path / "logs" / "4242" / "crash_restarts").read_text().splitlines() == [
+        f"1 137 2 1 {ckpt1}", f"2 1 5 2 {ckpt1.parent / 'iter_0000004'}"]
+
+
+def test_finish_stops_after_max_crash_restarts(tmp_path):
+    """DAPO_MAX_CRASH_RESTARTS bounds the crash requeues of one job, even while each crash gets further."""
+    rc, out, calls = _finish(tmp_path, 134, restart=0, last_step=1, DAPO_MAX_CRASH_RESTARTS="1")
+    assert (rc, calls) == (0, ["requeue 4242"]) and "crash restart 1/1" in out, out
+    assert "it resumes from no checkpoint (step 0)" in out
+    rc, out, calls = _finish(tmp_path, 134, restart=1, last_step=3, DAPO_MAX_CRASH_RESTARTS="1")
+    assert (rc, calls) == (134, []), out
+    assert "already restarted 1 time(s) after crashes (DAPO_MAX_CRASH_RESTARTS=1); not requeueing" in out
+    rc, out, calls = _finish(tmp_path / "never", 1, restart=0, last_step=1, DAPO_MAX_CRASH_RESTARTS="0")
+    assert (rc, calls) == (1, []), out
+
+
+ORPHAN_MAKER = """
+import os, signal, subprocess, sys, time
+helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
+print("HELPER", helper.pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # a rank killed mid-step: its helper lives on with our stdout
+"""
+
+
+def test_trainer_task_ends_the_helpers_a_killed_rank_leaves(tmp_path):
+    """A killed trainer rank's helper processes (reparented to init, holding the task's stdout) would keep the
+    srun step open; slurm/trainer_task.sh kills them once the trainer has exited, and passes on its status."""
+    env = {**os.environ, "DAPO_PREEMPT_FILE": str(tmp_path / "preempt"), "DAPO_PREEMPT_POLL_S": "0.1"}
+    t0 = time.monotonic()
+    # communicate() returns only once every holder of the stdout pipe is gone
+    r = subprocess.run(["bash", str(SLURM / "trainer_task.sh"), sys.executable, "-c", ORPHAN_MAKER],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 137, r.stdout + r.stderr
+    assert time.monotonic() - t0 < 30
+    helper = int(r.stdout.split("HELPER")[1].split()[0])
+    deadline = time.time() + 10
+    while Path(f"/proc/{helper}").exists() and "zombie" not in Path(f"/proc/{helper}/status").read_text():
+        assert time.time() < deadline, f"helper {helper} still alive"
+        time.sleep(0.1)

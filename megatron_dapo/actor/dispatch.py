@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..batch import FlatBatch
+from ..sync.collective import collective_timeout
 from .batching import balance_across_ranks
 
 __all__ = ["LocalUpdate", "StepPlan", "LocalShard", "plan_step", "shard_for", "Dispatcher"]
@@ -176,7 +177,8 @@ class Dispatcher:
         for d in range(dp_size):
             members = sorted({0} | {r for r, x in enumerate(dp_of) if x == d})
             self.members[d] = members
-            group = dist.new_group(members)  # collective: every rank creates every group
+            # collective: every rank creates every group
+            group = dist.new_group(members, timeout=collective_timeout())
             if self.rank in members:
                 self.groups[d] = group
         first = {d: min(r for r, x in enumerate(dp_of) if x == d) for d in range(dp_size)}

@@ -98,10 +98,12 @@ class MegatronActor:
         total_train_steps: rollout (trainer) steps of the whole run: the length of the LR schedule, which
             advances once per rollout step (:meth:`set_lr_step`), not per optimizer update.
         seed: RNG seed.
+        collective_timeout_s: timeout of the process groups' collectives (seconds; the trainer passes
+            ``trainer.collective_timeout_min`` x 60): see :func:`~megatron_dapo.actor.parallel.init_parallel`.
     """
 
     def __init__(self, hf_path: str | Path, actor_cfg, *, total_train_steps: int = 1, seed: int = 1234,
-                 load_weights: bool = True):
+                 load_weights: bool = True, collective_timeout_s: float = 1800.0):
         apply_cpu_shims()
         # heavy: megatron-core, imported once a model is built (after the CPU shims)
         from megatron.core import parallel_state as ps
@@ -111,7 +113,8 @@ class MegatronActor:
         self.spec: ModelSpec = spec_from_hf_config(self.hf_path)
         tp, pp = actor_cfg.tensor_model_parallel_size, actor_cfg.pipeline_model_parallel_size
         vpp = actor_cfg.virtual_pipeline_model_parallel_size
-        init_parallel(tp=tp, pp=pp, vpp=vpp, cp=actor_cfg.context_parallel_size, seed=seed)
+        init_parallel(tp=tp, pp=pp, vpp=vpp, cp=actor_cfg.context_parallel_size, seed=seed,
+                      timeout_s=collective_timeout_s)
         self.ps = ps
         self.tp, self.pp, self.vpp = tp, pp, vpp
         self.tp_rank = ps.get_tensor_model_parallel_rank()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import socket
-from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -12,6 +11,7 @@ import torch.distributed as dist
 from ..backend import has_cuda
 from ..cpu_shims import apply_cpu_shims
 from ..launch.dist_env import resolve_dist_env
+from ..sync.collective import set_collective_timeout
 
 
 def free_port() -> int:
@@ -40,14 +40,23 @@ def init_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int =
     Reads rank / world size / master address from torchrun or Slurm (``launch.dist_env``); a single
     process without any of them gets a private free port.
 
+    Args:
+        timeout_s: timeout of every collective (seconds; ``trainer.collective_timeout_min`` x 60): the
+            default process group, megatron-core's groups and, through
+            :func:`~megatron_dapo.sync.collective.collective_timeout`, the
+            groups the trainer creates later. A collective that waits longer (a dead or stuck rank) raises
+            instead of hanging (NCCL: with ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1``, set by slurm/common.sh,
+            the watchdog aborts the process). A default group that already exists keeps its own timeout.
+
     Raises:
-        ValueError: TP × PP × CP does not divide the world size.
+        ValueError: TP × PP × CP does not divide the world size, or timeout_s <= 0.
     """
     apply_cpu_shims()
     # heavy: megatron-core, imported once a model is built (after the CPU shims)
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    timeout = set_collective_timeout(timeout_s)
     if not dist.is_initialized():
         rank, world, local, addr, port = _dist_env()
         if world == 1 and not port:
@@ -56,14 +65,15 @@ def init_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int =
         if has_cuda():
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend, init_method=f"tcp://{addr}:{port}", rank=rank,
-                                world_size=world, timeout=timedelta(seconds=timeout_s))
+                                world_size=world, timeout=timeout)
     world = dist.get_world_size()
     if world % (tp * pp * cp):
         raise ValueError(f"TP({tp}) x PP({pp}) x CP({cp}) must divide the world size {world}")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp)
+                                 virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,
+                                 distributed_timeout_minutes=timeout_s / 60.0)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
 

@@ -9,15 +9,23 @@
     Poll ``URL/health`` until every engine answers HTTP 200 (SGLang's readiness probe). Exit 0 when
     all are ready; 1 on timeout or when process ``PID`` (the engines' ``srun``) has exited, naming the
     URLs that never became ready.
+
+``python -m megatron_dapo.launch.slurm_tools progress CONFIG [OVERRIDE ...]``
+    Where the run of CONFIG stands, for the crash-restart logic of ``slurm/common.sh`` (``dapo_finish``):
+    three lines, (1) the last step in ``<run_dir>/steps.jsonl`` (0 when there is none), (2) the checkpoint a
+    restart resumes from (``resume=auto``: the newest complete one under ``<run_dir>/checkpoints``; an
+    explicit ``resume`` path: that path; empty when there is none or ``resume=none``), (3) ``resume``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any, Optional
 
 from megatron_dapo.config import load_config
@@ -43,6 +51,32 @@ def format_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(format_value(v) for v in value)
     return str(value)
+
+
+def last_logged_step(steps_log: Path) -> int:
+    """The ``step`` of the last parseable line of a ``steps.jsonl`` (0 when there is none or no file)."""
+    if not steps_log.exists():
+        return 0
+    for line in reversed(steps_log.read_text(errors="replace").splitlines()):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill, or not a step
+            continue
+    return 0
+
+
+def progress(config: str, overrides: list[str]) -> tuple[int, Optional[Path], str]:
+    """``(last logged step, checkpoint a restart resumes from or None, resume setting)`` of the run of
+    ``config`` + ``overrides`` (see the module doc)."""
+    # heavy: torch, needed only here (the other commands stay fast)
+    from megatron_dapo.actor.checkpoint import latest_checkpoint
+
+    cfg = load_config(config, overrides, validate=False)
+    step = last_logged_step(cfg.run_dir / "steps.jsonl")
+    if cfg.resume == "none":
+        return step, None, cfg.resume
+    ckpt = latest_checkpoint(cfg.ckpt_dir) if cfg.resume == "auto" else Path(cfg.resume)
+    return step, ckpt, cfg.resume
 
 
 def _healthy(url: str, timeout: float) -> bool:
@@ -91,7 +125,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--interval", type=float, default=2.0)
     p.add_argument("--pid", type=int, default=None)
+    p = sub.add_parser("progress", help="last logged step, checkpoint to resume from, resume setting")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
+    if args.cmd == "progress":
+        try:
+            step, ckpt, resume = progress(args.config, args.overrides)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"{step}\n{ckpt or ''}\n{resume}")
+        return 0
     if args.cmd == "cfg-get":
         try:
             print(format_value(cfg_get(args.config, args.key, args.overrides)))

@@ -8,11 +8,32 @@ message. Without ``torch.distributed`` (or with one process) it simply calls the
 """
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Callable, Optional, TypeVar
 
 import torch.distributed as dist
 
 T = TypeVar("T")
+
+_collective_timeout = timedelta(minutes=30)
+
+
+def set_collective_timeout(timeout_s: float) -> timedelta:
+    """Record the trainer's collective timeout (seconds; ``trainer.collective_timeout_min`` x 60, set by
+    :func:`megatron_dapo.actor.parallel.init_parallel`) and return it. Raises ValueError unless > 0."""
+    global _collective_timeout
+    if not timeout_s > 0:
+        raise ValueError(f"collective timeout must be > 0 seconds, got {timeout_s}")
+    _collective_timeout = timedelta(seconds=timeout_s)
+    return _collective_timeout
+
+
+def collective_timeout() -> timedelta:
+    """The collective timeout of the trainer's process groups (30 minutes until :func:`set_collective_timeout`).
+
+    Pass it to every ``dist.new_group``: torch gives a new group its backend's default timeout (30 minutes
+    for gloo), not the default group's."""
+    return _collective_timeout
 
 
 def distributed_on() -> bool:

@@ -31,7 +31,7 @@ from ..engines.client import SyncEngineClient
 from ..engines.protocols import PolicyActor, RolloutEngine, WeightTransport, WeightTransportName
 from ..models import mapping
 from .bucketing import bucket_bytes_from_mb, bucket_nbytes, iter_buckets_with_last, resolve_dtype
-from .collective import distributed_on, on_rank0
+from .collective import collective_timeout, distributed_on, on_rank0
 from .nodes import (NodePlan, assign_engines_to_nodes, local_node_id, node_leaders, parse_engine_nodes, relay_recv,
                     relay_send)
 from .transports import (ENGINE_NODES_ENV, TRANSPORTS, TensorTransport, TransportOptions, WeightSyncError,
@@ -389,7 +389,7 @@ class WeightSync:
         plan = NodePlan(urls, rank_nodes, full_stream, engine_node)
         if plan.receivers:
             # dist.new_group is collective over the default group: every rank calls it here, in step
-            plan.group = dist.new_group([0] + plan.receivers)
+            plan.group = dist.new_group([0] + plan.receivers, timeout=collective_timeout())
         if self.is_driver:
             logger.info("tensor weight sync plan: %s", plan.describe())
         self._plan = plan
