@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, shared_path
-from helpers import PY, fail_message, read_scalars, repo_env, run_train
+from helpers import PY, fail_message, read_scalars, repo_env, run_train, shared_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """The demo model, prepared once for the session's end-to-end modules (helpers.shared_tiny_model)."""
+    return shared_tiny_model(tmp_path_factory)
 
 
 REQUIRED_SCALARS = [

@@ -16,8 +16,15 @@ import sys
 
 import pytest
 
-from helpers import CONFIG, fail_message, read_scalars, repo_env, run_train
+from helpers import CONFIG, fail_message, read_scalars, repo_env, run_train, shared_tiny_model
 from conftest import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """The demo model, prepared once for the session's end-to-end modules (helpers.shared_tiny_model)."""
+    return shared_tiny_model(tmp_path_factory)
+
 
 SMALL = ["rollout.rollout_batch_size=4", "rollout.n_samples_per_prompt=4", "actor.ppo_mini_batch_size=16",
          "trainer.export_hf=false", "trainer.save_interval=0", "trainer.eval_interval=0"]
