@@ -174,3 +174,20 @@ def bit_differences(a: dict, b: dict) -> list[str]:
         elif x != y:
             bad.append(k)
     return bad
+
+
+_SHARED_TINY_MODELS: dict[str, Path] = {}
+
+
+def shared_tiny_model(tmp_path_factory) -> Path:
+    """The demo model of :data:`CONFIG` (random init + demo BPE tokenizer, created through the CLI: ``prepare``), made
+    once per pytest session (per process) for the modules that only read it: the body of ``conftest.tiny_model``,
+    cached by the session's base temporary directory. A test module overrides its ``tiny_model`` fixture with it."""
+    key = str(tmp_path_factory.getbasetemp())
+    if key not in _SHARED_TINY_MODELS:
+        d = tmp_path_factory.mktemp("model") / "tiny-qwen2"
+        proc = run_cli("prepare", CONFIG, f"model.hf_path={d}")
+        assert proc.returncode == 0, fail_message(proc)
+        assert proc.stdout.strip().splitlines()[-1] == str(d.resolve())
+        _SHARED_TINY_MODELS[key] = d
+    return _SHARED_TINY_MODELS[key]

@@ -16,8 +16,15 @@ import sys
 
 import pytest
 
-from helpers import CONFIG, fail_message, read_scalars, repo_env, run_train
+from helpers import CONFIG, fail_message, read_scalars, repo_env, run_train, shared_tiny_model
 from conftest import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """The demo model, prepared once for the session's end-to-end modules (helpers.shared_tiny_model)."""
+    return shared_tiny_model(tmp_path_factory)
+
 
 SMALL = ["rollout.rollout_batch_size=4", "rollout.n_samples_per_prompt=4", "actor.ppo_mini_batch_size=16",
          "trainer.export_hf=false", "trainer.save_interval=0", "trainer.eval_interval=0"]
@@ -28,12 +35,41 @@ def _base(tmp, model, name, steps):
             f"trainer.total_steps={steps}"] + SMALL
 
 
+# Two trainer runs shared by the tests below (each test asserts its own properties of a run's outputs). Both save and
+# evaluate after every step (small evaluations: the tests only need avg@k to come back), so they also serve
+# test_eval_at_the_step_of_a_save: the streaming run with colocated engines, the grpo run with separate ones.
+SAVE_EVAL_EVERY_STEP = ["trainer.save_interval=1", "trainer.eval_interval=1", "trainer.keep_last_checkpoints=3",
+                        "trainer.eval_max_prompts=4", "trainer.eval_n_samples=2"]
+
+
+def _every_step(args):
+    return [a for a in args if not a.startswith(("trainer.save_interval", "trainer.eval_interval"))] + \
+        SAVE_EVAL_EVERY_STEP
+
+
+@pytest.fixture(scope="module")
+def streaming_run(tmp_path_factory, tiny_model):  # noqa: F811
+    """3 steps on the default rollout path with overlong filtering (dapo), colocated engines; (run dir, process)."""
+    tmp = tmp_path_factory.mktemp("streaming")
+    proc = run_train(_every_step(_base(tmp, tiny_model, "nd", 3)) + [
+        "rollout.mode=streaming", "algorithm.overlong_filtering=true", "algorithm.preset=dapo",
+        "rollout.colocated=true"])
+    return tmp / "nd", proc
+
+
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory, tiny_model):  # noqa: F811
+    """2 steps with the grpo preset, engines not colocated; (run dir, process)."""
+    tmp = tmp_path_factory.mktemp("grpo")
+    proc = run_train(_every_step(_base(tmp, tiny_model, "grpo", 2)) + ["algorithm.preset=grpo",
+                                                                         "rollout.colocated=false"])
+    return tmp / "grpo", proc
+
+
 @pytest.mark.slow
-def test_default_rollout_path_with_overlong_filtering_trains_3_steps(tmp_path, tiny_model):  # noqa: F811
-    proc = run_train(_base(tmp_path, tiny_model, "nd", 3) + [
-        "rollout.mode=streaming", "algorithm.overlong_filtering=true", "algorithm.preset=dapo"])
+def test_default_rollout_path_with_overlong_filtering_trains_3_steps(streaming_run):
+    run, proc = streaming_run
     assert proc.returncode == 0, fail_message(proc)
-    run = tmp_path / "nd"
     cfg_text = (run / "config.yaml").read_text()
     assert "\n  mode: streaming\n" in cfg_text and "overlong_filtering: true" in cfg_text
     steps = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()]
@@ -64,32 +100,33 @@ def test_kl_loss_is_refused_before_anything_is_built(tmp_path, tiny_model):  # n
 
 
 @pytest.mark.slow
-def test_grpo_preset_trains(tmp_path, tiny_model):  # noqa: F811
-    proc = run_train(_base(tmp_path, tiny_model, "grpo", 1) + ["algorithm.preset=grpo"])
+def test_grpo_preset_trains(grpo_run):
+    run, proc = grpo_run
     assert proc.returncode == 0, fail_message(proc)
-    run = tmp_path / "grpo"
     steps = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == [1]
+    assert [s["step"] for s in steps] == [1, 2]
     sc = read_scalars(run / "tb")
-    # grpo: no dynamic-sampling filter, so every tried prompt is kept and one round fills the batch
-    assert [v for _, v in sc["dynamic_sampling/num_gen_batches"]] == [1.0]
-    assert [v for _, v in sc["dynamic_sampling/kept_groups"]] == [4.0]
-    assert [v for _, v in sc["actor/num_updates"]] == [1.0]
+    # grpo: no dynamic-sampling filter, so every tried prompt is kept and one round fills the batch (every step)
+    assert [v for _, v in sc["dynamic_sampling/num_gen_batches"]] == [1.0, 1.0]
+    assert [v for _, v in sc["dynamic_sampling/kept_groups"]] == [4.0, 4.0]
+    assert [v for _, v in sc["actor/num_updates"]] == [1.0, 1.0]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("colocated", ["true", "false"])
-def test_eval_at_the_step_of_a_save(tmp_path, tiny_model, colocated):  # noqa: F811
+def test_eval_at_the_step_of_a_save(request, colocated):
     """Every GPU example saves and evaluates at the same step; with colocated engines the save puts them to
-    sleep, and evaluation must wake them (it used to die with an EngineError from the sleeping engine)."""
-    args = [a for a in _base(tmp_path, tiny_model, "save_eval", 2) if not a.startswith(("trainer.save_interval",
-                                                                                        "trainer.eval_interval"))]
-    proc = run_train(args + [f"rollout.colocated={colocated}", "trainer.save_interval=1", "trainer.eval_interval=1"])
+    sleep, and evaluation must wake them (it used to die with an EngineError from the sleeping engine).
+    Colocated: the streaming run (3 steps); not colocated: the grpo run (2 steps); both save and evaluate after
+    every step."""
+    run, proc = request.getfixturevalue("streaming_run" if colocated == "true" else "grpo_run")
+    n = 3 if colocated == "true" else 2
     assert proc.returncode == 0, fail_message(proc)
-    sc = read_scalars(tmp_path / "save_eval" / "tb")
+    assert f"\n  colocated: {colocated}\n" in (run / "config.yaml").read_text()
+    sc = read_scalars(run / "tb")
     evals = [k for k in sc if k.startswith("val/") and "avg@" in k]
-    assert evals and all([s for s, _ in sc[k]] == [1, 2] for k in evals), sorted(sc)
-    assert (tmp_path / "save_eval" / "checkpoints" / "iter_0000001").is_dir()
+    assert evals and all([s for s, _ in sc[k]] == list(range(1, n + 1)) for k in evals), sorted(sc)
+    assert (run / "checkpoints" / "iter_0000001").is_dir()
 
 
 @pytest.mark.slow

@@ -10,7 +10,14 @@ import time
 import pytest
 
 from conftest import REPO_ROOT
-from helpers import CONFIG, PY, bit_differences, checkpoint_contents, fail_message, repo_env, run_train
+from helpers import (CONFIG, PY, bit_differences, checkpoint_contents, fail_message, repo_env, run_train,
+                     shared_tiny_model)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """The demo model, prepared once for the session's end-to-end modules (helpers.shared_tiny_model)."""
+    return shared_tiny_model(tmp_path_factory)
 
 
 def _steps(path):
