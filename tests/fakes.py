@@ -92,6 +92,10 @@ class FakeEngineSet:
         return {"colocate/engine_release_s": 0.0}
 
 
+    def recover(self):
+        self.events.log.append(("engines", "recover"))
+        return False  # nothing was replaced: the failure stands
+
     def health_metrics(self):
         self.events.log.append(("engines", "health_metrics"))
         return {"rollout/engine_restarts": 0.0}

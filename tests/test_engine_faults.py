@@ -305,30 +305,34 @@ def test_fault_plan_parsing(tmp_path):
 STEPS = 3
 
 
-def _fault_run(tmp_path: Path, faults: list[dict], overrides: list[str]) -> tuple[subprocess.CompletedProcess, Path]:
+def _fault_run(tmp_path: Path, faults: list[dict], overrides: list[str], steps: int = STEPS,
+               num_engines: int = 2) -> tuple[subprocess.CompletedProcess, Path]:
     for i, f in enumerate(faults):
         f["claim"] = str(tmp_path / f"fault{i}.claim")
     env = repo_env()
     env[FAULT_ENV] = json.dumps(faults)
     cmd = [PY, "-m", "megatron_dapo.train", CONFIG, f"output_dir={tmp_path}", "run_name=run",
-           f"trainer.total_steps={STEPS}", "trainer.save_interval=0", "trainer.export_hf=false",
-           "rollout.num_engines=2", "weight_sync.check_logprobs=true"] + overrides
+           f"trainer.total_steps={steps}", "trainer.save_interval=0", "trainer.export_hf=false",
+           f"rollout.num_engines={num_engines}", "weight_sync.check_logprobs=true"] + overrides
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     return proc, tmp_path / "run"
 
 
-def _check_survived(proc, run_dir: Path, tmp_path: Path, n_faults: int) -> list[dict]:
+def _check_survived(proc, run_dir: Path, tmp_path: Path, n_faults: int, steps: int = STEPS,
+                    num_engines: int = 2) -> list[dict]:
     """Every planned failure happened, and the run finished every step as if none had."""
     assert proc.returncode == 0, fail_message(proc)
     fired = sorted(p.name for p in tmp_path.glob("fault*.claim"))
     assert fired == [f"fault{i}.claim" for i in range(n_faults)], (fired, fail_message(proc))
+    n_steps = steps
     steps = read_steps(run_dir)
-    assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
+    assert [s["step"] for s in steps] == list(range(1, n_steps + 1))
     for s in steps:
         # a full batch: 8 groups x 8 responses = 64 rows = 2 updates of ppo_mini_batch_size 32, every token trained
         assert s["actor/num_updates"] == 2 and s["actor/loss_tokens"] == s["rollout/trained_tokens"] > 0, s
         assert s["weight_sync/engine_actor_logprob_max_abs_diff"] <= 1e-4, s  # replacements' first push included
-        assert s["rollout/engines_alive"] == 2, s
+        assert s["rollout/engines_alive"] == num_engines, s
+        assert len(set(s["prompt_indices"])) == len(s["prompt_indices"]) == 8, s  # 8 groups, none twice
     assert sum(s["rollout/engine_restarts"] for s in steps) == n_faults
     tb = read_scalars(run_dir / "tb")
     assert sum(v for _, v in tb["rollout/engine_restarts"]) == n_faults
@@ -375,3 +379,15 @@ def test_engines_killed_while_released_and_during_a_push_are_replaced(colocated_
     assert [s["rollout/engine_restarts"] for s in steps] == [1, 1, 0]
     assert "update_weights_from_disk" in proc.stderr  # the failed push was reported before it was repeated
     assert all(s["rollout/requests_resubmitted"] == 0 for s in steps)  # nothing was generating
+
+
+def test_the_only_engine_killed_while_generating_is_replaced_and_the_step_goes_on(tmp_path):
+    """With one engine nothing can take its requests: the step waits for the replacement (pushed the same weights,
+    checked) and goes on with the groups it had kept."""
+    faults = [{"path": "/generate", "after": 3, "action": "kill", "weight_version": "1"}]
+    proc, run_dir = _fault_run(tmp_path, faults, ["rollout.colocated=false", "rollout.mode=streaming"], steps=2,
+                               num_engines=1)
+    steps = _check_survived(proc, run_dir, tmp_path, n_faults=1, steps=2, num_engines=1)
+    assert [s["rollout/engine_restarts"] for s in steps] == [0, 1]
+    assert "generation stopped (no engine in rotation" in proc.stderr and "the step goes on" in proc.stderr, \
+        fail_message(proc)

@@ -167,6 +167,37 @@ def test_idle_engine_does_not_hold_a_core(engine):
     assert cores < IDLE_CORES_MAX, f"idle {engine.kind.name} engine used {cores:.2f} cores"
 
 
+def test_health_monitor_sees_a_stopped_engine_server_and_its_recovery(engine):
+    """The health monitor's liveness probe (issue 25) answers on every engine kind without loading it (SGLang's
+    ``/health`` would generate a token through the scheduler: its probe is ``/model_info``), and a stopped server
+    process (SIGSTOP of the HTTP server only; its children keep running) is seen as hung within the timeout."""
+    import os
+    import signal
+    import time
+
+    from megatron_dapo.engines.engine_set import BACKENDS
+    from megatron_dapo.engines.health import EngineHealthMonitor, probe_health
+
+    path = BACKENDS[engine.kind.name].liveness_path
+    assert probe_health(engine.url, None, path=path) == "ok"
+    downs = []
+    monitor = EngineHealthMonitor([engine.url], lambda u, c: downs.append(c), processes=engine.procs,
+                                  hang_timeout_s=2.0, probe_path=path)
+    assert monitor.check_now() == {}
+    wait_until(lambda: engine.inflight() == 0, 60, "the engine to be idle (the probe sends no request)")
+    pid = engine.procs.engines[0].proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: monitor.check_now(), 30, "the stopped engine to be seen as hung")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert len(downs) == 1 and "hung or stopped" in downs[0], downs
+    deadline = time.monotonic() + 60
+    while probe_health(engine.url, None, path=path) != "ok":  # the session's engine serves the next tests
+        assert time.monotonic() < deadline, engine.diagnosis()
+        time.sleep(0.2)
+
+
 def test_abort_returns_the_in_flight_request(engine):
     assert engine.has("abort")
 

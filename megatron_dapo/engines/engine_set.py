@@ -142,17 +142,22 @@ class Backend:
             :class:`~megatron_dapo.backend.MissingBackendError` when the engine cannot start here.
         weight_transports: the ``weight_sync.transport`` values the engines understand; the first is used
             when the configured one is not among them.
+        liveness_path: a route the server's HTTP process answers without the model (the health monitor's probe:
+            :mod:`megatron_dapo.engines.health`).
     """
 
     launch: Callable[[RolloutConfig, LaunchRequest], EngineProcesses]
     client: Callable[..., RolloutEngine]
     preflight: Callable[[Optional[str]], None]
     weight_transports: tuple[WeightTransportName, ...]
+    liveness_path: str = "/health"
 
 
 BACKENDS: dict[RolloutBackendName, Backend] = {
     "cpu": Backend(_launch_cpu, _sglang_api_client, _no_preflight, ("disk", "distributed", "tensor")),
-    "sglang": Backend(_launch_sglang, _sglang_api_client, _sglang_preflight, ("disk", "distributed", "tensor")),
+    # SGLang's /health generates a token through the scheduler: /model_info is answered by the HTTP process
+    "sglang": Backend(_launch_sglang, _sglang_api_client, _sglang_preflight, ("disk", "distributed", "tensor"),
+                      liveness_path="/model_info"),
     # vLLM speaks disk reload only (distributed / tensor are SGLang's protocol)
     "vllm": Backend(_launch_vllm, _vllm_client, _vllm_preflight, ("disk",)),
 }
@@ -330,7 +335,8 @@ class EngineSet:
             client = started["client"] = engine_client(r, endpoints, stack)
             # closed before the engines stop (the stack unwinds in reverse), so a shutdown is no failure
             health = EngineHealthMonitor(list(client.engine_urls), client.mark_down, processes=endpoints.processes,
-                                         hang_timeout_s=r.engine_hang_timeout_s, api_key=r.api_key)
+                                         hang_timeout_s=r.engine_hang_timeout_s, api_key=r.api_key,
+                                         probe_path=BACKENDS[r.backend].liveness_path)
             started["health"] = health.start()
             stack.callback(health.close)
 
@@ -390,9 +396,10 @@ class EngineSet:
         out["colocate/actor_onload_s"] = time.perf_counter() - t
         return out
 
-    def to_generation(self, weight_version: str) -> dict[str, float]:
+    def to_generation(self, weight_version: str, *, force: bool = False) -> dict[str, float]:
         """Make the engines generate with the actor's current weights as ``weight_version`` (collective;
-        a no-op when they already do).
+        a no-op when they already do, unless ``force`` or a failed engine was replaced first:
+        :meth:`replace_failed_engines`).
 
         Colocated: (release first when they generate another version) engines
         ``resume_memory_occupation(["weights"])`` -> push (no pause: nothing runs) -> ``actor.offload()``
@@ -411,7 +418,7 @@ class EngineSet:
         """
         weight_version = str(weight_version)
         replaced = self.replace_failed_engines()
-        if not replaced and self.state == "generating" and self.weight_version == weight_version:
+        if not (replaced or force) and self.state == "generating" and self.weight_version == weight_version:
             return {}
         while True:
             try:
@@ -520,6 +527,21 @@ class EngineSet:
         if n:
             self.weight_sync.reset_transport()
         return n
+
+    def recover(self) -> bool:
+        """After an engine failure stopped generation (e.g. ``no engine in rotation``): replace the failed engines
+        and push them the actor's weights as :attr:`weight_version`, so that generation can go on (collective).
+        Only valid while the actor still holds the weights the engines generate with (synchronous generation, not
+        a batch generating in the background). Returns whether anything was replaced (``False``: the failure was
+        not an engine's death).
+
+        Raises:
+            EngineError: as :meth:`replace_failed_engines` (past ``rollout.max_engine_restarts`` ...).
+        """
+        if not self.replace_failed_engines(after_error=True):
+            return False
+        self.to_generation(self.weight_version, force=True)
+        return True
 
     def _replace(self, url: str, cause: str) -> None:
         ep = self.health.process_of(url)

@@ -4,9 +4,13 @@
 engine has *failed* when
 
 * its process has exited (``kill -9``, a crash, OOM): seen within ``poll_s``;
-* its ``/health`` refused the connection twice in a row (the server is gone, or was never started by us);
-* its ``/health`` has not answered for ``hang_timeout_s`` (``rollout.engine_hang_timeout_s``): a hung or stopped
+* its liveness route refused the connection twice in a row (the server is gone, or was never started by us);
+* its liveness route has not answered for ``hang_timeout_s`` (``rollout.engine_hang_timeout_s``): a hung or stopped
   (SIGSTOP) process.
+
+The liveness route is one the HTTP server answers itself (``probe_path``): ``/health`` on our CPU engine and vLLM,
+``/model_info`` on SGLang, whose ``/health`` generates a token through the scheduler (it would add a request every
+probe and fail while the engine's memory is released).
 
 A failure is recorded once with its cause, logged as a warning, and the engine leaves rotation at once
 (:meth:`~megatron_dapo.engines.protocols.EngineRotation.mark_down`): no request or control call goes to it any
@@ -39,10 +43,10 @@ def describe_exit(returncode: int) -> str:
     return f"exited with code {returncode}"
 
 
-def probe_health(url: str, api_key: Optional[str], timeout_s: float = 2.0) -> str:
-    """``GET url/health`` once: ``"ok"`` (HTTP 200), ``"refused"`` (nothing listens) or ``"no answer"``
+def probe_health(url: str, api_key: Optional[str], timeout_s: float = 2.0, path: str = "/health") -> str:
+    """``GET url + path`` once: ``"ok"`` (HTTP 200), ``"refused"`` (nothing listens) or ``"no answer"``
     (timeout, another status, any other error)."""
-    req = urllib.request.Request(url + "/health", headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    req = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return "ok" if resp.status == 200 else "no answer"
@@ -70,9 +74,10 @@ class EngineHealthMonitor:
         mark_down: ``(url, cause) -> None``, called once per failure (the client's ``mark_down``).
         processes: the engines' processes when this run started them (exit codes are read from them), else
             ``None`` (``rollout.engine_urls``: only ``/health`` is watched).
-        hang_timeout_s: seconds without a ``/health`` answer after which an engine has failed (> 0).
-        api_key: ``rollout.api_key`` (``/health`` takes none on our CPU engine and SGLang; sent anyway).
-        poll_s: seconds between process checks; ``/health`` is probed every ``probe_s`` seconds.
+        hang_timeout_s: seconds without an answer on ``probe_path`` after which an engine has failed (> 0).
+        api_key: ``rollout.api_key`` (sent with every probe).
+        poll_s: seconds between process checks; ``probe_path`` is probed every ``probe_s`` seconds.
+        probe_path: the liveness route (module docstring).
 
     Raises:
         ValueError: ``hang_timeout_s``, ``poll_s`` or ``probe_s`` not > 0.
@@ -80,7 +85,8 @@ class EngineHealthMonitor:
 
     def __init__(self, urls: list[str], mark_down: Callable[[str, str], object], *,
                  processes: Optional[EngineProcesses] = None, hang_timeout_s: float = 120.0,
-                 api_key: Optional[str] = None, poll_s: float = 0.5, probe_s: float = 2.0) -> None:
+                 api_key: Optional[str] = None, poll_s: float = 0.5, probe_s: float = 2.0,
+                 probe_path: str = "/health") -> None:
         if not (hang_timeout_s > 0 and poll_s > 0 and probe_s > 0):
             raise ValueError(f"hang_timeout_s, poll_s and probe_s must be > 0 (got {hang_timeout_s}, {poll_s}, "
                              f"{probe_s})")
@@ -91,6 +97,7 @@ class EngineHealthMonitor:
         self.api_key = api_key
         self.poll_s = float(poll_s)
         self.probe_s = float(probe_s)
+        self.probe_path = probe_path
         now = time.monotonic()
         self._watch = {u: _Watch(u, now) for u in self.urls}
         self._paused: set[str] = set()
@@ -149,7 +156,7 @@ class EngineHealthMonitor:
                 continue
             if not probe:
                 continue
-            answer = probe_health(url, self.api_key, timeout_s=min(2.0, self.hang_timeout_s))
+            answer = probe_health(url, self.api_key, timeout_s=min(2.0, self.hang_timeout_s), path=self.probe_path)
             with self._lock:
                 if url in self._paused:
                     continue
@@ -162,7 +169,7 @@ class EngineHealthMonitor:
             if answer == "refused" and w.refusals >= 2:
                 self._fail(url, "its connection was refused twice in a row")
             elif silent > self.hang_timeout_s:
-                self._fail(url, f"/health has not answered for {silent:.0f} s (> rollout.engine_hang_timeout_s="
+                self._fail(url, f"{self.probe_path} has not answered for {silent:.0f} s (> rollout.engine_hang_timeout_s="
                                 f"{self.hang_timeout_s:g}): hung or stopped")
         return self.failed()
 

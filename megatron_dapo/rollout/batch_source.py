@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Protocol
 from ..algorithm import DynamicSampler, DynamicSamplingExhausted, Group
 from ..data import PromptDataset, render_batch
 from ..engines.engine_set import EngineSet
+from ..engines.transport import EngineError
 from ..errors import MegatronDapoError, TrainingStopped, one_line
 from ..metrics import scoped, timed
 from ..sync.collective import from_rank0, on_rank0
@@ -94,8 +95,9 @@ class Rollout:
         self.prompt_skips = 0
         """Prompts skipped as longer than ``max_prompt_length`` over the run (part of the checkpoint)."""
 
-    def __call__(self, step: int) -> RolloutResult:
-        """The batch trained at ``step`` (it seeds the sampling), generated with the engines' current weights.
+    def __call__(self, step: int, resume: bool = False) -> RolloutResult:
+        """The batch trained at ``step`` (it seeds the sampling), generated with the engines' current weights;
+        ``resume``: go on with the groups an attempt interrupted by an engine failure kept (:func:`collect_batch`).
 
         Returns ``(groups, metrics, error)``. A failure the user can act on (an engine that failed after its
         retries or keeps returning malformed output, dynamic sampling exhausted, the reward workers) is
@@ -109,13 +111,15 @@ class Rollout:
             return kept
 
         timing: dict[str, float] = {}
-        self.validator.start_step()
+        if not resume:
+            self.validator.start_step()
         try:
             with timed(timing, "rollout"):
                 # partial-rollout spans are tagged with the version the engines really hold (one step behind
                 # the trained step in one-step off-policy mode)
                 groups, stats = collect_batch(self.engines.client, self.sampler, next_prompts, self.tokenizer,
-                                              self.settings, step, weight_version=int(self.engines.weight_version))
+                                              self.settings, step, weight_version=int(self.engines.weight_version),
+                                              resume=resume)
         except DynamicSamplingExhausted as e:
             msg = str(e)
             if self.validator.groups_dropped:
@@ -238,6 +242,15 @@ class SyncBatchSource:
             version = step  # what the engines now generate with
             groups, metrics, error = self.rollout(step) if self.is_rank0 else (None, {}, None)
             metrics, error = from_rank0((metrics, error), is_rank0=self.is_rank0)  # the groups stay on rank 0
+            while isinstance(error, EngineError) and self.engines.recover():
+                if self.is_rank0:
+                    log.warning("step %d: generation stopped (%s); the failed engines were replaced, the step goes on",
+                                step + 1, one_line(str(error)))
+                # every engine had failed (e.g. the only one): they were replaced and given the weights the actor
+                # still holds (nothing trained since this generation began); the step goes on with the groups kept
+                # so far (the prompts of the round that broke off are given up: new ones are drawn)
+                groups, metrics, error = self.rollout(step, resume=True) if self.is_rank0 else (None, {}, None)
+                metrics, error = from_rank0((metrics, error), is_rank0=self.is_rank0)
         else:
             version = self._ready_version
             box: dict[str, Any] = {}

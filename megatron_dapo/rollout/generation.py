@@ -478,7 +478,8 @@ async def _fill_ordered(client, sampler: DynamicSampler, next_prompts, tokenizer
 
 
 def collect_batch(sync_client, sampler: DynamicSampler, next_prompts, tokenizer,
-                  s: RolloutSettings, step: int, weight_version: Optional[int] = None) -> tuple[list[Group], RoundStats]:
+                  s: RolloutSettings, step: int, weight_version: Optional[int] = None,
+                  resume: bool = False) -> tuple[list[Group], RoundStats]:
     """Run rounds until ``sampler`` is full; return the step's batch and the pre-filter statistics.
 
     ``weight_version`` (default ``step``: the trainer pushes ``str(step)`` after ``step`` updates) is the
@@ -493,13 +494,19 @@ def collect_batch(sync_client, sampler: DynamicSampler, next_prompts, tokenizer,
     trainer's completed updates when it trains on it): the batch's token ages (``token_age_mean`` /
     ``token_age_max``, :func:`token_ages`) are measured from it.
 
+    ``resume``: go on filling the sampler of an attempt of the same step that an engine failure interrupted (the
+    groups it kept stay; the step's start - carried and parked groups - is not repeated). The returned statistics
+    cover this call's rounds; the sampler's counters cover the whole step.
+
     Raises:
         DynamicSamplingExhausted: ``max_num_gen_batches`` rounds did not fill the batch.
         EngineError: the engines failed after retries.
     """
     stats = RoundStats(partial=PartialRolloutStats() if s.partial_rollout else None)
     version = step if weight_version is None else int(weight_version)
-    if stats.partial is not None:
+    if resume:
+        pass  # the interrupted attempt started the step
+    elif stats.partial is not None:
         sampler.start_step(version, s.partial_max_age)  # a carried group grown too old is parked, then reset
         stats.partial.record_stale(sampler.reset_stale_pending(version, s.partial_max_age))
     else:
