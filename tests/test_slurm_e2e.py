@@ -195,14 +195,21 @@ def preemption(request, tmp_path_factory, model_dir):
     and the reference job runs in that window (it waits for ``held``; the two jobs never compete for
     the CPUs). Yields a :class:`Preemption`, or None when that test is not selected or there is no
     cluster."""
+    yield from _background_job(request, tmp_path_factory, model_dir, PREEMPT_TEST, "preempt", RUN_OVERRIDES,
+                               drive_preemption)
+
+
+def _background_job(request, tmp_path_factory, model_dir, test_name: str, name: str, overrides, drive):
+    """Drive ``drive(env, run, held)`` in a background thread while the module runs, when ``test_name`` is
+    selected and a cluster answers; yields a :class:`Preemption` (or None), cancels the job at the end."""
     probe = _probe()
-    if isinstance(probe, str) or not any(i.name == PREEMPT_TEST for i in request.session.items):
+    if isinstance(probe, str) or not any(i.name == test_name for i in request.session.items):
         yield None
         return
-    run = SmokeRun(tmp_path_factory.mktemp("preempt"), model_dir, "preempt", RUN_OVERRIDES)
+    run = SmokeRun(tmp_path_factory.mktemp(name), model_dir, name, overrides)
     held = threading.Event()
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preemption")
-    future = pool.submit(drive_preemption, dict(probe), run, held)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+    future = pool.submit(drive, dict(probe), run, held)
     try:
         yield Preemption(run, future, held)
     finally:
@@ -353,20 +360,8 @@ def crash(request, tmp_path_factory, model_dir):
     thread from the start of this module (its requeue hold overlaps the preemption job's, and the reference
     job runs in them). Yields a :class:`Preemption` (the same shape), or None when that test is not selected
     or there is no cluster."""
-    probe = _probe()
-    if isinstance(probe, str) or not any(i.name == CRASH_TEST for i in request.session.items):
-        yield None
-        return
-    run = SmokeRun(tmp_path_factory.mktemp("crash"), model_dir, "crash", CRASH_OVERRIDES)
-    held = threading.Event()
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crash")
-    future = pool.submit(drive_crash, dict(probe), run, held)
-    try:
-        yield Preemption(run, future, held)
-    finally:
-        if not future.done():
-            run.cancel(dict(probe))
-        pool.shutdown(wait=True)
+    yield from _background_job(request, tmp_path_factory, model_dir, CRASH_TEST, "crash", CRASH_OVERRIDES,
+                               drive_crash)
 
 
 def test_killed_rank_requeues_resumes_and_logs_each_step_once(crash):
