@@ -14,6 +14,10 @@ from __future__ import annotations
 EXIT_USER_ERROR = 2
 """Process exit code of a run stopped by a :class:`MegatronDapoError` (or a missing file)."""
 
+EXIT_RESTARTABLE = 4
+"""Process exit code of a run stopped by a :class:`RestartableFailure`: one line, no traceback, and a restart of
+the job can fix it (the Slurm scripts requeue every exit other than 0 and 2, and the run resumes)."""
+
 
 class MegatronDapoError(Exception):
     """A failure the user can act on; ``str(error)`` is the whole message (names the key, file, URL...)."""
@@ -27,3 +31,10 @@ def one_line(message: str) -> str:
 
 class TrainingStopped(MegatronDapoError, RuntimeError):
     """The run cannot continue; the message says why and what to change (no traceback needed)."""
+
+
+class RestartableFailure(MegatronDapoError):
+    """The run cannot go on, but the cause is the cluster's, not the configuration's: restarting the job fixes it
+    (e.g. an engine the run did not start died: the job script starts it again). Ends the run with exit code
+    :data:`EXIT_RESTARTABLE` instead of :data:`EXIT_USER_ERROR`."""
+

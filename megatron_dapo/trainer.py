@@ -53,7 +53,7 @@ from .data import (PromptDataset, demo_rows, load_rows, load_tokenizer, make_tin
                    write_rows)
 from .engines.engine_set import BACKENDS, EngineSet
 from .evaluation import evaluate, log_eval_to_tensorboard
-from .errors import EXIT_USER_ERROR, MegatronDapoError, TrainingStopped, one_line
+from .errors import EXIT_RESTARTABLE, EXIT_USER_ERROR, MegatronDapoError, RestartableFailure, TrainingStopped, one_line
 from .launch import REQUEUE_EXIT_CODE
 from .metrics import scalars, scoped, timed
 from .models.export import save_hf_checkpoint
@@ -561,11 +561,13 @@ def run_training(cfg: DAPOConfig) -> int:
     A :class:`~megatron_dapo.errors.MegatronDapoError` (config, data, model, engine, weight sync,
     checkpoint, dynamic sampling, ...) or a ``FileNotFoundError`` ends the run with one line on stderr
     (``megatron-dapo: <what>: <message>``, printed by rank 0; the errors raised on every rank carry the same
-    message) and returns :data:`~megatron_dapo.errors.EXIT_USER_ERROR` (2), without a traceback. Any other
-    exception is a bug and propagates.
+    message) and returns :data:`~megatron_dapo.errors.EXIT_USER_ERROR` (2), without a traceback; a
+    :class:`~megatron_dapo.errors.RestartableFailure` (a cluster failure a restart of the job fixes, e.g. an engine
+    the run did not start died) returns :data:`~megatron_dapo.errors.EXIT_RESTARTABLE` (4) instead, which the Slurm
+    scripts requeue. Any other exception is a bug and propagates.
 
     Returns:
-        The process exit code: 0, 3 after a preemption checkpoint, or 2.
+        The process exit code: 0, 3 after a preemption checkpoint, 4, or 2.
     """
     trainer = None
     preempt = _Preemption()  # first thing: a SIGUSR1 during start-up must not kill the process
@@ -577,7 +579,7 @@ def run_training(cfg: DAPOConfig) -> int:
         if rank == 0:
             what = "training stopped" if isinstance(e, TrainingStopped) else type(e).__name__
             print(f"\nmegatron-dapo: {what}: {one_line(str(e))}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+        return EXIT_RESTARTABLE if isinstance(e, RestartableFailure) else EXIT_USER_ERROR
     finally:
         if trainer is not None:
             trainer.close()

@@ -30,7 +30,7 @@ from megatron_dapo.engines.cpu.faults import FAULT_ENV, FaultPlan
 from megatron_dapo.engines.engine_set import EngineSet
 from megatron_dapo.engines.health import EngineHealthMonitor, describe_exit
 from megatron_dapo.engines.launch_common import EngineProcesses, find_free_ports
-from megatron_dapo.engines.transport import EngineError, EngineTransport
+from megatron_dapo.engines.transport import EngineError, EngineLostError, EngineTransport
 from tests.helpers import CONFIG, PY, REPO_ROOT, fail_message, read_scalars, read_steps, repo_env
 
 
@@ -273,7 +273,7 @@ def test_an_engine_not_started_by_the_run_is_not_replaced():
     monitor = EngineHealthMonitor([url], lambda u, c: None, hang_timeout_s=600)
     engines = _engine_set(_Client(), monitor, max_restarts=3)
     assert engines.replace_failed_engines(after_error=True) == 0  # one refusal is not yet a failure
-    with pytest.raises(EngineError, match=r"not started by this run \(rollout.engine_urls\)"):
+    with pytest.raises(EngineLostError, match=r"not started by this run \(rollout.engine_urls\).*exit code 4"):
         engines.replace_failed_engines(after_error=True)
 
 

@@ -112,6 +112,21 @@ def test_run_training_ends_known_errors_with_one_line_exit_2(fake_trainer, capsy
     assert closed == [True]  # the trainer (engines, writer) is closed on the way out
 
 
+def test_run_training_ends_a_restartable_failure_with_one_line_exit_4(fake_trainer, capsys):
+    """An engine the run did not start died: exit 4, which the Slurm scripts requeue (a restart starts it again)."""
+    from megatron_dapo.engines.transport import EngineLostError
+    from megatron_dapo.errors import EXIT_RESTARTABLE
+
+    closed = fake_trainer(EngineLostError("rollout engine http://n3:30000 failed (its connection was refused twice "
+                                          "in a row); it was not started by this run", urls=["http://n3:30000"]))
+    assert run_training(SimpleNamespace()) == EXIT_RESTARTABLE == 4
+    out, err = capsys.readouterr()
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("megatron-dapo: EngineLostError: rollout engine http://n3:30000")
+    assert "Traceback" not in err + out and closed == [True]
+    assert isinstance(EngineLostError("x"), EngineError)  # callers catching EngineError still see it
+
+
 def test_run_training_lets_bugs_propagate(fake_trainer):
     fake_trainer(KeyError("a bug"))
     with pytest.raises(KeyError):

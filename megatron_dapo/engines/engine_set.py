@@ -46,7 +46,7 @@ from .launch_sglang import launch_sglang_servers
 from .health import EngineHealthMonitor
 from .launch_vllm import launch_vllm_servers
 from .protocols import PolicyActor, RolloutBackendName, RolloutEngine, WeightTransportName
-from .transport import EngineError
+from .transport import EngineError, EngineLostError
 from .vllm_client import SyncVLLMClient
 
 log = logging.getLogger("megatron_dapo")
@@ -512,8 +512,8 @@ class EngineSet:
 
         Raises:
             EngineError: on every rank, naming the engine, its log file and the log's last lines, when an engine
-                failed more than ``rollout.max_engine_restarts`` times, was not started by this run
-                (``rollout.engine_urls``), or its replacement did not become healthy.
+                failed more than ``rollout.max_engine_restarts`` times or its replacement did not become healthy;
+                EngineLostError (exit code 4): the engine was not started by this run (``rollout.engine_urls``).
         """
         def run() -> int:
             if self.health is None:
@@ -548,8 +548,9 @@ class EngineSet:
         done = self.restarts.get(url, 0)
         log_path = ep.log_path if ep is not None else None
         if ep is None:
-            raise EngineError(f"rollout engine {url} failed ({cause}); it was not started by this run "
-                              f"(rollout.engine_urls), so it cannot be replaced", urls=[url])
+            raise EngineLostError(f"rollout engine {url} failed ({cause}); it was not started by this run "
+                                  f"(rollout.engine_urls), so it cannot be replaced here: restart the job (the Slurm "
+                                  f"scripts requeue it; exit code 4)", urls=[url])
         if done >= self.max_engine_restarts:
             raise EngineError(f"rollout engine {url} failed ({cause}) after {done} replacement(s) "
                               f"(rollout.max_engine_restarts={self.max_engine_restarts}); its log {log_path} ends: "

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import aiohttp
 
-from ..errors import MegatronDapoError
+from ..errors import MegatronDapoError, RestartableFailure
 
 # The records keep the logger name they had before this module was split out of client.py.
 logger = logging.getLogger("megatron_dapo.engines.client")
@@ -41,6 +41,12 @@ class EngineError(MegatronDapoError, RuntimeError):
         super().__init__(message)
         self.urls = list(urls)
         self.status = status
+
+
+class EngineLostError(EngineError, RestartableFailure):
+    """An engine this run cannot replace died (one named in ``rollout.engine_urls``, e.g. started on its node by
+    ``slurm/dapo_disaggregated.sbatch``): the run stops with exit code 4, and the job script's restart starts it
+    again."""
 
 
 def _is_retryable_exc(exc: BaseException) -> bool:
