@@ -169,8 +169,8 @@ class EngineHealthMonitor:
             if answer == "refused" and w.refusals >= 2:
                 self._fail(url, "its connection was refused twice in a row")
             elif silent > self.hang_timeout_s:
-                self._fail(url, f"{self.probe_path} has not answered for {silent:.0f} s (> rollout.engine_hang_timeout_s="
-                                f"{self.hang_timeout_s:g}): hung or stopped")
+                self._fail(url, f"{self.probe_path} has not answered for {silent:.0f} s "
+                                f"(> rollout.engine_hang_timeout_s={self.hang_timeout_s:g}): hung or stopped")
         return self.failed()
 
     def _run(self) -> None:
