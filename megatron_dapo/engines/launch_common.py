@@ -257,8 +257,7 @@ class EngineProcesses:
         self.start(old.cmd, old.url, old.log_path, env=old.env, api_key=old.api_key)
         new = self.engines.pop()
         self.engines[index] = new
-        one = EngineProcesses.__new__(EngineProcesses)  # a view of the one engine (not registered for exit hooks)
-        one.engines = [new]
+        one = EngineProcesses([new])  # the one engine (its exit hooks stop it, as this group's do)
         try:
             one.wait_healthy(health_timeout_s)
         except BaseException:
