@@ -20,6 +20,7 @@ import pytest
 from conftest import REPO_ROOT
 from helpers import fail_message, read_scalars, repo_env
 from megatron_dapo.engines.launch_common import descendant_pids
+from megatron_dapo.errors import EXIT_RESTARTABLE
 from tests.engine_fixtures import wait_until
 
 CONFIG = str(REPO_ROOT / "examples" / "tiny-cpu" / "dapo.yaml")
@@ -106,8 +107,10 @@ def test_aborted_requests_were_counted(aborted_counts):
 @pytest.mark.slow
 @pytest.mark.kills_engine
 def test_engine_killed_mid_rollout_stops_the_step_with_one_line(tmp_path, sglang):
-    """The only engine dies while requests are in flight: no retry target, so the step stops with one
-    clear line and exit code 2 (no traceback)."""
+    """The only engine dies while requests are in flight. It was given by ``rollout.engine_urls`` (not started by
+    this run), so the run cannot replace it: the step stops with one clear line naming it and exit code 4
+    (``errors.EXIT_RESTARTABLE``: the Slurm scripts requeue the job, which restarts its engines), no
+    traceback."""
     args = _overrides(tmp_path, sglang.model_dir, "disk", False, steps=50) + [f"rollout.engine_urls=[{sglang.url}]",
                                                                               "rollout.max_retries=1"]
     proc = subprocess.Popen([sys.executable, "-m", "megatron_dapo.cli", "train", CONFIG] + args, cwd=REPO_ROOT,
@@ -125,7 +128,7 @@ def test_engine_killed_mid_rollout_stops_the_step_with_one_line(tmp_path, sglang
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 2, f"exit {proc.returncode}\n{out[-2000:]}\n{err[-4000:]}"
+    assert proc.returncode == EXIT_RESTARTABLE, f"exit {proc.returncode}\n{out[-2000:]}\n{err[-4000:]}"
     stops = [line for line in err.splitlines() if line.startswith("megatron-dapo:")]
     assert len(stops) == 1 and "Traceback" not in err, err[-4000:]
-    assert sglang.url in stops[0], stops[0]
+    assert "EngineLostError" in stops[0] and sglang.url in stops[0] and "rollout.engine_urls" in stops[0], stops[0]
