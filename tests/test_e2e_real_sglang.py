@@ -4,10 +4,12 @@ Three runs cover the three transports and both colocation modes; after every syn
 of a fixed sequence must equal the actor's (``weight_sync/engine_actor_logprob_max_abs_diff`` <= 1e-4,
 fp32).  The runs use the session's SGLang server of ``tests/engine_fixtures.py`` (one start-up for the
 whole suite, started by the same ``launch_sglang_servers`` the trainer calls for ``rollout.backend=sglang``)
-through ``rollout.engine_urls``; each run's weights are replaced by the protocol model's afterwards.  The default non-deterministic rollout runs throughout (concurrent requests, abort once the
+through ``rollout.engine_urls``; each run's weights are replaced by the protocol model's afterwards.  The default
+non-deterministic rollout runs throughout (concurrent requests, abort once the
 dynamic sampler is full): aborted requests must come back and be counted.  The last test kills the
-engine mid-rollout: the step stops with one clear line and exit code 2, and the server's scheduler and
-detokenizer processes go with it.
+engine mid-rollout: an engine of ``rollout.engine_urls`` cannot be replaced by the run, so the step stops with
+one clear line and exit code 4 (a restartable failure), and the server's scheduler and detokenizer processes go
+with it.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ def _train(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
 
 
 def _check_run(tmp: Path, steps: int = 3) -> dict:
+    """TensorBoard scalars of the run under ``tmp``, after asserting a logprob check <= TOL after each of ``steps``
+    syncs and a loss at every step."""
     s = read_scalars(tmp / "sgl" / "tb")
     diffs = s.get("weight_sync/engine_actor_logprob_max_abs_diff", [])
     assert len(diffs) >= steps, f"expected a logprob check after each of {steps} syncs, got {diffs}"
@@ -63,45 +67,57 @@ def sglang(engine_pool):
     return engine_pool("sglang")
 
 
+TRANSPORTS = [("disk", True), ("distributed", False), ("tensor", True)]
+
+
 @pytest.fixture(scope="module")
-def aborted_counts():
-    return []
-
-
-@pytest.fixture
-def restore_engine(sglang):
-    """Runs on the shared server change its weights: put the protocol model back afterwards."""
-    yield
+def transport_run(sglang, tmp_path_factory):
+    """``transport_run(transport, colocated)``: the 3-step run on the shared server with that weight-sync transport,
+    done once per module (the first test that asks runs it) and checked by :func:`_check_run`; returns its
+    TensorBoard scalars. A run changes the server's weights: the protocol model's are put back after it."""
     from megatron_dapo.engines.client import SyncEngineClient
 
-    with SyncEngineClient([sglang.url]) as c:
-        c.update_weights_from_disk(str(sglang.model_dir), weight_version="restored")
+    done: dict = {}
+
+    def run(transport: str, colocated: bool) -> dict:
+        if (transport, colocated) in done:
+            return done[transport, colocated]
+        tmp = tmp_path_factory.mktemp(f"sgl_{transport}")
+        args = _overrides(tmp, sglang.model_dir, transport, colocated) + [f"rollout.engine_urls=[{sglang.url}]"]
+        if transport == "distributed":
+            # one kept group of 16 from 8 prompts x 16 samples (~12k tokens) on a server whose KV cache holds 4,096
+            # tokens on CPU: later requests wait while the first ones are generated and scored, so requests are
+            # still in flight when the sampler fills (streaming scoring keeps groups that finished generating)
+            args += ["rollout.rollout_batch_size=1", "rollout.n_samples_per_prompt=16",
+                     "algorithm.oversample_factor=8.0", "rollout.max_response_length=64",
+                     "algorithm.overlong_buffer_length=16", "actor.ppo_mini_batch_size=16"]
+        try:
+            proc = _train(args)
+            assert proc.returncode == 0, fail_message(proc) + "\n" + sglang.diagnosis()
+            done[transport, colocated] = _check_run(tmp)
+        finally:
+            with SyncEngineClient([sglang.url]) as c:
+                c.update_weights_from_disk(str(sglang.model_dir), weight_version="restored")
+        return done[transport, colocated]
+
+    return run
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport,colocated", [("disk", True), ("distributed", False), ("tensor", True)])
-def test_transports_against_the_shared_server(tmp_path, sglang, transport, colocated, aborted_counts,
-                                              restore_engine):
-    args = _overrides(tmp_path, sglang.model_dir, transport, colocated) + [f"rollout.engine_urls=[{sglang.url}]"]
-    if transport == "distributed":
-        # one kept group of 16 from 8 prompts x 16 samples (~12k tokens) on a server whose KV cache holds 4,096
-        # tokens on CPU: later requests wait while the first ones are generated and scored, so requests are
-        # still in flight when the sampler fills (streaming scoring keeps groups that finished generating)
-        args += ["rollout.rollout_batch_size=1", "rollout.n_samples_per_prompt=16", "algorithm.oversample_factor=8.0",
-                 "rollout.max_response_length=64", "algorithm.overlong_buffer_length=16",
-                 "actor.ppo_mini_batch_size=16"]
-    proc = _train(args)
-    assert proc.returncode == 0, fail_message(proc) + "\n" + sglang.diagnosis()
-    s = _check_run(tmp_path)
-    aborted_counts.append(sum(v for _, v in s.get("dynamic_sampling/aborted_requests", [])))
+@pytest.mark.parametrize("transport,colocated", TRANSPORTS)
+def test_transports_against_the_shared_server(transport_run, transport, colocated):
+    """Three steps with this transport: after every sync the engine's logprobs equal the actor's (``_check_run``)."""
+    transport_run(transport, colocated)
 
 
 @pytest.mark.slow
-def test_aborted_requests_were_counted(aborted_counts):
-    """Across the runs above (9 steps, concurrent requests, abort when the dynamic sampler is full) some
-    requests were aborted by the trainer, came back from SGLang and were counted."""
-    assert len(aborted_counts) == 3, "run the whole module"
-    assert sum(aborted_counts) >= 1, aborted_counts
+def test_aborted_requests_were_counted(transport_run):
+    """Across the three runs (9 steps, concurrent requests, abort when the dynamic sampler is full) some
+    requests were aborted by the trainer, came back from SGLang and were counted. Run alone, this test makes the
+    three runs itself; after the test above it reuses them."""
+    aborted = [sum(v for _, v in transport_run(t, c).get("dynamic_sampling/aborted_requests", []))
+               for t, c in TRANSPORTS]
+    assert sum(aborted) >= 1, aborted
 
 
 @pytest.mark.slow

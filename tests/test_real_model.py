@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_scripts.common import REPO, SCRIPTS, torchrun  # noqa: E402
 from real_model_fixtures import EXAMPLE, FP32_BOUND, MODEL_DIR, _max, engine_logprob_check  # noqa: E402,F401
-from helpers import repo_env, run_cli  # noqa: E402
+from helpers import read_scalars, repo_env, run_cli  # noqa: E402
 
 #: fp32 bound: the actor's distance from transformers' fp32 log-probs on this model (measured 5e-5 - 6.3e-5)
 
@@ -253,11 +253,7 @@ def test_example_runs_one_dapo_step(smollm, tmp_path):
            "rollout.rollout_batch_size=1", "actor.ppo_mini_batch_size=8"]
     proc = subprocess.run(cmd, cwd=REPO, env=repo_env(), capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(out / "smollm2-135m-cpu" / "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    scalars = {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+    scalars = read_scalars(out / "smollm2-135m-cpu" / "tb")
     for tag in ("rollout/acc", "actor/pg_loss", "actor/grad_norm", "timing/rollout_s", "timing/train_s",
                 "timing/weight_sync_s", "dynamic_sampling/kept_groups"):
         assert tag in scalars and scalars[tag][-1][0] == 1, (tag, sorted(scalars))

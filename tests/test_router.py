@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, require
+from helpers import read_scalars
 from megatron_dapo.backend import MissingBackendError
 from megatron_dapo.config import ConfigError, load_config
 from megatron_dapo.engines.client import EngineClient, EngineError
@@ -306,11 +307,7 @@ def test_trainer_two_steps_through_router(tmp_path):
     tail = f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert proc.returncode == 0, tail
     assert "sglang-router (round_robin)" in proc.stderr + proc.stdout, tail
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tmp_path / "routed" / "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    rewards = [e.value for e in acc.Scalars("rollout/reward_mean")]
+    rewards = [v for _, v in read_scalars(tmp_path / "routed" / "tb")["rollout/reward_mean"]]
     assert len(rewards) == 2 and all(-2.0 <= v <= 1.0 for v in rewards), rewards
     log = (tmp_path / "routed" / "engine_logs" / "sglang_router.log").read_text(errors="replace")
     assert "uri=/generate" in re.sub(r"\x1b\[[0-9;]*m", "", log)

@@ -64,7 +64,9 @@ TOTAL_STEPS = 4
 # Both jobs run this: the smoke job uninterrupted (it is the reference), the other preempted. Rollouts are
 # made reproducible (one ordered engine request per round, no mid-round abort), so the two runs see the
 # same batches; dynamic sampling stays on, as in the example.
-RUN_OVERRIDES = [f"trainer.total_steps={TOTAL_STEPS}", "rollout.mode=deterministic"]
+# The engine-vs-actor logprob check after every sync runs here at TP=2 across two nodes (the local TP=2 run of
+# test_e2e it replaced proved the same on one node).
+RUN_OVERRIDES = [f"trainer.total_steps={TOTAL_STEPS}", "rollout.mode=deterministic", "weight_sync.check_logprobs=true"]
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +88,9 @@ def reference(tmp_path_factory, model_dir, preemption, crash) -> tuple[SmokeRun,
 
 def test_cpu_smoke_job_trains_and_writes_tensorboard_and_checkpoint(reference):
     """`sbatch --wait slurm/cpu_smoke.sbatch` (4 steps): exits 0, both TP ranks ran in one step across
-    two nodes, TensorBoard has every headline scalar for every step, the final checkpoint is a complete
-    TP=2 checkpoint of the last step and the HF export exists."""
+    two nodes, TensorBoard has every headline scalar for every step, the engine's logprobs equal the TP=2
+    actor's after every sync, the final checkpoint is a complete TP=2 checkpoint of the last step and the HF
+    export exists."""
     env = slurm_env()
     run, r = reference
     steps = TOTAL_STEPS
@@ -116,6 +119,9 @@ def test_cpu_smoke_job_trains_and_writes_tensorboard_and_checkpoint(reference):
     assert all(v > 0 for _, v in scalars["timing/weight_sync_s"]), scalars["timing/weight_sync_s"]
     assert all(v > 0 for _, v in scalars["weight_sync/bytes"]), scalars["weight_sync/bytes"]
     assert all(v >= 1 for _, v in scalars["dynamic_sampling/num_gen_batches"])
+    # after every sync the engine scores a fixed sequence like the TP=2 actor does (fp32)
+    diffs = [v for _, v in scalars["weight_sync/engine_actor_logprob_max_abs_diff"]]
+    assert len(diffs) == steps and max(diffs) <= 1e-4, diffs
 
     from megatron_dapo.actor.checkpoint import latest_checkpoint
 
