@@ -6,7 +6,10 @@
 * fp64 logits of the Megatron model equal transformers' ``Qwen3MoeForCausalLM`` (≤ 1e-9) at EP=1 and EP=2;
 * gradients at EP=2 (each rank half of the batch, dense gradients summed) equal the EP=1 whole-batch ones
   (≤ 1e-6 relative), router and every expert included;
-* Megatron (saved at EP=2) → HF is bit-exact; ``tools/convert_hf_to_megatron.py --ep 2 --verify`` exits 0.
+* Megatron (saved at EP=2) → HF is bit-exact; ``tools/convert_hf_to_megatron.py --ep 2 --verify`` exits 0;
+* ``MegatronActor`` with ``actor.expert_model_parallel_size=2``: log-probs equal transformers' (fp32), one DAPO
+  loss step's gradients equal the EP=1 actor's, the exported HF tensors equal the checkpoint's, with the two
+  data-parallel ranks padded to the same number of micro-batches.
 """
 from __future__ import annotations
 
@@ -62,3 +65,17 @@ def test_megatron_to_hf_round_trip_from_ep2_is_bit_exact(ranks):
 @pytest.mark.slow
 def test_convert_tool_ep2_verify(ranks):
     assert [r["tool_rc"] for r in ranks] == [0, 0]
+
+
+@pytest.mark.slow
+def test_actor_at_ep2(ranks):
+    for r in ranks:
+        assert r["actor_lp_vs_hf"] <= 1e-5 and r["actor_lp_ep2_vs_ep1"] <= 1e-5, r
+    own = ranks[0]["actor_own_mb_counts"]
+    assert own[0] != own[1]  # the ranks' own micro-batch counts differ: filler micro-batches are exercised
+    assert [r["actor_num_mb_ep2"] for r in ranks] == [max(own)] * 2
+    r0 = ranks[0]
+    assert r0["actor_yields"] and not ranks[1]["actor_yields"]  # data-parallel rank 0 exports
+    assert r0["actor_grad_names_equal"] and r0["actor_expert_grads_nonzero"]
+    assert r0["actor_grad_max_rel"] <= 1e-5
+    assert r0["actor_export_bit_exact"]

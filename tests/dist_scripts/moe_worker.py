@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _tensors(d):
@@ -44,6 +45,52 @@ def _forward_backward(convert, mapping, spec, ckpt, ep, tokens, weights):
         grads = {c: p.grad.detach().clone() for c, _, p in mapping.local_params(model, spec)}
         experts = sorted({mapping.expert_index(c) for c in grads} - {None})
         return logits.detach(), grads, experts
+
+
+def _actor_checks(hf, spec, torch, mapping):
+    """MegatronActor on the tiny MoE at EP=1 and EP=2 (5 sequences, micro-batches of <= 24 tokens: the two
+    data-parallel ranks get different micro-batch counts): log-probs against transformers (fp32), gradients of
+    one DAPO loss step EP=2 vs EP=1, and the HF tensors the actor exports at EP=2."""
+    from megatron_dapo.actor.batching import balance_across_ranks, build_actor_batch, make_micro_batches
+    from megatron_dapo.actor.megatron_actor import LossSettings, MegatronActor
+    from megatron_dapo.config import ActorConfig
+    from parity_worker import hf_logprobs
+
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 150, (n,), generator=g).tolist() for n in (5, 7, 3, 9, 4)]
+    resps = [torch.randint(0, 150, (n,), generator=g).tolist() for n in (6, 2, 8, 4, 11)]
+    b = build_actor_batch(prompts, resps)
+    out = {}
+    for ep in (1, 2):
+        cfg = ActorConfig(expert_model_parallel_size=ep, lr=1e-3, lr_warmup_steps=0, weight_decay=0.0, clip_grad=0.0,
+                          max_tokens_per_gpu=24, logprob_chunk_size=7)
+        actor = MegatronActor(hf, cfg, total_train_steps=2)
+        lp, _ = actor.compute_logprobs(b)
+        g = torch.Generator().manual_seed(1)
+        b.old_logprobs = lp + 0.05 * torch.randn(lp.shape, generator=g) * b.response_mask
+        b.advantages = torch.randn(len(b), 1, generator=g).expand_as(lp).contiguous() * b.response_mask
+        actor.train_step(b, LossSettings(), apply_update=False)
+        out[ep] = {"lp": lp, "grads": {n: t.clone() for n, t in actor.iter_full_grads()},
+                   "hf": {n: t.clone() for n, t in actor.iter_hf_tensors()}, "num_mb": actor._num_mb}
+        actor.close()
+    ref_lp, _ = hf_logprobs(str(hf), b)
+    lengths = b.seq_lengths.tolist()
+    own = [len(make_micro_batches([lengths[i] for i in rows], 24, None)) for rows in balance_across_ranks(lengths, 2)]
+    res = {"actor_own_mb_counts": own, "actor_num_mb_ep2": out[2]["num_mb"],
+           "actor_lp_vs_hf": float((out[2]["lp"] - ref_lp).abs().max()),
+           "actor_lp_ep2_vs_ep1": float((out[2]["lp"] - out[1]["lp"]).abs().max()),
+           "actor_yields": len(out[2]["grads"]) > 0}
+    if out[2]["grads"]:  # data-parallel rank 0 only
+        g1, g2 = out[1]["grads"], out[2]["grads"]
+        res["actor_grad_names_equal"] = sorted(g1) == sorted(g2) == sorted(mapping.mcore_names(spec))
+        res["actor_grad_max_rel"] = max(float((g2[n] - g1[n]).abs().max() / g1[n].abs().max().clamp_min(1e-30))
+                                        for n in g1)
+        res["actor_expert_grads_nonzero"] = all(bool(g2[n].abs().max() > 0) for n in g2
+                                                if mapping.expert_index(n) is not None)
+        ref = _tensors(hf)
+        res["actor_export_bit_exact"] = sorted(ref) == sorted(out[2]["hf"]) and all(
+            torch.equal(ref[k], out[2]["hf"][k]) for k in ref)
+    return res
 
 
 def main():
@@ -93,6 +140,8 @@ def main():
     a, b = _tensors(hf), _tensors(back)
     res["round_trip_same_keys"] = sorted(a) == sorted(b)
     res["round_trip_bit_exact"] = all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a if k in b)
+
+    res.update(_actor_checks(hf, spec, torch, mapping))
 
     from tools.convert_hf_to_megatron import main as convert_tool
 
