@@ -49,7 +49,7 @@ def _forward_backward(convert, mapping, spec, ckpt, ep, tokens, weights):
 
 def _actor_checks(hf, spec, torch, mapping):
     """MegatronActor on the tiny MoE at EP=1 and EP=2 (5 sequences, micro-batches of <= 24 tokens: the two
-    data-parallel ranks get different micro-batch counts): log-probs against transformers (fp32), gradients of
+    data-parallel ranks get 2 and 3 micro-batches of their own): log-probs against transformers (fp32), gradients of
     one DAPO loss step EP=2 vs EP=1, and the HF tensors the actor exports at EP=2."""
     from megatron_dapo.actor.batching import balance_across_ranks, build_actor_batch, make_micro_batches
     from megatron_dapo.actor.megatron_actor import LossSettings, MegatronActor
@@ -57,8 +57,9 @@ def _actor_checks(hf, spec, torch, mapping):
     from parity_worker import hf_logprobs
 
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, 150, (n,), generator=g).tolist() for n in (5, 7, 3, 9, 4)]
-    resps = [torch.randint(0, 150, (n,), generator=g).tolist() for n in (6, 2, 8, 4, 11)]
+    # lengths 11, 17, 21, 14, 5: the ranks get [11, 21] (2 micro-batches) and [17, 14, 5] (3)
+    prompts = [torch.randint(0, 150, (n,), generator=g).tolist() for n in (5, 7, 9, 6, 2)]
+    resps = [torch.randint(0, 150, (n,), generator=g).tolist() for n in (6, 10, 12, 8, 3)]
     b = build_actor_batch(prompts, resps)
     out = {}
     for ep in (1, 2):
