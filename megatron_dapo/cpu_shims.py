@@ -27,7 +27,8 @@ few CUDA entry points are given CPU meanings (measured with megatron-core 0.16.1
    sequence-parallel linear layers use.
 
 7. megatron-core 0.16.1's ``transformer/moe/moe_utils.py`` imports ``te_general_gemm`` from Transformer Engine
-   inside a ``try`` and later tests ``te_general_gemm is not None`` in the router's gating GEMM; without TE
+   inside a ``try`` (line 34) and later tests ``te_general_gemm is not None`` in the router's gating GEMM
+   (``RouterGatingLinearFunction``, lines 1192 and 1225); without TE
    the name was never bound (``NameError`` on the first MoE forward). :func:`define_missing_te_names` binds
    it to ``None`` there, which selects the plain ``torch.mm`` path. Needed on GPUs without TE too.
    MoE models use the ``allgather`` token dispatcher on CPU: the ``alltoall`` one records CUDA events on a

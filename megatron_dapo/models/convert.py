@@ -293,11 +293,13 @@ def exact_rmsnorm(model: torch.nn.Module) -> int:
 
 
 def exact_hf_router(model: torch.nn.Module) -> int:
-    """Make every HF top-k softmax router of ``model`` (transformers' Qwen3-MoE ``Qwen3MoeTopKRouter``: has
-    ``top_k``, ``norm_topk_prob`` and a ``[E, hidden]`` ``weight``) compute its probabilities in the input dtype
-    instead of fp32 (same formula: softmax over all experts, top-k, optional renormalisation). Returns
-    ``(router_logits [T, E], top-k weights [T, k], top-k indices [T, k])`` like the original; returns the
-    number of routers changed."""
+    """Make every HF top-k softmax router of ``model`` compute its probabilities in the input dtype instead of
+    fp32, so a float64 model routes in float64; returns the number of routers changed (0 for dense models).
+
+    A router is a module with ``top_k``, ``norm_topk_prob`` and a ``[E, hidden]`` ``weight`` (transformers 5.x
+    ``models/qwen3_moe/modeling_qwen3_moe.py``, ``Qwen3MoeTopKRouter``). The instance-level ``forward`` keeps
+    the original's formula and outputs: softmax over all experts, top-k, optional renormalisation; it returns
+    ``(router_logits [T, E], top-k weights [T, k], top-k indices [T, k] int64)``."""
     n = 0
     for mod in model.modules():
         if not (hasattr(mod, "top_k") and hasattr(mod, "norm_topk_prob") and isinstance(mod.weight, torch.Tensor)):

@@ -17,7 +17,8 @@ MoE (``qwen3_moe``) in megatron-core 0.16.1 terms (:func:`transformer_config_kwa
 ``num_experts`` → ``num_moe_experts``, ``num_experts_per_tok`` → ``moe_router_topk``,
 ``moe_intermediate_size`` → ``moe_ffn_hidden_size``, the per-layer dense/MoE pattern → ``moe_layer_freq``
 (a list, 1 = MoE layer). HF's router takes ``softmax`` over all experts and then the top-k; with
-``norm_topk_prob`` it divides the k probabilities by their sum. That equals megatron-core's
+``norm_topk_prob`` it divides the k probabilities by their sum (transformers 5.x
+``models/qwen3_moe/modeling_qwen3_moe.py``, ``Qwen3MoeTopKRouter``). That equals megatron-core's
 ``moe_router_pre_softmax=False`` (top-k of the logits, then softmax over those k), and without
 ``norm_topk_prob`` it equals ``moe_router_pre_softmax=True`` (softmax over all experts, then top-k;
 ``moe_utils.topk_routing_with_score_function``). HF's ``router_aux_loss_coef`` only matters with
