@@ -3,7 +3,8 @@
 (4 experts, top-2, layers MoE / dense / MoE):
 
 * ``hf_to_megatron(ep=2)``: each expert-parallel rank holds and writes only its 2 experts;
-* fp64 logits of the Megatron model equal transformers' ``Qwen3MoeForCausalLM`` (≤ 1e-9) at EP=1 and EP=2;
+* fp64 logits of the Megatron model equal transformers' ``Qwen3MoeForCausalLM`` (≤ 1e-9) at EP=1 and EP=2, and
+  at EP=2 for a second model with plain (not renormalised) top-k probabilities and ``decoder_sparse_step=2``;
 * gradients at EP=2 (each rank half of the batch, dense gradients summed) equal the EP=1 whole-batch ones
   (≤ 1e-6 relative), router and every expert included;
 * Megatron (saved at EP=2) → HF is bit-exact; ``tools/convert_hf_to_megatron.py --ep 2 --verify`` exits 0;
@@ -28,9 +29,12 @@ from dist_scripts.moe_common import make_tiny_qwen3_moe  # noqa: E402
 def ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe_parity")
     hf = make_tiny_qwen3_moe(root / "tiny_moe")
+    plain = make_tiny_qwen3_moe(root / "tiny_moe_plain_topk", seed=1, norm_topk_prob=False, num_hidden_layers=4,
+                                decoder_sparse_step=2, mlp_only_layers=[])
     out = root / "out"
     (root / "work").mkdir()
-    torchrun("moe_worker.py", 2, {"HF_DIR": hf, "WORK": root / "work", "OUT": out}, timeout=300)
+    torchrun("moe_worker.py", 2, {"HF_DIR": hf, "HF_DIR_PLAIN_TOPK": plain, "WORK": root / "work", "OUT": out},
+             timeout=300)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -45,6 +49,14 @@ def test_each_expert_parallel_rank_holds_its_experts(ranks):
 def test_fp64_logits_equal_transformers(ranks, ep):
     for r in ranks:
         assert r[f"ep{ep}_max_abs_logits"] <= 1e-9, r
+
+
+@pytest.mark.slow
+def test_fp64_logits_plain_topk_and_sparse_step(ranks):
+    """``norm_topk_prob=false`` (softmax over all experts, then top-k) and every second layer MoE."""
+    for r in ranks:
+        assert r["plain_topk_moe_layers"] == [False, True, False, True]
+        assert r["plain_topk_max_abs_logits"] <= 1e-9, r
 
 
 @pytest.mark.slow

@@ -5,9 +5,12 @@
 3. gradients at EP=2 (each rank half the batch; dense gradients summed over the ranks) equal the EP=1 ones of
    the whole batch;
 4. ``megatron_to_hf`` of the EP=2 checkpoint reproduces every HF tensor bit-exactly;
-5. ``tools/convert_hf_to_megatron.py --ep 2 --verify`` exits 0 (run last: the tool ends the process group).
+5. ``MegatronActor`` at EP=2 against EP=1 and transformers (:func:`_actor_checks`);
+6. a second model (``norm_topk_prob=false``, ``decoder_sparse_step=2``): fp64 logits at EP=2;
+7. ``tools/convert_hf_to_megatron.py --ep 2 --verify`` exits 0 (run last: the tool ends the process group).
 
-Env: HF_DIR (the tiny Qwen3-MoE), WORK (scratch dir), OUT (directory for ``rank<r>.json``).
+Env: HF_DIR (the tiny Qwen3-MoE), HF_DIR_PLAIN_TOPK (the second one), WORK (scratch dir), OUT (directory for
+``rank<r>.json``).
 """
 import json
 import os
@@ -143,6 +146,15 @@ def main():
     res["round_trip_bit_exact"] = all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a if k in b)
 
     res.update(_actor_checks(hf, spec, torch, mapping))
+
+    # plain top-k probabilities (norm_topk_prob=false: moe_router_pre_softmax) and decoder_sparse_step=2, at EP=2
+    hf2 = Path(os.environ["HF_DIR_PLAIN_TOPK"])
+    spec2 = spec_from_hf_config(hf2)
+    ckpt2 = work / "mc_plain_topk"
+    convert.hf_to_megatron(hf2, ckpt2, ep=2, progress=False)
+    logits2, _, _ = _forward_backward(convert, mapping, spec2, ckpt2, 2, tokens[rows], weights[rows])
+    res["plain_topk_moe_layers"] = list(spec2.moe_layers)
+    res["plain_topk_max_abs_logits"] = float((logits2 - convert.hf_logits(hf2, tokens, fp64=True)[rows]).abs().max())
 
     from tools.convert_hf_to_megatron import main as convert_tool
 
