@@ -11,6 +11,7 @@ value, otherwise verl's DAPO recipe conventions.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -422,6 +423,18 @@ class ActorConfig:
     """Uneven pipeline: layers on the first stage (e.g. fewer, since it also holds the embedding)."""
     num_layers_in_last_pipeline_stage: Optional[int] = None
     """Uneven pipeline: layers on the last stage (e.g. fewer, since it also computes the LM head)."""
+    expert_model_parallel_size: int = 1
+    """MoE models: expert parallelism, each rank of an EP group holds ``num_experts / EP`` routed experts
+    (megatron-core's name). EP ranks are carved out of the data-parallel ranks: ETP x EP x PP must divide
+    the world size."""
+    expert_tensor_parallel_size: Optional[int] = None
+    """MoE models: tensor parallelism inside each expert; ``None``: ``tensor_model_parallel_size``."""
+    moe_token_dispatcher_type: Optional[str] = None
+    """MoE token dispatcher: ``allgather`` or ``alltoall``; ``None``: ``allgather`` on CPU (the one megatron-core
+    runs on gloo) and ``alltoall`` on GPU."""
+    moe_aux_loss_coeff: float = 0.0
+    """MoE load-balancing (``aux_loss``) coefficient; 0: none (the RL default: the router only follows the
+    policy loss)."""
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     dist_optimizer_ckpt_format: str = "dp_reshardable"
@@ -491,9 +504,23 @@ class ActorConfig:
             v = getattr(self, key)
             _need(v is None or (v >= 1 and pp >= 2), f"actor.{key}",
                   "needs pipeline_model_parallel_size >= 2 and >= 1 layer")
+        ep, etp = self.expert_model_parallel_size, self.expert_tensor_parallel_size
+        _need(isinstance(ep, int) and ep >= 1, "actor.expert_model_parallel_size", "must be an integer >= 1")
+        _need(etp is None or (isinstance(etp, int) and etp >= 1), "actor.expert_tensor_parallel_size",
+              "must be null (= tensor_model_parallel_size) or an integer >= 1")
+        _need(self.moe_token_dispatcher_type in (None, "allgather", "alltoall"), "actor.moe_token_dispatcher_type",
+              f"must be null, allgather or alltoall (got {self.moe_token_dispatcher_type!r})")
+        _need(self.moe_token_dispatcher_type != "alltoall" or has_cuda() or not local,
+              "actor.moe_token_dispatcher_type",
+              "alltoall needs CUDA streams/events (megatron-core's token_dispatcher); use allgather on CPU")
+        _need(self.moe_aux_loss_coeff >= 0, "actor.moe_aux_loss_coeff", "must be >= 0")
         if world_size is not None:
             _need(world_size % (tp * pp * cp) == 0, "actor.tensor_model_parallel_size",
                   f"TP({tp}) x PP({pp}) x CP({cp}) = {tp * pp * cp} must divide the world size {world_size}")
+            etp_size = tp if etp is None else etp
+            _need(world_size % (etp_size * ep * pp) == 0, "actor.expert_model_parallel_size",
+                  f"expert_tensor_parallel_size({etp_size}) x EP({ep}) x PP({pp}) = {etp_size * ep * pp} must divide "
+                  f"the world size {world_size}")
         _need(self.params_dtype in ("fp32", "bf16"), "actor.params_dtype", "must be fp32 or bf16")
         _need(self.recompute in (None, "full", "selective"), "actor.recompute", "must be null, full or selective")
         _need(self.dist_optimizer_ckpt_format in ("dp_reshardable", "fully_reshardable"),
@@ -651,6 +678,7 @@ class DAPOConfig:
         r.validate(local)
         self.algorithm.validate(r.max_response_length)
         act.validate(world_size, local)
+        self._validate_moe(local)
         self.weight_sync.validate()
         self.trainer.validate()
         if m.make_tiny and r.backend == "vllm":  # vLLM's CPU attention kernels: these head sizes only
@@ -673,6 +701,28 @@ class DAPOConfig:
                   "'tensor' passes memory handles (CUDA IPC on GPU, shared memory on CPU) and needs the engines on "
                   "rank 0's node (rollout.colocated=true); use 'distributed' or 'disk'")
         return self
+
+    def _validate_moe(self, local: bool) -> None:
+        """The ``actor.expert_*`` keys against the model's ``config.json`` (when it exists): expert parallelism
+        needs a MoE model whose expert count and expert size it divides."""
+        act = self.actor
+        ep, etp = act.expert_model_parallel_size, act.expert_tensor_parallel_size
+        cfg_file = Path(self.model.hf_path, "config.json")
+        if not local or (ep == 1 and etp is None) or not cfg_file.is_file():
+            return
+        try:
+            hf = json.loads(cfg_file.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.hf_path: cannot read {cfg_file}: {e}") from None
+        experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
+        _need(experts > 0, "actor.expert_model_parallel_size",
+              f"expert parallelism needs a MoE model; {cfg_file} has no num_experts")
+        _need(experts % ep == 0, "actor.expert_model_parallel_size",
+              f"EP={ep} must divide num_experts={experts} of {cfg_file}")
+        moe_ffn = hf.get("moe_intermediate_size") or 0
+        etp_size = act.tensor_model_parallel_size if etp is None else etp
+        _need(moe_ffn % etp_size == 0, "actor.expert_tensor_parallel_size",
+              f"ETP={etp_size} must divide moe_intermediate_size={moe_ffn} of {cfg_file}")
 
     def carries_surplus(self) -> bool:
         """Whether the dynamic sampler carries surplus groups to the next step: ``algorithm.carry_over_surplus``,

@@ -26,6 +26,14 @@ few CUDA entry points are given CPU meanings (measured with megatron-core 0.16.1
    norms do. gloo itself implements the ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` that the
    sequence-parallel linear layers use.
 
+7. megatron-core 0.16.1's ``transformer/moe/moe_utils.py`` imports ``te_general_gemm`` from Transformer Engine
+   inside a ``try`` (line 34) and later tests ``te_general_gemm is not None`` in the router's gating GEMM
+   (``RouterGatingLinearFunction``, lines 1192 and 1225); without TE
+   the name was never bound (``NameError`` on the first MoE forward). :func:`define_missing_te_names` binds
+   it to ``None`` there, which selects the plain ``torch.mm`` path. Needed on GPUs without TE too.
+   MoE models use the ``allgather`` token dispatcher on CPU: the ``alltoall`` one records CUDA events on a
+   device-to-host stream (``token_dispatcher.py``), which the CPU stand-ins of shim 2 do not provide.
+
 Config-level requirements (not patches; enforced by :mod:`megatron_dapo.models.hf_config`):
 ``pipeline_dtype`` must be set when PP > 1, and ``batch_p2p_comm=False`` with interleaved (virtual)
 pipelining — with the default ``True`` gloo gives silently wrong gradients. ``dist_checkpointing`` needs
@@ -232,8 +240,18 @@ def enable_local_sequence_parallel_norm() -> None:
     cls._megatron_dapo_sp = True
 
 
+def define_missing_te_names() -> None:
+    """Shim 7: bind ``megatron.core.transformer.moe.moe_utils.te_general_gemm = None`` when Transformer Engine
+    did not (idempotent; a no-op when the name exists)."""
+    # heavy: megatron-core, imported once a model is built (after the CPU shims)
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def apply_cpu_shims() -> bool:
-    """Apply shims 1-3, 5 and 6 (idempotent). Returns True when applied, False on a CUDA machine (no-op).
+    """Apply shims 1-3 and 5-7 (idempotent). Returns True when applied, False on a CUDA machine (no-op).
 
     Call before importing megatron.core model code.
     """
@@ -247,6 +265,7 @@ def apply_cpu_shims() -> bool:
     _install_cpu_rng_tracker()
     enable_local_thd_attention()
     enable_local_sequence_parallel_norm()
+    define_missing_te_names()
     _APPLIED = True
     return True
 

@@ -165,6 +165,10 @@ def dry_run(cfg: DAPOConfig, config_path: str, overrides: list[str], *, hf_confi
     except (ConfigError, FileNotFoundError) as e:
         print(f"megatron-dapo: dry run: config error: {e}")
         return 2
+    if hfc.get("num_experts") or hfc.get("num_local_experts"):
+        print(f"megatron-dapo: dry run: {src} is a MoE model (num_experts); the dry run's parameter count and the "
+              f"planner's memory model are dense-only so far")
+        return 2
     a = cfg.actor
     tp, pp, vpp, cp = (a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
                        a.virtual_pipeline_model_parallel_size, a.context_parallel_size)

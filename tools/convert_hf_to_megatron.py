@@ -1,8 +1,12 @@
 #!/usr/bin/env python
-"""Convert a Hugging Face checkpoint (Qwen2/2.5, Llama 3, Qwen3) into a megatron-core torch_dist checkpoint.
+"""Convert a Hugging Face checkpoint (Qwen2/2.5, Llama 3, Qwen3, Qwen3-MoE) into a megatron-core torch_dist checkpoint.
 
     python tools/convert_hf_to_megatron.py --hf Qwen2.5-7B --out ckpt/qwen2.5-7b-mcore [--verify]
     torchrun --nproc_per_node=4 tools/convert_hf_to_megatron.py --hf ... --out ... --tp 2 --pp 2
+    torchrun --nproc_per_node=2 tools/convert_hf_to_megatron.py --hf Qwen3-30B-A3B --out ... --ep 2
+
+MoE models: ``--ep`` ranks each read and write only their experts (``--etp``: expert tensor parallelism,
+default ``--tp``); the process count is then ``pp × lcm(tp, ep × etp)``.
 
 The checkpoint is layout-agnostic (any TP/PP/VPP loads it); config.json and the tokenizer files are
 copied into ``--out`` for the way back (tools/convert_megatron_to_hf.py). ``--verify`` reloads the
@@ -14,6 +18,7 @@ transformers' own.
 Works from a checkout without installation.
 """
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -27,6 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output directory for the torch_dist checkpoint")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (world size must be tp*pp)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
+    p.add_argument("--etp", type=int, default=None, help="expert-tensor-parallel size (MoE; default: --tp)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     p.add_argument("--verify", action="store_true", help="compare logits with transformers after writing")
     p.add_argument("--tolerance", type=float, default=1e-5, help="max abs log-prob difference for --verify")
@@ -42,10 +49,17 @@ def main(argv=None) -> int:
     if not list(hf.glob("*.safetensors")):
         print(f"error: --hf {hf}: no *.safetensors files", file=sys.stderr)
         return 2
+    for flag in ("tp", "pp", "ep", "etp"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            print(f"error: --{flag} {v}: must be >= 1", file=sys.stderr)
+            return 2
+    etp = args.tp if args.etp is None else args.etp
+    need = args.pp * math.lcm(args.tp, args.ep * etp)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != args.tp * args.pp:
-        print(f"error: --tp {args.tp} x --pp {args.pp} = {args.tp * args.pp} must equal the number of processes "
-              f"({world}); launch with torchrun --nproc_per_node={args.tp * args.pp}", file=sys.stderr)
+    if world != need:
+        print(f"error: --tp {args.tp} --pp {args.pp} --ep {args.ep} --etp {etp} need {need} processes "
+              f"(pp x lcm(tp, ep x etp)), got {world}; launch with torchrun --nproc_per_node={need}", file=sys.stderr)
         return 2
 
     import torch.distributed as dist
@@ -53,10 +67,11 @@ def main(argv=None) -> int:
     from megatron_dapo.models.convert import hf_to_megatron, report_verify, tool_errors, verify_against_hf
 
     try:
-        out = hf_to_megatron(hf, args.out, tp=args.tp, pp=args.pp, divisible_by=args.make_vocab_size_divisible_by)
+        out = hf_to_megatron(hf, args.out, tp=args.tp, pp=args.pp, divisible_by=args.make_vocab_size_divisible_by,
+                             ep=args.ep, etp=args.etp)
         rank = dist.get_rank()
         if rank == 0:
-            print(f"wrote Megatron torch_dist checkpoint to {out} (saved at TP={args.tp} PP={args.pp})")
+            print(f"wrote Megatron torch_dist checkpoint to {out} (saved at TP={args.tp} PP={args.pp} EP={args.ep})")
         rc = 0
         if args.verify:
             diff = verify_against_hf(hf, out, fp64_if_above=args.tolerance)

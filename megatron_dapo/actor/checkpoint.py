@@ -196,6 +196,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------- layout
 def _layout(actor) -> dict[str, Any]:
     return {"tp": actor.tp, "pp": actor.pp, "vpp": actor.vpp, "dp": actor.dp_size,
+            "ep": getattr(actor, "ep", 1), "etp": getattr(actor, "etp", actor.tp),
             "world_size": dist.get_world_size(),
             "use_distributed_optimizer": bool(actor.cfg.use_distributed_optimizer),
             "optimizer_ckpt_format": _optim_format(actor) if actor.cfg.use_distributed_optimizer else None,
@@ -488,12 +489,16 @@ def load_checkpoint(actor, ckpt_dir_or_root: str | Path, *, load_optimizer: bool
                 f"{now['use_distributed_optimizer']}; optimizer state cannot be converted (load_optimizer=False "
                 f"loads only the weights)")
         saved_format = saved.get("optimizer_ckpt_format") or "dp_reshardable"
+        # checkpoints written before expert parallelism existed: EP=1, expert TP = TP
+        saved_ep, saved_etp = saved.get("ep", 1), saved.get("etp", saved["tp"])
         if (now["use_distributed_optimizer"] and saved_format == "dp_reshardable"
-                and any(saved[k] != now[k] for k in ("tp", "pp", "vpp", "dp"))):
+                and (any(saved[k] != now[k] for k in ("tp", "pp", "vpp", "dp"))
+                     or (saved_ep, saved_etp) != (now["ep"], now["etp"]))):
             raise CheckpointLayoutError(
                 f"{ckpt}: distributed-optimizer state was saved in the dp_reshardable format at TP={saved['tp']} "
-                f"PP={saved['pp']} VPP={saved['vpp']} DP={saved['dp']} and can only be loaded there (actor: "
-                f"TP={now['tp']} PP={now['pp']} VPP={now['vpp']} DP={now['dp']}); pass load_optimizer=False to "
+                f"PP={saved['pp']} VPP={saved['vpp']} DP={saved['dp']} EP={saved_ep} ETP={saved_etp} and can only "
+                f"be loaded there (actor: TP={now['tp']} PP={now['pp']} VPP={now['vpp']} DP={now['dp']} "
+                f"EP={now['ep']} ETP={now['etp']}); pass load_optimizer=False to "
                 f"load the weights, or save with actor.dist_optimizer_ckpt_format=fully_reshardable")
     else:
         saved_format = None

@@ -37,6 +37,7 @@ from ..batch import ActorBatch
 from ..cpu_shims import apply_cpu_shims, device_remap, enable_local_thd_attention
 from ..models import mapping
 from ..models.hf_config import ModelSpec, gpt_model_kwargs, spec_from_hf_config, transformer_config_kwargs
+from ..models.hf_config import layer_spec as layer_spec_for
 from . import hf_weights
 from .batching import balance_across_ranks, make_micro_batches, pad_columns
 from .logprobs import vocab_parallel_logprobs_entropy
@@ -113,10 +114,25 @@ class MegatronActor:
         self.spec: ModelSpec = spec_from_hf_config(self.hf_path)
         tp, pp = actor_cfg.tensor_model_parallel_size, actor_cfg.pipeline_model_parallel_size
         vpp = actor_cfg.virtual_pipeline_model_parallel_size
+        ep = getattr(actor_cfg, "expert_model_parallel_size", 1)
+        etp = getattr(actor_cfg, "expert_tensor_parallel_size", None)
+        if (ep > 1 or etp is not None) and not self.spec.is_moe:
+            raise ValueError(f"actor.expert_model_parallel_size={ep} / expert_tensor_parallel_size={etp}: "
+                             f"{self.hf_path} is a dense {self.spec.family} model (no experts)")
         init_parallel(tp=tp, pp=pp, vpp=vpp, cp=actor_cfg.context_parallel_size, seed=seed,
-                      timeout_s=collective_timeout_s)
+                      timeout_s=collective_timeout_s, ep=ep, etp=etp)
         self.ps = ps
         self.tp, self.pp, self.vpp = tp, pp, vpp
+        self.ep, self.etp = ep, (tp if etp is None else etp)
+        """Expert-parallel and expert-tensor-parallel sizes (1 and TP for dense models)."""
+        self.ep_rank = ps.get_expert_model_parallel_rank() if self.spec.is_moe else 0
+        self.etp_rank = ps.get_expert_tensor_parallel_rank() if self.spec.is_moe else 0
+        self._expert_lockstep = self.spec.is_moe and ep > 1
+        """MoE with expert parallelism: data-parallel ranks run equal micro-batch counts (:meth:`_run`)."""
+        if self._expert_lockstep and actor_cfg.pack_sequences:
+            raise ValueError("actor.pack_sequences: packing with actor.expert_model_parallel_size > 1 is not "
+                             "supported (packed micro-batches differ in count and length across expert-parallel "
+                             "ranks); set actor.pack_sequences=false")
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
         self.dp_rank = ps.get_data_parallel_rank()
@@ -164,21 +180,16 @@ class MegatronActor:
             sequence_parallel=c.sequence_parallel, context_parallel=c.context_parallel_size,
             recompute=c.recompute, fp8=c.fp8, fp8_recipe=c.fp8_recipe, on_cpu=on_cpu,
             num_layers_in_first_pipeline_stage=c.num_layers_in_first_pipeline_stage,
-            num_layers_in_last_pipeline_stage=c.num_layers_in_last_pipeline_stage)
+            num_layers_in_last_pipeline_stage=c.num_layers_in_last_pipeline_stage,
+            ep=self.ep, etp=self.etp, moe_token_dispatcher_type=getattr(c, "moe_token_dispatcher_type", None),
+            moe_aux_loss_coeff=getattr(c, "moe_aux_loss_coeff", 0.0))
         self.tconfig = TransformerConfig(**kw)
-        if on_cpu or c.fp8 is None and not _has_te():
-            # heavy: megatron-core, imported once a model is built (after the CPU shims)
-            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-            layer_spec = get_gpt_layer_local_spec(qk_layernorm=self.spec.qk_layernorm, normalization="RMSNorm")
-        else:
-            # heavy: megatron-core, imported once a model is built (after the CPU shims)
-            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
-            layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=self.spec.qk_layernorm)
+        use_te = not (on_cpu or c.fp8 is None and not _has_te())
         chunks = []
         for vp in range(self.vpp or 1):
             vp_stage = vp if self.vpp else None
+            # MoE models: this (virtual) stage's layers, MoE or dense each (megatron-core's block spec)
+            layer_spec = layer_spec_for(self.spec, self.tconfig, use_te=use_te, vp_stage=vp_stage)
             model = GPTModel(
                 config=self.tconfig, transformer_layer_spec=layer_spec,
                 pre_process=self.ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -328,9 +339,6 @@ class MegatronActor:
         """Split ``batch`` over DP (unless ``local``: it is this DP rank's share already), into
         micro-batches, and run Megatron's schedule. Returns the loss dicts (last stage only) and the local
         row indices in micro-batch order."""
-        # heavy: megatron-core, imported once a model is built (after the CPU shims)
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         lengths = batch.seq_lengths.tolist()
         if local and not lengths:
             raise ValueError(f"data-parallel rank {self.dp_rank} received no rows")
@@ -359,6 +367,8 @@ class MegatronActor:
         seq_length, mb_size = int(batch.input_ids.shape[1]), max(len(r) for r in rows)
         # sequence parallelism splits the sequence over TP ranks: padded widths must divide by TP
         sp_multiple = self.tp if self.tconfig.sequence_parallel else 1
+        if self._expert_lockstep:
+            return self._run_expert_lockstep(batch, loss_fn, forward_only, mine, rows, sp_multiple)
         if pack:
             mbs = [batch.select(r) for r in rows]
             seq_length = max(sum(padded_length(lengths[i], pad_multiple) for i in r) for r in rows)
@@ -379,6 +389,48 @@ class MegatronActor:
             for mb, r in zip(mbs, rows):
                 mb.response_mask[len(r):] = 0
             seq_length = int(mbs[0].input_ids.shape[1])
+        return self._schedule(mbs, loss_fn, forward_only, seq_length, mb_size), rows
+
+    def _run_expert_lockstep(self, batch: ActorBatch, loss_fn, forward_only: bool, mine: list[int],
+                             rows: list[list[int]], sp_multiple: int):
+        """:meth:`_run` for MoE models with expert parallelism: every MoE layer exchanges tokens with the other
+        expert-parallel ranks (data-parallel peers with other rows), so all data-parallel ranks run the same
+        number of micro-batches; with the ``allgather`` dispatcher (fixed shapes) also of the same
+        ``[rows, L]``. Missing micro-batches are filler (a real row with an all-zero response mask: no loss,
+        no gradient, no output row).
+
+        Raises:
+            ValueError: this data-parallel rank has no row (it could not build a filler micro-batch).
+        """
+        if not mine:
+            raise ValueError(f"expert parallelism: data-parallel rank {self.dp_rank} received no rows (the batch "
+                             f"needs at least one sequence per data-parallel rank)")
+        fixed = not self.tconfig.variable_seq_lengths
+        width = int(batch.input_ids.shape[1])
+        width += (-width) % sp_multiple
+        shape = torch.tensor([len(rows), max(len(r) for r in rows), width], device=default_device())
+        dist.all_reduce(shape, op=dist.ReduceOp.MAX, group=self.ps.get_data_parallel_group())
+        n_mb, mb_rows, width = (int(v) for v in shape.tolist())
+        rows = rows + [[] for _ in range(n_mb - len(rows))]
+        mbs = []
+        for r in rows:
+            take = r or [mine[0]]
+            if fixed:
+                take = take + [take[-1]] * (mb_rows - len(take))
+                mb = pad_columns(batch.select(take, trim=False), width)
+            else:
+                mb = pad_columns(batch.select(take), sp_multiple)
+            mb.response_mask[len(r):] = 0
+            mbs.append(mb)
+        seq_length = width if fixed else max(int(mb.input_ids.shape[1]) for mb in mbs)
+        return self._schedule(mbs, loss_fn, forward_only, seq_length, mb_rows), rows
+
+    def _schedule(self, mbs: list[ActorBatch], loss_fn, forward_only: bool, seq_length: int, mb_size: int):
+        """Run megatron-core's forward(-backward) schedule over the micro-batches ``mbs``; returns its loss
+        dicts (last stage only)."""
+        # heavy: megatron-core, imported once a model is built (after the CPU shims)
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
         self._num_mb = len(mbs)
         for k, mb in enumerate(mbs):
             mb.extras["mb_index"] = k  # names the micro-batch in non-finite reports
@@ -389,7 +441,7 @@ class MegatronActor:
                           model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
                           num_microbatches=len(mbs), seq_length=seq_length,
                           micro_batch_size=mb_size, forward_only=forward_only)
-        return out, rows
+        return out
 
     def compute_logprobs(self, batch: ActorBatch, temperature: float = 1.0, *,
                          local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,13 +34,15 @@ def _dist_env():
 
 
 def init_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int = 1, seed: int = 1234,
-                  timeout_s: float = 1800.0) -> None:
+                  timeout_s: float = 1800.0, ep: int = 1, etp: Optional[int] = None) -> None:
     """Initialise ``torch.distributed`` (if needed) and megatron-core's model-parallel groups.
 
     Reads rank / world size / master address from torchrun or Slurm (``launch.dist_env``); a single
     process without any of them gets a private free port.
 
     Args:
+        ep: expert-parallel size (MoE: each EP rank holds ``num_experts / ep`` routed experts).
+        etp: expert-tensor-parallel size (``None``: TP, megatron-core's default).
         timeout_s: timeout of every collective (seconds; ``trainer.collective_timeout_min`` x 60): the
             default process group, megatron-core's groups and, through
             :func:`~megatron_dapo.sync.collective.collective_timeout`, the
@@ -49,7 +51,7 @@ def init_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int =
             the watchdog aborts the process). A default group that already exists keeps its own timeout.
 
     Raises:
-        ValueError: TP × PP × CP does not divide the world size, or timeout_s <= 0.
+        ValueError: TP × PP × CP or ETP × EP × PP does not divide the world size, or timeout_s <= 0.
     """
     apply_cpu_shims()
     # heavy: megatron-core, imported once a model is built (after the CPU shims)
@@ -69,10 +71,15 @@ def init_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None, cp: int =
     world = dist.get_world_size()
     if world % (tp * pp * cp):
         raise ValueError(f"TP({tp}) x PP({pp}) x CP({cp}) must divide the world size {world}")
+    etp_size = tp if etp is None else etp
+    if world % (etp_size * ep * pp):
+        raise ValueError(f"expert_tensor_parallel_size({etp_size}) x expert_model_parallel_size({ep}) x PP({pp}) "
+                         f"must divide the world size {world}")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                  virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,
+                                 expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
                                  distributed_timeout_minutes=timeout_s / 60.0)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

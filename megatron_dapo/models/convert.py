@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -33,8 +34,8 @@ from ..backend import has_cuda
 from ..cpu_shims import apply_cpu_shims, device_remap
 from . import mapping
 from .export import copy_side_files, write_safetensors_shards
-from .hf_config import (ModelSpec, UnsupportedModelError, gpt_model_kwargs, read_hf_config, spec_from_hf_config,
-                        transformer_config_kwargs)
+from .hf_config import (ModelSpec, UnsupportedModelError, gpt_model_kwargs, layer_spec, read_hf_config,
+                        spec_from_hf_config, transformer_config_kwargs)
 from .mapping import MappingError
 
 CONVERT_INFO = "convert_info.json"
@@ -79,29 +80,38 @@ class HFTensorReader:
         return self._where[name].get_tensor(name)
 
 
+def conversion_world_size(tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[int] = None) -> int:
+    """Processes a conversion at this layout runs on: ``pp × lcm(tp, ep × etp)`` (data-parallel copies of the
+    dense weights fill the ranks expert parallelism needs beyond TP; ``etp`` ``None`` means TP)."""
+    etp = tp if etp is None else etp
+    return pp * math.lcm(tp, ep * etp)
+
+
 @contextlib.contextmanager
 def megatron_model(spec: ModelSpec, *, tp: int = 1, pp: int = 1, params_dtype: str = "fp32",
-                   divisible_by: int = 128, seed: int = 1234) -> Iterator[dict[str, Any]]:
+                   divisible_by: int = 128, seed: int = 1234, ep: int = 1,
+                   etp: Optional[int] = None) -> Iterator[dict[str, Any]]:
     """Initialise parallel state (if needed) and build this rank's ``GPTModel`` (local spec, no DDP).
+
+    MoE models get local experts (``ep``: expert-parallel size, ``etp``: expert-tensor-parallel size, ``None``:
+    TP) and the default token dispatcher of :func:`~megatron_dapo.models.hf_config.transformer_config_kwargs`.
 
     Yields ``{"model", "padded_vocab", "ps"}``; tears megatron's model-parallel groups down on exit.
     """
     apply_cpu_shims()
-    init_parallel(tp=tp, pp=pp, seed=seed)
+    init_parallel(tp=tp, pp=pp, seed=seed, ep=ep, etp=etp)
     # heavy: megatron-core, imported once a model is built (after the CPU shims)
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
     padded = spec.padded_vocab_size(tp, divisible_by)
     with device_remap():
         cfg = TransformerConfig(**transformer_config_kwargs(spec, tp=tp, pp=pp, params_dtype=params_dtype,
-                                                            on_cpu=not has_cuda()))
-        model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(
-            qk_layernorm=spec.qk_layernorm, normalization="RMSNorm"),
-            pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-            **gpt_model_kwargs(spec, padded))
+                                                            on_cpu=not has_cuda(), ep=ep, etp=etp))
+        model = GPTModel(config=cfg, transformer_layer_spec=layer_spec(spec, cfg),
+                         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                         **gpt_model_kwargs(spec, padded))
         if has_cuda():
             model.cuda(torch.cuda.current_device())
         model.eval()
@@ -112,11 +122,12 @@ def megatron_model(spec: ModelSpec, *, tp: int = 1, pp: int = 1, params_dtype: s
 
 
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1,
-                   divisible_by: int = 128, progress: bool = True) -> Path:
+                   divisible_by: int = 128, progress: bool = True, ep: int = 1, etp: Optional[int] = None) -> Path:
     """Convert a HF checkpoint into a megatron-core torch_dist checkpoint at ``out_dir`` (collective).
 
-    Run in one process (TP=PP=1) or under torchrun with ``world_size == tp * pp`` (each rank writes
-    its shard). Weights are stored in the HF dtype (fp32 or bf16).
+    Run in one process (TP=PP=EP=1) or under torchrun with ``world_size ==`` :func:`conversion_world_size`
+    (each rank writes its shard; each expert-parallel rank reads and writes only its own experts).
+    Weights are stored in the HF dtype (fp32 or bf16).
 
     Returns ``Path(out_dir)``.
 
@@ -134,18 +145,28 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: 
     dtype = hf_dtype(cfg)
     reader = HFTensorReader(hf_dir)
     params_dtype = "bf16" if dtype == torch.bfloat16 else "fp32"
-    with megatron_model(spec, tp=tp, pp=pp, params_dtype=params_dtype, divisible_by=divisible_by) as mm:
+    if ep > 1 and not spec.is_moe:
+        raise ValueError(f"expert_model_parallel_size={ep} needs a MoE model; {spec.family} is dense")
+    world = conversion_world_size(tp, pp, ep, etp)
+    with megatron_model(spec, tp=tp, pp=pp, params_dtype=params_dtype, divisible_by=divisible_by,
+                        ep=ep, etp=etp) as mm:
         model, padded, ps = mm["model"], mm["padded_vocab"], mm["ps"]
-        if dist.get_world_size() != tp * pp:
-            raise ValueError(f"hf_to_megatron needs world_size == tp*pp = {tp * pp}, got {dist.get_world_size()}")
+        if dist.get_world_size() != world:
+            raise ValueError(f"hf_to_megatron needs world_size == {world} (TP={tp} PP={pp} EP={ep}), "
+                             f"got {dist.get_world_size()}")
         tp_rank = ps.get_tensor_model_parallel_rank()
+        etp_size = tp if etp is None else etp
+        etp_rank = ps.get_expert_tensor_parallel_rank() if spec.is_moe else 0
         rank = dist.get_rank()
         items = list(mapping.local_params(model, spec))
         with torch.no_grad():
             for cname, lname, p in _progress(items, len(items), "HF -> Megatron", progress and rank == 0):
                 src = "output_layer.weight" if cname == "output_layer.weight(tied)" else cname
                 full = mapping.hf_to_mcore(spec, src, reader.get, padded)
-                shard = mapping.tp_shard(src, full, tp_rank, tp)
+                if mapping.expert_index(src) is None:
+                    shard = mapping.tp_shard(src, full, tp_rank, tp)
+                else:
+                    shard = mapping.tp_shard(src, full, etp_rank, etp_size)
                 if tuple(shard.shape) != tuple(p.shape):
                     raise mapping.MappingError(f"{lname}: expected shape {tuple(p.shape)}, found {tuple(shard.shape)}")
                 p.copy_(shard.to(p.dtype))
@@ -158,8 +179,9 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: 
             dist_checkpointing.save({"model": model.sharded_state_dict()}, str(out_dir))
         if rank == 0:
             copy_hf_side_files(hf_dir, out_dir)
-            info = {"source": str(hf_dir.resolve()), "tp": tp, "pp": pp, "vpp": None, "dp": 1,
-                    "world_size": tp * pp, "use_distributed_optimizer": False, "params_dtype": params_dtype,
+            info = {"source": str(hf_dir.resolve()), "tp": tp, "pp": pp, "vpp": None, "dp": world // (tp * pp),
+                    "ep": ep, "etp": etp_size, "world_size": world, "use_distributed_optimizer": False,
+                    "params_dtype": params_dtype,
                     "family": spec.family, "num_layers": spec.num_layers, "vocab_size": spec.vocab_size,
                     "model_only": True}
             (out_dir / CONVERT_INFO).write_text(json.dumps(info, indent=2) + "\n")
@@ -270,15 +292,83 @@ def exact_rmsnorm(model: torch.nn.Module) -> int:
     return n
 
 
+def exact_hf_router(model: torch.nn.Module) -> int:
+    """Make every HF top-k softmax router of ``model`` compute its probabilities in the input dtype instead of
+    fp32, so a float64 model routes in float64; returns the number of routers changed (0 for dense models).
+
+    A router is a module with ``top_k``, ``norm_topk_prob`` and a ``[E, hidden]`` ``weight`` (transformers 5.x
+    ``models/qwen3_moe/modeling_qwen3_moe.py``, ``Qwen3MoeTopKRouter``). The instance-level ``forward`` keeps
+    the original's formula and outputs: softmax over all experts, top-k, optional renormalisation; it returns
+    ``(router_logits [T, E], top-k weights [T, k], top-k indices [T, k] int64)``."""
+    n = 0
+    for mod in model.modules():
+        if not (hasattr(mod, "top_k") and hasattr(mod, "norm_topk_prob") and isinstance(mod.weight, torch.Tensor)):
+            continue
+
+        def fwd(x, _m=mod):
+            logits = torch.nn.functional.linear(x.reshape(-1, _m.weight.shape[1]), _m.weight)
+            top, idx = torch.topk(torch.softmax(logits, dim=-1), _m.top_k, dim=-1)
+            if _m.norm_topk_prob:
+                top = top / top.sum(dim=-1, keepdim=True)
+            return logits, top, idx
+        mod.forward = fwd
+        n += 1
+    return n
+
+
+_FP64_ROUTING = False
+
+
+def exact_moe_routing() -> None:
+    """Let megatron-core's top-k softmax routing keep float64 logits in float64 (idempotent, process-wide).
+
+    megatron-core 0.16.1 (``moe_utils.topk_routing_with_score_function``) always takes the router softmax in
+    fp32, which caps an fp64 forward at fp32 accuracy. The replacement handles fp64 logits with plain softmax
+    scoring (no groups, scaling, expert bias, fusion or router replay) with the same formula in fp64 and passes
+    everything else to the original: returns ``(probs [T, E] float64, routing_map [T, E] bool)``.
+    """
+    global _FP64_ROUTING
+    if _FP64_ROUTING:
+        return
+    # heavy: megatron-core, imported once a model is built (after the CPU shims)
+    from megatron.core.transformer.moe import router
+
+    original = router.topk_routing_with_score_function
+
+    def routing(logits, topk, use_pre_softmax=False, num_groups=None, group_topk=None, scaling_factor=None,
+                score_function="softmax", expert_bias=None, fused=False, router_replay=None):
+        plain = (logits.dtype == torch.float64 and score_function == "softmax" and not group_topk
+                 and not scaling_factor and expert_bias is None and not fused and router_replay is None)
+        if not plain:
+            return original(logits, topk, use_pre_softmax=use_pre_softmax, num_groups=num_groups,
+                            group_topk=group_topk, scaling_factor=scaling_factor, score_function=score_function,
+                            expert_bias=expert_bias, fused=fused, router_replay=router_replay)
+        if use_pre_softmax:
+            probs, idx = torch.topk(torch.softmax(logits, dim=-1), topk, dim=1)
+        else:
+            top, idx = torch.topk(logits, topk, dim=1)
+            probs = torch.softmax(top, dim=-1)
+        routing_probs = torch.zeros_like(logits).scatter(1, idx, probs)
+        routing_map = torch.zeros_like(logits, dtype=torch.bool).scatter(1, idx, True)
+        return routing_probs, routing_map
+
+    router.topk_routing_with_score_function = routing
+    _FP64_ROUTING = True
+
+
 def hf_logits(hf_dir: str | Path, tokens: torch.Tensor, *, fp64: bool = False) -> torch.Tensor:
     """transformers' fp32 logits ``[n, length, vocab]`` for ``tokens``; ``fp64=True``: the model cast to
-    float64 with :func:`exact_rmsnorm` (RoPE tables stay fp32-computed, as in Megatron), fp64 logits."""
+    float64 with :func:`exact_rmsnorm` and :func:`exact_hf_router` (RoPE tables stay fp32-computed, as in
+    Megatron), fp64 logits."""
     from transformers import AutoModelForCausalLM  # heavy: transformers, only loaded where a model or tokenizer is
 
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     if fp64:
         model.double()
         exact_rmsnorm(model)
+        if exact_hf_router(model):
+            # transformers' default MoE expert kernel (torch grouped_mm) has no float64
+            model.set_experts_implementation("eager")
     with torch.no_grad():
         out = model(tokens).logits
     return out.double() if fp64 else out.float()
@@ -316,6 +406,8 @@ def verify_against_hf(hf_dir: str | Path, ckpt_dir: str | Path, *, fp64_if_above
         if fp64_if_above is None or out["max_abs_logprobs"] <= fp64_if_above:
             return out
         mm["model"].double()
+        if spec.is_moe:
+            exact_moe_routing()
         meg64 = megatron_logits(mm["model"], tokens, 1, spec.vocab_size)
     hf64 = hf_logits(hf_dir, tokens, fp64=True)
     out["fp64_max_abs_logprobs"] = compare_logits(meg64, hf64)["max_abs_logprobs"]

@@ -1,4 +1,4 @@
-"""Parameter mapping HF ↔ megatron-core ``GPTModel`` for Qwen2/2.5, Llama 3 and Qwen3.
+"""Parameter mapping HF ↔ megatron-core ``GPTModel`` for Qwen2/2.5, Llama 3, Qwen3 and Qwen3-MoE.
 
 Used by the conversion tools, the actor's HF loading, checkpoint export and engine weight sync.
 
@@ -16,10 +16,20 @@ Layouts (megatron-core ``SelfAttention`` / ``MLP``):
   weight is ``[G, (H/G + 2)·d, hidden]`` flattened, so a TP shard is a contiguous block of groups.
 * ``linear_fc1`` is ``[gate; up]`` *per TP shard*: rank ``r`` holds ``[gate_r; up_r]``.
 * Word embedding / output layer are padded to ``padded_vocab`` rows (zeros); export drops them.
+
+MoE layers (megatron-core ``MoELayer`` with local experts, ``SequentialMLP``; no grouped GEMM) follow a name
+table, :data:`MOE_LAYOUTS`, one entry per MoE family: each row maps one layer-relative Megatron name to its
+HF name(s), with ``{e}`` standing for the expert index. Canonical names carry the *global* expert index
+``e``; on an expert-parallel rank megatron-core names its expert ``j`` (``local_experts.<j>``), global index
+``ep_rank * num_local_experts + j`` (``MoELayer.local_expert_indices``, which :func:`local_params` reads), and
+each EP rank holds only its own experts. Expert ``linear_fc1`` is ``[gate_e; up_e]`` like the dense MLP,
+split per expert-tensor-parallel rank the same way. A next family (shared experts, expert bias) is a new
+table entry plus its :class:`~megatron_dapo.models.hf_config.ModelSpec` fields.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -56,6 +66,109 @@ class MappingError(MegatronDapoError, ValueError):
     """A tensor is missing or has the wrong shape (the message names it, expected and found shapes)."""
 
 
+@dataclass(frozen=True)
+class MoEParam:
+    """One row of a MoE name table: a layer-relative Megatron name and the HF names it is made of.
+
+    ``{e}`` in both stands for the global expert index. Two HF names mean a fused ``[gate; up]`` Megatron
+    ``linear_fc1`` (concatenated on dim 0, TP/ETP-split per half); one name is copied as is.
+    """
+
+    mcore: str
+    hf: tuple[str, ...]
+    shape: Callable[[ModelSpec], tuple[int, ...]]
+    """Full (unsharded) Megatron shape for a spec."""
+    tp_dim: Optional[int]
+    """Partition dim under (expert) tensor parallelism; ``None``: replicated."""
+
+    @property
+    def per_expert(self) -> bool:
+        return "{e}" in self.mcore
+
+
+def _router_shape(s: ModelSpec) -> tuple[int, ...]:
+    return (s.num_experts, s.hidden_size)
+
+
+def _expert_fc1_shape(s: ModelSpec) -> tuple[int, ...]:
+    return (2 * s.moe_ffn_hidden_size, s.hidden_size)
+
+
+def _expert_fc2_shape(s: ModelSpec) -> tuple[int, ...]:
+    return (s.hidden_size, s.moe_ffn_hidden_size)
+
+
+def _shared_fc1_shape(s: ModelSpec) -> tuple[int, ...]:
+    return (2 * s.shared_expert_ffn_hidden_size, s.hidden_size)
+
+
+def _shared_fc2_shape(s: ModelSpec) -> tuple[int, ...]:
+    return (s.hidden_size, s.shared_expert_ffn_hidden_size)
+
+
+_ROUTER = MoEParam("mlp.router.weight", ("mlp.gate.weight",), _router_shape, None)
+_EXPERTS = (
+    MoEParam("mlp.experts.local_experts.{e}.linear_fc1.weight",
+             ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"), _expert_fc1_shape, 0),
+    MoEParam("mlp.experts.local_experts.{e}.linear_fc2.weight", ("mlp.experts.{e}.down_proj.weight",),
+             _expert_fc2_shape, 1),
+)
+
+#: MoE family -> its table (``ModelSpec.moe_layout`` picks one). ``qwen3_moe`` is built end to end;
+#: ``qwen2_moe`` (a gated shared expert) is a name table only: no ``ModelSpec`` is built for it yet.
+MOE_LAYOUTS: dict[str, tuple[MoEParam, ...]] = {
+    "qwen3_moe": (_ROUTER,) + _EXPERTS,
+    "qwen2_moe": (_ROUTER,) + _EXPERTS + (
+        MoEParam("mlp.shared_experts.linear_fc1.weight",
+                 ("mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight"), _shared_fc1_shape, 0),
+        MoEParam("mlp.shared_experts.linear_fc2.weight", ("mlp.shared_expert.down_proj.weight",),
+                 _shared_fc2_shape, 1),
+        MoEParam("mlp.shared_experts.gate_weight", ("mlp.shared_expert_gate.weight",),
+                 lambda s: (1, s.hidden_size), None),
+    ),
+}
+_MOE_PATTERNS = [(re.compile("^" + re.escape(row.mcore).replace(r"\{e\}", r"(\d+)") + "$"), row)
+                 for rows in MOE_LAYOUTS.values() for row in rows]
+_LOCAL_EXPERT_RE = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.local_experts\.)(\d+)(\..+)$")
+
+
+def _moe_row(suffix: str) -> Optional[tuple[MoEParam, Optional[int]]]:
+    """``(table row, expert index or None)`` of a layer-relative Megatron name, ``None`` if not a MoE name."""
+    for pat, row in _MOE_PATTERNS:
+        m = pat.match(suffix)
+        if m:
+            return row, (int(m.group(1)) if row.per_expert else None)
+    return None
+
+
+def moe_layer_suffixes(spec: ModelSpec) -> list[str]:
+    """Layer-relative Megatron names of one MoE layer's MLP (every expert, global indices), in export order.
+
+    Raises:
+        MappingError: ``spec.moe_layout`` names no table of :data:`MOE_LAYOUTS`.
+    """
+    if spec.moe_layout not in MOE_LAYOUTS:
+        raise MappingError(f"ModelSpec.moe_layout={spec.moe_layout!r} is not one of {', '.join(MOE_LAYOUTS)}")
+    rows = MOE_LAYOUTS[spec.moe_layout]
+    out = [r.mcore for r in rows if not r.per_expert]
+    for e in range(spec.num_experts):
+        out += [r.mcore.format(e=e) for r in rows if r.per_expert]
+    return out
+
+
+def expert_index(name: str) -> Optional[int]:
+    """Global expert index of a canonical routed-expert name (``None`` for any other name)."""
+    m = _LAYER_RE.match(canonical_name(name))
+    found = _moe_row(m.group(2)) if m else None
+    return found[1] if found else None
+
+
+def expert_parallel_rank(spec: ModelSpec, name: str, ep_size: int) -> Optional[int]:
+    """The expert-parallel rank holding canonical ``name`` (``None``: not a routed expert, on every EP rank)."""
+    e = expert_index(name)
+    return None if e is None else e // (spec.num_experts // ep_size)
+
+
 def canonical_name(name: str) -> str:
     """Strip wrappers (``module.``) and map TE layer-spec names to local-spec names."""
     while name.startswith("module."):
@@ -69,14 +182,19 @@ def canonical_name(name: str) -> str:
 def local_params(model: torch.nn.Module, spec: ModelSpec) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
     """``(canonical global name, local name, parameter)`` of every parameter of one unwrapped ``GPTModel`` stage.
 
-    Canonical names number the decoder layers globally over the pipeline (``layer_number - 1``); a stage's output
-    weight tied to the embedding is named ``"output_layer.weight(tied)"``.
+    Canonical names number the decoder layers globally over the pipeline (``layer_number - 1``) and routed
+    experts globally over expert parallelism (``MoELayer.local_expert_indices``); a stage's output weight tied
+    to the embedding is named ``"output_layer.weight(tied)"``.
     """
-    layer_num = {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)} \
-        if hasattr(model, "decoder") else {}
+    layers = list(model.decoder.layers) if hasattr(model, "decoder") else []
+    layer_num = {i: layer.layer_number - 1 for i, layer in enumerate(layers)}
     for lname, p in model.named_parameters():
         cname = canonical_name(lname)
         if cname.startswith("decoder.layers."):
+            m = _LOCAL_EXPERT_RE.match(cname)
+            if m:
+                experts = layers[int(cname.split(".")[2])].mlp.local_expert_indices
+                cname = f"{m.group(1)}{experts[int(m.group(2))]}{m.group(3)}"
             parts = cname.split(".")
             parts[2] = str(layer_num[int(parts[2])])
             cname = ".".join(parts)
@@ -85,22 +203,24 @@ def local_params(model: torch.nn.Module, spec: ModelSpec) -> Iterator[tuple[str,
         yield cname, lname, p
 
 
-def layer_suffixes(spec: ModelSpec) -> list[str]:
+def layer_suffixes(spec: ModelSpec, layer: Optional[int] = None) -> list[str]:
+    """Layer-relative canonical names of decoder layer ``layer`` (``None``: a dense layer), in export order."""
     out = ["input_layernorm.weight", "self_attention.linear_qkv.weight"]
     if spec.qkv_bias:
         out.append("self_attention.linear_qkv.bias")
     if spec.qk_layernorm:
         out += ["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"]
-    out += ["self_attention.linear_proj.weight", "pre_mlp_layernorm.weight", "mlp.linear_fc1.weight",
-            "mlp.linear_fc2.weight"]
-    return out
+    out += ["self_attention.linear_proj.weight", "pre_mlp_layernorm.weight"]
+    if layer is not None and spec.is_moe_layer(layer):
+        return out + moe_layer_suffixes(spec)
+    return out + ["mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
 
 
 def mcore_names(spec: ModelSpec) -> list[str]:
     """Every canonical Megatron parameter name, in export order (embedding, layers, norm, output)."""
     names = ["embedding.word_embeddings.weight"]
     for i in range(spec.num_layers):
-        names += [f"decoder.layers.{i}.{s}" for s in layer_suffixes(spec)]
+        names += [f"decoder.layers.{i}.{s}" for s in layer_suffixes(spec, i)]
     names.append("decoder.final_layernorm.weight")
     if not spec.tie_word_embeddings:
         names.append("output_layer.weight")
@@ -113,9 +233,12 @@ def partition_dim(name: str) -> Optional[int]:
     if name in _GLOBAL_PARAMS:
         return _GLOBAL_PARAMS[name]
     m = _LAYER_RE.match(name)
-    if not m or m.group(2) not in _LAYER_PARAMS:
+    if m and m.group(2) in _LAYER_PARAMS:
+        return _LAYER_PARAMS[m.group(2)]
+    found = _moe_row(m.group(2)) if m else None
+    if found is None:
         raise MappingError(f"unknown Megatron parameter {name!r}")
-    return _LAYER_PARAMS[m.group(2)]
+    return found[0].tp_dim
 
 
 def full_shape(spec: ModelSpec, name: str, padded_vocab: int) -> tuple[int, ...]:
@@ -128,6 +251,9 @@ def full_shape(spec: ModelSpec, name: str, padded_vocab: int) -> tuple[int, ...]
     if name == "decoder.final_layernorm.weight":
         return (h,)
     suffix = _LAYER_RE.match(name).group(2)
+    moe = _moe_row(suffix)
+    if moe is not None:
+        return moe[0].shape(spec)
     return {
         "input_layernorm.weight": (h,),
         "pre_mlp_layernorm.weight": (h,),
@@ -152,6 +278,9 @@ def hf_names_for(spec: ModelSpec, name: str) -> list[str]:
         return ["lm_head.weight"]
     i, suffix = _LAYER_RE.match(name).groups()
     p = f"model.layers.{i}."
+    moe = _moe_row(suffix)
+    if moe is not None:
+        return [p + h.format(e=moe[1]) for h in moe[0].hf]
     return {
         "input_layernorm.weight": [p + "input_layernorm.weight"],
         "pre_mlp_layernorm.weight": [p + "post_attention_layernorm.weight"],
@@ -208,6 +337,18 @@ def hf_to_mcore(spec: ModelSpec, name: str, get_hf: Callable[[str], torch.Tensor
         _check(hnames[2], v, (g * d,) + tail)
         qkv = torch.cat([q.reshape(g, hpg * d, *tail), k.reshape(g, d, *tail), v.reshape(g, d, *tail)], dim=1)
         return qkv.reshape((g * (hpg + 2) * d,) + tail).contiguous()
+    moe = _moe_row(suffix) if suffix else None
+    if moe is not None:
+        shape = moe[0].shape(spec)
+        if len(hnames) == 2:  # fused [gate; up]
+            gate, up = fetch(hnames[0]), fetch(hnames[1])
+            half = (shape[0] // 2,) + tuple(shape[1:])
+            _check(hnames[0], gate, half)
+            _check(hnames[1], up, half)
+            return torch.cat([gate, up], dim=0)
+        t = fetch(hnames[0])
+        _check(hnames[0], t, shape)
+        return t
     if suffix == "mlp.linear_fc1.weight":
         gate, up = fetch(hnames[0]), fetch(hnames[1])
         _check(hnames[0], gate, (spec.ffn_hidden_size, h))
@@ -233,19 +374,26 @@ def mcore_to_hf(spec: ModelSpec, name: str, full: torch.Tensor) -> list[tuple[st
         k = grouped[:, hpg * d: (hpg + 1) * d].reshape((g * d,) + tail)
         v = grouped[:, (hpg + 1) * d:].reshape((g * d,) + tail)
         return list(zip(hnames, (q, k, v)))
-    if suffix == "mlp.linear_fc1.weight":
+    if suffix == "mlp.linear_fc1.weight" or len(hnames) == 2:
         gate, up = full.chunk(2, dim=0)
         return [(hnames[0], gate), (hnames[1], up)]
     return [(hnames[0], full)]
 
 
+def _fused_gate_up(name: str) -> bool:
+    return name.endswith("linear_fc1.weight")
+
+
 def tp_shard(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """The TP rank's shard of a full tensor (``linear_fc1`` splits gate and up separately)."""
+    """The TP rank's shard of a full tensor (``linear_fc1`` splits gate and up separately).
+
+    Routed experts are split over *expert* tensor parallelism: pass the expert-TP rank and size for them.
+    """
     name = canonical_name(name)
     dim = partition_dim(name)
     if dim is None or tp_size == 1:
         return full
-    if name.endswith("mlp.linear_fc1.weight"):
+    if _fused_gate_up(name):
         gate, up = full.chunk(2, dim=0)
         return torch.cat([gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank]], dim=0)
     if full.shape[dim] % tp_size:
@@ -259,7 +407,7 @@ def tp_unshard(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
     dim = partition_dim(name)
     if dim is None or len(shards) == 1:
         return shards[0]
-    if name.endswith("mlp.linear_fc1.weight"):
+    if _fused_gate_up(name):
         halves = [s.chunk(2, dim=0) for s in shards]
         return torch.cat([torch.cat([x[0] for x in halves]), torch.cat([x[1] for x in halves])], dim=0)
     return torch.cat(shards, dim=dim)

@@ -387,6 +387,12 @@ class WeightSync:
             claims = {rank_nodes[r]: c for r, c in enumerate(gathered) if c is not None}
         engine_node = assign_engines_to_nodes(urls, sorted(set(rank_nodes)), engine_nodes=engine_nodes, claims=claims)
         plan = NodePlan(urls, rank_nodes, full_stream, engine_node)
+        if plan.receivers and int(getattr(self.actor, "ep", 1)) > 1:
+            # relay receivers block on rank 0's relay group, but with expert parallelism the data-parallel
+            # ranks > 0 take part in the actor's expert broadcasts (actor.hf_weights.iter_full_params): a cycle
+            raise WeightSyncError("weight_sync.transport=tensor with engines on several nodes relays buckets to "
+                                  "ranks that also serve expert-parallel broadcasts; with "
+                                  "actor.expert_model_parallel_size > 1 use weight_sync.transport=distributed or disk")
         if plan.receivers:
             # dist.new_group is collective over the default group: every rank calls it here, in step
             plan.group = dist.new_group([0] + plan.receivers, timeout=collective_timeout())
