@@ -176,6 +176,8 @@ class MegatronActor:
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
             layer_spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=self.spec.qk_layernorm)
+        from .attention import apply_attention_backend  # heavy: megatron-core (after the CPU shims)
+        layer_spec = apply_attention_backend(layer_spec, c.attention_backend)
         chunks = []
         for vp in range(self.vpp or 1):
             vp_stage = vp if self.vpp else None
