@@ -55,7 +55,7 @@ def apply_attention_backend(layer_spec, backend: str):
         layer_spec: megatron-core ``ModuleSpec`` of a transformer layer (``get_gpt_layer_local_spec`` or
             ``get_gpt_layer_with_transformer_engine_spec``), whose ``submodules.self_attention.submodules``
             has a ``core_attention`` field.
-        backend: one of :data:`megatron_dapo.config.ATTENTION_BACKENDS` (resolved with :func:`resolve_attention_backend`).
+        backend: one of :data:`megatron_dapo.config.ATTENTION_BACKENDS` (see :func:`resolve_attention_backend`).
 
     Returns:
         A deep copy of ``layer_spec``; the input is not modified.
