@@ -159,7 +159,8 @@ def test_config_validation(monkeypatch):
 
 
 def test_auto_resolution_and_spec(monkeypatch, single_process):
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from megatron_dapo.actor import attention
@@ -179,3 +180,11 @@ def test_auto_resolution_and_spec(monkeypatch, single_process):
     assert base.submodules.self_attention.submodules.core_attention is DotProductAttention  # not modified
     local = attention.apply_attention_backend(base, "local")
     assert local.submodules.self_attention.submodules.core_attention is DotProductAttention
+    block = get_gpt_decoder_block_spec(TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=8),
+                                       use_transformer_engine=False, normalization="RMSNorm")
+    block = attention.apply_attention_backend(block, "sdpa")
+    assert [s.submodules.self_attention.submodules.core_attention for s in block.layer_specs] == [
+        attention.SDPAttention] * 2
+    with pytest.raises(ValueError, match="has no self_attention.core_attention"):
+        attention.apply_attention_backend(base.submodules.self_attention, "sdpa")
+

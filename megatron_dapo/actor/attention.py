@@ -54,7 +54,8 @@ def apply_attention_backend(layer_spec, backend: str):
     Args:
         layer_spec: megatron-core ``ModuleSpec`` of a transformer layer (``get_gpt_layer_local_spec`` or
             ``get_gpt_layer_with_transformer_engine_spec``), whose ``submodules.self_attention.submodules``
-            has a ``core_attention`` field.
+            has a ``core_attention`` field; or a block spec (``TransformerBlockSubmodules`` of
+            ``get_gpt_decoder_block_spec``, or a ``ModuleSpec`` holding one): every layer is changed.
         backend: one of :data:`megatron_dapo.config.ATTENTION_BACKENDS` (see :func:`resolve_attention_backend`).
 
     Returns:
@@ -62,6 +63,7 @@ def apply_attention_backend(layer_spec, backend: str):
 
     Raises:
         ConfigError: see :func:`resolve_attention_backend`.
+        ValueError: a spec without ``self_attention.core_attention``.
     """
     backend = resolve_attention_backend(backend)
     if backend == "te":
@@ -73,8 +75,27 @@ def apply_attention_backend(layer_spec, backend: str):
     else:
         core = SDPAttention
     spec = copy.deepcopy(layer_spec)
-    spec.submodules.self_attention.submodules.core_attention = core
+    _set_core_attention(spec, core)
     return spec
+
+
+def _set_core_attention(spec, core) -> None:
+    """Set ``core_attention`` in a layer ``ModuleSpec`` or in every layer of a block spec (in place).
+
+    Raises:
+        ValueError: ``spec`` is neither.
+    """
+    layers = getattr(spec, "layer_specs", None)  # TransformerBlockSubmodules (e.g. a MoE decoder block)
+    if layers is None and hasattr(getattr(spec, "submodules", None), "layer_specs"):
+        layers = spec.submodules.layer_specs  # ModuleSpec(TransformerBlock, TransformerBlockSubmodules)
+    if layers is not None:
+        for layer in layers:
+            _set_core_attention(layer, core)
+        return
+    attn = getattr(getattr(spec, "submodules", None), "self_attention", None)
+    if not hasattr(getattr(attn, "submodules", None), "core_attention"):
+        raise ValueError(f"apply_attention_backend: {type(spec).__name__} has no self_attention.core_attention")
+    attn.submodules.core_attention = core
 
 
 class SDPAttention(MegatronModule):
