@@ -413,6 +413,10 @@ class AlgorithmConfig:
         _need_finite(self, "algorithm")
 
 
+ATTENTION_BACKENDS = ("auto", "te", "sdpa", "local")
+"""Values of ``actor.attention_backend`` (:mod:`megatron_dapo.actor.attention`)."""
+
+
 @dataclass
 class ActorConfig:
     tensor_model_parallel_size: int = 1
@@ -460,6 +464,10 @@ class ActorConfig:
     sequences, each padded only to a multiple of TP with sequence parallelism (×16 with FP8); ``max_tokens_per_gpu`` is
     then the packed-row budget (:mod:`megatron_dapo.actor.packing`). TE THD attention on GPU, a per-sequence
     local attention on CPU. Not supported with ``context_parallel_size > 1``."""
+    attention_backend: str = "auto"
+    """Core attention: ``te`` (Transformer Engine), ``sdpa`` (``torch.nn.functional.scaled_dot_product_attention``),
+    ``local`` (megatron-core's unfused ``DotProductAttention``) or ``auto`` (``te`` when Transformer Engine
+    imports, else ``sdpa``); see :mod:`megatron_dapo.actor.attention`."""
     logprob_chunk_size: int = 1024
     """Sequence positions per chunk for vocab-parallel logprob/entropy (bounds [T, V] memory)."""
     logprob_tf32: bool = True
@@ -544,6 +552,12 @@ class ActorConfig:
         _need(not self.pack_sequences or cp == 1, "actor.pack_sequences",
               f"packing with context_parallel_size={cp} would need each packed row split per CP rank "
               "(THD load balancing), which the actor does not do; set actor.pack_sequences=false or CP=1")
+        _need(self.attention_backend in ATTENTION_BACKENDS, "actor.attention_backend",
+              f"must be one of {', '.join(ATTENTION_BACKENDS)} (got {self.attention_backend!r})")
+        _need(cp == 1 or self.attention_backend in ("auto", "te"), "actor.attention_backend",
+              f"{self.attention_backend} does not support context_parallel_size={cp}; use te or auto")
+        if self.attention_backend == "te" and local:
+            _need(has_transformer_engine(), "actor.attention_backend", "te: Transformer Engine is not importable")
         _need(self.logprob_chunk_size >= 1, "actor.logprob_chunk_size", "must be >= 1")
         _need(isinstance(self.logprob_tf32, bool), "actor.logprob_tf32", "must be true or false")
         _need(self.optimizer in ("adam", "sgd"), "actor.optimizer", "must be adam or sgd")

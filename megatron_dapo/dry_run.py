@@ -187,6 +187,8 @@ def dry_run(cfg: DAPOConfig, config_path: str, overrides: list[str], *, hf_confi
     print(f"config {config_path}: valid for {nodes} node(s) x {gpus_per_node} GPUs (world {world}, DP {world // mp})")
     shards = count_shards_on_meta(hfc, tp, pp, vpp, a.make_vocab_size_divisible_by)
     analytic = count_parameters(hfc, tp, pp, vpp, a.make_vocab_size_divisible_by)
+    print(f"actor.attention_backend: {a.attention_backend}"
+          + (" (te where Transformer Engine imports, else sdpa)" if a.attention_backend == "auto" else ""))
     print(f"\nper-rank parameters (meta-device build, TP={tp} PP={pp} VPP={vpp or '-'}):")
     print(f"{'pp':>3} {'tp':>3} {'params':>16} {'vocab padding':>14} {'replicated':>14} {'unique':>16} {'planner':>16}")
     by_rank = {(r.pp_rank, r.tp_rank): r for r in analytic.ranks}

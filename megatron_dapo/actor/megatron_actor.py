@@ -185,11 +185,13 @@ class MegatronActor:
             moe_aux_loss_coeff=getattr(c, "moe_aux_loss_coeff", 0.0))
         self.tconfig = TransformerConfig(**kw)
         use_te = not (on_cpu or c.fp8 is None and not _has_te())
+        from .attention import apply_attention_backend  # heavy: megatron-core (after the CPU shims)
         chunks = []
         for vp in range(self.vpp or 1):
             vp_stage = vp if self.vpp else None
             # MoE models: this (virtual) stage's layers, MoE or dense each (megatron-core's block spec)
             layer_spec = layer_spec_for(self.spec, self.tconfig, use_te=use_te, vp_stage=vp_stage)
+            layer_spec = apply_attention_backend(layer_spec, c.attention_backend)
             model = GPTModel(
                 config=self.tconfig, transformer_layer_spec=layer_spec,
                 pre_process=self.ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
