@@ -286,10 +286,22 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_generate_tests(metafunc):
-    """Parametrise every test using ``engine`` over the enabled kinds (ids = kind names)."""
+    """Parametrise every test using ``engine`` over the enabled kinds (ids = kind names). A module whose test on
+    our CPU engine is covered by fuller tests elsewhere names them in ``CPU_ENGINE_COVERED_BY`` (``path::test``
+    strings, each asserted to exist) and runs on the real kinds only."""
     defs = getattr(metafunc, "_arg2fixturedefs", {}).get("engine") or []
     if "engine" in metafunc.fixturenames and defs and defs[-1].func.__module__ == __name__:
-        metafunc.parametrize("engine", enabled_kinds(), indirect=True, scope="session")
+        kinds = enabled_kinds()
+        covered = getattr(metafunc.module, "CPU_ENGINE_COVERED_BY", ())
+        for test in covered:
+            path, _, name = test.partition("::")
+            target = Path(__file__).resolve().parent.parent / path
+            if not target.is_file() or f"def {name}(" not in target.read_text():
+                raise pytest.UsageError(f"{metafunc.module.__name__}.CPU_ENGINE_COVERED_BY names {test}, which "
+                                        f"does not exist")
+        if covered:
+            kinds = [k for k in kinds if k != "cpu"]
+        metafunc.parametrize("engine", kinds, indirect=True, scope="session")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Partial rollout end to end on every engine kind: our CPU engine, REAL SGLang and REAL vLLM.
+"""Partial rollout end to end on REAL SGLang and REAL vLLM (on our CPU engine: ``tests/test_partial_rollout_e2e.py``).
 
 The same run on each session engine of ``tests/engine_fixtures.py`` (``rollout.engine_urls``, the default
 streaming rollout with ``rollout.mode=partial``), sized per kind so the server is overfilled and requests
@@ -19,13 +19,16 @@ from helpers import fail_message, read_steps, run_train
 
 TOL = 1e-4
 STEPS = 3
+# On our CPU engine the same two runs, and more (resume, one-step off-policy), are the CPU e2e tests: this module
+# runs on the real engines only (tests/engine_fixtures.py pytest_generate_tests)
+CPU_ENGINE_COVERED_BY = (
+    "tests/test_partial_rollout_e2e.py::test_partial_rollout_three_steps_then_resume",
+    "tests/test_partial_rollout_e2e.py::test_partial_rollout_carries_surplus_groups_through_resume")
 COMMON = ["rollout.colocated=false", "rollout.mode=partial",
           "weight_sync.check_logprobs=true", "trainer.eval_interval=0", "trainer.save_interval=0",
           "trainer.export_hf=false", "resume=none", "algorithm.overlong_buffer_length=16"]
 # per kind: enough concurrent work that later requests wait or run while the first groups are scored
 SIZES = {
-    "cpu": ["rollout.rollout_batch_size=2", "rollout.n_samples_per_prompt=8", "algorithm.oversample_factor=16",
-            "actor.ppo_mini_batch_size=16", "rollout.max_response_length=48"],
     # 8 prompts x 16 samples x up to 96 tokens on a 4,096-token CPU KV cache
     "sglang": ["rollout.rollout_batch_size=1", "rollout.n_samples_per_prompt=16", "algorithm.oversample_factor=8.0",
                "actor.ppo_mini_batch_size=16", "rollout.max_response_length=96"],
