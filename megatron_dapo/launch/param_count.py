@@ -135,7 +135,6 @@ class Arch:
                 raise PlanError(f"hf_config: {e}") from None
             moe = dict(num_experts=spec.num_experts, moe_topk=spec.moe_topk,
                        moe_ffn_hidden_size=spec.moe_ffn_hidden_size, moe_layers=tuple(spec.moe_layers))
-            model_type = "qwen3" if spec.qk_layernorm else model_type
         return cls(
             name=str(cfg.get("_name_or_path") or model_type or "model"),
             hidden_size=h,
@@ -147,7 +146,7 @@ class Arch:
             vocab_size=need("vocab_size"),
             tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
-            qk_layernorm=model_type == "qwen3",
+            qk_layernorm=model_type in ("qwen3", "qwen3_moe"),
             **moe,
         )
 
