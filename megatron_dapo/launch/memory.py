@@ -376,8 +376,8 @@ def estimate_memory(arch: Arch, layout: Layout, req: PlanRequest, counts: Option
         opt_gpu = 0.0 if layout.optimizer_offload else opt
         total = weights + grads + opt_gpu + act + logits
         if best is None or total > best[0]:
-            best = (total, stage, params, weights, grads, opt_gpu, opt if layout.optimizer_offload else 0.0, act, logits,
-                    experts)
+            best = (total, stage, params, weights, grads, opt_gpu, opt if layout.optimizer_offload else 0.0,
+                    act, logits, experts)
     assert best is not None
     total, stage, params, weights, grads, opt_gpu, opt_host, act, logits, experts = best
     reserved = req.reserved_gb * GiB
