@@ -28,9 +28,10 @@ each split ``f_e/ETP`` (fc1 column-, fc2 row-parallel over ETP), i.e. ``L_moe·(
 parameters, the same on every rank of a stage. They are replicated over the expert-data-parallel group
 ``EDP = world / (ETP·EP·PP)``; everything else (the *dense* part: attention, norms, router, embeddings, dense
 MLPs) lives on the usual ``TP × CP × DP × PP`` grid. :class:`RankParams` therefore reports, per (pipeline
-stage, TP rank), the dense part as before plus ``expert_params`` (one EP/ETP shard, counted as unique on every
-rank: ``sum(unique) = sum(dense unique) + sum over stages of expert_params·EP·ETP``). Active parameters per
-token (:meth:`Arch.num_active_parameters`): the model with only ``k`` experts per MoE layer.
+stage, TP rank), the dense part as before plus ``expert_params`` (the one EP/ETP shard that GPU holds); the
+HF total is ``sum over rows of (unique - expert_params) + sum over stages of expert_params·EP·ETP``.
+Active parameters per token (:meth:`Arch.num_active_parameters`): the model with only ``k`` experts per
+MoE layer.
 """
 from __future__ import annotations
 
@@ -314,8 +315,9 @@ def count_parameters(hf_config: Mapping[str, Any] | str | Path | Arch, tp: int, 
     """Per-rank parameter counts of the Megatron-core model for a (TP, PP, VPP, EP, ETP) layout.
 
     Returns :class:`ParamCount` with one :class:`RankParams` per (pp_rank, tp_rank), row-major in PP.
-    ``sum(r.unique_params for r in ranks) + sum over stages of expert_params·(EP·ETP - 1) == total`` (the HF
-    count; each rank's expert shard is one of ``EP·ETP`` distinct shards). Vocab padding rows sit at the end
+    ``sum(r.unique_params - r.expert_params for r in ranks) + sum over stages of expert_params·EP·ETP ==
+    total`` (the HF count: each row's expert shard is one of the stage's ``EP·ETP`` distinct shards; for
+    dense models ``sum(r.unique_params) == total``). Vocab padding rows sit at the end
     of the vocab-parallel partition (the last TP ranks hold them) and are reported separately. ``etp``
     ``None`` means TP (megatron-core's default). Raises PlanError when TP/PP/VPP do not divide heads,
     query groups, FFN size or layers, or EP/ETP the experts (:func:`check_ep`).

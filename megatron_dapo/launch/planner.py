@@ -79,11 +79,12 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _sort_key(c: Candidate) -> tuple:
+def _sort_key(c: Candidate, moe: bool = False) -> tuple:
     lay, mem = c.layout, c.memory
     assert mem is not None
+    expert = (lay.expert_tp, -lay.ep) if moe else (0, 0)  # dense layouts: no expert preference
     return (lay.optimizer_offload, {"none": 0, "selective": 1, "full": 2}[lay.recompute], lay.model_parallel,
-            round(mem.pipeline_bubble, 3), -lay.token_budget, lay.vpp or 0, lay.expert_tp, -lay.ep, mem.train_total)
+            round(mem.pipeline_bubble, 3), -lay.token_budget, lay.vpp or 0, *expert, mem.train_total)
 
 
 def _expert_choices(arch: Arch, req: PlanRequest, tp: int) -> list[tuple[int, Optional[int]]]:
@@ -220,7 +221,7 @@ def plan(req: PlanRequest) -> PlanResult:
                                             reasons.append(f"rollout needs {rollout_use / GiB:.1f} GiB even with "
                                                            f"actor.offload (lower --sglang-mem-fraction)")
                                     (rejected if reasons else feasible).append(Candidate(lay, mem, reasons))
-    feasible.sort(key=_sort_key)
+    feasible.sort(key=lambda c: _sort_key(c, arch.is_moe))
     return PlanResult(req, arch, feasible, rejected, etp, kv_cache_bytes_per_token(arch, etp))
 
 
