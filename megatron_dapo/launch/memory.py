@@ -59,13 +59,14 @@ assumption; real imbalance adds to it, see ``moe_expert_capacity_factor`` in meg
     SwiGLU experts: 2·T·k·ETP·(2f_e + f_e)/ETP = 6·T·k·f_e (fc1 output, fc2 input)
     combine: expert output 2·T·k·h (kept by the probability-weighted unpermute for the scores' gradient)
 
-plus a transient buffer of the dispatcher, alive for one layer at a time (counted once, on the peak stage):
+plus a transient buffer of the dispatcher, alive for one layer at a time (counted once per GPU):
 ``alltoall`` permutes the ``T·k`` routed copies into a send buffer of ``2·T·k·h`` bytes before the
 all-to-all over EP (megatron-core 0.16 ``moe/token_dispatcher.py``, ``MoEAlltoAllTokenDispatcher.
 dispatch_preprocess``/``token_dispatch``); ``allgather`` all-gathers every token of the ETP×EP group with its
 routing scores before selecting the local experts' tokens, ``T·ETP·EP·(2h + 4E + E)`` bytes (bf16 hidden,
 fp32 probabilities, bool routing map; ``MoEAllGatherTokenDispatcher.token_dispatch``). The dispatcher
-choice is a trade: the all-gather buffer grows with EP, the all-to-all one with top-k.
+choice is a trade: the all-gather buffer grows with EP, the all-to-all one with top-k. A model mixing
+dense and MoE layers is planned at the larger of the two per-layer activation sizes (an upper bound).
 
 **Colocated rollout** (SGLang ``--mem-fraction-static``: the fraction of total GPU memory for the
 engine's weights plus KV-cache pool): ``KV pool = frac·M - params·2/engine_TP`` and
@@ -75,8 +76,8 @@ engine replica: SGLang shards the experts over the engine's TP ranks either way 
 split ``f_e`` over TP; with ``--ep-size`` = engine TP each GPU holds ``E/EP`` whole experts, ``moe_tp =
 TP/EP``), so the weight bytes per GPU are ``params·2/engine_TP`` with or without engine EP. During rollout
 the trainer keeps its weights/gradients/optimizer resident unless ``actor.offload`` moves them to host
-memory; during training the engine keeps only its non-static overhead (``--enable-memory-saver`` releases weights and
-KV cache).
+memory; during training the engine keeps only its non-static overhead (``--enable-memory-saver`` releases
+weights and KV cache).
 """
 from __future__ import annotations
 
