@@ -9,11 +9,13 @@
    the GPU at that (PP, TP) rank on expert-parallel rank 0 (every EP rank holds as many experts), and its
    routed-expert parameters are listed apart; total and active-per-token parameter counts are printed;
 3. prints the planner's per-GPU memory estimate for the layout;
-4. prints the ``sbatch`` command the launcher would submit.
+4. prints the ``sbatch`` command the launcher would submit (for ``--nodes``, default: the ``NODES`` of the
+   example's ``submit.sh`` beside the config, else the fewest nodes that hold the model-parallel groups).
 """
 from __future__ import annotations
 
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,7 +188,10 @@ def _fmt(n: float) -> str:
 
 def dry_run(cfg: DAPOConfig, config_path: str, overrides: list[str], *, hf_config: Optional[str] = None,
             nodes: Optional[int] = None, gpus_per_node: int = 8, gpu_memory_gb: float = 80.0) -> int:
-    """Run the checks above and print the report. Returns 0, or 2 with a message on a config error."""
+    """Run the checks above and print the report. Returns 0, or 2 with a message on a config error.
+
+    ``nodes`` ``None``: the example's planned node count (:func:`submit_script_nodes`), else the fewest nodes
+    that hold one TP×PP×CP (and ETP×EP×PP) group."""
     try:
         cfg.validate(target="cluster")
         src = hf_config or cfg.model.hf_path
@@ -209,7 +214,7 @@ def dry_run(cfg: DAPOConfig, config_path: str, overrides: list[str], *, hf_confi
         return 2
     mp = tp * pp * cp
     if nodes is None:
-        nodes = max(1, math.ceil(max(mp, etp * ep * pp) / gpus_per_node))
+        nodes = submit_script_nodes(config_path) or max(1, math.ceil(max(mp, etp * ep * pp) / gpus_per_node))
     world = nodes * gpus_per_node
     if world % mp:
         print(f"megatron-dapo: dry run: TP x PP x CP = {mp} does not divide {nodes} nodes x {gpus_per_node} GPUs")
@@ -272,6 +277,19 @@ def dry_run(cfg: DAPOConfig, config_path: str, overrides: list[str], *, hf_confi
     print("\nsbatch command (not submitted):")
     print(render_dry_run(plan, backend="sbatch"))
     return 0
+
+
+_SUBMIT_NODES = re.compile(r"^NODES=\$\{NODES:-(\d+)\}", re.MULTILINE)
+
+
+def submit_script_nodes(config_path: str) -> Optional[int]:
+    """The node count an example was planned for: ``NODES=${NODES:-N}`` in the ``submit.sh`` beside the config
+    (``examples/*/submit.sh``); ``None`` when there is no such script or line."""
+    script = Path(config_path).parent / "submit.sh"
+    if not script.is_file():
+        return None
+    m = _SUBMIT_NODES.search(script.read_text())
+    return int(m.group(1)) if m else None
 
 
 def memory_table(mem, gpu_memory_gb: float) -> str:
