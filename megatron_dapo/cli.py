@@ -104,7 +104,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     t.add_argument("--dry-run", action="store_true",
                    help="validate, build one rank's shard on the meta device, print memory plan and sbatch")
     t.add_argument("--hf-config", help="dry run: HF config.json (or its dir) when model.hf_path is not here")
-    t.add_argument("--nodes", type=int, help="dry run: nodes of the job (default: enough for TP x PP)")
+    t.add_argument("--nodes", type=int, help="dry run: nodes of the job (default: NODES of the submit.sh beside "
+                   "the config, else enough for TP x PP x CP)")
     t.add_argument("--gpus-per-node", type=int, default=8)
     t.add_argument("--gpu-memory-gb", type=float, default=80.0)
     t.set_defaults(fn=cmd_train)

@@ -165,15 +165,25 @@ QWEN25_7B = {  # public architecture numbers of Qwen2.5-7B (no weights needed fo
 }
 
 
-@pytest.mark.parametrize("example", ["qwen2.5-32b", "qwen2.5-7b", "qwen2.5-0.5b"])
+@pytest.mark.parametrize("example", ["qwen2.5-32b", "qwen2.5-7b", "qwen2.5-0.5b", "qwen3-30b-a3b"])
 def test_every_example_passes_the_dry_run(tmp_path, example):
     if example == "qwen2.5-7b":
         hf = tmp_path / "config.json"
         hf.write_text(json.dumps(QWEN25_7B))
     else:
-        hf = shared_path("data", "model-configs", {"qwen2.5-32b": "Qwen2.5-32B", "qwen2.5-0.5b": "Qwen2.5-0.5B"}[example])
+        hf = shared_path("data", "model-configs", {"qwen2.5-32b": "Qwen2.5-32B", "qwen2.5-0.5b": "Qwen2.5-0.5B",
+                                                   "qwen3-30b-a3b": "Qwen3-30B-A3B"}[example])
     proc = subprocess.run([PY, "-m", "megatron_dapo.cli", "train", str(REPO_ROOT / "examples" / example / "dapo.yaml"),
-                           "--dry-run", "--hf-config", str(hf)], cwd=REPO_ROOT, env=repo_env(), capture_output=True,
-                          text=True, timeout=300)
+                           "--dry-run", "--hf-config", str(hf)], cwd=REPO_ROOT, env=repo_env(),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, fail_message(proc)
     assert "sum of unique parameters" in proc.stdout and "sbatch" in proc.stdout
+    if example == "qwen3-30b-a3b":
+        # at the 8 nodes of its submit.sh (the dry run's default): expert DP 8 shards the experts' Adam state
+        assert "valid for 8 node(s) x 8 GPUs (world 64, DP 16, EP 8, ETP 1, expert DP 8)" in proc.stdout, proc.stdout
+        # the meta-device build at TP=4 EP=8 ETP=1 equals the planner rank by rank (else the dry run exits 2):
+        # 3.62B expert + 0.39B dense parameters per GPU; 30.5B in all, 3.35B active per token; fits 80 GB
+        assert "sum of unique parameters: 30,532,122,624 (HF model: 30,532,122,624" in proc.stdout, proc.stdout
+        assert "active per token 3,353,032,704" in proc.stdout, proc.stdout
+        assert "  0   3    4,018,878,464    3,623,878,656" in proc.stdout, proc.stdout
+        assert "-> fits" in proc.stdout, proc.stdout

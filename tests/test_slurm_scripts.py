@@ -18,8 +18,8 @@ import pytest
 from conftest import REPO_ROOT, SLURM_START, require
 
 SLURM = REPO_ROOT / "slurm"
-SCRIPTS = sorted([*SLURM.glob("*.sbatch"), *SLURM.glob("*.sh"), *REPO_ROOT.glob("examples/qwen2.5-*/submit.sh")])
-GPU_EXAMPLES = {"qwen2.5-32b": 16, "qwen2.5-7b": 1, "qwen2.5-0.5b": 1}
+SCRIPTS = sorted([*SLURM.glob("*.sbatch"), *SLURM.glob("*.sh"), *REPO_ROOT.glob("examples/*/submit.sh")])
+GPU_EXAMPLES = {"qwen2.5-32b": 16, "qwen2.5-7b": 1, "qwen2.5-0.5b": 1, "qwen3-30b-a3b": 8}
 LOCAL_CONF = Path("/tmp/local-slurm/etc/slurm.conf")
 
 
@@ -36,7 +36,7 @@ def test_logs_directory_is_in_the_repository():
 def test_scripts_exist():
     names = {p.name for p in SCRIPTS}
     assert {"dapo.sbatch", "dapo_disaggregated.sbatch", "cpu_smoke.sbatch", "common.sh", "engines_on_node.sh"} <= names
-    assert len([p for p in SCRIPTS if p.name == "submit.sh"]) == 3
+    assert len([p for p in SCRIPTS if p.name == "submit.sh"]) == len(GPU_EXAMPLES)
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: str(p.relative_to(REPO_ROOT)))
