@@ -16,8 +16,9 @@ Weights: :meth:`CPUEngine.update_from_disk` (``*.safetensors`` of a HF checkpoin
 required) and :meth:`CPUEngine.load_named_tensors` (a subset by HF name, used after a broadcast)
 check names and shapes strictly; MoE models whose transformers module stores the experts fused (transformers 5:
 ``mlp.experts.gate_up_proj`` ``[E, 2I, H]``, ``mlp.experts.down_proj`` ``[E, H, I]``) also answer to the
-checkpoint's per-expert names (:func:`fused_expert_aliases`), so the trainer's per-expert tensors load by name; :meth:`CPUEngine.update_weights` copies them and bumps the weight
-version under ``model_lock``, so updates happen between batches.  The HTTP server around it is
+checkpoint's per-expert names (:func:`fused_expert_aliases`), so the trainer's per-expert tensors load by name;
+:meth:`CPUEngine.update_weights` copies them and bumps the weight version under ``model_lock``, so updates happen
+between batches.  The HTTP server around it is
 :mod:`megatron_dapo.engines.cpu.server`.
 """
 from __future__ import annotations
@@ -37,9 +38,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from megatron_dapo.engines.cpu.requests import SeqRequest, truncated_sample
 
-#: ``config.model_type`` of MoE families whose checkpoints name each expert ``mlp.experts.<e>.{gate,up,down}_proj.weight``
-#: (transformers 5 fuses them on load: ``transformers/conversion_mapping.py``, the ``qwen2_moe`` entry, which
-#: ``qwen3_moe`` shares): :func:`fused_expert_aliases` maps those names onto the fused parameters.
+#: ``config.model_type`` of MoE families whose checkpoints name each expert
+#: ``mlp.experts.<e>.{gate,up,down}_proj.weight`` (transformers 5 fuses them on load:
+#: ``transformers/conversion_mapping.py``, the ``qwen2_moe`` entry, which ``qwen3_moe`` shares):
+#: :func:`fused_expert_aliases` maps those names onto the fused parameters.
 PER_EXPERT_CHECKPOINT_TYPES = ("qwen2_moe", "qwen3_moe")
 
 
