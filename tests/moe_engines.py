@@ -1,11 +1,11 @@
 """Serve the tiny Qwen3-MoE on one rollout-engine kind and push MoE weights to it: the check behind the ``moe``
 engine capability (tests/engine_fixtures.py, tests/test_engine_moe.py) and ``benchmarks/probe_moe_engines.py``.
 
-:func:`probe` starts the kind (cpu / sglang / vllm, the protocol suite's launchers and flags) on
-:func:`~dist_scripts.moe_common.make_engine_moe`'s model, compares its prompt log-probs with transformers' fp32 ones,
-then pushes the unchanged checkpoint once over the backend's first weight transport, and over each transport it
-speaks (:data:`megatron_dapo.engines.engine_set.BACKENDS`) the checkpoint's per-expert HF tensors scaled by a new
-factor, through :class:`megatron_dapo.sync.WeightSync` (stand-in actor ``fakes.HFActor``), comparing again after
+:func:`probe` starts the kind (cpu / sglang / vllm: ``engine_fixtures.ENGINE_KINDS[kind].start``, the protocol
+suite's launchers and flags) on :func:`~dist_scripts.moe_common.make_engine_moe`'s model, compares its prompt
+log-probs with transformers' fp32 ones, then pushes the unchanged checkpoint once over the backend's first weight
+transport, and over each transport it speaks (:data:`megatron_dapo.engines.engine_set.BACKENDS`) the checkpoint's
+per-expert HF tensors scaled by a new factor, through :class:`megatron_dapo.sync.WeightSync` (stand-in actor ``fakes.HFActor``), comparing again after
 each push against transformers on the same weights.
 """
 from __future__ import annotations
@@ -17,23 +17,6 @@ from pathlib import Path
 
 SEQS = [[3 + (i * 11 + j * 7) % 140 for j in range(10 + 3 * i)] for i in range(4)]
 START = 2
-
-
-def _start(kind: str, model: str, log_dir: str):
-    if kind == "cpu":
-        from megatron_dapo.engines.launch_cpu import launch_cpu_engines
-
-        return launch_cpu_engines(model, 1, log_dir=log_dir, health_timeout_s=300)
-    if kind == "sglang":
-        from megatron_dapo.engines.launch_sglang import launch_sglang_servers
-
-        return launch_sglang_servers(model, num_engines=1, base_port=None, device="cpu", dtype="float32",
-                                     log_dir=log_dir, health_timeout_s=600)
-    if kind == "vllm":
-        from megatron_dapo.engines.launch_vllm import launch_vllm_servers
-
-        return launch_vllm_servers(model, num_engines=1, log_dir=log_dir, health_timeout_s=600)
-    raise ValueError(f"--engines: unknown kind {kind!r} (cpu, sglang, vllm)")
 
 
 def _error_lines(log_dir: str, n: int = 6) -> list[str]:
@@ -91,10 +74,13 @@ def probe(kind: str, model: Path, scratch: Path) -> dict:
     log_dir = str(scratch / f"logs-{kind}")
     res: dict = {"kind": kind, "started": False, "start_s": None, "error": None, "pushes": []}
     t0 = time.perf_counter()
+    from engine_fixtures import ENGINE_KINDS
     from megatron_dapo.backend import MissingBackendError
 
+    if kind not in ENGINE_KINDS:
+        raise ValueError(f"engine kind {kind!r} is not one of {', '.join(ENGINE_KINDS)}")
     try:
-        procs = _start(kind, str(model), log_dir)
+        procs = ENGINE_KINDS[kind].start(Path(model), Path(log_dir))
     except (MissingBackendError, ImportError):
         raise  # no such engine here (no venv): not a finding about MoE
     except Exception as exc:
