@@ -5,8 +5,8 @@ engine capability (tests/engine_fixtures.py, tests/test_engine_moe.py) and ``ben
 suite's launchers and flags) on :func:`~dist_scripts.moe_common.make_engine_moe`'s model, compares its prompt
 log-probs with transformers' fp32 ones, then pushes the unchanged checkpoint once over the backend's first weight
 transport, and over each transport it speaks (:data:`megatron_dapo.engines.engine_set.BACKENDS`) the checkpoint's
-per-expert HF tensors scaled by a new factor, through :class:`megatron_dapo.sync.WeightSync` (stand-in actor ``fakes.HFActor``), comparing again after
-each push against transformers on the same weights.
+per-expert HF tensors scaled by a new factor, through :class:`megatron_dapo.sync.WeightSync` (stand-in actor
+``fakes.HFActor``), comparing again after each push against transformers on the same weights.
 """
 from __future__ import annotations
 
