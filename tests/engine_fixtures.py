@@ -38,6 +38,8 @@ CAPABILITIES = {
     "weight_update_bracket": "tensor/distributed updates only between begin/end_weight_update",
     "abort": "abort(rid) returns the in-flight request with finish_reason abort (SGLang /abort_request, "
              "vLLM /abort_requests)",
+    "moe": "serves Qwen3-MoE on CPU with log-probs within 1e-4 of transformers', at start and after a push of the "
+           "per-expert HF tensors over every weight transport of its backend (tests/test_engine_moe.py)",
 }
 """Every capability name an engine kind may declare (and what it means)."""
 
@@ -133,12 +135,15 @@ class EngineKind:
 ENGINE_KINDS: dict[str, EngineKind] = {
     "cpu": EngineKind("cpu", _start_cpu, _sglang_client, inflight_cpu, frozenset(
         {"honours_seed", "memory_release", "disk_update", "distributed_update", "tensor_update", "flattened_bucket",
-         "abort"})),
+         "abort", "moe"})),
+    # SGLang 0.5.23 serves Qwen3-MoE with every layer MoE (it ignores mlp_only_layers: benchmarks/RESULTS.md)
     "sglang": EngineKind("sglang", _start_sglang, _sglang_client, inflight_sglang, frozenset(
         {"disk_update", "distributed_update", "tensor_update", "flattened_bucket", "weight_update_bracket",
-         "abort"}), needs="`make engines` (builds .venv-sglang)"),
+         "abort", "moe"}), needs="`make engines` (builds .venv-sglang)"),
     # vLLM 0.32 on CPU: no memory_release (/sleep is a no-op there), no SGLang tensor / distributed routes
-    # (its native weight transfer is CUDA-only); VLLMClient.capabilities names the same set (tests/test_real_vllm.py)
+    # (its native weight transfer is CUDA-only); VLLMClient.capabilities names the same set (tests/test_real_vllm.py).
+    # No moe: it serves Qwen3-MoE, but after /collective_rpc reload_weights (even of the unchanged checkpoint) its
+    # log-probs are off by ~0.4 (benchmarks/RESULTS.md, "MoE on real engines (CPU)")
     "vllm": EngineKind("vllm", _start_vllm, _vllm_client, inflight_vllm, frozenset(
         {"honours_seed", "disk_update", "abort"}), needs="`make engines` (builds .venv-vllm)"),
 }

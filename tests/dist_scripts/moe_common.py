@@ -34,3 +34,32 @@ def make_tiny_qwen3_moe(out_dir: Path, seed: int = 0, **overrides) -> Path:
     out_dir = Path(out_dir)
     model.save_pretrained(str(out_dir))
     return out_dir
+
+
+#: The engine-probe variant: head size 32 (what vLLM's CPU attention accepts), the demo tokenizer's vocabulary, and
+#: every layer MoE (``mlp_only_layers=[]``, as in the published Qwen3-MoE checkpoints: SGLang 0.5.23's ``qwen3_moe``
+#: model builds every layer sparse and ignores ``mlp_only_layers``).
+ENGINE_MOE = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=2048,
+                  mlp_only_layers=[])
+
+
+def make_engine_moe(out_dir: Path, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny Qwen3-MoE (:data:`TINY_MOE` with :data:`ENGINE_MOE`, then ``overrides``) that real engines can tokenize
+    for: the tokenizer
+    files of ``tokenizer_dir`` (a :func:`megatron_dapo.data.tiny_checkpoint.make_tiny_checkpoint` directory) are
+    copied in and the vocabulary, bos / eos / pad ids follow that directory's ``config.json``. Returns ``out_dir``.
+
+    Raises:
+        FileNotFoundError: ``tokenizer_dir`` has no ``config.json``.
+    """
+    import json
+    import shutil
+
+    src = json.loads((Path(tokenizer_dir) / "config.json").read_text())
+    ids = {k: src[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if src.get(k) is not None}
+    out = make_tiny_qwen3_moe(Path(out_dir), seed=seed, **{"vocab_size": src["vocab_size"], **ENGINE_MOE, **ids,
+                                                           **overrides})
+    for f in Path(tokenizer_dir).iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")) or f.name == "generation_config.json":
+            shutil.copy(f, out / f.name)
+    return out

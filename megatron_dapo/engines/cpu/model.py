@@ -14,8 +14,11 @@ in ``output_ids`` with its logprob.
 
 Weights: :meth:`CPUEngine.update_from_disk` (``*.safetensors`` of a HF checkpoint, all parameters
 required) and :meth:`CPUEngine.load_named_tensors` (a subset by HF name, used after a broadcast)
-check names and shapes strictly; :meth:`CPUEngine.update_weights` copies them and bumps the weight
-version under ``model_lock``, so updates happen between batches.  The HTTP server around it is
+check names and shapes strictly; MoE models whose transformers module stores the experts fused (transformers 5:
+``mlp.experts.gate_up_proj`` ``[E, 2I, H]``, ``mlp.experts.down_proj`` ``[E, H, I]``) also answer to the
+checkpoint's per-expert names (:func:`fused_expert_aliases`), so the trainer's per-expert tensors load by name;
+:meth:`CPUEngine.update_weights` copies them and bumps the weight version under ``model_lock``, so updates happen
+between batches.  The HTTP server around it is
 :mod:`megatron_dapo.engines.cpu.server`.
 """
 from __future__ import annotations
@@ -34,6 +37,42 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from megatron_dapo.engines.cpu.requests import SeqRequest, truncated_sample
+
+#: ``config.model_type`` of MoE families whose checkpoints name each expert
+#: ``mlp.experts.<e>.{gate,up,down}_proj.weight`` (transformers 5 fuses them on load:
+#: ``transformers/conversion_mapping.py``, the ``qwen2_moe`` entry, which ``qwen3_moe`` shares):
+#: :func:`fused_expert_aliases` maps those names onto the fused parameters.
+PER_EXPERT_CHECKPOINT_TYPES = ("qwen2_moe", "qwen3_moe")
+
+
+def fused_expert_aliases(model: torch.nn.Module) -> dict[str, tuple[str, int, slice]]:
+    """Checkpoint names of fused MoE expert tensors -> ``(fused parameter name, expert index, row slice)``.
+
+    transformers 5 keeps a MoE layer's experts in one module with two 3-D parameters, ``gate_up_proj``
+    ``[E, 2I, H]`` (expert ``e``'s ``[gate_e; up_e]``: its forward takes ``linear(x, gate_up_proj[e]).chunk(2)``)
+    and ``down_proj`` ``[E, H, I]``, where the checkpoint (and the trainer's weight sync) has per-expert
+    ``<module>.<e>.gate_proj.weight`` ``[I, H]``, ``up_proj.weight`` ``[I, H]`` and ``down_proj.weight`` ``[H, I]``.
+    Each alias is a view: ``fused[e, rows]``. Only for ``config.model_type`` in :data:`PER_EXPERT_CHECKPOINT_TYPES`
+    (other families name their experts differently) and only for modules whose shapes are exactly that layout;
+    empty for a dense model, or with transformers 4 (per-expert modules, the names are the parameters' own).
+    """
+    if getattr(model.config, "model_type", None) not in PER_EXPERT_CHECKPOINT_TYPES:
+        return {}
+    out: dict[str, tuple[str, int, slice]] = {}
+    for mname, mod in model.named_modules():
+        gate_up, down = getattr(mod, "gate_up_proj", None), getattr(mod, "down_proj", None)
+        if not (isinstance(gate_up, torch.nn.Parameter) and isinstance(down, torch.nn.Parameter)
+                and gate_up.dim() == 3 and down.dim() == 3):
+            continue
+        n_exp, hidden, inter = down.shape
+        if tuple(gate_up.shape) != (n_exp, 2 * inter, hidden):
+            continue
+        for e in range(n_exp):
+            out[f"{mname}.{e}.gate_proj.weight"] = (f"{mname}.gate_up_proj", e, slice(0, inter))
+            out[f"{mname}.{e}.up_proj.weight"] = (f"{mname}.gate_up_proj", e, slice(inter, 2 * inter))
+            out[f"{mname}.{e}.down_proj.weight"] = (f"{mname}.down_proj", e, slice(None))
+    return out
+
 
 # Same logger name as the server module: one name for all of the engine's records.
 logger = logging.getLogger("megatron_dapo.cpu_engine")
@@ -86,6 +125,7 @@ class CPUEngine:
         self.model.to(self.device)
         self.model.eval()
         self.config = self.model.config
+        self.expert_aliases = fused_expert_aliases(self.model)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.max_positions = int(getattr(self.config, "max_position_embeddings", 1 << 30) or (1 << 30))
         self.tokenizer = None
@@ -306,19 +346,31 @@ class CPUEngine:
 
     # ---- weights -----------------------------------------------------------------------
     def param_table(self) -> dict[str, torch.Tensor]:
-        """The model's parameters and persistent buffers by HF name (tied names included), live tensors."""
+        """The model's parameters and persistent buffers by HF name (tied names included), live tensors, plus
+        the per-expert checkpoint names of fused MoE experts (:func:`fused_expert_aliases`) as views into them."""
         table = dict(self.model.named_parameters(remove_duplicate=False))
         persistent = set(self.model.state_dict().keys())
         for name, buf in self.model.named_buffers(remove_duplicate=False):
             if name in persistent:
                 table.setdefault(name, buf)
+        for alias, (fused, e, rows) in self.expert_aliases.items():
+            table[alias] = table[fused].data[e, rows]
         return table
+
+    def _owner(self, name: str, table: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The parameter (or buffer) that table entry ``name`` writes into: itself, or a fused expert parameter."""
+        alias = self.expert_aliases.get(name)
+        return table[alias[0]] if alias is not None else table[name]
 
     def load_named_tensors(self, named: dict[str, torch.Tensor], *, require_complete: bool) -> str:
         """Strict-check then copy ``named`` (HF names) into the model; returns a summary.
 
+        ``named`` maps HF names (:meth:`param_table`'s keys: per-expert checkpoint names of fused experts
+        included) to tensors of exactly the entry's shape, any floating dtype (cast to the model's).
+
         Raises:
-            ValueError: unknown name, shape mismatch, or (``require_complete``) missing params.
+            ValueError: unknown name, shape mismatch, or (``require_complete``) a parameter not entirely
+                covered (a fused expert parameter counts as covered when every expert's slices are given).
         """
         table = self.param_table()
         unknown = sorted(k for k in named if k not in table)
@@ -330,8 +382,11 @@ class CPUEngine:
         if bad:
             raise ValueError("shape mismatch: " + "; ".join(bad[:8]))
         if require_complete:
-            covered = {table[k].data_ptr() for k in named}
-            missing = sorted(k for k, p in self.model.named_parameters() if p.data_ptr() not in covered)
+            covered: dict[int, int] = {}  # id(parameter) -> elements given (tied names share one parameter)
+            for k in named:
+                owner = id(self._owner(k, table))
+                covered[owner] = covered.get(owner, 0) + table[k].numel()
+            missing = sorted(k for k, p in self.model.named_parameters() if covered.get(id(p), 0) < p.numel())
             if missing:
                 raise ValueError(f"checkpoint misses parameter(s): {missing[:8]}"
                                  f"{' ...' if len(missing) > 8 else ''}")
