@@ -39,7 +39,8 @@ CAPABILITIES = {
     "abort": "abort(rid) returns the in-flight request with finish_reason abort (SGLang /abort_request, "
              "vLLM /abort_requests)",
     "moe": "serves Qwen3-MoE on CPU with log-probs within 1e-4 of transformers', at start and after a push of the "
-           "per-expert HF tensors over every weight transport of its backend (tests/test_engine_moe.py)",
+           "per-expert HF tensors over every weight transport of its backend (measured per kind by "
+           "benchmarks/probe_moe_engines.py; our CPU engine also in tests/test_moe_sync.py)",
 }
 """Every capability name an engine kind may declare (and what it means)."""
 

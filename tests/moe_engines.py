@@ -1,5 +1,5 @@
 """Serve the tiny Qwen3-MoE on one rollout-engine kind and push MoE weights to it: the check behind the ``moe``
-engine capability (tests/engine_fixtures.py, tests/test_engine_moe.py) and ``benchmarks/probe_moe_engines.py``.
+engine capability (tests/engine_fixtures.py), run by ``benchmarks/probe_moe_engines.py``.
 
 :func:`probe` starts the kind (cpu / sglang / vllm: ``engine_fixtures.ENGINE_KINDS[kind].start``, the protocol
 suite's launchers and flags) on :func:`~dist_scripts.moe_common.make_engine_moe`'s model, compares its prompt
