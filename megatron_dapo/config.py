@@ -462,8 +462,9 @@ class ActorConfig:
     pack_sequences: bool = False
     """Padding-free packing (THD, megatron ``PackedSeqParams``): each micro-batch is one row of concatenated
     sequences, each padded only to a multiple of TP with sequence parallelism (×16 with FP8); ``max_tokens_per_gpu`` is
-    then the packed-row budget (:mod:`megatron_dapo.actor.packing`). TE THD attention on GPU, a per-sequence
-    local attention on CPU. Not supported with ``context_parallel_size > 1``."""
+    then the packed-row budget (:mod:`megatron_dapo.actor.packing`). Attention per document: TE's THD kernels
+    (``attention_backend=te``), one SDPA call per document (``sdpa``), or a per-sequence local attention (``local``,
+    the CPU shim). Not supported with ``context_parallel_size > 1`` or ``expert_model_parallel_size > 1``."""
     attention_backend: str = "auto"
     """Core attention: ``te`` (Transformer Engine), ``sdpa`` (``torch.nn.functional.scaled_dot_product_attention``),
     ``local`` (megatron-core's unfused ``DotProductAttention``) or ``auto`` (``te`` when Transformer Engine

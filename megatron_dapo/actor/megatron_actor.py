@@ -325,7 +325,7 @@ class MegatronActor:
         dev = default_device()
         packed = mb.extras.get("packed") if mb.extras else None
         if packed is not None:
-            # one THD row [1, T]: attention per cu_seqlens segment (TE on GPU, cpu_shims 5 on CPU), RoPE
+            # one THD row [1, T]: attention per cu_seqlens segment (TE, SDPAttention, or cpu_shims 5 for local), RoPE
             # restarting at every segment; the last stage returns hidden [1, T, h] (see _token_logprobs)
             out = model(packed.input_ids.to(dev), packed.position_ids.to(dev), None,
                         packed_seq_params=packed.packed_seq_params(dev))
