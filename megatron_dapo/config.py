@@ -719,17 +719,32 @@ class DAPOConfig:
 
     def _validate_moe(self, local: bool) -> None:
         """The ``actor.expert_*`` keys against the model's ``config.json`` (when it exists): expert parallelism
-        needs a MoE model whose expert count and expert size it divides."""
+        needs a MoE model whose expert count and expert size it divides. A MoE model is also refused on the
+        engines measured to serve it wrongly (benchmarks/RESULTS.md, "MoE on real engines (CPU)"): SGLang 0.5
+        builds every Qwen3-MoE layer as MoE (``mlp_only_layers`` / ``decoder_sparse_step`` are ignored), and vLLM
+        0.32 on CPU reloads MoE weights wrongly (``/collective_rpc reload_weights``: log-probs off by ~0.4)."""
         act = self.actor
         ep, etp = act.expert_model_parallel_size, act.expert_tensor_parallel_size
         cfg_file = Path(self.model.hf_path, "config.json")
-        if not local or (ep == 1 and etp is None) or not cfg_file.is_file():
+        if not local or not cfg_file.is_file():
             return
         try:
             hf = json.loads(cfg_file.read_text())
         except (OSError, ValueError) as e:
             raise ConfigError(f"model.hf_path: cannot read {cfg_file}: {e}") from None
         experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
+        backend = self.rollout.backend
+        if experts and backend == "sglang":
+            _need(not hf.get("mlp_only_layers") and int(hf.get("decoder_sparse_step") or 1) == 1, "rollout.backend",
+                  f"sglang builds every layer of a Qwen3-MoE model as MoE, but {cfg_file} has dense layers "
+                  f"(mlp_only_layers={hf.get('mlp_only_layers')}, decoder_sparse_step={hf.get('decoder_sparse_step')}):"
+                  f" its log-probs would be wrong; use rollout.backend=cpu")
+        if experts and backend == "vllm" and not self.rollout.engine_urls and not has_cuda():
+            _need(False, "rollout.backend",
+                  "vllm 0.32 on CPU serves MoE models but reloads their weights wrongly (log-probs off by ~0.4 after "
+                  "every push, benchmarks/RESULTS.md); use rollout.backend=sglang or cpu")
+        if ep == 1 and etp is None:
+            return
         _need(experts > 0, "actor.expert_model_parallel_size",
               f"expert parallelism needs a MoE model; {cfg_file} has no num_experts")
         _need(experts % ep == 0, "actor.expert_model_parallel_size",

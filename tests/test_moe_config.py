@@ -55,3 +55,23 @@ def test_ep_needs_a_moe_model(tmp_path):
     dense = _model(tmp_path, architectures=["Qwen3ForCausalLM"])
     with pytest.raises(ConfigError, match=r"^actor.expert_model_parallel_size: expert parallelism needs a MoE"):
         load_config(CONFIG, [f"model.hf_path={dense}", "actor.expert_model_parallel_size=2"], world_size=2)
+
+
+def test_moe_model_refused_on_the_engines_measured_to_serve_it_wrongly(tmp_path):
+    """benchmarks/RESULTS.md, "MoE on real engines (CPU)": SGLang 0.5 builds every Qwen3-MoE layer as MoE (a model with
+    dense layers is scored wrongly) and vLLM 0.32 on CPU reloads MoE weights wrongly; both are refused in one line."""
+    dense_layers = _model(tmp_path, architectures=["Qwen3MoeForCausalLM"], num_experts=4, moe_intermediate_size=32,
+                          mlp_only_layers=[1], decoder_sparse_step=1)
+    with pytest.raises(ConfigError, match=r"^rollout.backend: sglang builds every layer .*mlp_only_layers=\[1\]"):
+        load_config(CONFIG, [f"model.hf_path={dense_layers}", "rollout.backend=sglang", "rollout.mode=streaming"])
+    load_config(CONFIG, [f"model.hf_path={dense_layers}", "rollout.backend=cpu"])  # our engine serves it
+    all_moe = tmp_path / "all_moe"
+    all_moe.mkdir()
+    (all_moe / "config.json").write_text(json.dumps({"architectures": ["Qwen3MoeForCausalLM"], "num_experts": 4,
+                                                     "moe_intermediate_size": 32, "mlp_only_layers": [],
+                                                     "decoder_sparse_step": 1}))
+    load_config(CONFIG, [f"model.hf_path={all_moe}", "rollout.backend=sglang", "rollout.mode=streaming"])  # served
+    with pytest.raises(ConfigError, match=r"^rollout.backend: vllm 0.32 on CPU .* reloads their weights wrongly"):
+        load_config(CONFIG, [f"model.hf_path={all_moe}", "rollout.backend=vllm"])
+    # an engine someone else started (e.g. on GPUs) is not judged by this machine
+    load_config(CONFIG, [f"model.hf_path={all_moe}", "rollout.backend=vllm", "rollout.engine_urls=[http://x:1]"])
