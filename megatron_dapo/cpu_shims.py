@@ -140,6 +140,54 @@ def _install_cpu_rng_tracker() -> None:
     mrandom.initialize_rng_tracker(force_reset=True)
 
 
+def thd_segments_attention(packed_seq_params, t: int, hidden_per_partition: int, like: torch.Tensor,
+                           attend, who: str) -> torch.Tensor:
+    """Packed (THD) self-attention one document at a time, for core-attention modules without a varlen kernel.
+
+    Args:
+        packed_seq_params: megatron-core ``PackedSeqParams``: ``cu_seqlens_q`` (``[docs + 1]`` int, real token
+            boundaries), ``cu_seqlens_q_padded`` (padded starts/ends; ``None``: unpadded), and the same for kv.
+        t: packed tokens in the row (``query.shape[0]``).
+        hidden_per_partition: heads x head size on this TP rank.
+        like: a tensor of the output's dtype and device (the query).
+        attend: ``attend(start, n) -> [n, ...]`` attention of the document at packed positions
+            ``[start, start + n)`` over itself, reshaped here to ``[n, hidden_per_partition]``.
+        who: the backend, named in errors.
+
+    Returns:
+        ``[t, hidden_per_partition]``: each document's attention at its positions, zeros at filler positions.
+
+    Raises:
+        ValueError: ``qkv_format`` other than ``"thd"``, different q/kv boundaries (cross attention), or boundaries
+            that do not fit the ``t`` packed tokens.
+    """
+    p = packed_seq_params
+    if p.qkv_format != "thd":
+        raise ValueError(f"{who} supports packed_seq_params.qkv_format='thd' only, got {p.qkv_format!r}")
+    cu = p.cu_seqlens_q
+    cu_pad = p.cu_seqlens_q_padded if p.cu_seqlens_q_padded is not None else cu
+    cu_kv = p.cu_seqlens_kv if p.cu_seqlens_kv is not None else cu
+    cu_kv_pad = p.cu_seqlens_kv_padded if p.cu_seqlens_kv_padded is not None else cu_kv
+    if not (torch.equal(cu.cpu(), cu_kv.cpu()) and torch.equal(cu_pad.cpu(), cu_kv_pad.cpu())):
+        raise ValueError(f"{who}: THD attention is self-attention only; cu_seqlens_q/kv (and their padded forms) "
+                         f"must be equal")
+    lens = (cu[1:] - cu[:-1]).tolist()
+    starts, ends = cu_pad[:-1].tolist(), cu_pad[1:].tolist()
+    if (ends[-1] if ends else 0) != t or any(s + n > e for s, n, e in zip(starts, lens, ends)):
+        raise ValueError(f"packed_seq_params boundaries (cu_seqlens_q={cu.tolist()}, "
+                         f"cu_seqlens_q_padded={cu_pad.tolist()}) do not fit {t} packed tokens")
+    pieces, cursor = [], 0
+    for s, n in zip(starts, lens):
+        if s > cursor:
+            pieces.append(like.new_zeros(s - cursor, hidden_per_partition))
+        if n > 0:
+            pieces.append(attend(s, n).reshape(n, hidden_per_partition))
+        cursor = s + n
+    if t > cursor:
+        pieces.append(like.new_zeros(t - cursor, hidden_per_partition))
+    return torch.cat(pieces, dim=0)
+
+
 def enable_local_thd_attention() -> None:
     """Shim 5: let megatron-core's local ``DotProductAttention`` accept ``PackedSeqParams(qkv_format="thd")``.
 
@@ -166,38 +214,14 @@ def enable_local_thd_attention() -> None:
         if packed_seq_params is None:
             return original(self, query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                             attention_bias=attention_bias)
-        p = packed_seq_params
-        if p.qkv_format != "thd":
-            raise ValueError(f"local attention supports packed_seq_params.qkv_format='thd' only, got {p.qkv_format!r}")
-        cu = p.cu_seqlens_q
-        cu_pad = p.cu_seqlens_q_padded if p.cu_seqlens_q_padded is not None else cu
-        cu_kv = p.cu_seqlens_kv if p.cu_seqlens_kv is not None else cu
-        cu_kv_pad = p.cu_seqlens_kv_padded if p.cu_seqlens_kv_padded is not None else cu_kv
-        if not (torch.equal(cu.cpu(), cu_kv.cpu()) and torch.equal(cu_pad.cpu(), cu_kv_pad.cpu())):
-            raise ValueError("local THD attention is self-attention only: cu_seqlens_q/kv (and their padded "
-                             "forms) must be equal")
-        t = query.shape[0]
-        lens = (cu[1:] - cu[:-1]).tolist()
-        starts = cu_pad[:-1].tolist()
-        ends = cu_pad[1:].tolist()
-        if int(cu_pad[-1]) != t or any(s + n > e for s, n, e in zip(starts, lens, ends)):
-            raise ValueError(f"packed_seq_params boundaries (cu_seqlens_q={cu.tolist()}, "
-                             f"cu_seqlens_q_padded={cu_pad.tolist()}) do not fit {t} packed tokens")
-        hp = self.hidden_size_per_partition
-        pieces, cursor = [], 0
-        for s, n in zip(starts, lens):
-            if s > cursor:
-                pieces.append(query.new_zeros(s - cursor, hp))
-            if n > 0:
-                causal = torch.ones(n, n, dtype=torch.bool, device=query.device).triu(1).view(1, 1, n, n)
-                ctx = original(self, query[s: s + n].unsqueeze(1), key[s: s + n].unsqueeze(1),
-                               value[s: s + n].unsqueeze(1), causal, attn_mask_type=attn_mask_type,
-                               attention_bias=attention_bias)
-                pieces.append(ctx.reshape(n, hp))
-            cursor = s + n
-        if t > cursor:
-            pieces.append(query.new_zeros(t - cursor, hp))
-        return torch.cat(pieces, dim=0)
+        def attend(s: int, n: int) -> torch.Tensor:
+            causal = torch.ones(n, n, dtype=torch.bool, device=query.device).triu(1).view(1, 1, n, n)
+            return original(self, query[s: s + n].unsqueeze(1), key[s: s + n].unsqueeze(1),
+                            value[s: s + n].unsqueeze(1), causal, attn_mask_type=attn_mask_type,
+                            attention_bias=attention_bias)
+
+        return thd_segments_attention(packed_seq_params, query.shape[0], self.hidden_size_per_partition, query,
+                                      attend, "local attention")
 
     forward._megatron_dapo_thd = True
     forward.__doc__ = original.__doc__

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..backend import has_transformer_engine
 from ..config import ATTENTION_BACKENDS, ConfigError
-from ..cpu_shims import apply_cpu_shims
+from ..cpu_shims import apply_cpu_shims, thd_segments_attention
 
 apply_cpu_shims()  # before the first megatron import (a no-op with CUDA)
 from megatron.core.transformer.module import MegatronModule  # noqa: E402
@@ -208,36 +208,13 @@ class SDPAttention(MegatronModule):
 
     def _forward_thd(self, query, key, value, p, causal: bool) -> torch.Tensor:
         """THD packed self-attention, one kernel call per segment (``[t, np, hn]`` -> ``[t, np * hn]``)."""
-        if p.qkv_format != "thd":
-            raise ValueError(f"actor.attention_backend=sdpa supports packed_seq_params.qkv_format='thd' only, "
-                             f"got {p.qkv_format!r}")
-        cu = p.cu_seqlens_q
-        cu_pad = p.cu_seqlens_q_padded if p.cu_seqlens_q_padded is not None else cu
-        cu_kv = p.cu_seqlens_kv if p.cu_seqlens_kv is not None else cu
-        cu_kv_pad = p.cu_seqlens_kv_padded if p.cu_seqlens_kv_padded is not None else cu_kv
-        lens = (cu[1:] - cu[:-1]).tolist()
-        starts = cu_pad[:-1].tolist()
-        ends = cu_pad[1:].tolist()
-        if lens != (cu_kv[1:] - cu_kv[:-1]).tolist() or starts != cu_kv_pad[:-1].tolist():
-            raise ValueError("actor.attention_backend=sdpa: THD attention is self-attention only; "
-                             "cu_seqlens_q/kv (and their padded forms) must be equal")
-        t = query.shape[0]
-        if (ends[-1] if ends else 0) != t or any(s + n > e for s, n, e in zip(starts, lens, ends)):
-            raise ValueError(f"packed_seq_params boundaries (cu_seqlens_q={cu.tolist()}, "
-                             f"cu_seqlens_q_padded={cu_pad.tolist()}) do not fit {t} packed tokens")
-        hp = self.hidden_size_per_partition
-        pieces, cursor = [], 0
-        for s, n in zip(starts, lens):
-            if s > cursor:
-                pieces.append(query.new_zeros(s - cursor, hp))
-            if n > 0:
-                # [n, heads, hn] -> [1, heads, n, hn]
-                q, k, v = (x[s: s + n].transpose(0, 1).unsqueeze(0) for x in (query, key, value))
-                pieces.append(self._sdpa(q, k, v, None, causal)[0].transpose(0, 1).reshape(n, hp))
-            cursor = s + n
-        if t > cursor:
-            pieces.append(query.new_zeros(t - cursor, hp))
-        return torch.cat(pieces, dim=0)
+        def attend(s: int, n: int) -> torch.Tensor:
+            # [n, heads, hn] -> [1, heads, n, hn] -> [n, heads, hn]
+            q, k, v = (x[s: s + n].transpose(0, 1).unsqueeze(0) for x in (query, key, value))
+            return self._sdpa(q, k, v, None, causal)[0].transpose(0, 1)
+
+        return thd_segments_attention(p, query.shape[0], self.hidden_size_per_partition, query, attend,
+                                      "actor.attention_backend=sdpa")
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata: Optional[dict] = None) -> dict:
         """No parameters: an empty sharded state dict."""
