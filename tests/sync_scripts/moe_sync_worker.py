@@ -27,16 +27,13 @@ from megatron_dapo.actor.batching import build_actor_batch  # noqa: E402
 from megatron_dapo.actor.megatron_actor import LossSettings, MegatronActor  # noqa: E402
 from megatron_dapo.config import ActorConfig  # noqa: E402
 from megatron_dapo.engines.client import SyncEngineClient  # noqa: E402
-from megatron_dapo.sync import WeightSync, rollout_logprob_mismatch  # noqa: E402
+from megatron_dapo.sync import WeightSync  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sync_worker import assert_engine_tensors_equal, engine_logprob_mismatch, engine_tensor  # noqa: E402
 
 PROBE = "model.layers.0.mlp.experts.3.down_proj.weight"
 """An expert held by expert-parallel rank 1 only: the push must carry it from there."""
-
-
-def engine_tensor(client, name):
-    """{url: fp32 tensor} of one engine parameter, read back through /get_weights_by_name."""
-    res = client.get_weights_by_name(name, truncate_size=1 << 30)
-    return {u: torch.tensor(v, dtype=torch.float64).to(torch.float32) for u, v in res.items()}
 
 
 def main():
@@ -76,16 +73,8 @@ def main():
         metrics = ws.sync(version)
         if rank == 0:
             assert set(client.get_weight_version().values()) == {version}
-            for name, want in ref.items():
-                for url, got in engine_tensor(client, name).items():
-                    if not torch.equal(got, want):
-                        raise AssertionError(f"{version}: {name} on {url} differs, max abs "
-                                             f"{(got - want).abs().max().item():.3e}")
-            scored = client.score(seqs, [len(p) for p in prompts])
-            eng = torch.zeros_like(lp)
-            for i, (p, s) in enumerate(zip(prompts, scored)):
-                eng[i, len(p):len(p) + len(s)] = torch.tensor(s, dtype=torch.float32)
-            mism = rollout_logprob_mismatch(lp, eng, batch.response_mask)
+            assert_engine_tensors_equal(client, ref, version)
+            mism = engine_logprob_mismatch(client, prompts, seqs, lp, batch.response_mask)
             n_expert = sum(1 for n in ref if ".mlp.experts." in n)
             print("RESULT " + json.dumps({"case": version, "expert_tensors": n_expert, "tensors": len(ref),
                                           **metrics, **mism}), flush=True)

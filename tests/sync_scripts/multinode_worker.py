@@ -23,9 +23,11 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from megatron_dapo.engines.client import SyncEngineClient  # noqa: E402
-from megatron_dapo.sync import WeightSync, WeightSyncError, rollout_logprob_mismatch  # noqa: E402
+from megatron_dapo.sync import WeightSync, WeightSyncError  # noqa: E402
 from megatron_dapo.sync.nodes import NODE_ID_ENV  # noqa: E402
-from sync_worker import engine_tensor, train_one_step_from_env  # noqa: E402  (same actor + batch)
+from sync_worker import (  # noqa: E402  (same actor + batch)
+    assert_engine_tensors_equal, engine_logprob_mismatch, train_one_step_from_env,
+)
 
 
 class FailingClient:
@@ -77,16 +79,8 @@ def main():
         assert metrics["weight_sync/num_sender_nodes"] == 2.0
         if rank == 0:
             assert client.get_weight_version() == {u: version for u in urls}
-            for name, want in ref.items():
-                for url, got in engine_tensor(client, name).items():
-                    if not torch.equal(got, want):
-                        raise AssertionError(f"{version}: {name} on {url} differs, max abs "
-                                             f"{(got - want).abs().max().item():.3e}")
-            scored = client.score(seqs, [len(p) for p in prompts])
-            eng = torch.zeros_like(lp)
-            for i, (p, s) in enumerate(zip(prompts, scored)):
-                eng[i, len(p):len(p) + len(s)] = torch.tensor(s, dtype=torch.float32)
-            mism = rollout_logprob_mismatch(lp, eng, batch.response_mask)
+            assert_engine_tensors_equal(client, ref, version)
+            mism = engine_logprob_mismatch(client, prompts, seqs, lp, batch.response_mask)
             assert mism["rollout/train_rollout_logprob_abs_diff_max"] <= 1e-5, mism
             print("RESULT " + json.dumps({"case": version, **metrics, **mism,
                                           "senders": ws.last_senders}), flush=True)

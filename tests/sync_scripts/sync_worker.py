@@ -29,6 +29,26 @@ def engine_tensor(client, name):
     return {u: torch.tensor(v, dtype=torch.float64).to(torch.float32) for u, v in res.items()}
 
 
+def assert_engine_tensors_equal(client, ref: dict, version: str) -> None:
+    """Every engine's copy of each tensor of ``ref`` (``{HF name: fp32 tensor}``) is bit-equal to it; raises
+    AssertionError naming the version, tensor, engine and the largest difference."""
+    for name, want in ref.items():
+        for url, got in engine_tensor(client, name).items():
+            if not torch.equal(got, want):
+                raise AssertionError(f"{version}: {name} on {url} differs, max abs "
+                                     f"{(got - want).abs().max().item():.3e}")
+
+
+def engine_logprob_mismatch(client, prompts, seqs, lp, response_mask) -> dict:
+    """The engine's log-probs of ``seqs`` (prompt + response ids) against the actor's ``lp`` ([B, L] fp32, response
+    positions after each prompt), as ``rollout_logprob_mismatch``'s metrics (the trainer's logprob check)."""
+    scored = client.score(seqs, [len(p) for p in prompts])
+    eng = torch.zeros_like(lp)
+    for i, (p, s) in enumerate(zip(prompts, scored)):
+        eng[i, len(p):len(p) + len(s)] = torch.tensor(s, dtype=torch.float32)
+    return rollout_logprob_mismatch(lp, eng, response_mask)
+
+
 def train_one_step_from_env():
     """The actor on ``CKPT`` at ``TP``/``PP``/``VPP`` after one DAPO step on a fixed batch.
 
@@ -88,19 +108,10 @@ def main():
         if rank == 0:
             versions = client.get_weight_version()
             assert set(versions.values()) == {version}, versions
-            for name, want in ref.items():
-                want = want.to(dtype).to(torch.float32)
-                for url, got in engine_tensor(client, name).items():
-                    if not torch.equal(got, want):
-                        raise AssertionError(f"{version}: {name} on {url} differs, max abs "
-                                             f"{(got - want).abs().max().item():.3e}")
+            assert_engine_tensors_equal(client, {n: t.to(dtype).to(torch.float32) for n, t in ref.items()}, version)
             mism = {}
             if dtype == torch.float32:
-                scored = client.score(seqs, [len(p) for p in prompts])
-                eng = torch.zeros_like(lp)
-                for i, (p, s) in enumerate(zip(prompts, scored)):
-                    eng[i, len(p):len(p) + len(s)] = torch.tensor(s, dtype=torch.float32)
-                mism = rollout_logprob_mismatch(lp, eng, batch.response_mask)
+                mism = engine_logprob_mismatch(client, prompts, seqs, lp, batch.response_mask)
                 assert mism["rollout/train_rollout_logprob_abs_diff_max"] <= 1e-5, mism
             print("RESULT " + json.dumps({"case": version, **metrics, **mism}), flush=True)
         ws.close()
