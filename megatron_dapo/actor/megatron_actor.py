@@ -114,8 +114,7 @@ class MegatronActor:
         self.spec: ModelSpec = spec_from_hf_config(self.hf_path)
         tp, pp = actor_cfg.tensor_model_parallel_size, actor_cfg.pipeline_model_parallel_size
         vpp = actor_cfg.virtual_pipeline_model_parallel_size
-        ep = getattr(actor_cfg, "expert_model_parallel_size", 1)
-        etp = getattr(actor_cfg, "expert_tensor_parallel_size", None)
+        ep, etp = actor_cfg.expert_model_parallel_size, actor_cfg.expert_tensor_parallel_size
         if (ep > 1 or etp is not None) and not self.spec.is_moe:
             raise ValueError(f"actor.expert_model_parallel_size={ep} / expert_tensor_parallel_size={etp}: "
                              f"{self.hf_path} is a dense {self.spec.family} model (no experts)")
@@ -181,8 +180,8 @@ class MegatronActor:
             recompute=c.recompute, fp8=c.fp8, fp8_recipe=c.fp8_recipe, on_cpu=on_cpu,
             num_layers_in_first_pipeline_stage=c.num_layers_in_first_pipeline_stage,
             num_layers_in_last_pipeline_stage=c.num_layers_in_last_pipeline_stage,
-            ep=self.ep, etp=self.etp, moe_token_dispatcher_type=getattr(c, "moe_token_dispatcher_type", None),
-            moe_aux_loss_coeff=getattr(c, "moe_aux_loss_coeff", 0.0))
+            ep=self.ep, etp=self.etp, moe_token_dispatcher_type=c.moe_token_dispatcher_type,
+            moe_aux_loss_coeff=c.moe_aux_loss_coeff)
         self.tconfig = TransformerConfig(**kw)
         use_te = not (on_cpu or c.fp8 is None and not _has_te())
         from .attention import apply_attention_backend  # heavy: megatron-core (after the CPU shims)
